@@ -1,0 +1,117 @@
+"""Small file helpers every stage shares: atomic writes, hashes, split files.
+
+Nothing here imports torch, so the predict command and the registry can use it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import hashlib
+import json
+import os
+import tempfile
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+SPLITS = ("train", "val", "test")
+CHUNK = 1 << 20
+
+
+@contextlib.contextmanager
+def atomic_path(path: Path | str) -> Iterator[Path]:
+    """Yield a temporary path beside `path`; on success fsync and rename it over `path`.
+
+    A crash or an exception leaves the old file (if any) untouched and no
+    half-written file under the final name.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    tmp = Path(tmp_name)
+    try:
+        yield tmp
+        with open(tmp, "rb+") as handle:
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+        _fsync_dir(path.parent)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def _fsync_dir(directory: Path) -> None:
+    with contextlib.suppress(OSError):
+        fd = os.open(directory, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+def atomic_write_bytes(path: Path | str, data: bytes) -> None:
+    with atomic_path(path) as tmp:
+        tmp.write_bytes(data)
+
+
+def atomic_write_text(path: Path | str, text: str) -> None:
+    atomic_write_bytes(path, text.encode())
+
+
+def write_json(path: Path | str, obj: Any) -> None:
+    """Write JSON atomically, keys in a stable order so DVC hashes stay stable."""
+    atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=True, allow_nan=False) + "\n")
+
+
+def read_json(path: Path | str) -> Any:
+    path = Path(path)
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{path}: not found; run the stage that writes it first (dvc repro)") from None
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{path}: not valid JSON ({err}); delete it and re-run the stage that writes it") from None
+
+
+def sha256_bytes(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def sha256_file(path: Path | str) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        while chunk := handle.read(CHUNK):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+@dataclass(frozen=True)
+class SplitRow:
+    """One image of a split: path relative to the raw data folder, class index, content hash."""
+
+    path: str
+    label: int
+    sha256: str
+
+
+def write_split(path: Path | str, rows: list[SplitRow]) -> None:
+    with atomic_path(path) as tmp, open(tmp, "w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["path", "label", "sha256"])
+        for row in rows:
+            writer.writerow([row.path, row.label, row.sha256])
+
+
+def read_split(path: Path | str) -> list[SplitRow]:
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"{path}: split file not found; run the prepare stage first (dvc repro prepare)")
+    with open(path, newline="") as handle:
+        return [SplitRow(r["path"], int(r["label"]), r["sha256"]) for r in csv.DictReader(handle)]
+
+
+def split_digest(path: Path | str) -> str:
+    """Hash of a split file's content: two models were tested on the same data iff these match."""
+    return sha256_file(path)

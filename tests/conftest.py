@@ -1,0 +1,74 @@
+"""Shared test setup: offline settings and tiny real image folders."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+VENV_BIN = Path(sys.executable).parent
+
+# Keep every tool offline and quiet, before anything imports Prefect or DVC.
+os.environ.setdefault("PREFECT_HOME", str(REPO_ROOT / ".prefect" / "tests"))
+os.environ["PREFECT_SERVER_ANALYTICS_ENABLED"] = "false"
+os.environ["DO_NOT_TRACK"] = "1"
+os.environ["PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS"] = "90"
+os.environ["DVC_NO_ANALYTICS"] = "1"
+os.environ["ORT_DISABLE_TELEMETRY"] = "1"
+os.environ["AWS_EC2_METADATA_DISABLED"] = "true"
+os.environ["PATH"] = f"{VENV_BIN}{os.pathsep}{os.environ['PATH']}"
+
+
+def write_image_folder(root: Path, classes: int = 3, per_class: int = 8, size: int = 32, seed: int = 0) -> Path:
+    """An ImageFolder of real PNGs; each class has its own colour so a model can learn it."""
+    rng = np.random.default_rng(seed)
+    for c in range(classes):
+        folder = root / f"class_{c}"
+        folder.mkdir(parents=True, exist_ok=True)
+        base = np.zeros(3)
+        base[c % 3] = 200
+        for i in range(per_class):
+            noise = rng.integers(0, 50, size=(size, size, 3))
+            pixels = np.clip(base + noise, 0, 255).astype(np.uint8)
+            Image.fromarray(pixels).save(folder / f"img_{i:03d}.png")
+    return root
+
+
+@pytest.fixture
+def image_folder(tmp_path: Path) -> Path:
+    return write_image_folder(tmp_path / "raw")
+
+
+def run(cmd: list[str], cwd: Path, check: bool = True, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    """Run a command, failing the test with its output when it fails."""
+    proc = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, env={**os.environ, **(env or {})})
+    if check and proc.returncode != 0:
+        raise AssertionError(f"{' '.join(cmd)} exited {proc.returncode}\nstdout:\n{proc.stdout}\nstderr:\n{proc.stderr}")
+    return proc
+
+
+def init_dvc_repo(root: Path) -> Path:
+    """A real git + DVC repo holding this project's code, params.yaml and dvc.yaml."""
+    root.mkdir(parents=True, exist_ok=True)
+    for name in ("tasks", "flows"):
+        shutil.copytree(REPO_ROOT / name, root / name, ignore=shutil.ignore_patterns("__pycache__"))
+    for name in ("params.yaml", "dvc.yaml"):
+        shutil.copy(REPO_ROOT / name, root / name)
+    run(["git", "init", "-q", "-b", "main"], root)
+    run(["git", "config", "user.email", "tests@example.invalid"], root)
+    run(["git", "config", "user.name", "tests"], root)
+    run(["dvc", "init", "-q"], root)
+    run(["dvc", "config", "core.analytics", "false"], root)
+    return root
+
+
+@pytest.fixture
+def dvc_repo(tmp_path: Path) -> Path:
+    return init_dvc_repo(tmp_path / "repo")
