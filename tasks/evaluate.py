@@ -1,0 +1,165 @@
+"""Stage `evaluate`: score the best checkpoint on the held-out test split.
+
+Reads `<train.out_dir>/model.pt` and `<data.prepared_dir>/test.csv` only (the
+test split was never used for model selection). Writes
+`<evaluate.out_dir>/metrics.json` (DVC metrics) and, under `plots/`, the data
+of the DVC plots declared in dvc.yaml: confusion matrix, reliability diagram,
+per-class F1 and a PNG grid of the most confident mistakes.
+
+Deterministic: fixed image order, deterministic kernels, float64 metrics.
+Run: `python -m tasks.evaluate [--params params.yaml] [-S evaluate.top_k=5]`.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image, ImageDraw, ImageOps
+from torch.utils.data import DataLoader
+
+from tasks.cli import StageError, progress, stage_main
+from tasks.config import Params
+from tasks.data import EvalDataset, read_classes, read_rows
+from tasks.images import BadImage, load_rgb
+from tasks.io import SplitRow, atomic_path, split_digest, write_json
+from tasks.metrics import compute_metrics, reliability_bins
+from tasks.models import load_checkpoint
+
+__all__ = ["compute_metrics", "run", "predict_probs", "write_plots"]
+
+log = logging.getLogger(__name__)
+TILE = 128          # side of one image in the worst-mistakes grid
+CAPTION = 30        # caption height under each tile (two lines of Pillow's default font)
+GRID_COLUMNS = 4
+
+
+def run(params: Params) -> dict[str, Any]:
+    """Evaluate the checkpoint on the test split; write metrics.json and the plot files."""
+    cfg = params.evaluate
+    model, meta = load_checkpoint(Path(params.train.out_dir) / "model.pt")
+    class_names = list(meta["class_names"])
+    _check_classes(params.data.prepared_dir, class_names)
+    rows = read_rows(params.data.prepared_dir, "test")
+    if not rows:
+        raise StageError(f"{params.data.prepared_dir}/test.csv lists no images; the test split needs at least one "
+                         "(add data or raise prepare.test)")
+    device = _device(cfg.device)
+    probs = predict_probs(model, rows, params.data.raw_dir, meta["preprocessing"], cfg.batch_size, device)
+    labels = np.array([row.label for row in rows], dtype=np.int64)
+    metrics = compute_metrics(probs, labels, class_names, cfg.top_k, cfg.calibration_bins)
+    metrics["test_split_sha256"] = split_digest(Path(params.data.prepared_dir) / "test.csv")
+    write_plots(Path(cfg.out_dir) / "plots", probs, labels, class_names, rows, params.data.raw_dir,
+                bins=cfg.calibration_bins, worst=cfg.worst_mistakes)
+    write_json(Path(cfg.out_dir) / "metrics.json", metrics)
+    log.info("test accuracy %.4f, macro F1 %.4f, ECE %.4f on %d images",
+             metrics["accuracy"], metrics["macro_f1"], metrics["ece"], metrics["n_test"])
+    return metrics
+
+
+def _check_classes(prepared_dir: Path, class_names: list[str]) -> None:
+    """The checkpoint must score the classes the split files' label indices refer to."""
+    path = Path(prepared_dir) / "classes.json"
+    if path.exists() and read_classes(prepared_dir) != class_names:
+        raise StageError(f"{path} lists classes {read_classes(prepared_dir)} but the checkpoint was trained on "
+                         f"{class_names}; re-run training on the current data (dvc repro train)")
+
+
+def _device(choice: str) -> torch.device:
+    if choice == "auto":
+        choice = "cuda" if torch.cuda.is_available() else "cpu"
+    if choice == "cuda" and not torch.cuda.is_available():
+        raise StageError("evaluate.device is cuda but no CUDA device is available; set evaluate.device=cpu")
+    return torch.device(choice)
+
+
+@torch.no_grad()
+def predict_probs(model: torch.nn.Module, rows: list[SplitRow], raw_dir: Path, prep: Any, batch_size: int,
+                  device: torch.device = torch.device("cpu")) -> np.ndarray:
+    """Softmax probabilities (float64, rows in split order) of the model on the listed images."""
+    # Deterministic kernels: the same checkpoint and data must give identical metrics. TF32 off:
+    # on an H200 it moved log loss and ECE by ~1e-4 against the CPU, and the gate compares these
+    # numbers with a production model re-scored in fp32 by onnxruntime on a CPU.
+    torch.backends.cudnn.benchmark = False
+    torch.backends.cudnn.deterministic = True
+    torch.backends.cudnn.allow_tf32 = False
+    torch.backends.cuda.matmul.allow_tf32 = False
+    model = model.to(device).eval()
+    loader = DataLoader(EvalDataset(rows, raw_dir, prep), batch_size=batch_size, shuffle=False, num_workers=0)
+    chunks = []
+    try:
+        for images, _ in progress(loader, desc="evaluate", total=len(loader), unit="batch"):
+            logits = model(images.to(device)).double()
+            chunks.append(torch.softmax(logits, dim=1).cpu().numpy())
+    except BadImage as err:
+        raise StageError(f"{err}; the test split lists an unreadable image: re-run prepare "
+                         "(dvc repro prepare)") from None
+    return np.concatenate(chunks)
+
+
+# --------------------------------------------------------------------------- plots
+
+
+def write_plots(out: Path, probs: np.ndarray, labels: np.ndarray, class_names: list[str], rows: list[SplitRow],
+                raw_dir: Path, *, bins: int, worst: int) -> None:
+    """The data files of the DVC plots declared in dvc.yaml, plus the worst-mistakes PNG."""
+    predicted = probs.argmax(axis=1)
+    write_json(out / "confusion.json", [
+        {"actual": class_names[a], "predicted": class_names[p]} for a, p in zip(labels, predicted, strict=True)
+    ])
+    write_json(out / "reliability.json", [
+        {**row, "perfect": row["confidence"]} for row in reliability_bins(probs, labels, bins)
+    ])
+    f1 = compute_metrics(probs, labels, class_names, 1, bins)["per_class"]
+    write_json(out / "per_class_f1.json", [{"class": name, "f1": f1[name]["f1"]} for name in class_names])
+    write_mistakes_grid(out / "worst_mistakes.png", probs, labels, class_names, rows, raw_dir, worst)
+
+
+def worst_mistakes(probs: np.ndarray, labels: np.ndarray, limit: int) -> list[int]:
+    """Indices of wrong predictions, most confident first (ties by split order, so the grid is stable)."""
+    predicted = probs.argmax(axis=1)
+    wrong = np.flatnonzero(predicted != labels)
+    confidence = probs[wrong, predicted[wrong]]
+    order = np.lexsort((wrong, -confidence))
+    return [int(i) for i in wrong[order][:limit]]
+
+
+def write_mistakes_grid(path: Path, probs: np.ndarray, labels: np.ndarray, class_names: list[str],
+                        rows: list[SplitRow], raw_dir: Path, limit: int) -> None:
+    """A PNG grid: each tile is a misclassified image with its true and predicted label."""
+    picks = worst_mistakes(probs, labels, limit)
+    if not picks:
+        grid = _message_image(f"no mistakes among {len(labels)} test images" if limit else "worst_mistakes is 0")
+    else:
+        columns = min(GRID_COLUMNS, len(picks))
+        grid_rows = -(-len(picks) // columns)
+        grid = Image.new("RGB", (columns * TILE, grid_rows * (TILE + CAPTION)), "white")
+        draw = ImageDraw.Draw(grid)
+        for n, i in enumerate(picks):
+            x, y = (n % columns) * TILE, (n // columns) * (TILE + CAPTION)
+            # Scale up as well as down: a 28x28 Fashion-MNIST image must be readable in the grid.
+            tile = ImageOps.contain(load_rgb(Path(raw_dir) / rows[i].path), (TILE - 4, TILE - 4))
+            grid.paste(tile, (x + (TILE - tile.width) // 2, y + (TILE - tile.height) // 2))
+            pred = int(probs[i].argmax())
+            draw.text((x + 2, y + TILE + 2), f"true: {class_names[labels[i]]}"[:22], fill="black")
+            draw.text((x + 2, y + TILE + 15), f"pred: {class_names[pred]} {probs[i, pred]:.2f}"[:22], fill="red")
+    with atomic_path(path) as tmp:
+        grid.save(tmp, format="PNG")
+
+
+def _message_image(text: str) -> Image.Image:
+    img = Image.new("RGB", (4 * TILE, 40), "white")
+    ImageDraw.Draw(img).text((8, 12), text, fill="black")
+    return img
+
+
+def main(argv: list[str] | None = None) -> int:
+    return stage_main(run, "Evaluate the trained model on the held-out test split.", argv)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
