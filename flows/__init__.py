@@ -1,0 +1,10 @@
+"""Prefect orchestration over the DVC stages (may import prefect and dvc; tasks/ never does).
+
+- retrain.py      the `retrain` flow: data version -> each dvc.yaml stage -> push -> gate and publish
+- watch.py        the `watch` flow: retrain when data/raw.dvc changes on the data branch
+- serve.py        `make serve`: both deployments on their schedules (flow.serve, no work pool)
+- demo.py         `make demo`: demo data, the retrain flow, one JSON summary line
+- dvc_runner.py   subprocesses streamed line by line into the run log, timeouts, stage outcomes
+- data_version.py git revisions -> DVC data hashes; isolated git worktrees sharing the DVC cache
+- lock.py         one retrain at a time per project (fcntl lock in .dvc/tmp)
+"""

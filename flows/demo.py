@@ -1,0 +1,132 @@
+"""`make demo`: demo data in, the whole pipeline through the retrain flow, one JSON summary line out.
+
+1. data/raw empty -> write the deterministic Fashion-MNIST subset (tasks.demo_data) and `dvc add` it
+   (same bytes every time, so data/raw.dvc keeps its committed hash);
+2. run the `retrain` flow on Prefect's embedded server (nothing to start by hand);
+3. print, as the last line of stdout, one JSON object summarising the run.
+
+Logs go to stderr; a second run on unchanged data skips every stage.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from flows.data_version import dvc_file, md5_in_workspace, raw_has_files
+from flows.dvc_runner import subprocess_env
+from tasks.cli import StageError
+from tasks.config import Params, ParamsError, load_params
+from tasks.io import read_json
+
+
+class DemoError(RuntimeError):
+    """The demo cannot go on; the message names the file or step."""
+
+
+def ensure_demo_data(root: Path, params: Params) -> None:
+    """Materialise the demo images when data/raw holds none, and track them with DVC."""
+    raw = root / params.data.raw_dir
+    if raw_has_files(raw):
+        return
+    from tasks.demo_data import materialise
+
+    demo = params.data.demo
+    before = md5_in_workspace(root, params.data.raw_dir) if (root / dvc_file(params.data.raw_dir)).exists() else None
+    print(f"Writing the demo data ({demo.per_class} images per class) to {raw}", file=sys.stderr)
+    materialise(raw, demo.per_class, demo.seed, root / demo.source_dir, root / demo.download_dir)
+    proc = subprocess.run(["dvc", "add", str(params.data.raw_dir)], cwd=root, capture_output=True, text=True,
+                          env=subprocess_env())
+    if proc.returncode != 0:
+        raise DemoError(f"dvc add {params.data.raw_dir} failed: {proc.stderr.strip() or proc.stdout.strip()}")
+    after = md5_in_workspace(root, params.data.raw_dir)
+    if before and after != before:
+        print(f"warning: {dvc_file(params.data.raw_dir)} changed from {before} to {after}: data.demo settings "
+              f"differ from the ones the committed demo data was made with", file=sys.stderr)
+
+
+def need(path: Path, missing: list[Path]) -> dict[str, Any]:
+    """Read a JSON report, noting it as missing instead of failing on the first one."""
+    if not path.exists():
+        missing.append(path)
+        return {}
+    return read_json(path)
+
+
+def build_summary(root: Path, params: Params, result: dict[str, Any], wall_s: float) -> dict[str, Any]:
+    """The summary line, from the stages' reports and the flow's result."""
+    missing: list[Path] = []
+    report = need(root / params.data.prepared_dir / "report.json", missing)
+    weights = need(root / params.model.out_dir / "weights.json", missing)
+    train = need(root / params.train.out_dir / "metrics.json", missing)
+    test = need(root / params.evaluate.out_dir / "metrics.json", missing)
+    export = need(root / params.export.out_dir / "report.json", missing)
+    if missing:
+        raise DemoError("the pipeline finished but these outputs are missing: "
+                        + ", ".join(str(p.relative_to(root)) for p in missing)
+                        + "; run `dvc repro` to see which stage does not write them")
+    published = result.get("publish") or {}
+    n_images = report.get("n_images", {})
+    return {
+        "stages": result["stages"],
+        "stages_run": result["stages_run"],
+        "stages_skipped": result["stages_skipped"],
+        "data_md5": md5_in_workspace(root, params.data.raw_dir),
+        "n_images": {split: n_images.get(split) for split in ("train", "val", "test")},
+        "rejected": report.get("n_rejected", len(report.get("rejected", []))),
+        "wall_s": round(wall_s, 1),
+        "arch": weights.get("arch"),
+        "weights_sha256": weights.get("sha256"),
+        "val_accuracy": train.get("val_accuracy"),
+        "epochs": train.get("epochs"),
+        "train_img_per_s": train.get("train_img_per_s"),
+        "test_accuracy": test.get("accuracy"),
+        "macro_f1": test.get("macro_f1"),
+        "ece": test.get("ece"),
+        "onnx": export.get("onnx"),
+        "onnx_max_abs_diff": export.get("max_abs_diff"),
+        "ort_latency_ms_p50": export.get("ort_latency_ms_p50"),
+        "registry_version": published.get("registry_version"),
+        "promoted": published.get("promoted"),
+        "reason": published.get("reason"),
+        "model_card": published.get("model_card"),
+        "flow_run_id": result.get("flow_run_id"),
+        "flow_state": "Completed",
+    }
+
+
+def main() -> int:
+    start = time.perf_counter()
+    root = Path.cwd()
+    try:
+        params = load_params(root / "params.yaml")
+        ensure_demo_data(root, params)
+    except (ParamsError, DemoError, StageError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
+    from flows.retrain import retrain  # imports Prefect (~3 s): after the cheap checks
+
+    state = retrain(root=str(root), return_state=True)
+    run_id = str(state.state_details.flow_run_id)
+    if not state.is_completed():
+        print(f"error: the retrain flow ended {state.name}: {state.message}", file=sys.stderr)
+        print(json.dumps({"flow_run_id": run_id, "flow_state": state.name, "error": state.message,
+                          "wall_s": round(time.perf_counter() - start, 1)}))
+        return 1
+    try:
+        summary = build_summary(root, params, state.result(), time.perf_counter() - start)
+    except DemoError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
+    summary["flow_state"] = state.name
+    sys.stderr.flush()
+    print(json.dumps(summary), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,168 @@
+"""Run `dvc`/`git` commands with their output streamed, line by line, into a logger.
+
+The retrain flow runs every DVC stage through `run_streamed`: each line the
+stage prints reaches the Prefect run log as it is printed (not after the stage
+ends), the last lines are kept for the error message, and a timeout kills the
+whole process group (dvc and the stage's python under it), not just dvc.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import IO, Literal
+
+TAIL_LINES = 40
+# A progress bar redraws with '\r'; log a redraw at most this often so the run log stays readable.
+PROGRESS_LOG_INTERVAL_S = 5.0
+KILL_GRACE_S = 10.0
+DVC_STAGE_LINE = re.compile(r"^(Running stage '|Stage ')")
+
+StageOutcome = Literal["ran", "skipped"]
+
+
+class CommandFailed(RuntimeError):
+    """A command exited non-zero (or timed out); the message carries its own last error lines."""
+
+
+@dataclass
+class CommandResult:
+    """What a finished command left: exit code and the tails of its two streams."""
+
+    returncode: int
+    stdout_tail: list[str] = field(default_factory=list)
+    stderr_tail: list[str] = field(default_factory=list)
+    timed_out: bool = False
+    dvc_stage_lines: list[str] = field(default_factory=list)
+
+
+def subprocess_env(extra: dict[str, str] | None = None) -> dict[str, str]:
+    """The environment of every child: unbuffered python, this venv first on PATH, tools offline."""
+    env = dict(os.environ)
+    venv_bin = str(Path(sys.executable).parent)
+    env["PATH"] = f"{venv_bin}{os.pathsep}{env.get('PATH', '')}"
+    env["PYTHONUNBUFFERED"] = "1"  # stage output must arrive as it is printed
+    env.setdefault("DVC_NO_ANALYTICS", "1")
+    env.setdefault("DVC_STUDIO_OFFLINE", "true")  # dvclive would otherwise try to post live metrics to Studio
+    env.setdefault("DO_NOT_TRACK", "1")
+    env.setdefault("ORT_DISABLE_TELEMETRY", "1")
+    env.update(extra or {})
+    return env
+
+
+def run_streamed(cmd: list[str], cwd: Path, log: logging.Logger | logging.LoggerAdapter,
+                 timeout_s: float | None = None, env: dict[str, str] | None = None) -> CommandResult:
+    """Run cmd in its own process group, logging each output line as it arrives."""
+    log.info("$ %s   (in %s)", " ".join(cmd), cwd)
+    proc = subprocess.Popen(cmd, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            env=subprocess_env(env), start_new_session=True)
+    stdout_tail: deque[str] = deque(maxlen=TAIL_LINES)
+    stderr_tail: deque[str] = deque(maxlen=TAIL_LINES)
+    stage_lines: list[str] = []  # dvc's "Running stage"/"Stage ... skipping" lines, however long the output
+    readers = [threading.Thread(target=_pump, args=(stream, log, tail, stage_lines), daemon=True)
+               for stream, tail in ((proc.stdout, stdout_tail), (proc.stderr, stderr_tail))]
+    for reader in readers:
+        reader.start()
+    timed_out = _wait(proc, timeout_s)
+    for reader in readers:
+        reader.join(timeout=30)
+    return CommandResult(proc.returncode, list(stdout_tail), list(stderr_tail), timed_out, stage_lines)
+
+
+def _wait(proc: subprocess.Popen, timeout_s: float | None) -> bool:
+    """Wait for proc; past the deadline, stop its whole process group. True when it timed out."""
+    try:
+        proc.wait(timeout=timeout_s)
+        return False
+    except subprocess.TimeoutExpired:
+        _kill_group(proc)
+        return True
+    except BaseException:  # the flow itself is cancelled or interrupted: do not leave the stage running
+        _kill_group(proc)
+        raise
+
+
+def _kill_group(proc: subprocess.Popen) -> None:
+    """SIGTERM the process group (dvc + stage), then SIGKILL whatever is left after a grace period."""
+    for sig, grace in ((signal.SIGTERM, KILL_GRACE_S), (signal.SIGKILL, 5.0)):
+        try:
+            os.killpg(proc.pid, sig)
+        except ProcessLookupError:
+            break
+        try:
+            proc.wait(timeout=grace)
+            break
+        except subprocess.TimeoutExpired:
+            continue
+
+
+def _pump(stream: IO[bytes], log: logging.Logger | logging.LoggerAdapter, tail: deque[str],
+          stage_lines: list[str]) -> None:
+    """Forward a stream to the log; '\\n' ends a line, '\\r' a progress redraw (rate-limited)."""
+    buffer = b""
+    last_progress = 0.0
+    while chunk := stream.read1(65536):
+        buffer += chunk
+        while (match := re.search(rb"[\r\n]", buffer)) is not None:
+            raw, sep, buffer = buffer[:match.start()], buffer[match.start():match.end()], buffer[match.end():]
+            text = raw.decode(errors="replace").rstrip()
+            if not text:
+                continue
+            if sep == b"\r":
+                now = time.monotonic()
+                if now - last_progress < PROGRESS_LOG_INTERVAL_S:
+                    continue
+                last_progress = now
+            else:
+                _keep(text, tail, stage_lines)
+            log.info("%s", text)
+    if text := buffer.decode(errors="replace").rstrip():
+        _keep(text, tail, stage_lines)
+        log.info("%s", text)
+
+
+def _keep(line: str, tail: deque[str], stage_lines: list[str]) -> None:
+    tail.append(line)
+    if DVC_STAGE_LINE.match(line):
+        stage_lines.append(line)
+
+
+def run_checked(cmd: list[str], cwd: Path, log: logging.Logger | logging.LoggerAdapter, what: str,
+                timeout_s: float | None = None) -> CommandResult:
+    """run_streamed, raising CommandFailed with the command's own last error lines when it fails."""
+    result = run_streamed(cmd, cwd, log, timeout_s=timeout_s)
+    if result.timed_out:
+        raise CommandFailed(f"{what} timed out after {timeout_s:g} s and was stopped; "
+                            f"last output: {error_summary(result)}")
+    if result.returncode != 0:
+        raise CommandFailed(f"{what} failed (exit {result.returncode}): {error_summary(result)}")
+    return result
+
+
+def error_summary(result: CommandResult, max_lines: int = 6) -> str:
+    """The lines that say what went wrong: the stage's own 'error:' lines and tracebacks' last line first."""
+    lines = [line.strip() for line in result.stderr_tail or result.stdout_tail if line.strip()]
+    own = [line for line in lines if re.match(r"^(error:|\w*(Error|Exception)\b)", line)]
+    dvc = [line for line in lines if line.startswith("ERROR:")]
+    chosen = own[-max_lines:] + dvc[-2:] if own or dvc else lines[-max_lines:]
+    return " | ".join(dict.fromkeys(chosen)) or "(no output)"
+
+
+def stage_outcome(stage: str, lines: list[str]) -> StageOutcome:
+    """Did `dvc repro <stage>` run the stage or skip it (unchanged, or restored from the run cache)?"""
+    name = re.escape(stage)
+    if any(re.search(rf"Running stage '{name}'", line) for line in lines):
+        return "ran"
+    if any(re.search(rf"Stage '{name}' (didn't change|is cached)", line) for line in lines):
+        return "skipped"
+    raise CommandFailed(f"could not tell from dvc's output whether stage {stage!r} ran or was skipped: "
+                        + " | ".join(lines[-5:]))

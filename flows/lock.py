@@ -1,0 +1,93 @@
+"""One retrain at a time per project: an fcntl lock file in the project's .dvc/tmp.
+
+`flock` locks belong to an open file, so two flows in one process exclude each
+other as well as two processes do, and the kernel drops the lock when its
+holder dies: a crashed run never leaves a stale lock behind. The file records
+who holds it, so a waiting run can say what it waits for.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import socket
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Callable
+
+LOCK_NAME = "retrain.lock"
+POLL_S = 0.5
+
+
+class RetrainBusy(RuntimeError):
+    """Another retrain of this project holds the lock and did not finish in time."""
+
+
+def lock_path(root: Path) -> Path:
+    """Where a project's retrain lock lives (.dvc/tmp is DVC's own ignored scratch folder)."""
+    return root / ".dvc" / "tmp" / LOCK_NAME
+
+
+@contextmanager
+def retrain_lock(root: Path, wait_s: float, owner: dict[str, Any],
+                 on_wait: Callable[[dict[str, Any]], None] = lambda holder: None) -> Iterator[Path]:
+    """Hold the project's retrain lock; wait up to wait_s for it (0: fail at once), else raise RetrainBusy."""
+    path = lock_path(root)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        _acquire(fd, path, wait_s, on_wait)
+        _write_owner(fd, {**owner, "pid": os.getpid(), "host": socket.gethostname(), "since": time.time()})
+        try:
+            yield path
+        finally:
+            os.ftruncate(fd, 0)
+            fcntl.flock(fd, fcntl.LOCK_UN)
+    finally:
+        os.close(fd)
+
+
+def _acquire(fd: int, path: Path, wait_s: float, on_wait: Callable[[dict[str, Any]], None]) -> None:
+    deadline = time.monotonic() + wait_s
+    told = False
+    while True:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return
+        except BlockingIOError:
+            holder = read_owner(path)
+            if time.monotonic() >= deadline:
+                raise RetrainBusy(f"another retrain of this project is running ({describe_holder(holder)}); "
+                                  f"it holds {path}. Wait for it to finish, or raise lock_wait_minutes "
+                                  f"to queue behind it") from None
+            if not told:
+                on_wait(holder)
+                told = True
+            time.sleep(POLL_S)
+
+
+def _write_owner(fd: int, owner: dict[str, Any]) -> None:
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, json.dumps(owner, default=str).encode(), 0)
+
+
+def read_owner(path: Path) -> dict[str, Any]:
+    """Who holds the lock, as its holder wrote it ({} when unknown)."""
+    try:
+        return json.loads(path.read_text() or "{}")
+    except (OSError, ValueError):
+        return {}
+
+
+def describe_holder(holder: dict[str, Any]) -> str:
+    if not holder:
+        return "holder unknown"
+    parts = [f"pid {holder.get('pid')} on {holder.get('host')}"]
+    if holder.get("flow_run_id"):
+        parts.append(f"flow run {holder['flow_run_id']}")
+    if holder.get("since"):
+        parts.append(f"for {time.time() - float(holder['since']):.0f} s")
+    return ", ".join(parts)

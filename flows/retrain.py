@@ -1,0 +1,320 @@
+"""The `retrain` flow: data version -> DVC stages -> (push) -> gate and publish.
+
+DVC owns the stage graph and decides what is stale; this flow decides when and
+where. Each stage of dvc.yaml runs as its own Prefect task through
+`dvc repro <stage>`, so unchanged stages are skipped and dvc.lock is updated,
+and every line a stage prints is streamed into the run log as it is printed.
+
+    python -m flows.retrain [--data-rev v1] [-S train.head.epochs=3] [--push] [--no-publish]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import yaml
+from prefect import flow, get_run_logger, task
+from prefect.artifacts import create_markdown_artifact
+from prefect.cache_policies import NO_CACHE
+from prefect.runtime import flow_run
+from prefect.tasks import exponential_backoff
+
+from flows.data_version import (dvc_file, is_workspace_version, isolated_copy, md5_in_workspace,
+                                raw_has_files)
+from flows.dvc_runner import run_checked, run_streamed, stage_outcome
+from flows.lock import describe_holder, retrain_lock
+from tasks.config import Params, apply_overrides_to_file, load_params
+from tasks.io import atomic_write_bytes, read_json
+
+# Only I/O is retried: a download or a transfer can fail and then work; a
+# training bug fails the same way every time, so retrying it only wastes hours.
+IO_RETRIES = 3
+IO_BACKOFF = exponential_backoff(backoff_factor=5)  # 5 s, 10 s, 20 s (with jitter)
+IO_STAGES = frozenset({"fetch_weights"})
+TIMED_STAGES = frozenset({"train"})  # bounded by train.timeout_minutes
+METRIC_ROWS = ("accuracy", "balanced_accuracy", "macro_f1", "weighted_f1", "top_k_accuracy",
+               "log_loss", "ece", "n_test")
+
+
+# --------------------------------------------------------------------------- tasks
+
+
+@task(name="make data version present", retries=IO_RETRIES, retry_delay_seconds=IO_BACKOFF,
+      retry_jitter_factor=0.5, cache_policy=NO_CACHE)
+def pull_data(workdir: Path, raw_dir: Path) -> str:
+    """Check out (from the cache) or pull (from the remote) the data that the .dvc file pins; its hash."""
+    log = get_run_logger()
+    md5 = md5_in_workspace(workdir, raw_dir)
+    target = str(dvc_file(raw_dir))
+    if raw_has_files(workdir / raw_dir):
+        warn_if_untracked_changes(workdir, target, log)
+        log.info("Data %s present (DVC hash %s)", raw_dir, md5)
+        return md5
+    checkout = run_streamed(["dvc", "checkout", target], workdir, log)
+    if checkout.returncode != 0 or not raw_has_files(workdir / raw_dir):
+        log.info("%s is not in the local DVC cache; pulling it from the remote", raw_dir)
+        run_checked(["dvc", "pull", target], workdir, log, f"dvc pull {target}")
+    log.info("Data %s checked out (DVC hash %s)", raw_dir, md5)
+    return md5
+
+
+def warn_if_untracked_changes(workdir: Path, target: str, log: Any) -> None:
+    """The pipeline trains on what is in the folder; say so when that differs from the .dvc file."""
+    result = run_streamed(["dvc", "status", target], workdir, log)
+    if result.returncode == 0 and any("modified:" in line or "deleted:" in line for line in result.stdout_tail):
+        log.warning("%s differs from %s: training uses the folder as it is; record it with "
+                    "`dvc add %s` and commit %s to make it a data version",
+                    target.removesuffix(".dvc"), target, target.removesuffix(".dvc"), target)
+
+
+@task(name="dvc repro", cache_policy=NO_CACHE)
+def repro_stage(workdir: Path, stage: str, timeout_s: float | None = None) -> str:
+    """`dvc repro <stage>`: 'ran' or 'skipped' (unchanged, or restored from the DVC run cache)."""
+    log = get_run_logger()
+    result = run_checked(["dvc", "repro", stage], workdir, log, f"stage {stage}", timeout_s=timeout_s)
+    outcome = stage_outcome(stage, result.dvc_stage_lines)
+    log.info("Stage %s %s", stage, outcome)
+    return outcome
+
+
+@task(name="dvc push", retries=IO_RETRIES, retry_delay_seconds=IO_BACKOFF, retry_jitter_factor=0.5,
+      cache_policy=NO_CACHE)
+def push_outputs(workdir: Path, remote: str | None = None) -> None:
+    """Send the data and every stage output to the DVC remote."""
+    cmd = ["dvc", "push"] + (["-r", remote] if remote else [])
+    run_checked(cmd, workdir, get_run_logger(), " ".join(cmd))
+
+
+@task(name="gate and publish", cache_policy=NO_CACHE)
+def gate_and_publish(params: Params, workdir: Path, flow_run_id: str) -> dict[str, Any]:
+    """Compare the candidate with production on the same test split; publish (and maybe promote) it."""
+    from tasks.publish import publish_candidate  # the registry side; imported late so the flow loads without it
+
+    result = publish_candidate(params, workdir, flow_run_id)
+    get_run_logger().info("Registry version %s: promoted=%s (%s)", result.get("registry_version"),
+                          result.get("promoted"), result.get("reason"))
+    return result
+
+
+@task(name="attach report", cache_policy=NO_CACHE)
+def attach_report(summary: dict[str, Any], params: Params, workdir: Path) -> None:
+    """Markdown artifacts on the flow run: test metrics, output paths, stage outcomes."""
+    key = re.sub(r"[^a-z0-9-]+", "-", params.project.name.lower()).strip("-") or "model"
+    create_markdown_artifact(key=f"{key}-test-metrics", markdown=metrics_markdown(summary),
+                             description="Held-out test metrics of the candidate")
+    create_markdown_artifact(key=f"{key}-outputs", markdown=outputs_markdown(summary, workdir),
+                             description="Stages, ONNX file, model card and reports of this retrain")
+
+
+# --------------------------------------------------------------------------- flow
+
+
+@flow(name="retrain", description="Retrain on a data version through the DVC stages, then gate and publish.")
+def retrain(data_rev: str | None = None, overrides: list[str] | None = None, push: bool = False,
+            publish: bool = True, root: str | None = None, remote: str | None = None,
+            lock_wait_minutes: float = 60.0) -> dict[str, Any]:
+    """Retrain on data_rev (default: the workspace's data) with params overrides (key=value)."""
+    log = get_run_logger()
+    project = Path(root or os.getcwd()).resolve()
+    overrides = list(overrides or [])
+    params = load_params(project / "params.yaml", overrides)  # bad overrides fail here, before any work
+    run_id = str(flow_run.id)
+    owner = {"flow_run_id": run_id, "data_rev": data_rev}
+
+    def waiting(holder: dict[str, Any]) -> None:
+        log.warning("Another retrain of %s is running (%s); waiting up to %g min for it to finish",
+                    project, describe_holder(holder), lock_wait_minutes)
+
+    with retrain_lock(project, lock_wait_minutes * 60, owner, on_wait=waiting):
+        with working_copy(project, data_rev, params.data.raw_dir, log) as workdir:
+            with params_applied(workdir, overrides, log) as run_params:
+                return run_pipeline(project, workdir, data_rev, run_params, run_id, push, publish, remote)
+
+
+def run_pipeline(project: Path, workdir: Path, data_rev: str | None, params: Params, run_id: str,
+                 push: bool, publish: bool, remote: str | None) -> dict[str, Any]:
+    """The steps in order, once the lock is held and the working copy and params are in place."""
+    log = get_run_logger()
+    data_md5 = pull_data(workdir, params.data.raw_dir)
+    outcomes: dict[str, str] = {}
+    for stage in read_stages(workdir):
+        outcomes[stage] = stage_task(stage)(workdir, stage, stage_timeout_s(stage, params))
+    if push:
+        push_outputs(workdir, remote)
+    if publish:
+        published = gate_and_publish(with_project_registry(params, project, workdir), workdir, run_id)
+    else:
+        published = None
+    summary = summarize(project, workdir, data_rev, data_md5, params, outcomes, published, run_id, push)
+    attach_report(summary, params, workdir)
+    log.info("Stages run: %s; skipped: %s", ", ".join(summary["stages_run"]) or "none",
+             ", ".join(summary["stages_skipped"]) or "none")
+    return summary
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+@contextmanager
+def working_copy(project: Path, data_rev: str | None, raw_dir: Path, log: Any) -> Iterator[Path]:
+    """The project itself for its own data version; otherwise an isolated git worktree of data_rev."""
+    if is_workspace_version(project, data_rev, raw_dir):
+        log.info("Training on the workspace's data version in %s", project)
+        yield project
+        return
+    with isolated_copy(project, data_rev, log) as workdir:
+        yield workdir
+
+
+@contextmanager
+def params_applied(workdir: Path, overrides: list[str], log: Any) -> Iterator[Params]:
+    """Write the overrides into the copy's params.yaml for DVC to see, and restore the file afterwards."""
+    path = workdir / "params.yaml"
+    if not overrides:
+        yield load_params(path)
+        return
+    original = path.read_bytes()
+    try:
+        params = apply_overrides_to_file(path, overrides)
+        log.info("Params overrides for this run: %s", ", ".join(overrides))
+        yield params
+    finally:
+        # dvc.lock keeps the values this run used, so a later run without them re-runs what they touched.
+        atomic_write_bytes(path, original)
+        log.info("Restored %s", path)
+
+
+def read_stages(workdir: Path) -> list[str]:
+    """Stage names in dvc.yaml's order (the order they depend on each other)."""
+    path = workdir / "dvc.yaml"
+    if not path.exists():
+        raise FileNotFoundError(f"{path} not found: the retrain flow runs the stages of a DVC project")
+    stages = list((yaml.safe_load(path.read_text()) or {}).get("stages") or {})
+    if not stages:
+        raise ValueError(f"{path} defines no stages")
+    return stages
+
+
+def stage_task(stage: str) -> Any:
+    """repro_stage named after its stage; retried with backoff only when the stage is I/O."""
+    options: dict[str, Any] = {"name": f"dvc repro {stage}"}
+    if stage in IO_STAGES:
+        options.update(retries=IO_RETRIES, retry_delay_seconds=IO_BACKOFF, retry_jitter_factor=0.5)
+    return repro_stage.with_options(**options)
+
+
+def stage_timeout_s(stage: str, params: Params) -> float | None:
+    return params.train.timeout_minutes * 60 if stage in TIMED_STAGES else None
+
+
+def with_project_registry(params: Params, project: Path, workdir: Path) -> Params:
+    """In an isolated copy, publish to the project's registry, not to one inside the temporary copy."""
+    uri = params.registry.uri
+    if workdir == project or "://" in uri or Path(uri).is_absolute():
+        return params
+    registry = params.registry.model_copy(update={"uri": str(project / uri)})
+    return params.model_copy(update={"registry": registry})
+
+
+def output_paths(params: Params, workdir: Path) -> dict[str, Path]:
+    """Where the stages' reports are (paths from params.yaml)."""
+    return {
+        "data_report": workdir / params.data.prepared_dir / "report.json",
+        "weights": workdir / params.model.out_dir / "weights.json",
+        "train_metrics": workdir / params.train.out_dir / "metrics.json",
+        "test_metrics": workdir / params.evaluate.out_dir / "metrics.json",
+        "onnx": workdir / params.export.out_dir / "model.onnx",
+        "export_report": workdir / params.export.out_dir / "report.json",
+    }
+
+
+def summarize(project: Path, workdir: Path, data_rev: str | None, data_md5: str, params: Params,
+              outcomes: dict[str, str], published: dict[str, Any] | None, run_id: str,
+              pushed: bool) -> dict[str, Any]:
+    """The flow's result: what ran, what it produced, and the gate's decision."""
+    paths = output_paths(params, workdir)
+    metrics = read_json(paths["test_metrics"]) if paths["test_metrics"].exists() else {}
+    return {
+        "flow_run_id": run_id,
+        "project": str(project),
+        "workdir": str(workdir),
+        "isolated": workdir != project,
+        "data_rev": data_rev,
+        "data_md5": data_md5,
+        "stages": list(outcomes),
+        "stages_run": [s for s, o in outcomes.items() if o == "ran"],
+        "stages_skipped": [s for s, o in outcomes.items() if o == "skipped"],
+        "pushed": pushed,
+        "test_metrics": {k: metrics[k] for k in METRIC_ROWS if k in metrics},
+        "per_class": metrics.get("per_class", {}),
+        "paths": {name: str(path) for name, path in paths.items()},
+        "publish": published,
+    }
+
+
+def metrics_markdown(summary: dict[str, Any]) -> str:
+    """Overall and per-class test metrics as markdown tables."""
+    metrics = summary["test_metrics"]
+    if not metrics:
+        return "# Test metrics\n\nNo test metrics were found (evaluate did not write them).\n"
+    lines = ["# Test metrics (held-out split)", "", "| metric | value |", "|---|---|"]
+    lines += [f"| {name} | {_fmt(value)} |" for name, value in metrics.items()]
+    if summary["per_class"]:
+        lines += ["", "| class | precision | recall | f1 | support |", "|---|---|---|---|---|"]
+        for name, row in summary["per_class"].items():
+            lines.append(f"| {name} | " + " | ".join(_fmt(row.get(k)) for k in ("precision", "recall", "f1", "support"))
+                         + " |")
+    return "\n".join(lines) + "\n"
+
+
+def outputs_markdown(summary: dict[str, Any], workdir: Path) -> str:
+    """Stage outcomes, output paths and the gate's decision as markdown."""
+    published = summary["publish"] or {}
+    lines = ["# Retrain outputs", "", f"Data version: `{summary['data_md5']}` (rev `{summary['data_rev'] or 'workspace'}`)",
+             "", "| stage | outcome |", "|---|---|"]
+    lines += [f"| {stage} | {'ran' if stage in summary['stages_run'] else 'skipped'} |" for stage in summary["stages"]]
+    lines += ["", "| output | path |", "|---|---|"]
+    lines += [f"| {name} | `{path}` |" for name, path in summary["paths"].items()]
+    if published:
+        lines += [f"| model card | `{published.get('model_card')}` |", "",
+                  f"Registry version **{published.get('registry_version')}**: promoted = "
+                  f"**{published.get('promoted')}** ({published.get('reason')})"]
+    if summary["isolated"]:
+        lines += ["", f"The isolated working copy {workdir} is removed after the run; its outputs stay in the "
+                      "DVC cache and the published version in the registry."]
+    return "\n".join(lines) + "\n"
+
+
+def _fmt(value: Any) -> str:
+    return f"{value:.4f}" if isinstance(value, float) else str(value)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m flows.retrain", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--data-rev", help="git revision (tag, branch, commit) of the data version")
+    parser.add_argument("-S", "--set", action="append", default=[], metavar="KEY=VALUE", help="params override")
+    parser.add_argument("--push", action="store_true", help="dvc push the data and outputs afterwards")
+    parser.add_argument("--no-publish", action="store_true", help="skip the gate and publish step")
+    parser.add_argument("--lock-wait-minutes", type=float, default=60.0)
+    args = parser.parse_args(argv)
+    state = retrain(data_rev=args.data_rev, overrides=args.set, push=args.push, publish=not args.no_publish,
+                    lock_wait_minutes=args.lock_wait_minutes, return_state=True)
+    result = state.result(raise_on_failure=False)
+    if state.is_completed():
+        print(json.dumps({k: result[k] for k in ("flow_run_id", "stages_run", "stages_skipped", "publish")},
+                         default=str))
+        return 0
+    print(f"retrain {state.name}: {state.message}", file=sys.stderr)
+    return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

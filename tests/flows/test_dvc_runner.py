@@ -1,0 +1,102 @@
+"""Streaming, error messages, timeouts and stage outcomes of flows.dvc_runner (no Prefect needed)."""
+
+from __future__ import annotations
+
+import logging
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from flows.dvc_runner import CommandFailed, error_summary, run_checked, run_streamed, stage_outcome
+
+
+class Recorder(logging.Handler):
+    """Keeps (arrival time, message) of every record."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.records: list[tuple[float, str]] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.records.append((time.monotonic(), record.getMessage()))
+
+
+@pytest.fixture
+def log() -> tuple[logging.Logger, Recorder]:
+    logger = logging.getLogger(f"test-runner-{time.monotonic_ns()}")
+    logger.setLevel(logging.INFO)
+    recorder = Recorder()
+    logger.addHandler(recorder)
+    return logger, recorder
+
+
+def python(code: str) -> list[str]:
+    return [sys.executable, "-c", code]
+
+
+def test_lines_reach_the_log_while_the_command_still_runs(log, tmp_path: Path) -> None:
+    logger, recorder = log
+    result = run_streamed(python("import time\nprint('first', flush=True)\ntime.sleep(2)\nprint('second')"),
+                          tmp_path, logger)
+    end = time.monotonic()
+    assert result.returncode == 0
+    arrived = {message: at for at, message in recorder.records}
+    assert end - arrived["first"] > 1.5  # logged long before the process ended
+    assert "second" in arrived
+
+
+def test_progress_redraws_are_rate_limited_and_stderr_is_kept(log, tmp_path: Path) -> None:
+    logger, recorder = log
+    code = "import sys\nfor i in range(200): sys.stderr.write(f'\\rbar {i}')\nsys.stderr.write('\\ndone\\n')"
+    result = run_streamed(python(code), tmp_path, logger)
+    bars = [m for _, m in recorder.records if m.startswith("bar")]
+    assert 1 <= len(bars) <= 3
+    assert result.stderr_tail[-1] == "done"
+
+
+def test_a_failure_names_the_commands_own_error_lines(log, tmp_path: Path) -> None:
+    logger, _ = log
+    code = "import sys\nprint('working')\nprint('error: data/raw/cat is empty; add images', file=sys.stderr)\nsys.exit(1)"
+    with pytest.raises(CommandFailed, match=r"stage prepare failed \(exit 1\): error: data/raw/cat is empty"):
+        run_checked(python(code), tmp_path, logger, "stage prepare")
+
+
+def test_error_summary_prefers_the_stage_error_and_keeps_dvcs_line() -> None:
+    from flows.dvc_runner import CommandResult
+
+    result = CommandResult(1, [], ["Traceback (most recent call last):", '  File "x.py"',
+                                   "ValueError: bad value", "ERROR: failed to reproduce 'train'"])
+    assert error_summary(result) == "ValueError: bad value | ERROR: failed to reproduce 'train'"
+
+
+def test_timeout_stops_the_whole_process_group(log, tmp_path: Path) -> None:
+    logger, _ = log
+    pid_file = tmp_path / "child.pid"
+    # The child (like a stage under `dvc repro`) must die too, not only the direct process.
+    code = ("import subprocess, sys, time\n"
+            f"p = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(60)'])\n"
+            f"open({str(pid_file)!r}, 'w').write(str(p.pid))\n"
+            "time.sleep(60)")
+    start = time.monotonic()
+    with pytest.raises(CommandFailed, match="stage train timed out after 2 s"):
+        run_checked(python(code), tmp_path, logger, "stage train", timeout_s=2)
+    assert time.monotonic() - start < 20
+    child = int(pid_file.read_text())
+    time.sleep(0.5)
+    assert not Path(f"/proc/{child}").exists() or "Z" in Path(f"/proc/{child}/stat").read_text().split()[2]
+
+
+@pytest.mark.parametrize(("lines", "outcome"), [
+    (["Running stage 'train':", "> python -m tasks.train"], "ran"),
+    (["Stage 'prepare' didn't change, skipping", "Stage 'train' didn't change, skipping"], "skipped"),
+    (["Stage 'train' is cached - skipping run, checking out outputs"], "skipped"),
+])
+def test_stage_outcome(lines: list[str], outcome: str) -> None:
+    assert stage_outcome("train", lines) == outcome
+
+
+def test_stage_outcome_unknown_is_an_error() -> None:
+    with pytest.raises(CommandFailed, match="could not tell"):
+        stage_outcome("train", ["Stage 'prepare' didn't change, skipping"])

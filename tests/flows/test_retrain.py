@@ -1,0 +1,111 @@
+"""The retrain flow on a tiny real DVC project, against the session's Prefect test server."""
+
+from __future__ import annotations
+
+import threading
+from pathlib import Path
+
+import pytest
+import yaml
+
+from flows.lock import lock_path, retrain_lock
+from flows.retrain import retrain, stage_timeout_s
+from tasks.config import load_params
+from tests.conftest import REPO_ROOT, run
+from tests.flows.conftest import add_data_version, snapshot
+from tests.flows.helpers import run_artifacts, run_logs, state_of
+
+STAGES = ["prepare", "fetch_weights", "train", "evaluate", "export"]
+pytestmark = pytest.mark.usefixtures("prefect_harness")
+
+
+def test_bad_override_fails_before_anything_runs(tiny_project: Path) -> None:
+    before = snapshot(tiny_project)
+    state = retrain(root=str(tiny_project), overrides=["train.head.epocs=3", "train.batch_size=-1"],
+                    publish=False, return_state=True)
+    name, message, _ = state_of(state)
+    assert name == "Failed"
+    assert "train.head.epocs: unknown key" in message and "train.batch_size" in message
+    assert snapshot(tiny_project) == before  # no stage ran, no dvc.lock, params.yaml as it was
+
+
+@pytest.mark.slow
+def test_stage_failure_fails_the_flow_with_the_stage_message_and_restores_params(tiny_project: Path) -> None:
+    params_before = (tiny_project / "params.yaml").read_bytes()
+    state = retrain(root=str(tiny_project), overrides=["train.head.epochs=0"], publish=False, return_state=True)
+    name, message, _ = state_of(state)
+    assert name == "Failed"
+    assert "stage train failed" in message
+    assert "error: train.head.epochs is 0, so there is nothing to train" in message
+    assert (tiny_project / "params.yaml").read_bytes() == params_before
+    lock = yaml.safe_load((tiny_project / "dvc.lock").read_text())
+    assert set(lock["stages"]) == {"prepare", "fetch_weights"}  # the stages before train completed and locked
+
+
+def test_only_train_has_a_timeout_and_it_comes_from_params() -> None:
+    params = load_params(REPO_ROOT / "params.yaml", ["train.timeout_minutes=0.5"])
+    assert stage_timeout_s("train", params) == 30
+    assert stage_timeout_s("prepare", params) is None and stage_timeout_s("export", params) is None
+
+
+@pytest.mark.slow
+def test_older_data_rev_trains_in_an_isolated_copy_and_leaves_the_workspace_untouched(tiny_project: Path) -> None:
+    add_data_version(tiny_project, "v2", seed=5)
+    v1_md5 = yaml.safe_load(run(["git", "show", "v1:data/raw.dvc"], tiny_project).stdout)["outs"][0]["md5"]
+    before = snapshot(tiny_project)
+
+    state = retrain(root=str(tiny_project), data_rev="v1", overrides=["train.head.epochs=2"],
+                    publish=False, return_state=True)
+    name, message, result = state_of(state)
+    assert name == "Completed", message
+    assert result["isolated"] and result["data_md5"] == v1_md5
+    assert result["stages_run"] + result["stages_skipped"] == STAGES
+    assert snapshot(tiny_project) == before
+    assert not Path(result["workdir"]).exists()
+    worktrees = run(["git", "worktree", "list", "--porcelain"], tiny_project).stdout
+    assert worktrees.count("worktree ") == 1
+
+
+def test_unknown_data_rev_is_a_clear_error(tiny_project: Path) -> None:
+    name, message, _ = state_of(retrain(root=str(tiny_project), data_rev="v9", publish=False, return_state=True))
+    assert name == "Failed" and "data_rev 'v9' is not a commit, branch or tag" in message
+
+
+@pytest.mark.slow
+def test_two_concurrent_triggers_run_one_after_the_other_and_the_second_skips_every_stage(
+        tiny_project: Path) -> None:
+    states = []
+    threads = [threading.Thread(target=lambda: states.append(
+        retrain(root=str(tiny_project), publish=False, return_state=True))) for _ in range(2)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=300)
+    results = [state_of(s) for s in states]
+    assert [r[0] for r in results] == ["Completed", "Completed"], results
+    first, second = sorted((r[2] for r in results), key=lambda r: -len(r["stages_run"]))
+    assert first["stages"] == second["stages"] == STAGES
+    assert first["stages_run"] == STAGES and first["stages_skipped"] == []
+    # The second waited for the lock, then found nothing to do on the unchanged data.
+    assert second["stages_run"] == [] and second["stages_skipped"] == STAGES
+    assert any("Another retrain of" in line for line in run_logs(second["flow_run_id"]))
+    lock = yaml.safe_load((tiny_project / "dvc.lock").read_text())
+    assert list(lock["stages"]) == STAGES
+    run(["dvc", "status", "--quiet"], tiny_project)  # dvc.lock matches the workspace
+
+    artifacts = run_artifacts(first["flow_run_id"])
+    assert "| macro_f1 | 0.7000 |" in artifacts["fashion-demo-test-metrics"]
+    assert "| class_0 |" in artifacts["fashion-demo-test-metrics"]
+    assert "model.onnx" in artifacts["fashion-demo-outputs"]
+    logs = run_logs(first["flow_run_id"])
+    assert "tiny stage train working" in logs  # the stage's own stdout, streamed into the run log
+    assert "Stage train ran" in logs
+
+
+def test_a_busy_project_exits_with_a_clear_message_when_told_not_to_wait(tiny_project: Path) -> None:
+    with retrain_lock(tiny_project, 0, {"flow_run_id": "the-other-run"}):
+        state = retrain(root=str(tiny_project), publish=False, lock_wait_minutes=0, return_state=True)
+    name, message, _ = state_of(state)
+    assert name == "Failed"
+    assert "another retrain of this project is running" in message and "the-other-run" in message
+    assert str(lock_path(tiny_project)) in message
