@@ -77,16 +77,28 @@ class PrepareParams(Section):
         return self
 
 
+# --------------------------------------------------------------------------- decoded image cache
+
+
+class CacheParams(Section):
+    dir: Path = Field(Path("artifacts/decoded"), description="Stage decode_cache writes decoded uint8 images here "
+                      "(memory-mapped .npy, one folder per split; rebuilt from the split files, never committed).")
+    margin: float = Field(1.15, ge=1.0, le=2.0, description="Train images are stored this much larger than "
+                          "train.image_size, the room random resized crops take from.")
+    num_workers: int = Field(0, ge=0, description="Processes decoding images; 0 means one per CPU core.")
+
+
 # --------------------------------------------------------------------------- model / weights
 
 
 class ModelParams(Section):
     arch: str = Field("efficientnet_lite0", description="A torchvision classification model name, or efficientnet_lite0 (timm).")
-    weights: str = Field("packaged", description="none | packaged | a torchvision Weights member (IMAGENET1K_V2) | a local file | an https URL.")
-    sha256: str | None = Field(None, pattern=r"^[0-9a-f]{64}$", description="Pinned SHA-256 of the weights file (required for URLs and local files).")
-    hub_dir: Path = Field(Path(".cache/torch/hub"), description="torch.hub cache where downloads land.")
+    weights: str = Field("packaged", min_length=1, description="none | packaged (efficientnet_lite0) | a torchvision Weights member (IMAGENET1K_V2, DEFAULT) | a local file | an https URL.")
+    sha256: str | None = Field(None, pattern=r"^[0-9a-f]{64}$", description="Pinned SHA-256 of the weights file (required for URLs and local files; optional for torchvision names, which are otherwise pinned on first download).")
+    hub_dir: Path = Field(Path(".cache/torch/hub"), description="torch.hub cache where downloads land (<hub_dir>/checkpoints/<file>).")
     offline: bool = Field(False, description="Never download: use the cache or fail at once.")
     download_retries: int = Field(3, ge=0, le=20, description="Retries of a failed download, with exponential backoff.")
+    download_timeout_s: float = Field(60, gt=0, le=3600, description="Seconds a stalled download waits for data before it counts as failed (and is retried).")
     out_dir: Path = Field(Path("artifacts/weights"), description="fetch_weights writes the verified weights and their record here.")
 
 
@@ -122,11 +134,12 @@ class TrainParams(Section):
     finetune: FinetunePhaseParams = FinetunePhaseParams()
     device: Literal["auto", "cpu", "cuda", "mps"] = Field("auto", description="auto picks cuda, then mps, then cpu.")
     precision: Literal["auto", "fp32", "bf16", "fp16"] = Field("auto", description="auto: bf16 on CUDA where supported, else fp16; fp32 on CPU.")
+    min_crop_scale: float = Field(0.5, gt=0, le=1, description="Smallest area (fraction of the image) a random resized crop keeps.")
     channels_last: bool = True
     compile: bool = Field(False, description="torch.compile the model (worth it on GPU for long runs).")
     deterministic: bool = Field(True, description="Deterministic algorithms and seeded RNGs.")
     seed: int = 0
-    num_workers: int = Field(2, ge=0, description="DataLoader workers.")
+    num_workers: int = Field(2, ge=0, description="Threads decoding images before training; 0 means one per CPU core.")
     resume: Literal["auto", "never"] = Field("auto", description="auto continues from the last checkpoint after a crash.")
     nproc_per_node: int = Field(1, ge=1, description="Processes for DDP via torchrun; >1 trains on several GPUs.")
     timeout_minutes: float = Field(120, gt=0, description="The retrain flow stops training after this long.")
@@ -141,6 +154,7 @@ class EvaluateParams(Section):
     calibration_bins: int = Field(15, ge=2, le=100, description="Bins of the expected calibration error.")
     worst_mistakes: int = Field(16, ge=0, le=256, description="Images in the grid of the most confident mistakes.")
     batch_size: int = Field(128, ge=1)
+    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto: cuda when available, else cpu.")
 
 
 class QuantizeParams(Section):
@@ -150,7 +164,8 @@ class QuantizeParams(Section):
 
 class ExportParams(Section):
     out_dir: Path = Field(Path("artifacts/export"), description="model.onnx and the export report.")
-    opset: int = Field(18, ge=13, le=23)
+    opset: int = Field(18, ge=18, le=21, description="ONNX opset; 18 is the dynamo exporter's native opset "
+                       "(lower ones fail its down-conversion, 21 is the highest tested).")
     atol: float = Field(1e-4, gt=0, le=1e-2, description="Max |logit difference| between onnxruntime and PyTorch (fp32).")
     parity_batch_sizes: list[int] = Field([1, 3, 8], min_length=1)
     latency_runs: int = Field(50, ge=5, description="Timed runs for the latency percentiles.")
@@ -173,6 +188,9 @@ class GateParams(Section):
 class RegistryParams(Section):
     uri: str = Field("registry", description="Local directory or any fsspec URL (s3://bucket/prefix).")
     allow_dirty: bool = Field(False, description="Publish from a git tree with uncommitted changes (recorded in lineage).")
+    storage_options: dict[str, Any] = Field(
+        {}, description="fsspec options of the store, e.g. {endpoint_url: http://127.0.0.1:9000} for an "
+        "S3-compatible server; keep credentials in the environment (AWS_ACCESS_KEY_ID...), not here.")
 
 
 class ScheduleParams(Section):
@@ -186,6 +204,7 @@ class Params(Section):
     project: ProjectParams = ProjectParams()
     data: DataParams = DataParams()
     prepare: PrepareParams = PrepareParams()
+    cache: CacheParams = CacheParams()
     model: ModelParams = ModelParams()
     train: TrainParams = TrainParams()
     evaluate: EvaluateParams = EvaluateParams()

@@ -1,4 +1,4 @@
-"""Reading the prepared splits as PyTorch datasets.
+"""Reading the prepared splits: PyTorch datasets for evaluation, decoded arrays for training.
 
 Split files (written by tasks.prepare) list paths relative to data.raw_dir,
 class indices and content hashes; classes.json lists class names in index order.
@@ -6,14 +6,19 @@ class indices and content hashes; classes.json lists class names in index order.
 
 from __future__ import annotations
 
+import os
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from tasks.cli import progress
 from tasks.images import load_rgb
 from tasks.io import SplitRow, read_json, read_split
-from tasks.preprocess import Preprocessing, preprocess
+from tasks.preprocess import Preprocessing, preprocess, resize_and_crop
 
 
 def read_classes(prepared_dir: Path | str) -> list[str]:
@@ -45,3 +50,72 @@ class EvalDataset(Dataset):
         row = self.rows[index]
         img = load_rgb(self.raw_dir / row.path, self.max_pixels)
         return torch.from_numpy(preprocess(img, self.prep)), row.label
+
+
+# --------------------------------------------------------------------------- training data path
+#
+# Decode every image once into uint8 NHWC arrays (the eval crop, and a slightly
+# larger square for random crops), then hand whole batches to the device;
+# tasks.augment does the per-image work there. `decode_arrays` is the one place
+# that produces arrays, so a memory-mapped cache can later stand in for it.
+
+# Train images are kept this much larger than image_size so random crops have room.
+TRAIN_MARGIN = 1.15
+
+
+def train_preprocessing(prep: Preprocessing, margin: float = TRAIN_MARGIN) -> Preprocessing:
+    """The eval preprocessing with a larger square crop: the source of random resized crops."""
+    side = max(prep.crop_size, round(prep.crop_size * margin))
+    return Preprocessing(crop_size=side, resize_size=max(side, prep.resize_size), interpolation=prep.interpolation,
+                         mean=prep.mean, std=prep.std)
+
+
+def decode_arrays(rows: list[SplitRow], raw_dir: Path | str, preps: Sequence[Preprocessing], *,
+                  max_pixels: int = 89_478_485, workers: int = 0, desc: str = "decoding") -> list[np.ndarray]:
+    """Decode each image once and resize it for every preprocessing: one uint8 (N, S, S, 3) array per prep.
+
+    Raises BadImage naming the file when an image no longer decodes.
+    """
+    raw_dir = Path(raw_dir)
+    arrays = [np.empty((len(rows), p.crop_size, p.crop_size, 3), np.uint8) for p in preps]
+
+    def fill(index: int) -> None:
+        img = load_rgb(raw_dir / rows[index].path, max_pixels)
+        for array, prep in zip(arrays, preps):
+            array[index] = np.asarray(resize_and_crop(img, prep), dtype=np.uint8)
+
+    # Pillow releases the GIL while decoding and resizing, so threads use every core.
+    with ThreadPoolExecutor(max_workers=workers or os.cpu_count() or 1) as pool:
+        for _ in progress(pool.map(fill, range(len(rows))), desc=desc, total=len(rows), unit="img"):
+            pass
+    return arrays
+
+
+def labels_of(rows: list[SplitRow]) -> np.ndarray:
+    return np.asarray([row.label for row in rows], dtype=np.int64)
+
+
+def batch_order(n: int, batch_size: int, *, shuffle: bool, seed: int = 0, rank: int = 0, world: int = 1,
+                drop_last: bool = False) -> list[torch.Tensor]:
+    """Index batches of one epoch for one rank; the same seed gives the same order (resume needs that).
+
+    Under DDP every rank gets the same number of batches: the order is padded
+    by wrapping around, as DistributedSampler does.
+    """
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(seed)) if shuffle else torch.arange(n)
+    per_rank = -(-n // world)
+    if per_rank * world > n:
+        order = torch.cat([order, order[: per_rank * world - n]])
+    mine = order[rank::world]
+    batches = list(torch.split(mine, batch_size))
+    # A batch of one breaks BatchNorm in train mode; drop a short tail when asked.
+    if drop_last and len(batches) > 1 and len(batches[-1]) < batch_size:
+        batches.pop()
+    return batches
+
+
+def to_device(batch: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """Host tensor -> device; through pinned memory and a non-blocking copy on CUDA."""
+    if device.type == "cuda":
+        return batch.pin_memory().to(device, non_blocking=True)
+    return batch.to(device)

@@ -1,0 +1,545 @@
+#!/usr/bin/env python
+"""Training throughput in one run: the plain tutorial loop, this project's loop, and the ceiling.
+
+(a) plain     torchvision ImageFolder + PIL transforms (RandomResizedCrop, flip,
+              ToTensor, Normalize) + DataLoader with workers; fp32, NCHW, the
+              step tutorials write (with loss.item() every step).
+(b) project   tasks.decode_cache (memory-mapped uint8 arrays, built once here
+              and timed, read through MappedImages into pinned memory) +
+              tasks.augment on the device + tasks.train's own
+              epoch loop (PhaseRunner.train_epoch; bf16 autocast and
+              channels_last on CUDA, --compile for torch.compile).
+(c) ceiling   the same epoch loop and model step on a synthetic batch already on
+              the device: what (b) would reach if the data path cost nothing.
+
+Each for the frozen phase (only the head trains; (b) trains it on features
+computed once, and also re-runs the frozen backbone under no_grad every epoch
+to show what caching saves) and the unfreeze phase (full fine-tuning).
+
+Prints a table, then as its LAST line one JSON object with every rate
+(images/s), the speed-ups (b)/(a), the efficiencies (b)/(c), peak GPU memory
+and peak host RSS. Nothing here asserts a speed: benchmarks/README.md records
+what was measured where.
+
+    python benchmarks/train_throughput.py                       # CPU mode here, GPU mode on a GPU
+    python benchmarks/train_throughput.py --arch resnet50 --compile
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import shutil
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+# Progress bars of the project's loops would flood the output and cost time per epoch.
+os.environ.setdefault("TQDM_DISABLE", "1")
+REPO_ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO_ROOT))
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+import torchvision  # noqa: E402
+from PIL import Image  # noqa: E402
+from torch import nn  # noqa: E402
+from torch.utils.data import DataLoader  # noqa: E402
+from torchvision import transforms as T  # noqa: E402
+
+from tasks import train as project  # noqa: E402
+from tasks.config import TrainParams  # noqa: E402
+from tasks.decode_cache import AUGMENT, EVAL, MappedImages, build_cache, open_split  # noqa: E402
+from tasks.data import train_preprocessing  # noqa: E402
+from tasks.io import SplitRow, sha256_file, write_split  # noqa: E402
+from tasks.models import build_model, default_preprocessing, feature_extractor, head_module  # noqa: E402
+
+NUM_CLASSES = 10
+MARGIN = 1.15                 # cache.margin's default
+HEAD_EPOCHS = 30              # train.head.epochs' default, for the amortised frozen rate
+MIN_SECONDS = 0.5             # short cached-feature epochs repeat until they took this long
+
+
+@dataclass(frozen=True)
+class Settings:
+    device: torch.device
+    archs: tuple[str, ...]
+    image_size: int
+    batch_size: int
+    num_images: int
+    steps: int
+    warmup: int
+    compile: bool
+    workers: int
+    repeats: int
+
+
+# --------------------------------------------------------------------------- settings
+
+
+def parse_args(argv: list[str] | None) -> Settings:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--device", default="auto", help="auto (cuda when available), cuda or cpu")
+    parser.add_argument("--arch", action="append", help="model(s) to measure; repeat or comma-separate "
+                        "(default: mobilenet_v3_small on CPU; resnet50,mobilenet_v3_large on GPU)")
+    parser.add_argument("--image-size", type=int, help="network input side (default 64 on CPU, 224 on GPU)")
+    parser.add_argument("--batch-size", type=int, help="default 32 on CPU, 256 on GPU")
+    parser.add_argument("--num-images", type=int, help="JPEGs generated (default 384 on CPU, 8192 on GPU)")
+    parser.add_argument("--steps", type=int, help="timed steps per measurement (default 10 on CPU, 30 on GPU)")
+    parser.add_argument("--warmup", type=int, default=3, help="untimed steps first (workers start, cuDNN tunes)")
+    parser.add_argument("--repeats", type=int, help="timings per measurement, the best counts (default 3 on CPU, "
+                        "where other load adds noise; 1 on GPU)")
+    parser.add_argument("--compile", action="store_true", help="also measure (b) and (c) unfreeze under torch.compile")
+    parser.add_argument("--workers", type=int, help="DataLoader workers of (a) and cache builders "
+                        "(default: every core, at most 16)")
+    args = parser.parse_args(argv)
+    name = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+    gpu = name == "cuda"
+    archs = [a for item in (args.arch or (["resnet50", "mobilenet_v3_large"] if gpu else ["mobilenet_v3_small"]))
+             for a in item.split(",") if a]
+    return Settings(
+        device=torch.device(name), archs=tuple(archs),
+        image_size=args.image_size or (224 if gpu else 64),
+        batch_size=args.batch_size or (256 if gpu else 32),
+        num_images=args.num_images or (8192 if gpu else 384),
+        steps=args.steps or (30 if gpu else 10),
+        warmup=args.warmup, compile=args.compile, repeats=args.repeats or (1 if gpu else 3),
+        workers=args.workers if args.workers is not None else min(os.cpu_count() or 1, 16),
+    )
+
+
+# --------------------------------------------------------------------------- data
+
+
+def make_jpegs(root: Path, n: int, image_size: int, workers: int) -> list[SplitRow]:
+    """An ImageFolder of n JPEGs, larger than the input like real photos, written with every core."""
+    # Real photos are about 1.5-2x the network input (ImageNet averages ~400x350 for 224 px).
+    jobs = [(root, i, i % NUM_CLASSES, image_size) for i in range(n)]
+    with ProcessPoolExecutor(max_workers=max(1, workers)) as pool:
+        paths = list(pool.map(_write_jpeg, jobs, chunksize=64))
+    return [SplitRow(p, i % NUM_CLASSES, sha256_file(root / p)) for i, p in enumerate(paths)]
+
+
+def _write_jpeg(job: tuple[Path, int, int, int]) -> str:
+    root, index, label, size = job
+    rng = np.random.default_rng(index)
+    width, height = (int(size * rng.uniform(1.5, 2.2)) for _ in range(2))
+    # Smooth blobs plus fine noise: compresses and decodes like a photo, not like flat colour.
+    coarse = rng.integers(0, 256, (height // 16 + 2, width // 16 + 2, 3), dtype=np.uint8)
+    img = Image.fromarray(coarse).resize((width, height), Image.Resampling.BICUBIC)
+    pixels = np.asarray(img, dtype=np.int16) + rng.integers(-12, 12, (height, width, 3))
+    pixels[..., label % 3] += 40
+    rel = f"class_{label:02d}/img_{index:06d}.jpg"
+    (root / rel).parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8)).save(root / rel, quality=90)
+    return rel
+
+
+def build_decoded(raw: Path, work: Path, rows: list[SplitRow], image_size: int, workers: int) -> float:
+    """The decode_cache stage's build on the train split; returns its images/s."""
+    write_split(work / "prepared" / "train.csv", rows)
+    prep = default_preprocessing("resnet18", image_size)
+    started = time.perf_counter()
+    build_cache(work / "prepared", raw, work / "decoded", {EVAL: prep, AUGMENT: train_preprocessing(prep, MARGIN)},
+                splits=["train"], workers=max(1, workers))
+    return len(rows) / (time.perf_counter() - started)
+
+
+# --------------------------------------------------------------------------- timing
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+@dataclass
+class Rate:
+    img_per_s: float
+    peak_gpu_mb: float
+
+
+def measure(device: torch.device, run: Callable[[], int], warmup: Callable[[], Any] | None = None,
+            min_seconds: float = 0.0, min_images: int = 1, repeats: int = 1) -> Rate:
+    """Images/s of run() (which returns images done), repeated to min_images and min_seconds; GPU peak memory too.
+
+    With repeats > 1 the best of that many timings counts: on a shared machine
+    the other load only ever slows a timing down.
+    """
+    if warmup is not None:
+        warmup()
+    sync(device)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    best = 0.0
+    for _ in range(repeats):
+        images, started = 0, time.perf_counter()
+        while images < min_images or time.perf_counter() - started < min_seconds:
+            images += run()
+        sync(device)
+        best = max(best, images / (time.perf_counter() - started))
+    peak = torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else 0.0
+    return Rate(best, peak)
+
+
+def bench_model(arch: str, device: torch.device) -> nn.Module:
+    """The project's model with ImageNet-like BatchNorm statistics (no pretrained weights offline).
+
+    With the init statistics (mean 0, var 1) a random backbone's eval-mode
+    features shrink to ~1e-10: denormal floats, which make CPU matmuls many
+    times slower and would time the arithmetic, not the loop. One train-mode
+    pass over noise calibrates them, as pretrained weights would have.
+    """
+    model = build_model(arch, NUM_CLASSES)
+    momenta = {}
+    for module in model.modules():
+        if isinstance(module, nn.modules.batchnorm._BatchNorm):
+            momenta[module], module.momentum = module.momentum, None   # None: a plain average
+    with torch.no_grad():
+        model.train()(torch.randn(8, 3, 64, 64, generator=torch.Generator().manual_seed(0)))
+    for module, momentum in momenta.items():
+        module.momentum = momentum
+    return model.to(device)
+
+
+# --------------------------------------------------------------------------- (a) the plain loop
+
+
+def plain_loader(raw: Path, s: Settings) -> DataLoader:
+    """The data path of the PyTorch transfer-learning tutorial."""
+    transform = T.Compose([
+        T.RandomResizedCrop(s.image_size),
+        T.RandomHorizontalFlip(),
+        T.ToTensor(),
+        T.Normalize([0.485, 0.456, 0.406], [0.229, 0.224, 0.225]),
+    ])
+    dataset = torchvision.datasets.ImageFolder(str(raw), transform)
+    return DataLoader(dataset, batch_size=s.batch_size, shuffle=True, num_workers=s.workers,
+                      pin_memory=s.device.type == "cuda", drop_last=True, persistent_workers=s.workers > 0)
+
+
+def forever(loader: DataLoader) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    while True:
+        yield from loader
+
+
+def plain_rate(arch: str, raw: Path, s: Settings, frozen: bool) -> Rate:
+    """(a): fp32, NCHW, SGD; frozen = requires_grad off outside the head, model still in train mode."""
+    reset_backend_flags()
+    model = bench_model(arch, s.device)
+    if frozen:
+        for param in model.parameters():
+            param.requires_grad_(False)
+        for param in head_module(model).parameters():
+            param.requires_grad_(True)
+    optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=1e-3, momentum=0.9)
+    criterion = nn.CrossEntropyLoss()
+    model.train()
+    batches = forever(plain_loader(raw, s))
+
+    def steps(count: int) -> int:
+        running = 0.0
+        for _ in range(count):
+            x, y = next(batches)
+            x, y = x.to(s.device), y.to(s.device)
+            optimizer.zero_grad()
+            loss = criterion(model(x), y)
+            loss.backward()
+            optimizer.step()
+            running += loss.item() * x.size(0)    # as the tutorial does: a host sync every step
+        return count * s.batch_size
+
+    try:
+        return measure(s.device, lambda: steps(s.steps), warmup=lambda: steps(s.warmup), repeats=s.repeats)
+    finally:
+        batches.close()
+        del model, optimizer
+        free_gpu(s.device)
+
+
+def reset_backend_flags() -> None:
+    """PyTorch's defaults, which the plain loop runs with (the project's runtime changes some)."""
+    torch.backends.cudnn.benchmark = False
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cudnn.allow_tf32 = True
+    torch.use_deterministic_algorithms(False)
+
+
+def free_gpu(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
+# --------------------------------------------------------------------------- (b) and (c): the project's loop
+
+
+@dataclass
+class Project:
+    """The pieces tasks.train wires together, built here on the decoded cache instead of params files."""
+
+    cfg: TrainParams
+    rt: project.Runtime
+    runner: project.PhaseRunner
+    model: nn.Module
+
+
+def project_setup(arch: str, decoded: Path, s: Settings, compile_model: bool) -> Project:
+    """tasks.train's runtime, data and PhaseRunner, fed by the memory-mapped cache."""
+    cfg = TrainParams(image_size=s.image_size, batch_size=s.batch_size, device=s.device.type, compile=compile_model,
+                      deterministic=False, early_stopping_patience=0)
+    rt = project.setup_runtime(cfg)
+    eval_x, labels = open_split(decoded, "train", EVAL)
+    big_x, _ = open_split(decoded, "train", AUGMENT)
+    prep = default_preprocessing(arch, s.image_size)
+    y = torch.from_numpy(labels)
+    pin = rt.device.type == "cuda"
+    data = project.Data(train_eval=MappedImages(eval_x, pin), train_big=MappedImages(big_x, pin), train_y=y,
+                        val_x=MappedImages(eval_x[:1], pin), val_y=y[:1],
+                        mean=torch.tensor(prep.mean, device=rt.device), std=torch.tensor(prep.std, device=rt.device))
+    model = bench_model(arch, rt.device)
+    if cfg.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    loss_fn = project.make_loss(cfg, y, NUM_CLASSES, rt.device)
+    # pretrained=True: the project's recipe (BatchNorm keeps pretrained statistics when unfrozen).
+    runner = project.PhaseRunner(cfg, rt, data, model, loss_fn, project.Progress(), None, None, project.Hooks(),
+                                 pretrained=True)
+    return Project(cfg, rt, runner, model)
+
+
+def epoch_runner(p: Project, phase: str, optimizer: torch.optim.Optimizer, logits: Callable,
+                 augment: bool) -> Callable[[], int]:
+    """A function running one epoch of tasks.train's PhaseRunner.train_epoch; it returns the images done."""
+    scheduler = project.warmup_cosine(optimizer, 0, 10**9)
+    scaler = torch.amp.GradScaler(p.rt.device.type, enabled=p.rt.amp_dtype == torch.float16)
+    per_epoch = sum(len(idx) for idx in p.runner.batches(phase, 0))
+
+    def epoch() -> int:
+        generator = torch.Generator().manual_seed(p.runner.progress.global_epoch) if augment else None
+        p.runner.train_epoch(phase, 0, 1, optimizer, scheduler, scaler, logits, generator)
+        p.runner.progress.global_epoch += 1
+        return per_epoch
+
+    return epoch
+
+
+def frozen_rates(arch: str, decoded: Path, s: Settings) -> dict[str, Rate]:
+    """(b) frozen: features once, then head epochs on them; and head epochs re-running the backbone; (c) frozen."""
+    p = project_setup(arch, decoded, s, compile_model=False)
+    cfg, model, runner = p.cfg, p.model, p.runner
+    for param in model.parameters():
+        param.requires_grad_(False)
+    head = head_module(model)
+    for param in head.parameters():
+        param.requires_grad_(True)
+    model.eval()                      # as run_head: BatchNorm and dropout stay as pretrained
+    extractor = project.maybe_compile(feature_extractor(model).eval(), cfg)
+    n = len(runner.data.train_y)
+    holder: dict[str, torch.Tensor] = {}
+
+    def extract() -> int:
+        holder["feats"] = runner.features(extractor, runner.data.train_eval, None)
+        return n
+
+    rates = {"project_feature_extract": measure(s.device, extract, warmup=lambda: runner.features(
+        extractor, runner.data.train_eval[: 2 * s.batch_size], None), repeats=s.repeats)}
+    feats = holder["feats"]
+    optimizer = project.make_optimizer(cfg, [{"params": list(head.parameters()), "lr": cfg.head.lr}])
+
+    def cached_logits(idx: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+        return head(feats[idx.to(feats.device)])
+
+    def backbone_logits(idx: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+        x = runner.inputs(idx, generator)
+        with torch.no_grad(), p.rt.autocast():
+            out = extractor(x).float()
+        return head(out)
+
+    synthetic = torch.randn(s.batch_size, feats.shape[1], device=p.rt.device)
+
+    def synthetic_logits(idx: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+        return head(synthetic[: len(idx)])
+
+    for key, logits in (("project_frozen", cached_logits), ("ceiling_frozen", synthetic_logits)):
+        epoch = epoch_runner(p, "head", optimizer, logits, augment=False)
+        rates[key] = measure(s.device, epoch, warmup=epoch, min_seconds=MIN_SECONDS, repeats=s.repeats)
+    epoch = epoch_runner(p, "head", optimizer, backbone_logits, augment=False)
+    rates["project_frozen_backbone"] = measure(s.device, epoch, warmup=lambda: warm_steps(p, s, backbone_logits),
+                                               repeats=s.repeats)
+    del p, model, extractor, feats
+    free_gpu(s.device)
+    return rates
+
+
+def warm_steps(p: Project, s: Settings, logits: Callable) -> None:
+    """A few forward passes so cuDNN autotuning / compilation stays out of the timed epochs."""
+    idx = torch.arange(min(s.batch_size, len(p.runner.data.train_y)))
+    for _ in range(max(1, s.warmup)):
+        logits(idx, None).float().sum().item()
+
+
+def unfreeze_rates(arch: str, decoded: Path, s: Settings, compile_model: bool) -> dict[str, Rate]:
+    """(b) unfreeze: run_finetune's step with everything trainable, random crops on the device; (c) synthetic."""
+    p = project_setup(arch, decoded, s, compile_model)
+    cfg, model, runner, rt = p.cfg, p.model, p.runner, p.rt
+    project.set_trainable(model, "all", 1)
+    head_ids = {id(q) for q in head_module(model).parameters()}
+    optimizer = project.make_optimizer(cfg, [
+        {"params": list(head_module(model).parameters()), "lr": cfg.finetune.lr},
+        {"params": [q for q in model.parameters() if id(q) not in head_ids],
+         "lr": cfg.finetune.lr * cfg.finetune.backbone_lr_scale}])
+    trained = project.maybe_compile(model, cfg)
+    project.set_train_mode(model, runner.pretrained)
+
+    def real_logits(idx: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+        x = runner.inputs(idx, generator)
+        with rt.autocast():
+            return trained(x).float()
+
+    memory = torch.channels_last if cfg.channels_last else torch.contiguous_format
+    synthetic = torch.randn(s.batch_size, 3, s.image_size, s.image_size, device=rt.device).contiguous(
+        memory_format=memory)
+
+    def synthetic_logits(idx: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+        with rt.autocast():
+            return trained(synthetic[: len(idx)]).float()
+
+    rates = {}
+    suffix = "_compiled" if compile_model else ""
+    for key, logits in (("project_unfreeze", real_logits), ("ceiling_unfreeze", synthetic_logits)):
+        epoch = epoch_runner(p, "finetune", optimizer, logits, augment=True)
+        rates[key + suffix] = measure(s.device, epoch, warmup=epoch, min_images=s.steps * s.batch_size,
+                                      repeats=s.repeats)
+    del p, model, trained, optimizer
+    free_gpu(s.device)
+    return rates
+
+
+# --------------------------------------------------------------------------- report
+
+
+def arch_results(arch: str, raw: Path, decoded: Path, s: Settings) -> dict[str, Any]:
+    """Every rate for one architecture, with the ratios the targets are stated in."""
+    rates: dict[str, Rate] = {}
+    steps: list[tuple[str, Callable[[], dict[str, Rate]]]] = [
+        ("(a) plain frozen", lambda: {"plain_frozen": plain_rate(arch, raw, s, frozen=True)}),
+        ("(a) plain unfreeze", lambda: {"plain_unfreeze": plain_rate(arch, raw, s, frozen=False)}),
+        ("(b)/(c) frozen", lambda: frozen_rates(arch, decoded, s)),
+        ("(b)/(c) unfreeze", lambda: unfreeze_rates(arch, decoded, s, False)),
+    ]
+    if s.compile:
+        steps.append(("(b)/(c) unfreeze, torch.compile", lambda: unfreeze_rates(arch, decoded, s, True)))
+    rss_after: dict[str, float] = {}
+    for title, measure_some in steps:
+        log(f"[{arch}] {title}")
+        new = measure_some()
+        # Peak RSS only grows: its value after each step shows which step raised it.
+        rss_after[title] = peak_rss_mb()["peak_host_rss_mb"]
+        # Logged as they come, so a run cut short still shows what it measured.
+        log("    " + ", ".join(f"{k} {v.img_per_s:.1f} img/s" for k, v in new.items())
+            + f"; peak host RSS so far {rss_after[title]:.0f} MB")
+        rates.update(new)
+    out: dict[str, Any] = {f"{k}_img_per_s": round(v.img_per_s, 2) for k, v in rates.items()}
+    r = {k: v.img_per_s for k, v in rates.items()}
+    out["speedup_frozen"] = r["project_frozen"] / r["plain_frozen"]
+    out["speedup_unfreeze"] = r["project_unfreeze"] / r["plain_unfreeze"]
+    out["efficiency_frozen"] = r["project_frozen"] / r["ceiling_frozen"]
+    out["efficiency_unfreeze"] = r["project_unfreeze"] / r["ceiling_unfreeze"]
+    out["cached_vs_backbone_epoch_ratio"] = r["project_frozen"] / r["project_frozen_backbone"]
+    # The whole head phase: features once, then HEAD_EPOCHS epochs on them.
+    amortised = HEAD_EPOCHS / (1 / r["project_feature_extract"] + HEAD_EPOCHS / r["project_frozen"])
+    out["project_frozen_amortised_img_per_s"] = round(amortised, 2)
+    out["speedup_frozen_amortised"] = amortised / r["plain_frozen"]
+    if s.compile:
+        out["speedup_unfreeze_compiled"] = r["project_unfreeze_compiled"] / r["plain_unfreeze"]
+        out["efficiency_unfreeze_compiled"] = r["project_unfreeze_compiled"] / r["ceiling_unfreeze_compiled"]
+    out["peak_gpu_mem_mb"] = {k: round(v.peak_gpu_mb, 1) for k, v in rates.items()}
+    out["peak_host_rss_mb_after"] = rss_after
+    return {k: round(v, 3) if isinstance(v, float) else v for k, v in out.items()}
+
+
+def environment(s: Settings) -> dict[str, Any]:
+    import timm
+
+    return {
+        "device": s.device.type,
+        "device_name": torch.cuda.get_device_name(s.device) if s.device.type == "cuda" else platform.processor()
+        or platform.machine(),
+        "cpu_count": os.cpu_count(),
+        "torch": torch.__version__, "torchvision": torchvision.__version__, "timm": timm.__version__,
+        "python": platform.python_version(),
+        "precision": str(project.pick_precision("auto", s.device) or "fp32").removeprefix("torch."),
+        "channels_last": True, "compile": s.compile, "image_size": s.image_size, "batch_size": s.batch_size,
+        "num_images": s.num_images, "steps": s.steps, "workers": s.workers, "repeats": s.repeats,
+        "torch_threads": torch.get_num_threads(),
+    }
+
+
+def peak_rss_mb() -> dict[str, float]:
+    """Peak resident memory of this process (memory-mapped pages it touched included) and of the largest worker."""
+    to_mb = 1 / 1024  # ru_maxrss is in KiB on Linux
+    return {"peak_host_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * to_mb, 1),
+            "peak_worker_rss_mb": round(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * to_mb, 1)}
+
+
+ROWS = [("frozen (a) plain", "plain_frozen"), ("frozen (b) project, cached features", "project_frozen"),
+        ("frozen (b) project, amortised over 30 epochs", "project_frozen_amortised"),
+        ("frozen (b) project, backbone re-run", "project_frozen_backbone"),
+        ("frozen (b) feature extraction (once)", "project_feature_extract"), ("frozen (c) ceiling", "ceiling_frozen"),
+        ("unfreeze (a) plain", "plain_unfreeze"), ("unfreeze (b) project", "project_unfreeze"),
+        ("unfreeze (c) ceiling", "ceiling_unfreeze"), ("unfreeze (b) project, compiled", "project_unfreeze_compiled"),
+        ("unfreeze (c) ceiling, compiled", "ceiling_unfreeze_compiled")]
+RATIOS = ["speedup_frozen", "speedup_frozen_amortised", "speedup_unfreeze", "efficiency_frozen",
+          "efficiency_unfreeze", "cached_vs_backbone_epoch_ratio", "speedup_unfreeze_compiled",
+          "efficiency_unfreeze_compiled"]
+
+
+def print_table(report: dict[str, Any]) -> None:
+    env = report["environment"]
+    print(f"\ndevice {env['device']} ({env['device_name']}), torch {env['torch']}, {env['image_size']} px, "
+          f"batch {env['batch_size']}, {env['num_images']} JPEGs, precision {env['precision']}")
+    print(f"decoded cache built at {report['cache_build_img_per_s']:.0f} img/s")
+    for arch, res in report["results"].items():
+        print(f"\n{arch:<48}{'images/s':>12}{'peak GPU MB':>14}")
+        for label, key in ROWS:
+            if f"{key}_img_per_s" in res:
+                mem = res["peak_gpu_mem_mb"].get(key, "")
+                print(f"  {label:<46}{res[f'{key}_img_per_s']:>12.1f}{mem!s:>14}")
+        for key in RATIOS:
+            if key in res:
+                print(f"  {key:<46}{res[key]:>12.2f}")
+    print(f"\npeak host RSS {report['peak_host_rss_mb']} MB (memory-mapped cache pages included), "
+          f"largest worker {report['peak_worker_rss_mb']} MB")
+
+
+def log(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+def main(argv: list[str] | None = None) -> int:
+    s = parse_args(argv)
+    work = Path(tempfile.mkdtemp(prefix="train_throughput-"))
+    try:
+        started = time.perf_counter()
+        rows = make_jpegs(work / "raw", s.num_images, s.image_size, s.workers)
+        log(f"{s.num_images} JPEGs in {time.perf_counter() - started:.1f} s; building the decoded cache")
+        cache_rate = build_decoded(work / "raw", work, rows, s.image_size, s.workers)
+        results = {arch: arch_results(arch, work / "raw", work / "decoded", s) for arch in s.archs}
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    report = {"environment": environment(s), "cache_build_img_per_s": round(cache_rate, 1), "results": results,
+              **peak_rss_mb()}
+    print_table(report)
+    print(json.dumps(report, sort_keys=True), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
