@@ -137,7 +137,8 @@ def _table(header: list[str], rows: list[list[str]]) -> list[str]:
 
 def _num(value: Any) -> str:
     if isinstance(value, float):
-        return f"{value:.4f}"
+        # Parity differences are ~1e-5: four decimals would print them as 0.0000.
+        return f"{value:.2e}" if 0 < abs(value) < 1e-3 else f"{value:.4f}"
     if isinstance(value, dict):
         return ", ".join(f"{k}={_num(v)}" for k, v in value.items())
     return "" if value is None else str(value)
