@@ -291,9 +291,10 @@ def measure_latency(session: ort.InferenceSession, images: np.ndarray, runs: int
 def maybe_quantize(fp32_path: Path, session: ort.InferenceSession, rows: list[SplitRow], raw_dir: Path,
                    prep: Preprocessing, metadata: dict[str, str], cfg: ExportParams) -> dict[str, Any]:
     """Dynamic int8 quantization, kept (as model.int8.onnx) only if test accuracy drops by <= max_accuracy_drop."""
-    if not cfg.quantize.enabled:
-        return {"enabled": False}
     out = fp32_path.parent / QUANTIZED_NAME
+    if not cfg.quantize.enabled:
+        out.unlink(missing_ok=True)  # an int8 file from an earlier run would not match this model
+        return {"enabled": False}
     with tempfile.TemporaryDirectory(dir=fp32_path.parent, prefix=".quantize.") as work:
         int8_path = quantize_dynamic_int8(fp32_path, Path(work), metadata)
         acc_fp32 = test_accuracy(session, rows, raw_dir, prep)
@@ -313,6 +314,8 @@ def maybe_quantize(fp32_path: Path, session: ort.InferenceSession, rows: list[Sp
                           ort_latency_ms_p50=speed["ort_latency_ms_p50"])
             with atomic_path(out) as tmp:
                 os.replace(int8_path, tmp)
+        else:
+            out.unlink(missing_ok=True)
     log.info("int8: accuracy %.4f vs fp32 %.4f -> %s", acc_int8, acc_fp32, "kept" if kept else "dropped")
     return result
 

@@ -344,3 +344,15 @@ def held_out_accuracy(checkpoint: Path, raw: Path, prepared: Path) -> float:
     with torch.no_grad():
         pred = model(torch.stack(x)).argmax(1)
     return float((pred == torch.tensor(y)).float().mean())
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_trains_on_cuda_with_mixed_precision_and_channels_last(project: Path) -> None:
+    params = tiny_params(project, **{"train.device": "auto", "train.channels_last": True, "train.precision": "auto"})
+    train(params)
+    metrics = json.loads((project / "artifacts" / "train" / "metrics.json").read_text())
+    assert metrics["device"] == "cuda"
+    assert metrics["precision"] == ("bfloat16" if torch.cuda.is_bf16_supported() else "float16")
+    model, _ = load_checkpoint(project / "artifacts" / "train" / "model.pt")
+    assert all(torch.isfinite(p).all() for p in model.parameters())
