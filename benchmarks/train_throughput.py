@@ -61,6 +61,7 @@ from tasks.decode_cache import AUGMENT, EVAL, MappedImages, build_cache, open_sp
 from tasks.data import train_preprocessing  # noqa: E402
 from tasks.io import SplitRow, sha256_file, write_split  # noqa: E402
 from tasks.models import build_model, default_preprocessing, feature_extractor, head_module  # noqa: E402
+from tasks.train_runtime import pick_precision  # noqa: E402
 
 NUM_CLASSES = 10
 MARGIN = 1.15                 # cache.margin's default
@@ -475,7 +476,7 @@ def environment(s: Settings) -> dict[str, Any]:
         "cpu_count": os.cpu_count(),
         "torch": torch.__version__, "torchvision": torchvision.__version__, "timm": timm.__version__,
         "python": platform.python_version(),
-        "precision": str(project.pick_precision("auto", s.device) or "fp32").removeprefix("torch."),
+        "precision": str(pick_precision("auto", s.device) or "fp32").removeprefix("torch."),
         "channels_last": True, "compile": s.compile, "image_size": s.image_size, "batch_size": s.batch_size,
         "num_images": s.num_images, "steps": s.steps, "workers": s.workers, "repeats": s.repeats,
         "torch_threads": torch.get_num_threads(),

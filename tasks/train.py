@@ -16,26 +16,22 @@ split is never read here.
 Outputs: model.pt, metrics.json, plots/metrics/*.tsv (dvclive), resume/last.pt.
 Several GPUs: `train.nproc_per_node: N` re-launches this module under torchrun.
 The GPU profile for real datasets is params.gpu.yaml (see its header).
+Device, precision, seeding and DDP live in `tasks.train_runtime`; the resume
+state (progress, checkpoints, fingerprint, RNG states) in `tasks.train_state`.
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
 import math
 import os
-import random
-import subprocess
 import sys
 import time
 from collections.abc import Callable
-from contextlib import nullcontext
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 import torch.distributed as dist
 from torch import nn
@@ -48,14 +44,14 @@ from tasks.data import (batch_order, labels_of, read_classes, read_rows, to_devi
                         train_preprocessing)
 from tasks.decode_cache import MappedImages, training_images
 from tasks.images import BadImage
-from tasks.io import atomic_path, read_json, sha256_file, write_json
-from tasks.models import (build_model, default_preprocessing, feature_extractor, find_head, head_module,
-                          save_checkpoint, unwrap)
+from tasks.io import write_json
+from tasks.models import build_model, default_preprocessing, feature_extractor, find_head, head_module
 from tasks.preprocess import Preprocessing
+from tasks.train_runtime import Runtime, launch_ddp, setup_runtime, teardown_runtime, wrap_ddp
+from tasks.train_state import Checkpointer, Progress, restore, run_fingerprint, set_rng_state
 
 log = logging.getLogger("train")
 
-RESUME_FORMAT = 1
 EVAL_BATCH = 256          # inference batches (features, validation): no gradients, so larger is fine
 LOG_EVERY = 10            # steps between loss checks / progress updates (each check syncs the GPU)
 # Containers whose children are the backbone's blocks, tried in this order (see backbone_blocks).
@@ -75,25 +71,6 @@ class Hooks:
 
 
 @dataclass
-class Runtime:
-    """Where and how this process trains."""
-
-    device: torch.device
-    amp_dtype: torch.dtype | None        # None: fp32
-    rank: int = 0
-    world: int = 1
-
-    @property
-    def main(self) -> bool:
-        return self.rank == 0
-
-    def autocast(self) -> Any:
-        if self.amp_dtype is None:
-            return nullcontext()
-        return torch.autocast(self.device.type, dtype=self.amp_dtype)
-
-
-@dataclass
 class Data:
     """Decoded uint8 NHWC images (memory-mapped, batches come out as tensors), plus the normalisation constants."""
 
@@ -106,23 +83,6 @@ class Data:
     std: torch.Tensor
 
 
-@dataclass
-class Progress:
-    """What the run has done so far; saved in the resume checkpoint."""
-
-    phase: str = "head"
-    epochs_done: int = 0                 # in the current phase
-    phase_stopped: bool = False          # early stopping ended the current phase
-    global_epoch: int = 0
-    best_metric: float = -math.inf
-    best_epoch: int = 0
-    best_phase: str = ""
-    bad_epochs: int = 0
-    train_images: int = 0
-    train_seconds: float = 0.0
-    history: list[dict[str, Any]] = field(default_factory=list)
-
-
 # --------------------------------------------------------------------------- entry
 
 
@@ -131,23 +91,6 @@ def run(params: Params) -> dict[str, Any]:
     if params.train.nproc_per_node > 1 and "LOCAL_RANK" not in os.environ:
         return launch_ddp(params)
     return train(params)
-
-
-def launch_ddp(params: Params) -> dict[str, Any]:
-    """Re-run this module under torch.distributed.run with the resolved params (one process per device)."""
-    cfg = params.train
-    params_file = cfg.out_dir / "resume" / "ddp_params.yaml"
-    params_file.parent.mkdir(parents=True, exist_ok=True)
-    import yaml
-
-    params_file.write_text(yaml.safe_dump(params.model_dump(mode="json"), sort_keys=False))
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={cfg.nproc_per_node}",
-           "-m", "tasks.train", "--params", str(params_file)]
-    log.info("launching %d DDP processes: %s", cfg.nproc_per_node, " ".join(cmd))
-    code = subprocess.call(cmd)
-    if code != 0:
-        raise StageError(f"a DDP training process failed (exit {code}); its error is in the log above")
-    return read_json(cfg.out_dir / "metrics.json")
 
 
 def train(params: Params, hooks: Hooks | None = None, cache_features: bool | None = None) -> dict[str, Any]:
@@ -162,8 +105,7 @@ def train(params: Params, hooks: Hooks | None = None, cache_features: bool | Non
     try:
         return _train(params, rt, hooks, cache_features)
     finally:
-        if rt.world > 1 and dist.is_initialized():
-            dist.destroy_process_group()
+        teardown_runtime(rt)
 
 
 def _train(params: Params, rt: Runtime, hooks: Hooks, cache_features: bool | None) -> dict[str, Any]:
@@ -204,61 +146,7 @@ def _train(params: Params, rt: Runtime, hooks: Hooks, cache_features: bool | Non
     return metrics
 
 
-# --------------------------------------------------------------------------- setup
-
-
-def setup_runtime(cfg: TrainParams) -> Runtime:
-    """Device, precision, seeds and (under torchrun) the process group."""
-    rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
-    if cfg.deterministic:
-        # cuBLAS needs this before its first call to be deterministic.
-        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
-    device = pick_device(cfg.device, int(os.environ.get("LOCAL_RANK", 0)))
-    if world > 1:
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-        if device.type == "cpu":
-            # Processes share the cores; oversubscribing them makes gloo training crawl.
-            torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))
-    # Random or badly scaled backbones produce denormal floats, which slow CPU kernels 10-100x.
-    torch.set_flush_denormal(True)
-    torch.backends.cudnn.benchmark = not cfg.deterministic
-    torch.use_deterministic_algorithms(cfg.deterministic, warn_only=True)
-    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
-    seed_everything(cfg.seed + rank)
-    rt = Runtime(device=device, amp_dtype=pick_precision(cfg.precision, device), rank=rank, world=world)
-    log.info("training on %s (precision %s, %d process(es))", device, rt.amp_dtype or "fp32", world)
-    return rt
-
-
-def pick_device(name: str, local_rank: int = 0) -> torch.device:
-    """auto: cuda, then mps, then cpu; an explicit device that is missing is an error."""
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
-    if name == "cuda":
-        if not torch.cuda.is_available():
-            raise StageError("train.device is cuda but no CUDA device is visible; set train.device: auto or cpu")
-        torch.cuda.set_device(local_rank)
-        return torch.device("cuda", local_rank)
-    if name == "mps" and not torch.backends.mps.is_available():
-        raise StageError("train.device is mps but MPS is not available; set train.device: auto or cpu")
-    return torch.device(name)
-
-
-def pick_precision(name: str, device: torch.device) -> torch.dtype | None:
-    """auto: bf16 on CUDA where supported, else fp16; fp32 elsewhere. fp16 needs CUDA (GradScaler)."""
-    if name == "auto":
-        if device.type != "cuda":
-            return None
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    if name == "fp16" and device.type != "cuda":
-        raise StageError(f"train.precision fp16 needs CUDA (loss scaling); on {device.type} use bf16 or fp32")
-    return {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[name]
-
-
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
+# --------------------------------------------------------------------------- weights, data and loss
 
 
 def load_backbone(out_dir: Path) -> tuple[dict[str, torch.Tensor] | None, dict[str, Any]]:
@@ -401,15 +289,6 @@ def warmup_cosine(optimizer: torch.optim.Optimizer, warmup_steps: int, total_ste
         return 0.5 * (1 + math.cos(math.pi * min(1.0, done)))
 
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
-
-
-def wrap_ddp(module: nn.Module, rt: Runtime) -> nn.Module:
-    if rt.world == 1:
-        return module
-    from torch.nn.parallel import DistributedDataParallel
-
-    ids = [rt.device.index] if rt.device.type == "cuda" else None
-    return DistributedDataParallel(module, device_ids=ids)
 
 
 def maybe_compile(module: nn.Module, cfg: TrainParams) -> nn.Module:
@@ -653,91 +532,7 @@ def bar(iterable: Any, desc: str | None, rt: Runtime, total: int | None = None) 
                 mininterval=0.1 if sys.stderr.isatty() else 5.0)
 
 
-# --------------------------------------------------------------------------- checkpoints and resume
-
-
-def run_fingerprint(params: Params, record: dict[str, Any]) -> str:
-    """What makes a resume state valid: train params (but not resume itself), arch, weights and the split files."""
-    train = params.train.model_dump(mode="json", exclude={"resume", "timeout_minutes", "num_workers"})
-    prepared = params.data.prepared_dir
-    inputs = {
-        "train": train, "arch": params.model.arch, "weights_sha256": record.get("sha256"),
-        "splits": {name: sha256_file(prepared / name) for name in ("train.csv", "val.csv", "classes.json")},
-        "raw_dir": str(params.data.raw_dir),
-    }
-    return hashlib.sha256(json.dumps(inputs, sort_keys=True).encode()).hexdigest()
-
-
-def restore(path: Path, fingerprint: str, model: nn.Module, enabled: bool) -> tuple[Progress, dict[str, Any] | None]:
-    """Progress and resume state from `path` when it belongs to this run; a fresh start otherwise."""
-    if not enabled or not path.exists():
-        return Progress(), None
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # a torn or foreign file must not block training
-        log.warning("ignoring %s: cannot be read (%s); starting fresh", path, err)
-        return Progress(), None
-    if state.get("format") != RESUME_FORMAT or state.get("fingerprint") != fingerprint:
-        log.warning("ignoring %s: it was made with other params or data; starting fresh", path)
-        return Progress(), None
-    if state.get("finished"):
-        log.info("%s is from a finished run; starting fresh", path)
-        return Progress(), None
-    progress = Progress(**state["progress"])
-    unwrap(model).load_state_dict(state["model"])
-    log.info("resuming from %s: phase %s, %d epoch(s) done", path, progress.phase, progress.epochs_done)
-    return progress, state
-
-
-class Checkpointer:
-    """Writes model.pt (best epoch) and resume/last.pt (every epoch), atomically, on the main process."""
-
-    def __init__(self, out_dir: Path, arch: str, classes: list[str], prep: Preprocessing, record: dict[str, Any],
-                 fingerprint: str, rt: Runtime) -> None:
-        self.out_dir, self.arch, self.classes, self.prep = out_dir, arch, classes, prep
-        self.record, self.fingerprint, self.rt = record, fingerprint, rt
-        self.resume_path = out_dir / "resume" / "last.pt"
-
-    def save_best(self, model: nn.Module, row: dict[str, Any]) -> None:
-        save_checkpoint(self.out_dir / "model.pt", model, arch=self.arch, class_names=self.classes,
-                        preprocessing=self.prep, weights=self.record,
-                        extra={"epoch": row["epoch"], "phase": row["phase"], "val_accuracy": row["val_accuracy"],
-                               "val_macro_f1": row["val_macro_f1"]})
-
-    def save_resume(self, model: nn.Module, optimizer: torch.optim.Optimizer | None, scheduler: Any, scaler: Any,
-                    progress: Progress, finished: bool = False) -> None:
-        state = {
-            "format": RESUME_FORMAT, "fingerprint": self.fingerprint, "finished": finished,
-            "progress": asdict(progress),
-            "model": {k: v.detach().cpu() for k, v in unwrap(model).state_dict().items()},
-            "optimizer": optimizer.state_dict() if optimizer else None,
-            "scheduler": scheduler.state_dict() if scheduler else None,
-            "scaler": scaler.state_dict() if scaler else None,
-            "rng": get_rng_state(),
-        }
-        with atomic_path(self.resume_path) as tmp:
-            torch.save(state, tmp)
-
-
-def get_rng_state() -> dict[str, Any]:
-    """Python, NumPy, torch and CUDA generator states in types torch.load(weights_only=True) accepts."""
-    kind, keys, pos, has_gauss, gauss = np.random.get_state()
-    return {
-        "python": random.getstate(),
-        "numpy": [kind, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, gauss],
-        "torch": torch.get_rng_state(),
-        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
-    }
-
-
-def set_rng_state(state: dict[str, Any], rt: Runtime) -> None:
-    python = state["python"]
-    random.setstate((python[0], tuple(python[1]), python[2]))
-    kind, keys, pos, has_gauss, gauss = state["numpy"]
-    np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, gauss))
-    torch.set_rng_state(state["torch"])
-    if state["cuda"] and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+# --------------------------------------------------------------------------- metrics and plots
 
 
 class Plots:

@@ -177,7 +177,8 @@ def test_training_reads_the_cache_when_it_matches_and_decodes_when_it_does_not(
 
 def test_the_train_stage_reads_its_images_from_the_cache(built: tuple[Path, Path, dict[str, list[SplitRow]]],
                                                          tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
-    from tasks.train import Runtime, load_data
+    from tasks.train import load_data
+    from tasks.train_runtime import Runtime
 
     raw, decoded, _ = built
     params = load_params(REPO_ROOT / "params.yaml", {

@@ -16,7 +16,8 @@ from tasks.cli import StageError
 from tasks.config import Params, load_params
 from tasks.io import SplitRow, sha256_file, write_json, write_split
 from tasks.models import build_backbone, build_model, find_head, load_checkpoint
-from tasks.train import (Hooks, NonFiniteLoss, backbone_blocks, pick_precision, set_trainable, train)
+from tasks.train import Hooks, NonFiniteLoss, backbone_blocks, set_trainable, train
+from tasks.train_runtime import pick_precision
 from tests.conftest import REPO_ROOT, init_dvc_repo, run, write_image_folder
 
 ARCH = "mobilenet_v3_small"   # 2.5 M parameters; at 32 px a step takes milliseconds
