@@ -19,6 +19,8 @@ from pathlib import Path
 
 import yaml
 
+from tasks.lineage import dvc_pointer_hash
+
 
 class DataVersionError(RuntimeError):
     """A revision or a data version cannot be found; the message says which and what to do."""
@@ -49,12 +51,12 @@ def dvc_file(raw_dir: Path) -> Path:
 def pointer_md5(text: str, where: str) -> str:
     """The DVC hash in the text of a .dvc file."""
     try:
-        outs = (yaml.safe_load(text) or {}).get("outs") or []
+        found = dvc_pointer_hash(text)
     except yaml.YAMLError as err:
         raise DataVersionError(f"{where}: not valid YAML ({err})") from None
-    if not outs or not (outs[0].get("md5") or outs[0].get("etag")):
+    if not found:
         raise DataVersionError(f"{where}: has no outs[0].md5; re-track the data with `dvc add`")
-    return str(outs[0].get("md5") or outs[0].get("etag"))
+    return found
 
 
 def md5_at(root: Path, rev: str, raw_dir: Path) -> str:

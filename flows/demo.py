@@ -60,11 +60,12 @@ def need(path: Path, missing: list[Path]) -> dict[str, Any]:
 def build_summary(root: Path, params: Params, result: dict[str, Any], wall_s: float) -> dict[str, Any]:
     """The summary line, from the stages' reports and the flow's result."""
     missing: list[Path] = []
-    report = need(root / params.data.prepared_dir / "report.json", missing)
-    weights = need(root / params.model.out_dir / "weights.json", missing)
-    train = need(root / params.train.out_dir / "metrics.json", missing)
-    test = need(root / params.evaluate.out_dir / "metrics.json", missing)
-    export = need(root / params.export.out_dir / "report.json", missing)
+    paths = params.report_paths(root)
+    report = need(paths["data_report"], missing)
+    weights = need(paths["weights"], missing)
+    train = need(paths["train_metrics"], missing)
+    test = need(paths["test_metrics"], missing)
+    export = need(paths["export_report"], missing)
     if missing:
         raise DemoError("the pipeline finished but these outputs are missing: "
                         + ", ".join(str(p.relative_to(root)) for p in missing)

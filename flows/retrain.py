@@ -224,23 +224,11 @@ def with_project_registry(params: Params, project: Path, workdir: Path) -> Param
     return params.model_copy(update={"registry": registry})
 
 
-def output_paths(params: Params, workdir: Path) -> dict[str, Path]:
-    """Where the stages' reports are (paths from params.yaml)."""
-    return {
-        "data_report": workdir / params.data.prepared_dir / "report.json",
-        "weights": workdir / params.model.out_dir / "weights.json",
-        "train_metrics": workdir / params.train.out_dir / "metrics.json",
-        "test_metrics": workdir / params.evaluate.out_dir / "metrics.json",
-        "onnx": workdir / params.export.out_dir / "model.onnx",
-        "export_report": workdir / params.export.out_dir / "report.json",
-    }
-
-
 def summarize(project: Path, workdir: Path, data_rev: str | None, data_md5: str, params: Params,
               outcomes: dict[str, str], published: dict[str, Any] | None, run_id: str,
               pushed: bool) -> dict[str, Any]:
     """The flow's result: what ran, what it produced, and the gate's decision."""
-    paths = output_paths(params, workdir)
+    paths = params.report_paths(workdir)
     metrics = read_json(paths["test_metrics"]) if paths["test_metrics"].exists() else {}
     return {
         "flow_run_id": run_id,

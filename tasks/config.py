@@ -213,6 +213,18 @@ class Params(Section):
     registry: RegistryParams = RegistryParams()
     schedule: ScheduleParams = ScheduleParams()
 
+    def report_paths(self, root: Path) -> dict[str, Path]:
+        """The reports and model the stages write, under project root `root`: what the flow, the demo
+        summary and publish read back."""
+        return {
+            "data_report": root / self.data.prepared_dir / "report.json",
+            "weights": root / self.model.out_dir / "weights.json",
+            "train_metrics": root / self.train.out_dir / "metrics.json",
+            "test_metrics": root / self.evaluate.out_dir / "metrics.json",
+            "onnx": root / self.export.out_dir / "model.onnx",
+            "export_report": root / self.export.out_dir / "report.json",
+        }
+
     def digest(self) -> str:
         """SHA-256 of the resolved params: the params part of a model's lineage."""
         canonical = json.dumps(self.model_dump(mode="json"), sort_keys=True)

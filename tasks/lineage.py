@@ -42,12 +42,21 @@ def data_hash(root: Path, raw_dir: Path) -> str:
             return found
     dvc_file = root / f"{raw_dir}.dvc"
     if dvc_file.exists():
-        outs = (yaml.safe_load(dvc_file.read_text()) or {}).get("outs") or [{}]
-        found = outs[0].get("md5") or outs[0].get("etag")
+        found = dvc_pointer_hash(dvc_file.read_text())
         if found:
-            return str(found)
+            return found
     raise LineageError(f"{lock} has no prepare-stage dep {raw_dir} and {dvc_file} has no md5; "
                        f"track the data with `dvc add {raw_dir}` and run `dvc repro` first")
+
+
+def dvc_pointer_hash(text: str) -> str | None:
+    """The hash a .dvc pointer file pins (outs[0].md5, or etag on cloud remotes); None if it has none.
+
+    Raises yaml.YAMLError on malformed text; callers say which file it was.
+    """
+    outs = (yaml.safe_load(text) or {}).get("outs") or [{}]
+    found = outs[0].get("md5") or outs[0].get("etag")
+    return str(found) if found else None
 
 
 def _lock_dep_hash(lock: Path, raw_dir: Path) -> str | None:

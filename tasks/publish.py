@@ -173,9 +173,8 @@ def _json_bytes(obj: Any) -> bytes:
 
 def read_candidate(params: Params, root: Path) -> Candidate:
     """Load the candidate's artifacts and check they describe one and the same model and test split."""
-    onnx_path = root / params.export.out_dir / "model.onnx"
-    report_path = root / params.export.out_dir / "report.json"
-    metrics_path = root / params.evaluate.out_dir / "metrics.json"
+    paths = params.report_paths(root)
+    onnx_path, report_path, metrics_path = paths["onnx"], paths["export_report"], paths["test_metrics"]
     prepared = root / params.data.prepared_dir
     for path in (onnx_path, report_path, metrics_path, prepared / "test.csv"):
         if not path.exists():
@@ -193,8 +192,8 @@ def read_candidate(params: Params, root: Path) -> Candidate:
         export_report=report, export_report_bytes=report_path.read_bytes(),
         test_split_sha256=test_split, weights_record=_weights_record(params, root, checkpoint),
         checkpoint_sha256=sha256_file(checkpoint) if checkpoint.exists() else None,
-        train_metrics=_optional_json(root / params.train.out_dir / "metrics.json"),
-        data_report=_optional_json(prepared / "report.json"),
+        train_metrics=_optional_json(paths["train_metrics"]),
+        data_report=_optional_json(paths["data_report"]),
     )
 
 
@@ -209,7 +208,9 @@ def _check_consistent(onnx_path: Path, onnx_sha256: str, report_path: Path, repo
 
 
 def _class_names(prepared: Path) -> list[str]:
-    return [str(c) for c in read_json(prepared / "classes.json")]
+    from tasks.data import read_classes  # local: tasks.data imports torch, which `registry list` does not need
+
+    return read_classes(prepared)
 
 
 def _check_onnx_classes(onnx_path: Path, class_names: list[str]) -> None:
@@ -230,7 +231,7 @@ def _weights_record(params: Params, root: Path, checkpoint: Path) -> dict[str, A
         payload = torch.load(checkpoint, map_location="cpu", weights_only=True)
         if isinstance(payload.get("weights"), dict):
             return payload["weights"]
-    path = root / params.model.out_dir / "weights.json"
+    path = params.report_paths(root)["weights"]
     if not path.exists():
         raise StageError(f"neither {checkpoint} nor {path} records the pretrained weights; "
                          "run the fetch_weights and train stages (dvc repro train)")

@@ -45,7 +45,7 @@ import fsspec
 from fsspec.implementations.local import LocalFileSystem
 
 from tasks.config import DEFAULT_PARAMS, Params, ParamsError, load_params
-from tasks.io import atomic_write_bytes, sha256_bytes
+from tasks.io import atomic_write_bytes, sha256_bytes, sha256_stream
 from tasks.lineage import missing_fields
 
 POINTER = "production"
@@ -286,13 +286,8 @@ def _write_synced(path: Path, data: bytes) -> None:
 
 
 def _sha256_fs(fs: Any, path: str) -> str:
-    import hashlib
-
-    digest = hashlib.sha256()
     with fs.open(path, "rb") as handle:
-        while chunk := handle.read(1 << 20):
-            digest.update(chunk)
-    return digest.hexdigest()
+        return sha256_stream(handle)
 
 
 def open_registry(params: Params, root: Path | None = None) -> Registry:
