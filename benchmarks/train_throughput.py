@@ -5,16 +5,19 @@
               ToTensor, Normalize) + DataLoader with workers; fp32, NCHW, the
               step tutorials write (with loss.item() every step).
 (b) project   tasks.decode_cache (memory-mapped uint8 arrays, built once here
-              and timed, read through MappedImages into pinned memory) +
-              tasks.augment on the device + tasks.train's own
+              and timed, read through MappedImages into pinned memory by
+              the batch producer's thread, one batch ahead) +
+              tasks.lib.augment on the device + tasks.train's own
               epoch loop (PhaseRunner.train_epoch; bf16 autocast and
               channels_last on CUDA, --compile for torch.compile).
 (c) ceiling   the same epoch loop and model step on a synthetic batch already on
               the device: what (b) would reach if the data path cost nothing.
 
 Each for the frozen phase (only the head trains; (b) trains it on features
-computed once, and also re-runs the frozen backbone under no_grad every epoch
-to show what caching saves) and the unfreeze phase (full fine-tuning).
+computed once and kept on the device, the step replayed from a CUDA graph on
+CUDA (tasks.training.resident), and also re-runs the frozen backbone under
+no_grad every epoch to show what caching saves) and the unfreeze phase (full
+fine-tuning). --profile DIR adds torch.profiler tables of (b) to DIR/profile.txt.
 
 Prints a table, then as its LAST line one JSON object with every rate
 (images/s), the speed-ups (b)/(a), the efficiencies (b)/(c), peak GPU memory
@@ -55,13 +58,19 @@ from torch import nn  # noqa: E402
 from torch.utils.data import DataLoader  # noqa: E402
 from torchvision import transforms as T  # noqa: E402
 
-from tasks import train as project  # noqa: E402
-from tasks.config import TrainParams  # noqa: E402
-from tasks.decode_cache import AUGMENT, EVAL, MappedImages, build_cache, open_split  # noqa: E402
-from tasks.data import train_preprocessing  # noqa: E402
-from tasks.io import SplitRow, sha256_file, write_split  # noqa: E402
-from tasks.models import build_model, default_preprocessing, feature_extractor, head_module  # noqa: E402
-from tasks.train_runtime import pick_precision  # noqa: E402
+from tasks.decode_cache import build_cache  # noqa: E402
+from tasks.lib.config import TrainParams  # noqa: E402
+from tasks.lib.data import train_preprocessing  # noqa: E402
+from tasks.lib.image_cache import AUGMENT, EVAL, MappedImages, open_split  # noqa: E402
+from tasks.lib.io import SplitRow, sha256_file, write_split  # noqa: E402
+from tasks.lib.models import build_model, default_preprocessing, feature_extractor, head_module  # noqa: E402
+from tasks.training.batches import Batch  # noqa: E402
+from tasks.training.freezing import set_train_mode, set_trainable  # noqa: E402
+from tasks.training.optim import make_optimizer, maybe_compile, warmup_cosine  # noqa: E402
+from tasks.training.phases import Data, PhaseRunner, Record  # noqa: E402
+from tasks.training.resident import ResidentHead, graph_safe  # noqa: E402
+from tasks.training.runtime import Runtime, pick_precision, setup_runtime  # noqa: E402
+from tasks.training.state import Progress  # noqa: E402
 
 NUM_CLASSES = 10
 MARGIN = 1.15                 # cache.margin's default
@@ -81,6 +90,7 @@ class Settings:
     compile: bool
     workers: int
     repeats: int
+    profile: Path | None = None
 
 
 # --------------------------------------------------------------------------- settings
@@ -101,6 +111,8 @@ def parse_args(argv: list[str] | None) -> Settings:
     parser.add_argument("--compile", action="store_true", help="also measure (b) and (c) unfreeze under torch.compile")
     parser.add_argument("--workers", type=int, help="DataLoader workers of (a) and cache builders "
                         "(default: every core, at most 16)")
+    parser.add_argument("--profile", type=Path, help="also profile (b) cached head and (b) unfreeze with "
+                        "torch.profiler; tables are appended to DIR/profile.txt")
     args = parser.parse_args(argv)
     name = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
     gpu = name == "cuda"
@@ -114,6 +126,7 @@ def parse_args(argv: list[str] | None) -> Settings:
         steps=args.steps or (30 if gpu else 10),
         warmup=args.warmup, compile=args.compile, repeats=args.repeats or (1 if gpu else 3),
         workers=args.workers if args.workers is not None else min(os.cpu_count() or 1, 16),
+        profile=args.profile,
     )
 
 
@@ -287,8 +300,8 @@ class Project:
     """The pieces tasks.train wires together, built here on the decoded cache instead of params files."""
 
     cfg: TrainParams
-    rt: project.Runtime
-    runner: project.PhaseRunner
+    rt: Runtime
+    runner: PhaseRunner
     model: nn.Module
 
 
@@ -296,39 +309,46 @@ def project_setup(arch: str, decoded: Path, s: Settings, compile_model: bool) ->
     """tasks.train's runtime, data and PhaseRunner, fed by the memory-mapped cache."""
     cfg = TrainParams(image_size=s.image_size, batch_size=s.batch_size, device=s.device.type, compile=compile_model,
                       deterministic=False, early_stopping_patience=0)
-    rt = project.setup_runtime(cfg)
+    rt = setup_runtime(cfg)
     eval_x, labels = open_split(decoded, "train", EVAL)
     big_x, _ = open_split(decoded, "train", AUGMENT)
     prep = default_preprocessing(arch, s.image_size)
     y = torch.from_numpy(labels)
     pin = rt.device.type == "cuda"
-    data = project.Data(train_eval=MappedImages(eval_x, pin), train_big=MappedImages(big_x, pin), train_y=y,
-                        val_x=MappedImages(eval_x[:1], pin), val_y=y[:1],
-                        mean=torch.tensor(prep.mean, device=rt.device), std=torch.tensor(prep.std, device=rt.device))
+    data = Data(train_eval=MappedImages(eval_x, pin), train_big=MappedImages(big_x, pin), train_y=y,
+                val_x=MappedImages(eval_x[:1], pin), val_y=y[:1],
+                mean=torch.tensor(prep.mean, device=rt.device), std=torch.tensor(prep.std, device=rt.device),
+                num_classes=NUM_CLASSES)
     model = bench_model(arch, rt.device)
     if cfg.channels_last:
         model = model.to(memory_format=torch.channels_last)
-    loss_fn = project.make_loss(cfg, y, NUM_CLASSES, rt.device)
     # pretrained=True: the project's recipe (BatchNorm keeps pretrained statistics when unfrozen).
-    runner = project.PhaseRunner(cfg, rt, data, model, loss_fn, project.Progress(), None, None, project.Hooks(),
-                                 pretrained=True)
+    runner = PhaseRunner(cfg, rt, data, model, Record(Progress(), None, None), pretrained=True)
     return Project(cfg, rt, runner, model)
 
 
-def epoch_runner(p: Project, phase: str, optimizer: torch.optim.Optimizer, logits: Callable,
-                 augment: bool) -> Callable[[], int]:
+def epoch_runner(p: Project, phase: str, optimizer: torch.optim.Optimizer, logits: Callable | ResidentHead,
+                 augment: bool, images: bool = True) -> Callable[[], int]:
     """A function running one epoch of tasks.train's PhaseRunner.train_epoch; it returns the images done."""
-    scheduler = project.warmup_cosine(optimizer, 0, 10**9)
+    scheduler = warmup_cosine(optimizer, 0, 10**9)
     scaler = torch.amp.GradScaler(p.rt.device.type, enabled=p.rt.amp_dtype == torch.float16)
     per_epoch = sum(len(idx) for idx in p.runner.batches(phase, 0))
 
     def epoch() -> int:
         generator = torch.Generator().manual_seed(p.runner.progress.global_epoch) if augment else None
-        p.runner.train_epoch(phase, 0, 1, optimizer, scheduler, scaler, logits, generator)
+        p.runner.train_epoch(phase, 0, 1, optimizer, scheduler, scaler, logits, generator, images=images)
         p.runner.progress.global_epoch += 1
         return per_epoch
 
     return epoch
+
+
+def resident_head(p: Project, head: nn.Module, feats: torch.Tensor, labels: torch.Tensor
+                  ) -> tuple[ResidentHead, torch.optim.Optimizer]:
+    """What run_head trains on cached features: features, labels and order on the device, a graph-safe AdamW."""
+    optimizer = make_optimizer(p.cfg, [{"params": list(head.parameters()), "lr": p.cfg.head.lr}])
+    optimizer = graph_safe(optimizer, p.rt, p.cfg.cuda_graphs)
+    return ResidentHead(head, feats, labels, p.runner.loss_fn, p.rt), optimizer
 
 
 def frozen_rates(arch: str, decoded: Path, s: Settings) -> dict[str, Rate]:
@@ -341,7 +361,7 @@ def frozen_rates(arch: str, decoded: Path, s: Settings) -> dict[str, Rate]:
     for param in head.parameters():
         param.requires_grad_(True)
     model.eval()                      # as run_head: BatchNorm and dropout stay as pretrained
-    extractor = project.maybe_compile(feature_extractor(model).eval(), cfg)
+    extractor = maybe_compile(feature_extractor(model).eval(), cfg)
     n = len(runner.data.train_y)
     holder: dict[str, torch.Tensor] = {}
 
@@ -350,27 +370,26 @@ def frozen_rates(arch: str, decoded: Path, s: Settings) -> dict[str, Rate]:
         return n
 
     rates = {"project_feature_extract": measure(s.device, extract, warmup=lambda: runner.features(
-        extractor, runner.data.train_eval[: 2 * s.batch_size], None), repeats=s.repeats)}
+        extractor, MappedImages(runner.data.train_eval.array[: 2 * s.batch_size]), None), repeats=s.repeats)}
     feats = holder["feats"]
-    optimizer = project.make_optimizer(cfg, [{"params": list(head.parameters()), "lr": cfg.head.lr}])
+    # (c): the same resident step on synthetic features and labels that were never read from anywhere.
+    synthetic = torch.randn(feats.shape, device=p.rt.device, generator=None)
+    fake_labels = torch.randint(0, NUM_CLASSES, (n,))
+    for key, (x, y) in (("project_frozen", (feats, runner.data.train_y)), ("ceiling_frozen", (synthetic, fake_labels))):
+        resident, optimizer = resident_head(p, head, x, y)
+        epoch = epoch_runner(p, "head", optimizer, resident, augment=False)
+        rates[key] = measure(s.device, epoch, warmup=epoch, min_seconds=MIN_SECONDS, repeats=s.repeats)
+    if s.profile:
+        resident, optimizer = resident_head(p, head, feats, runner.data.train_y)
+        epoch = epoch_runner(p, "head", optimizer, resident, augment=False)
+        profile_steps(s, f"{arch}_frozen_cached", epoch, epochs=3)
 
-    def cached_logits(idx: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
-        return head(feats[idx.to(feats.device)])
-
-    def backbone_logits(idx: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
-        x = runner.inputs(idx, generator)
+    def backbone_logits(batch: Batch) -> torch.Tensor:
         with torch.no_grad(), p.rt.autocast():
-            out = extractor(x).float()
+            out = extractor(batch.x).float()
         return head(out)
 
-    synthetic = torch.randn(s.batch_size, feats.shape[1], device=p.rt.device)
-
-    def synthetic_logits(idx: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
-        return head(synthetic[: len(idx)])
-
-    for key, logits in (("project_frozen", cached_logits), ("ceiling_frozen", synthetic_logits)):
-        epoch = epoch_runner(p, "head", optimizer, logits, augment=False)
-        rates[key] = measure(s.device, epoch, warmup=epoch, min_seconds=MIN_SECONDS, repeats=s.repeats)
+    optimizer = make_optimizer(cfg, [{"params": list(head.parameters()), "lr": cfg.head.lr}])
     epoch = epoch_runner(p, "head", optimizer, backbone_logits, augment=False)
     rates["project_frozen_backbone"] = measure(s.device, epoch, warmup=lambda: warm_steps(p, s, backbone_logits),
                                                repeats=s.repeats)
@@ -383,44 +402,70 @@ def warm_steps(p: Project, s: Settings, logits: Callable) -> None:
     """A few forward passes so cuDNN autotuning / compilation stays out of the timed epochs."""
     idx = torch.arange(min(s.batch_size, len(p.runner.data.train_y)))
     for _ in range(max(1, s.warmup)):
-        logits(idx, None).float().sum().item()
+        logits(p.runner.make_batch(idx, None)).float().sum().item()
 
 
 def unfreeze_rates(arch: str, decoded: Path, s: Settings, compile_model: bool) -> dict[str, Rate]:
     """(b) unfreeze: run_finetune's step with everything trainable, random crops on the device; (c) synthetic."""
     p = project_setup(arch, decoded, s, compile_model)
     cfg, model, runner, rt = p.cfg, p.model, p.runner, p.rt
-    project.set_trainable(model, "all", 1)
+    set_trainable(model, "all", 1)
     head_ids = {id(q) for q in head_module(model).parameters()}
-    optimizer = project.make_optimizer(cfg, [
+    optimizer = make_optimizer(cfg, [
         {"params": list(head_module(model).parameters()), "lr": cfg.finetune.lr},
         {"params": [q for q in model.parameters() if id(q) not in head_ids],
          "lr": cfg.finetune.lr * cfg.finetune.backbone_lr_scale}])
-    trained = project.maybe_compile(model, cfg)
-    project.set_train_mode(model, runner.pretrained)
+    trained = maybe_compile(model, cfg)
+    set_train_mode(model, runner.pretrained)
 
-    def real_logits(idx: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
-        x = runner.inputs(idx, generator)
+    def real_logits(batch: Batch) -> torch.Tensor:
         with rt.autocast():
-            return trained(x).float()
+            return trained(batch.x).float()
 
     memory = torch.channels_last if cfg.channels_last else torch.contiguous_format
     synthetic = torch.randn(s.batch_size, 3, s.image_size, s.image_size, device=rt.device).contiguous(
         memory_format=memory)
 
-    def synthetic_logits(idx: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+    def synthetic_logits(batch: Batch) -> torch.Tensor:
         with rt.autocast():
-            return trained(synthetic[: len(idx)]).float()
+            return trained(synthetic[: len(batch.idx)]).float()
 
     rates = {}
     suffix = "_compiled" if compile_model else ""
-    for key, logits in (("project_unfreeze", real_logits), ("ceiling_unfreeze", synthetic_logits)):
-        epoch = epoch_runner(p, "finetune", optimizer, logits, augment=True)
+    for key, logits, images in (("project_unfreeze", real_logits, True), ("ceiling_unfreeze", synthetic_logits, False)):
+        epoch = epoch_runner(p, "finetune", optimizer, logits, augment=True, images=images)
         rates[key + suffix] = measure(s.device, epoch, warmup=epoch, min_images=s.steps * s.batch_size,
                                       repeats=s.repeats)
+    if s.profile:
+        profile_steps(s, f"{arch}_unfreeze{suffix}", epoch_runner(p, "finetune", optimizer, real_logits, augment=True))
     del p, model, trained, optimizer
     free_gpu(s.device)
     return rates
+
+
+def profile_steps(s: Settings, name: str, epoch: Callable[[], int], epochs: int = 1) -> None:
+    """torch.profiler over a few epochs: where the time goes when (b) misses (c); a table under --profile."""
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if s.device.type == "cuda" else [])
+    epoch()   # compilation and CUDA graph capture happen here, outside the profiler
+    sync(s.device)
+    started = time.perf_counter()
+    with profile(activities=activities) as prof:
+        images = sum(epoch() for _ in range(epochs))
+        sync(s.device)
+    wall = time.perf_counter() - started
+    events = prof.key_averages()
+    device_us = sum(e.self_device_time_total for e in events) if s.device.type == "cuda" else 0.0
+    sort = "self_cuda_time_total" if s.device.type == "cuda" else "self_cpu_time_total"
+    header = f"{name}: {images} images in {wall:.3f} s under the profiler ({images / wall:.0f} img/s)"
+    if s.device.type == "cuda":   # below 100%: the GPU waited for the host (launches, copies, syncs)
+        header += f"; kernels busy {device_us / 1e6:.3f} s = {device_us / 1e6 / wall:.0%} of the wall time"
+    header += "\n"
+    s.profile.mkdir(parents=True, exist_ok=True)
+    with open(s.profile / "profile.txt", "a") as out:
+        out.write(header + events.table(sort_by=sort, row_limit=25) + "\n\n")
+    log("    " + header.strip())
 
 
 # --------------------------------------------------------------------------- report
@@ -477,7 +522,7 @@ def environment(s: Settings) -> dict[str, Any]:
         "torch": torch.__version__, "torchvision": torchvision.__version__, "timm": timm.__version__,
         "python": platform.python_version(),
         "precision": str(pick_precision("auto", s.device) or "fp32").removeprefix("torch."),
-        "channels_last": True, "compile": s.compile, "image_size": s.image_size, "batch_size": s.batch_size,
+        "channels_last": True, "compile": s.compile, "cuda_graphs": TrainParams().cuda_graphs, "image_size": s.image_size, "batch_size": s.batch_size,
         "num_images": s.num_images, "steps": s.steps, "workers": s.workers, "repeats": s.repeats,
         "torch_threads": torch.get_num_threads(),
     }

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import yaml
 
-from tasks.lineage import dvc_pointer_hash
+from tasks.handoff.lineage import dvc_pointer_hash
 
 
 class DataVersionError(RuntimeError):
@@ -34,10 +34,19 @@ def git(root: Path, *args: str) -> str:
     return proc.stdout
 
 
+def check_rev(rev: str, what: str = "data_rev") -> str:
+    """Refuse a revision git would read as an option (`--output=...`): branch and tag names never start with '-'."""
+    if not rev or rev.startswith("-"):
+        raise DataVersionError(f"{what} {rev!r} is not a revision: a branch, tag or commit never starts with '-' "
+                               "(and is not empty)")
+    return rev
+
+
 def resolve_rev(root: Path, rev: str) -> str:
     """The commit a revision (branch, tag, sha, HEAD~1...) names."""
+    check_rev(rev)
     try:
-        return git(root, "rev-parse", "--verify", "--quiet", f"{rev}^{{commit}}").strip()
+        return git(root, "rev-parse", "--verify", "--quiet", "--end-of-options", f"{rev}^{{commit}}").strip()
     except DataVersionError:
         raise DataVersionError(f"data_rev {rev!r} is not a commit, branch or tag of the git repository {root}; "
                                f"list them with `git log --oneline` or `git tag`") from None
@@ -62,8 +71,10 @@ def pointer_md5(text: str, where: str) -> str:
 def md5_at(root: Path, rev: str, raw_dir: Path) -> str:
     """DVC hash of raw_dir as committed at rev (read with `git show`, nothing checked out)."""
     path = dvc_file(raw_dir).as_posix()
+    check_rev(rev, "revision")
     try:
-        text = git(root, "show", f"{rev}:{path}")
+        # --end-of-options and --: the revision is never an option, the blob never a path to diff.
+        text = git(root, "show", "--end-of-options", f"{rev}:{path}", "--")
     except DataVersionError:
         raise DataVersionError(f"{path} does not exist at revision {rev!r} of {root}; "
                                f"track the data with `dvc add {raw_dir}` and commit {path}") from None
@@ -90,14 +101,21 @@ def is_workspace_version(root: Path, rev: str | None, raw_dir: Path) -> bool:
 
 
 @contextmanager
-def isolated_copy(root: Path, rev: str, log: logging.Logger | logging.LoggerAdapter) -> Iterator[Path]:
-    """A detached git worktree of rev in a temporary folder, sharing root's DVC cache and remotes."""
+def isolated_copy(root: Path, rev: str, log: logging.Logger | logging.LoggerAdapter,
+                  with_workspace_changes: bool = False) -> Iterator[Path]:
+    """A detached git worktree of rev in a temporary folder, sharing root's DVC cache and remotes.
+
+    with_workspace_changes: the copy also gets the workspace's uncommitted changes to tracked files
+    and its dvc.lock, so it is the workspace as it is, in a place where a run may change anything.
+    """
     sha = resolve_rev(root, rev)
     parent = Path(tempfile.mkdtemp(prefix="retrain-"))
     workdir = parent / root.name
     log.info("Isolated working copy of %s (%s) in %s; the workspace %s stays as it is", rev, sha[:12], workdir, root)
     try:
         git(root, "worktree", "add", "--detach", str(workdir), sha)
+        if with_workspace_changes:
+            copy_workspace_changes(root, workdir)
         share_dvc_storage(root, workdir, log)
         yield workdir
     finally:
@@ -107,6 +125,18 @@ def isolated_copy(root: Path, rev: str, log: logging.Logger | logging.LoggerAdap
             log.warning("%s", err)
         shutil.rmtree(parent, ignore_errors=True)
         subprocess.run(["git", "worktree", "prune"], cwd=root, capture_output=True)
+
+
+def copy_workspace_changes(root: Path, workdir: Path) -> None:
+    """Tracked files changed since HEAD (staged or not) and dvc.lock, from the workspace into the copy."""
+    changed = [line for line in git(root, "diff", "--name-only", "-z", "HEAD").split("\0") if line]
+    for rel in [*changed, "dvc.lock"]:
+        src, dst = root / rel, workdir / rel
+        if src.is_file():
+            dst.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(src, dst)
+        elif not src.exists() and dst.is_file():
+            dst.unlink()
 
 
 def share_dvc_storage(root: Path, workdir: Path, log: logging.Logger | logging.LoggerAdapter) -> None:

@@ -1,8 +1,8 @@
 """`make demo`: demo data in, the whole pipeline through the retrain flow, one JSON summary line out.
 
-1. data/raw empty -> write the deterministic Fashion-MNIST subset (tasks.demo_data) and `dvc add` it
+1. data/raw empty -> write the deterministic Fashion-MNIST subset (tasks.lib.demo_data) and `dvc add` it
    (same bytes every time, so data/raw.dvc keeps its committed hash);
-2. run the `retrain` flow on Prefect's embedded server (nothing to start by hand);
+2. run the `retrain` flow on the project's Prefect server (`make serve`'s when it runs, else one for this run);
 3. print, as the last line of stdout, one JSON object summarising the run.
 
 Logs go to stderr; a second run on unchanged data skips every stage.
@@ -19,9 +19,9 @@ from typing import Any
 
 from flows.data_version import dvc_file, md5_in_workspace, raw_has_files
 from flows.dvc_runner import subprocess_env
-from tasks.cli import StageError
-from tasks.config import Params, ParamsError, load_params
-from tasks.io import read_json
+from tasks.lib.cli import StageError
+from tasks.lib.config import Params, ParamsError, load_params
+from tasks.lib.io import read_json
 
 
 class DemoError(RuntimeError):
@@ -33,7 +33,7 @@ def ensure_demo_data(root: Path, params: Params) -> None:
     raw = root / params.data.raw_dir
     if raw_has_files(raw):
         return
-    from tasks.demo_data import materialise
+    from tasks.lib.demo_data import materialise
 
     demo = params.data.demo
     before = md5_in_workspace(root, params.data.raw_dir) if (root / dvc_file(params.data.raw_dir)).exists() else None
@@ -110,8 +110,14 @@ def main() -> int:
         print(f"error: {err}", file=sys.stderr)
         return 1
     from flows.retrain import retrain  # imports Prefect (~3 s): after the cheap checks
+    from flows.server import ServerError, prefect_api
 
-    state = retrain(root=str(root), return_state=True)
+    try:
+        with prefect_api(root, say=lambda text: print(text, file=sys.stderr)):
+            state = retrain(root=str(root), return_state=True)
+    except ServerError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
     run_id = str(state.state_details.flow_run_id)
     if not state.is_completed():
         print(f"error: the retrain flow ended {state.name}: {state.message}", file=sys.stderr)

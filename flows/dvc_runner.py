@@ -8,6 +8,7 @@ whole process group (dvc and the stage's python under it), not just dvc.
 
 from __future__ import annotations
 
+import contextvars
 import logging
 import os
 import re
@@ -21,17 +22,30 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Literal
 
+from flows.processes import guarded, spawn
+
 TAIL_LINES = 40
 # A progress bar redraws with '\r'; log a redraw at most this often so the run log stays readable.
 PROGRESS_LOG_INTERVAL_S = 5.0
 KILL_GRACE_S = 10.0
 DVC_STAGE_LINE = re.compile(r"^(Running stage '|Stage ')")
+# DVC's hint after each stage that wrote git-tracked files; the flow says what changed itself.
+DVC_HINT_LINES = re.compile(r"^(To track the changes with git, run:|To enable auto staging, run:|"
+                            r"dvc config core\.autostage true|git add \S+)")
+# Words of a failure that may pass on a retry (network, remote storage); anything else fails the same way again.
+TRANSIENT = re.compile(r"timed? ?out|timeout|connection (reset|refused|aborted|error)|temporar|unreachable|"
+                       r"name resolution|too many requests|\b(429|500|502|503|504)\b|ssl|broken pipe|"
+                       r"reset by peer|throttl|slow ?down|service unavailable", re.IGNORECASE)
 
 StageOutcome = Literal["ran", "skipped"]
 
 
 class CommandFailed(RuntimeError):
     """A command exited non-zero (or timed out); the message carries its own last error lines."""
+
+
+class TransientFailure(CommandFailed):
+    """A failure that may pass on a retry (network, remote storage): the only kind the flow retries."""
 
 
 @dataclass
@@ -63,12 +77,14 @@ def run_streamed(cmd: list[str], cwd: Path, log: logging.Logger | logging.Logger
                  timeout_s: float | None = None, env: dict[str, str] | None = None) -> CommandResult:
     """Run cmd in its own process group, logging each output line as it arrives."""
     log.info("$ %s   (in %s)", " ".join(cmd), cwd)
-    proc = subprocess.Popen(cmd, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            env=subprocess_env(env), start_new_session=True)
+    proc = spawn(guarded(cmd), cwd, subprocess_env(env), stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     stdout_tail: deque[str] = deque(maxlen=TAIL_LINES)
     stderr_tail: deque[str] = deque(maxlen=TAIL_LINES)
     stage_lines: list[str] = []  # dvc's "Running stage"/"Stage ... skipping" lines, however long the output
-    readers = [threading.Thread(target=_pump, args=(stream, log, tail, stage_lines), daemon=True)
+    # Each reader runs in a copy of this context: Prefect's run logger finds its flow run and API
+    # settings there (a bare thread would fall back to the import-time settings).
+    readers = [threading.Thread(target=contextvars.copy_context().run,
+                                args=(_pump, stream, log, tail, stage_lines), daemon=True)
                for stream, tail in ((proc.stdout, stdout_tail), (proc.stderr, stderr_tail))]
     for reader in readers:
         reader.start()
@@ -115,7 +131,7 @@ def _pump(stream: IO[bytes], log: logging.Logger | logging.LoggerAdapter, tail: 
         while (match := re.search(rb"[\r\n]", buffer)) is not None:
             raw, sep, buffer = buffer[:match.start()], buffer[match.start():match.end()], buffer[match.end():]
             text = raw.decode(errors="replace").rstrip()
-            if not text:
+            if not text or DVC_HINT_LINES.match(text.strip()):
                 continue
             if sep == b"\r":
                 now = time.monotonic()
@@ -144,17 +160,32 @@ def run_checked(cmd: list[str], cwd: Path, log: logging.Logger | logging.LoggerA
         raise CommandFailed(f"{what} timed out after {timeout_s:g} s and was stopped; "
                             f"last output: {error_summary(result)}")
     if result.returncode != 0:
-        raise CommandFailed(f"{what} failed (exit {result.returncode}): {error_summary(result)}")
+        kind = TransientFailure if is_transient(result) else CommandFailed
+        raise kind(f"{what} failed (exit {result.returncode}): {error_summary(result)}")
     return result
+
+
+def is_transient(result: CommandResult) -> bool:
+    """Whether a failed command's own words say the failure may pass (a timeout, a dropped connection)."""
+    return result.timed_out is False and any(TRANSIENT.search(line) for line in result.stderr_tail + result.stdout_tail)
 
 
 def error_summary(result: CommandResult, max_lines: int = 6) -> str:
     """The lines that say what went wrong: the stage's own 'error:' lines and tracebacks' last line first."""
     lines = [line.strip() for line in result.stderr_tail or result.stdout_tail if line.strip()]
     own = [line for line in lines if re.match(r"^(error:|\w*(Error|Exception)\b)", line)]
-    dvc = [line for line in lines if line.startswith("ERROR:")]
-    chosen = own[-max_lines:] + dvc[-2:] if own or dvc else lines[-max_lines:]
+    dvc = dvc_error(lines)
+    chosen = own[-max_lines:] + dvc if own or dvc else lines[-max_lines:]
     return " | ".join(dict.fromkeys(chosen)) or "(no output)"
+
+
+def dvc_error(lines: list[str], max_lines: int = 12) -> list[str]:
+    """DVC's last 'ERROR:' with the lines that continue it (the targets a checkout missed, its advice)."""
+    starts = [i for i, line in enumerate(lines) if line.startswith("ERROR:")]
+    if not starts:
+        return []
+    block = lines[starts[-1]:]
+    return [line for line in block[:max_lines] if not DVC_HINT_LINES.match(line)]
 
 
 def stage_outcome(stage: str, lines: list[str]) -> StageOutcome:

@@ -4,6 +4,12 @@ DVC owns the stage graph and decides what is stale; this flow decides when and
 where. Each stage of dvc.yaml runs as its own Prefect task through
 `dvc repro <stage>`, so unchanged stages are skipped and dvc.lock is updated,
 and every line a stage prints is streamed into the run log as it is printed.
+One `dvc status` first finds the stale stages, so a run on unchanged data and
+code costs one DVC process, not one per stage.
+
+Overrides (-S) and other data versions run in an isolated git worktree: the
+user's params.yaml, dvc.lock and outputs are never written, whatever happens
+to the run (even SIGKILL).
 
     python -m flows.retrain [--data-rev v1] [-S train.head.epochs=3] [--push] [--no-publish]
 """
@@ -27,12 +33,12 @@ from prefect.cache_policies import NO_CACHE
 from prefect.runtime import flow_run
 from prefect.tasks import exponential_backoff
 
-from flows.data_version import (dvc_file, is_workspace_version, isolated_copy, md5_in_workspace,
-                                raw_has_files)
-from flows.dvc_runner import run_checked, run_streamed, stage_outcome
+from flows.data_version import dvc_file, is_workspace_version, isolated_copy, md5_in_workspace, raw_has_files
+from flows.dvc_runner import TransientFailure, run_checked, run_streamed, stage_outcome
 from flows.lock import describe_holder, retrain_lock
-from tasks.config import Params, apply_overrides_to_file, load_params
-from tasks.io import atomic_write_bytes, read_json
+from flows.server import ServerError, prefect_api
+from tasks.lib.config import Params, ParamsError, apply_overrides_to_file, load_params
+from tasks.lib.io import read_json
 
 # Only I/O is retried: a download or a transfer can fail and then work; a
 # training bug fails the same way every time, so retrying it only wastes hours.
@@ -47,16 +53,24 @@ METRIC_ROWS = ("accuracy", "balanced_accuracy", "macro_f1", "weighted_f1", "top_
 # --------------------------------------------------------------------------- tasks
 
 
+def transient_only(task: Any, task_run: Any, state: Any) -> bool:
+    """Prefect retry condition: retry a network or storage hiccup, never a failure that would repeat."""
+    return isinstance(state.result(raise_on_failure=False), TransientFailure)
+
+
+class DataChanged(RuntimeError):
+    """The data folder differs from the version its .dvc file pins."""
+
+
 @task(name="make data version present", retries=IO_RETRIES, retry_delay_seconds=IO_BACKOFF,
-      retry_jitter_factor=0.5, cache_policy=NO_CACHE)
+      retry_jitter_factor=0.5, retry_condition_fn=transient_only, cache_policy=NO_CACHE)
 def pull_data(workdir: Path, raw_dir: Path) -> str:
     """Check out (from the cache) or pull (from the remote) the data that the .dvc file pins; its hash."""
     log = get_run_logger()
     md5 = md5_in_workspace(workdir, raw_dir)
     target = str(dvc_file(raw_dir))
     if raw_has_files(workdir / raw_dir):
-        warn_if_untracked_changes(workdir, target, log)
-        log.info("Data %s present (DVC hash %s)", raw_dir, md5)
+        log.info("Data %s present; training on the version %s pins (DVC hash %s)", raw_dir, target, md5)
         return md5
     checkout = run_streamed(["dvc", "checkout", target], workdir, log)
     if checkout.returncode != 0 or not raw_has_files(workdir / raw_dir):
@@ -66,13 +80,26 @@ def pull_data(workdir: Path, raw_dir: Path) -> str:
     return md5
 
 
-def warn_if_untracked_changes(workdir: Path, target: str, log: Any) -> None:
-    """The pipeline trains on what is in the folder; say so when that differs from the .dvc file."""
-    result = run_streamed(["dvc", "status", target], workdir, log)
-    if result.returncode == 0 and any("modified:" in line or "deleted:" in line for line in result.stdout_tail):
-        log.warning("%s differs from %s: training uses the folder as it is; record it with "
-                    "`dvc add %s` and commit %s to make it a data version",
-                    target.removesuffix(".dvc"), target, target.removesuffix(".dvc"), target)
+@task(name="dvc status", cache_policy=NO_CACHE)
+def stale_stages(workdir: Path, stages: list[str], raw_dir: Path) -> list[str]:
+    """One `dvc status` over the whole pipeline: the stages to reproduce, from the first stale one on.
+
+    Data changed in the folder but not recorded in its .dvc file stops the run: `dvc repro`
+    would otherwise record it behind the user's back and train on an unnamed version.
+    """
+    log = get_run_logger()
+    result = run_checked(["dvc", "status", "--json"], workdir, log, "dvc status")
+    status = json.loads("".join(result.stdout_tail) or "{}")
+    target = str(dvc_file(raw_dir))
+    if target in status:
+        raise DataChanged(
+            f"{raw_dir} differs from the data version {target} pins ({md5_in_workspace(workdir, raw_dir)}): "
+            f"record it with `dvc add {raw_dir} && git add {target} && git commit -m 'data vN'` to train on it, "
+            f"or restore the pinned version with `dvc checkout {target}`")
+    stale = [stage for stage in stages if stage in status]
+    first = stages.index(stale[0]) if stale else len(stages)
+    log.info("Stale stages: %s", ", ".join(stale) or "none (everything up to date)")
+    return stages[first:]
 
 
 @task(name="dvc repro", cache_policy=NO_CACHE)
@@ -96,7 +123,7 @@ def push_outputs(workdir: Path, remote: str | None = None) -> None:
 @task(name="gate and publish", cache_policy=NO_CACHE)
 def gate_and_publish(params: Params, workdir: Path, flow_run_id: str) -> dict[str, Any]:
     """Compare the candidate with production on the same test split; publish (and maybe promote) it."""
-    from tasks.publish import publish_candidate  # the registry side; imported late so the flow loads without it
+    from tasks.handoff.publish import publish_candidate  # the registry side; imported late so the flow loads without it
 
     result = publish_candidate(params, workdir, flow_run_id)
     get_run_logger().info("Registry version %s: promoted=%s (%s)", result.get("registry_version"),
@@ -134,9 +161,11 @@ def retrain(data_rev: str | None = None, overrides: list[str] | None = None, pus
                     project, describe_holder(holder), lock_wait_minutes)
 
     with retrain_lock(project, lock_wait_minutes * 60, owner, on_wait=waiting):
-        with working_copy(project, data_rev, params.data.raw_dir, log) as workdir:
-            with params_applied(workdir, overrides, log) as run_params:
-                return run_pipeline(project, workdir, data_rev, run_params, run_id, push, publish, remote)
+        with working_copy(project, data_rev, overrides, params.data.raw_dir, log) as workdir:
+            run_params = apply_overrides_to_file(workdir / "params.yaml", overrides) if overrides else params
+            if overrides:
+                log.info("Params overrides for this run (in the isolated copy): %s", ", ".join(overrides))
+            return run_pipeline(project, workdir, data_rev, run_params, run_id, push, publish, remote)
 
 
 def run_pipeline(project: Path, workdir: Path, data_rev: str | None, params: Params, run_id: str,
@@ -144,8 +173,10 @@ def run_pipeline(project: Path, workdir: Path, data_rev: str | None, params: Par
     """The steps in order, once the lock is held and the working copy and params are in place."""
     log = get_run_logger()
     data_md5 = pull_data(workdir, params.data.raw_dir)
-    outcomes: dict[str, str] = {}
-    for stage in read_stages(workdir):
+    stages = read_stages(workdir)
+    to_run = stale_stages(workdir, stages, params.data.raw_dir)
+    outcomes = {stage: "skipped" for stage in stages}
+    for stage in to_run:
         outcomes[stage] = stage_task(stage)(workdir, stage, stage_timeout_s(stage, params))
     if push:
         push_outputs(workdir, remote)
@@ -164,32 +195,23 @@ def run_pipeline(project: Path, workdir: Path, data_rev: str | None, params: Par
 
 
 @contextmanager
-def working_copy(project: Path, data_rev: str | None, raw_dir: Path, log: Any) -> Iterator[Path]:
-    """The project itself for its own data version; otherwise an isolated git worktree of data_rev."""
+def working_copy(project: Path, data_rev: str | None, overrides: list[str], raw_dir: Path,
+                 log: Any) -> Iterator[Path]:
+    """The project itself for its own data version without overrides; otherwise an isolated git worktree.
+
+    Overrides run in a copy of the workspace as it is (uncommitted changes included), so the user's
+    params.yaml is never written: a crash at any moment leaves it byte for byte as it was.
+    """
     if is_workspace_version(project, data_rev, raw_dir):
-        log.info("Training on the workspace's data version in %s", project)
-        yield project
+        if not overrides:
+            log.info("Training on the workspace's data version in %s", project)
+            yield project
+            return
+        with isolated_copy(project, "HEAD", log, with_workspace_changes=True) as workdir:
+            yield workdir
         return
     with isolated_copy(project, data_rev, log) as workdir:
         yield workdir
-
-
-@contextmanager
-def params_applied(workdir: Path, overrides: list[str], log: Any) -> Iterator[Params]:
-    """Write the overrides into the copy's params.yaml for DVC to see, and restore the file afterwards."""
-    path = workdir / "params.yaml"
-    if not overrides:
-        yield load_params(path)
-        return
-    original = path.read_bytes()
-    try:
-        params = apply_overrides_to_file(path, overrides)
-        log.info("Params overrides for this run: %s", ", ".join(overrides))
-        yield params
-    finally:
-        # dvc.lock keeps the values this run used, so a later run without them re-runs what they touched.
-        atomic_write_bytes(path, original)
-        log.info("Restored %s", path)
 
 
 def read_stages(workdir: Path) -> list[str]:
@@ -217,10 +239,7 @@ def stage_timeout_s(stage: str, params: Params) -> float | None:
 
 def with_project_registry(params: Params, project: Path, workdir: Path) -> Params:
     """In an isolated copy, publish to the project's registry, not to one inside the temporary copy."""
-    uri = params.registry.uri
-    if workdir == project or "://" in uri or Path(uri).is_absolute():
-        return params
-    registry = params.registry.model_copy(update={"uri": str(project / uri)})
+    registry = params.registry.model_copy(update={"uri": params.registry.location(project)})
     return params.model_copy(update={"registry": registry})
 
 
@@ -243,7 +262,7 @@ def summarize(project: Path, workdir: Path, data_rev: str | None, data_md5: str,
         "pushed": pushed,
         "test_metrics": {k: metrics[k] for k in METRIC_ROWS if k in metrics},
         "per_class": metrics.get("per_class", {}),
-        "paths": {name: str(path) for name, path in paths.items()},
+        "paths": {name: path.relative_to(workdir).as_posix() for name, path in paths.items()},
         "publish": published,
     }
 
@@ -276,8 +295,8 @@ def outputs_markdown(summary: dict[str, Any], workdir: Path) -> str:
                   f"Registry version **{published.get('registry_version')}**: promoted = "
                   f"**{published.get('promoted')}** ({published.get('reason')})"]
     if summary["isolated"]:
-        lines += ["", f"The isolated working copy {workdir} is removed after the run; its outputs stay in the "
-                      "DVC cache and the published version in the registry."]
+        lines += ["", "These paths were in an isolated working copy (for the data version or the overrides), "
+                      "removed after the run; the outputs stay in the DVC cache and the model in the registry."]
     return "\n".join(lines) + "\n"
 
 
@@ -285,20 +304,44 @@ def _fmt(value: Any) -> str:
     return f"{value:.4f}" if isinstance(value, float) else str(value)
 
 
-def main(argv: list[str] | None = None) -> int:
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m flows.retrain", description=__doc__.split("\n\n")[0])
     parser.add_argument("--data-rev", help="git revision (tag, branch, commit) of the data version")
     parser.add_argument("-S", "--set", action="append", default=[], metavar="KEY=VALUE", help="params override")
     parser.add_argument("--push", action="store_true", help="dvc push the data and outputs afterwards")
     parser.add_argument("--no-publish", action="store_true", help="skip the gate and publish step")
     parser.add_argument("--lock-wait-minutes", type=float, default=60.0)
-    args = parser.parse_args(argv)
-    state = retrain(data_rev=args.data_rev, overrides=args.set, push=args.push, publish=not args.no_publish,
-                    lock_wait_minutes=args.lock_wait_minutes, return_state=True)
+    return parser.parse_args(argv)
+
+
+def result_line(result: dict[str, Any]) -> dict[str, Any]:
+    """What a person reads after a run: stages and the gate's decision, each said once."""
+    published = result.get("publish") or {}
+    return {"flow_run_id": result["flow_run_id"], "data_md5": result["data_md5"],
+            "stages_run": result["stages_run"], "stages_skipped": result["stages_skipped"],
+            **{key: published.get(key) for key in ("registry_version", "promoted", "reason", "model_card")
+               if published}}
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    root = Path.cwd()
+    try:  # a bad params.yaml or -S fails here, in a second, before any server starts
+        load_params(root / "params.yaml", args.set)
+    except ParamsError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    try:
+        with prefect_api(root, say=lambda text: print(text, file=sys.stderr)):
+            state = retrain(data_rev=args.data_rev, overrides=args.set, push=args.push,
+                            publish=not args.no_publish, root=str(root),
+                            lock_wait_minutes=args.lock_wait_minutes, return_state=True)
+    except ServerError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
     result = state.result(raise_on_failure=False)
     if state.is_completed():
-        print(json.dumps({k: result[k] for k in ("flow_run_id", "stages_run", "stages_skipped", "publish")},
-                         default=str))
+        print(json.dumps(result_line(result), default=str))
         return 0
     print(f"retrain {state.name}: {state.message}", file=sys.stderr)
     return 1

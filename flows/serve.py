@@ -1,34 +1,59 @@
-"""Serve the scheduled deployments locally: `retrain` on schedule.cron and `watch` every few minutes.
+"""Serve the scheduled deployments on the project's Prefect server: `retrain` on cron, `watch` on an interval.
 
-    make serve        # or: python -m flows.serve
+    make serve        # or: python -m flows.serve [--port 4200] [--paused]
 
-No work pool or worker is needed: `prefect.serve` registers both deployments
-with the Prefect API (PREFECT_API_URL, or the embedded server) and runs their
-flow runs in subprocesses of this process. Ctrl-C or SIGTERM stops it cleanly
-(schedules are paused on shutdown). `prefect.yaml` holds the same deployments
-for a work pool (`prefect deploy --all`).
+Prefect's temporary (ephemeral) server runs no scheduler, so schedules never
+fire on it. This command starts a real `prefect server start` on 127.0.0.1
+(database in the project's `.prefect/`, UI at the printed address), or reuses
+the project's running one, then serves both deployments against it from a
+child process; flow runs run in subprocesses of that child. While it runs,
+`python -m flows.retrain` and `make demo` reuse the same server.
+
+One Ctrl-C or SIGTERM stops the runner, any flow run it started and the
+server within seconds: each is in its own process group, stopped by process
+id, and dies with this process even if it is SIGKILLed. `prefect.yaml` holds
+the same deployments for a work pool (`prefect deploy --all`).
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import signal
+import subprocess
 import sys
 from datetime import timedelta
 from pathlib import Path
 from types import FrameType
+from typing import TYPE_CHECKING
 
-from prefect import serve
-from prefect.deployments.runner import EntrypointType, RunnerDeployment
-from prefect.schedules import Cron, Interval
+from flows.processes import spawn, stop_process_group
+from flows.server import (
+    Server,
+    ServerError,
+    advertise,
+    port_in_use,
+    running_server,
+    start_server,
+    startup_timeout_s,
+    withdraw,
+)
+from tasks.lib.config import ParamsError, load_params
 
-from flows.retrain import retrain
-from flows.watch import watch
-from tasks.config import ParamsError, load_params
+if TYPE_CHECKING:
+    from prefect.deployments.runner import RunnerDeployment
+
+RUNNER_STOP_GRACE_S = 4.0  # the runner cancels its flow runs on SIGTERM; then its process group is killed
 
 
 def deployments(params_path: Path, paused: bool = False) -> list[RunnerDeployment]:
     """The two deployments, with their schedules taken from params.yaml's schedule section."""
+    from prefect.deployments.runner import EntrypointType
+    from prefect.schedules import Cron, Interval
+
+    from flows.retrain import retrain
+    from flows.watch import watch
+
     schedule = load_params(params_path).schedule
     root = str(params_path.resolve().parent)
     return [
@@ -55,32 +80,90 @@ def deployments(params_path: Path, paused: bool = False) -> list[RunnerDeploymen
     ]
 
 
-def _stop_on_sigterm() -> None:
-    """SIGTERM before the runner starts stops like Ctrl-C; once started, Prefect's runner handles it the same way."""
-    def handler(signum: int, frame: FrameType | None) -> None:
-        raise KeyboardInterrupt(f"signal {signum}")
+class Stop(Exception):
+    """Ctrl-C or SIGTERM arrived."""
 
+
+def _stop_on_signals() -> None:
+    def handler(signum: int, frame: FrameType | None) -> None:
+        raise Stop(signal.Signals(signum).name)
+
+    signal.signal(signal.SIGINT, handler)
     signal.signal(signal.SIGTERM, handler)
+
+
+def serve_deployments(params_path: Path, paused: bool) -> int:
+    """The runner (child process): register both deployments and run their flow runs until SIGTERM."""
+    from prefect import serve
+
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the supervisor decides; Ctrl-C reaches it alone
+    serve(*deployments(params_path, paused=paused), limit=2, print_starting_message=False)
+    return 0
+
+
+def the_server(root: Path, port: int) -> tuple[Server, bool]:
+    """(server, started here): PREFECT_API_URL's, the project's running one, or a new one on port."""
+    if url := os.environ.get("PREFECT_API_URL"):
+        return Server(url), False
+    if url := running_server(root):
+        return Server(url), False
+    if port_in_use(port):
+        raise ServerError(f"port {port} on 127.0.0.1 is taken by another program; "
+                          f"choose another with `python -m flows.serve --port N` (make serve PORT=N)")
+    return start_server(root, port, startup_timeout_s(), say=lambda text: print(text, file=sys.stderr)), True
+
+
+def supervise(root: Path, args: argparse.Namespace) -> int:
+    """Server, then runner; on Ctrl-C/SIGTERM stop the runner (and its flow runs), then the server."""
+    _stop_on_signals()
+    server: Server | None = None
+    runner: subprocess.Popen | None = None
+    try:
+        server, started = the_server(root, args.port)
+        if started:
+            advertise(root, server)
+        cmd = [sys.executable, "-m", "flows.serve", "--runner", "--params", str(args.params)]
+        runner = spawn(cmd + (["--paused"] if args.paused else []), root,
+                       {**os.environ, "PREFECT_API_URL": server.url})
+        print(f"Serving retrain/scheduled and watch/data-change against {server.url}\n"
+              f"Prefect UI: {server.ui_url}   (Ctrl-C stops)", file=sys.stderr, flush=True)
+        code = runner.wait()
+        print(f"the runner exited with code {code}; see its messages above", file=sys.stderr)
+        return 1
+    except ServerError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
+    except Stop as stop:
+        print(f"{stop}: stopping", file=sys.stderr, flush=True)
+        return 0
+    finally:
+        signal.signal(signal.SIGINT, signal.SIG_IGN)  # a second Ctrl-C must not interrupt the clean-up
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        if runner is not None:
+            stop_process_group(runner, RUNNER_STOP_GRACE_S)
+        if server is not None:
+            withdraw(root, server)
+            server.stop()
+        print("flows.serve stopped", file=sys.stderr)
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m flows.serve", description=__doc__.split("\n\n")[0])
     parser.add_argument("--params", type=Path, default=Path("params.yaml"))
+    parser.add_argument("--port", type=int, default=int(os.environ.get("PREFECT_SERVER_API_PORT", "4200")),
+                        help="port of the server this command starts on 127.0.0.1 (default 4200)")
     parser.add_argument("--paused", action="store_true",
                         help="register the schedules paused: runs start only when triggered (UI, CLI, API)")
+    parser.add_argument("--runner", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
-    try:
-        served = deployments(args.params, paused=args.paused)
+    try:  # bad params fail here, before any server starts
+        load_params(args.params)
     except ParamsError as err:
-        print(err, file=sys.stderr)
+        print(f"error: {err}", file=sys.stderr)
         return 2
-    _stop_on_sigterm()
-    try:
-        serve(*served, limit=2)
-    except KeyboardInterrupt:
-        pass
-    print("flows.serve stopped", file=sys.stderr)
-    return 0
+    if args.runner:
+        return serve_deployments(args.params, args.paused)
+    return supervise(args.params.resolve().parent, args)
 
 
 if __name__ == "__main__":

@@ -23,11 +23,11 @@ from typing import Any
 from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
-from flows.data_version import md5_at
+from flows.data_version import DataVersionError, check_rev, md5_at
 from flows.retrain import retrain
-from tasks.config import Params, load_params
-from tasks.io import read_json, write_json
-from tasks.registry import open_registry
+from tasks.handoff.registry import open_registry
+from tasks.lib.config import Params, load_params
+from tasks.lib.io import read_json, write_json
 
 STATE_NAME = "watch-state.json"
 
@@ -74,7 +74,7 @@ def watch(branch: str | None = None, root: str | None = None, overrides: list[st
     log = get_run_logger()
     project = Path(root or os.getcwd()).resolve()
     params = load_params(project / "params.yaml", overrides)
-    branch = branch or params.schedule.data_branch
+    branch = check_rev(branch or params.schedule.data_branch, "branch")
     current = read_data_version(project, branch, params.data.raw_dir)
     production = production_data_version(params, project)
     state = read_state(project)
@@ -98,9 +98,17 @@ def watch(branch: str | None = None, root: str | None = None, overrides: list[st
     return {"triggered": True, "data_md5": current, "retrain": result}
 
 
+def _branch(value: str) -> str:
+    try:
+        return check_rev(value, "--branch")
+    except DataVersionError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m flows.watch", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--branch", help="git branch holding the data version (default: schedule.data_branch)")
+    parser.add_argument("--branch", type=_branch, help="git branch holding the data version "
+                        "(default: schedule.data_branch)")
     args = parser.parse_args(argv)
     print(json.dumps(watch(branch=args.branch), default=str))
     return 0

@@ -22,13 +22,13 @@ import torch
 from PIL import Image, ImageDraw, ImageOps
 from torch.utils.data import DataLoader
 
-from tasks.cli import StageError, progress, stage_main
-from tasks.config import Params
-from tasks.data import EvalDataset, read_classes, read_rows
-from tasks.images import BadImage, load_rgb
-from tasks.io import SplitRow, atomic_path, split_digest, write_json
-from tasks.metrics import compute_metrics, reliability_bins
-from tasks.models import load_checkpoint
+from tasks.lib.cli import StageError, progress, stage_main
+from tasks.lib.config import Params
+from tasks.lib.data import EvalDataset, read_classes, read_rows
+from tasks.lib.images import BadImage, load_rgb
+from tasks.lib.io import SplitRow, atomic_path, split_digest, write_json
+from tasks.lib.metrics import compute_metrics, reliability_bins
+from tasks.lib.models import load_checkpoint
 
 __all__ = ["compute_metrics", "run", "predict_probs", "write_plots"]
 

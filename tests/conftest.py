@@ -6,17 +6,23 @@ import os
 import shutil
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import numpy as np
 import pytest
 from PIL import Image
 
+pytest_plugins = ["pytester"]
+
 REPO_ROOT = Path(__file__).resolve().parents[1]
 VENV_BIN = Path(sys.executable).parent
 
-# Keep every tool offline and quiet, before anything imports Prefect or DVC.
-os.environ.setdefault("PREFECT_HOME", str(REPO_ROOT / ".prefect" / "tests"))
+# Keep every tool offline and quiet, before anything imports Prefect or DVC. Prefect's home
+# (its database) is a fresh folder outside the checkout: tests never touch the project's
+# flow history, and nothing is left in the working tree.
+TEST_PREFECT_HOME = Path(tempfile.mkdtemp(prefix="pytest-prefect-home-"))
+os.environ["PREFECT_HOME"] = str(TEST_PREFECT_HOME)
 os.environ["PREFECT_SERVER_ANALYTICS_ENABLED"] = "false"
 os.environ["DO_NOT_TRACK"] = "1"
 os.environ["PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS"] = "90"
@@ -25,6 +31,30 @@ os.environ["DVC_STUDIO_OFFLINE"] = "true"
 os.environ["ORT_DISABLE_TELEMETRY"] = "1"
 os.environ["AWS_EC2_METADATA_DISABLED"] = "true"
 os.environ["PATH"] = f"{VENV_BIN}{os.pathsep}{os.environ['PATH']}"
+
+
+# Debian's dataset-fashion-mnist (params.yaml data.demo.source_dir); the variable lets a test point elsewhere.
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    shutil.rmtree(TEST_PREFECT_HOME, ignore_errors=True)
+
+
+FASHION_MNIST = Path(os.environ.get("FASHION_MNIST_DIR", "/usr/share/datasets/fashion-mnist"))
+
+
+def in_ci() -> bool:
+    return os.environ.get("CI", "").lower() in ("1", "true", "yes")
+
+
+@pytest.fixture
+def fashion_mnist() -> Path:
+    """The Fashion-MNIST files. Missing: skipped on a desk, a failure in CI (CI=true), where they must be installed."""
+    if not (FASHION_MNIST / "train-images-idx3-ubyte.gz").exists():
+        message = (f"Fashion-MNIST is not in {FASHION_MNIST}: `apt-get install dataset-fashion-mnist` "
+                   "(make test installs it)")
+        if in_ci():
+            pytest.fail(message + "; CI must not skip these tests")
+        pytest.skip(message)
+    return FASHION_MNIST
 
 
 def write_image_folder(root: Path, classes: int = 3, per_class: int = 8, size: int = 32, seed: int = 0) -> Path:
@@ -60,7 +90,7 @@ def init_dvc_repo(root: Path) -> Path:
     root.mkdir(parents=True, exist_ok=True)
     for name in ("tasks", "flows"):
         shutil.copytree(REPO_ROOT / name, root / name, ignore=shutil.ignore_patterns("__pycache__"))
-    for name in ("params.yaml", "dvc.yaml"):
+    for name in ("params.yaml", "dvc.yaml", ".dvcignore"):
         shutil.copy(REPO_ROOT / name, root / name)
     run(["git", "init", "-q", "-b", "main"], root)
     run(["git", "config", "user.email", "tests@example.invalid"], root)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -16,10 +17,11 @@ RATIOS = ["speedup_frozen", "speedup_frozen_amortised", "speedup_unfreeze", "eff
 
 
 @pytest.mark.slow
-def test_cpu_mode_prints_a_table_and_ends_with_the_json_report() -> None:
+def test_cpu_mode_prints_a_table_and_ends_with_the_json_report(tmp_path: Path) -> None:
     proc = run([sys.executable, "benchmarks/train_throughput.py", "--device", "cpu", "--arch", "mobilenet_v3_small",
                 "--image-size", "32", "--batch-size", "8", "--num-images", "40", "--steps", "2", "--warmup", "1",
-                "--repeats", "1", "--workers", "1"], REPO_ROOT, env={"OMP_NUM_THREADS": "1"})
+                "--repeats", "1", "--workers", "1", "--profile", str(tmp_path)], REPO_ROOT,
+               env={"OMP_NUM_THREADS": "1"})
     lines = proc.stdout.strip().splitlines()
     assert any("unfreeze (b) project" in line for line in lines)          # the table came first
     report = json.loads(lines[-1])
@@ -32,3 +34,6 @@ def test_cpu_mode_prints_a_table_and_ends_with_the_json_report() -> None:
     assert report["peak_host_rss_mb"] > 0 and report["cache_build_img_per_s"] > 0
     env = report["environment"]
     assert env["device"] == "cpu" and env["image_size"] == 32 and env["batch_size"] == 8 and env["torch"]
+    profiles = (tmp_path / "profile.txt").read_text()   # --profile: where (b)'s time goes, op by op
+    assert "mobilenet_v3_small_frozen_cached:" in profiles and "mobilenet_v3_small_unfreeze:" in profiles
+    assert "Optimizer.step" in profiles

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import hashlib
 import os
+import shutil
 import socket
 import subprocess
-import shutil
 from collections.abc import Iterator
 from pathlib import Path
 

@@ -9,15 +9,12 @@ import pytest
 import yaml
 
 from flows.demo import DemoError, build_summary, ensure_demo_data
-from tasks.config import load_params
+from tasks.lib.config import load_params
 from tests.conftest import REPO_ROOT, run
-
-SOURCE = Path("/usr/share/datasets/fashion-mnist")
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(not SOURCE.is_dir(), reason="Debian's dataset-fashion-mnist is not installed (make test installs it)")
-def test_demo_data_reproduces_the_committed_data_version(tmp_path: Path) -> None:
+def test_demo_data_reproduces_the_committed_data_version(tmp_path: Path, fashion_mnist: Path) -> None:
     root = tmp_path / "clone"
     root.mkdir()
     run(["git", "init", "-q"], root)
@@ -31,7 +28,12 @@ def test_demo_data_reproduces_the_committed_data_version(tmp_path: Path) -> None
     assert (root / "data" / "raw.dvc").read_text() == committed  # same bytes -> same DVC hash
     assert len(list((root / "data" / "raw").rglob("*.png"))) == yaml.safe_load(committed)["outs"][0]["nfiles"]
 
-    ensure_demo_data(root, load_params(root / "params.yaml"))  # data present: nothing to do
+    # Data present: nothing is written again and DVC is not asked (the files keep their inodes and times).
+    before = {p: p.stat() for p in (root / "data").rglob("*")}
+    ensure_demo_data(root, load_params(root / "params.yaml"))
+    after = {p: p.stat() for p in (root / "data").rglob("*")}
+    assert after.keys() == before.keys()
+    assert all((after[p].st_ino, after[p].st_mtime_ns) == (before[p].st_ino, before[p].st_mtime_ns) for p in before)
 
 
 def test_summary_names_every_missing_output(tmp_path: Path) -> None:

@@ -13,7 +13,7 @@ import yaml
 from prefect.settings import PREFECT_API_URL
 
 from flows.retrain import retrain
-from tasks.config import apply_overrides_to_file
+from tasks.lib.config import apply_overrides_to_file
 from tests.conftest import init_dvc_repo, run, write_image_folder
 from tests.flows.conftest import git_commit
 from tests.flows.helpers import run_artifacts, state_of

@@ -10,7 +10,7 @@ import yaml
 
 from flows.lock import lock_path, retrain_lock
 from flows.retrain import retrain, stage_timeout_s
-from tasks.config import load_params
+from tasks.lib.config import load_params
 from tests.conftest import REPO_ROOT, run
 from tests.flows.conftest import add_data_version, snapshot
 from tests.flows.helpers import run_artifacts, run_logs, state_of
@@ -30,16 +30,29 @@ def test_bad_override_fails_before_anything_runs(tiny_project: Path) -> None:
 
 
 @pytest.mark.slow
-def test_stage_failure_fails_the_flow_with_the_stage_message_and_restores_params(tiny_project: Path) -> None:
-    params_before = (tiny_project / "params.yaml").read_bytes()
+def test_stage_failure_fails_the_flow_with_the_stage_message_and_leaves_the_workspace_alone(
+        tiny_project: Path) -> None:
+    before = snapshot(tiny_project)
     state = retrain(root=str(tiny_project), overrides=["train.head.epochs=0"], publish=False, return_state=True)
     name, message, _ = state_of(state)
     assert name == "Failed"
     assert "stage train failed" in message
     assert "error: train.head.epochs is 0, so there is nothing to train" in message
-    assert (tiny_project / "params.yaml").read_bytes() == params_before
-    lock = yaml.safe_load((tiny_project / "dvc.lock").read_text())
-    assert set(lock["stages"]) == {"prepare", "fetch_weights"}  # the stages before train completed and locked
+    # The overrides ran in an isolated copy: params.yaml, dvc.lock and every output are as they were.
+    assert snapshot(tiny_project) == before
+    assert not (tiny_project / "dvc.lock").exists()
+
+
+@pytest.mark.slow
+def test_unrecorded_data_changes_stop_the_run_and_no_dvc_file_is_rewritten(tiny_project: Path) -> None:
+    (tiny_project / "data" / "raw" / "class_0" / "img_000.png").write_bytes(
+        (tiny_project / "data" / "raw" / "class_1" / "img_000.png").read_bytes())
+    before = snapshot(tiny_project)
+    name, message, _ = state_of(retrain(root=str(tiny_project), publish=False, return_state=True))
+    assert name == "Failed"
+    assert "data/raw differs from the data version data/raw.dvc pins" in message
+    assert "dvc add data/raw" in message and "dvc checkout data/raw.dvc" in message
+    assert snapshot(tiny_project) == before  # data/raw.dvc not rewritten, no stage ran
 
 
 def test_only_train_has_a_timeout_and_it_comes_from_params() -> None:
@@ -109,3 +122,43 @@ def test_a_busy_project_exits_with_a_clear_message_when_told_not_to_wait(tiny_pr
     assert name == "Failed"
     assert "another retrain of this project is running" in message and "the-other-run" in message
     assert str(lock_path(tiny_project)) in message
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_sigkill_during_a_stage_leaves_params_and_no_process_behind(tiny_project: Path, tmp_path: Path) -> None:
+    import os
+    import signal
+    import subprocess
+    import time
+
+    import psutil
+
+    from tests.conftest import VENV_BIN
+
+    before = snapshot(tiny_project)
+    params_bytes = (tiny_project / "params.yaml").read_bytes()
+    env = {k: v for k, v in os.environ.items() if k != "PREFECT_API_URL"}
+    env["PREFECT_HOME"] = str(tmp_path / "prefect-home")
+    log = tmp_path / "retrain.log"
+    with log.open("wb") as out:  # train sleeps train.seed seconds in the tiny pipeline
+        proc = subprocess.Popen([str(VENV_BIN / "python"), "-m", "flows.retrain", "-S", "train.seed=60",
+                                 "--no-publish"], cwd=tiny_project, env=env, stdout=out, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + 200
+        while "tiny stage train working" not in log.read_text(errors="replace"):
+            assert proc.poll() is None and time.monotonic() < deadline, log.read_text(errors="replace")[-3000:]
+            time.sleep(0.5)
+        family = psutil.Process(proc.pid).children(recursive=True)
+        names = " ".join(" ".join(p.cmdline()) for p in family)
+        assert "prefect server start" in names and "tiny_stage.py train" in names
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=10)
+        _, alive = psutil.wait_procs(family, timeout=20)
+        assert alive == [], [p.cmdline() for p in alive]  # server, dvc and the stage all stopped
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert (tiny_project / "params.yaml").read_bytes() == params_bytes
+    after = snapshot(tiny_project)
+    assert after == before

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tasks.config import load_params
+from tasks.lib.config import load_params
 from tests.conftest import REPO_ROOT, VENV_BIN, run
 from tests.flows.conftest import free_port, git_commit, stop
 

@@ -10,8 +10,8 @@ import pytest
 import yaml
 
 from flows.watch import state_path, watch
-from tasks.lineage import REQUIRED
-from tasks.registry import VERSION_FILES, Registry, new_version_id
+from tasks.handoff.lineage import REQUIRED
+from tasks.handoff.registry import VERSION_FILES, Registry, new_version_id
 from tests.conftest import run
 from tests.flows.conftest import add_data_version
 

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import shutil
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -11,15 +13,15 @@ import torch
 import yaml
 from PIL import Image
 
-from tasks.augment import device_batch
-from tasks.cli import StageError
-from tasks.config import load_params
-from tasks.data import EvalDataset, decode_arrays, train_preprocessing
-from tasks.decode_cache import (AUGMENT, EVAL, MappedImages, build_cache, load_arrays, open_split, read_meta,
-                                 training_images)
-from tasks.images import load_rgb
-from tasks.io import SplitRow, sha256_file, write_split
-from tasks.preprocess import Preprocessing, resize_and_crop
+from tasks.decode_cache import build_cache
+from tasks.lib.augment import device_batch
+from tasks.lib.cli import StageError
+from tasks.lib.config import load_params
+from tasks.lib.data import EvalDataset, decode_arrays, train_preprocessing
+from tasks.lib.image_cache import AUGMENT, EVAL, MappedImages, load_arrays, open_split, read_meta, training_images
+from tasks.lib.images import load_rgb
+from tasks.lib.io import SPLITS, SplitRow, sha256_file, write_split
+from tasks.lib.preprocess import Preprocessing, resize_and_crop
 from tests.conftest import REPO_ROOT, init_dvc_repo, run
 
 PREP = Preprocessing(crop_size=24, resize_size=24)
@@ -178,15 +180,115 @@ def test_training_reads_the_cache_when_it_matches_and_decodes_when_it_does_not(
 def test_the_train_stage_reads_its_images_from_the_cache(built: tuple[Path, Path, dict[str, list[SplitRow]]],
                                                          tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     from tasks.train import load_data
-    from tasks.train_runtime import Runtime
+    from tasks.training.runtime import Runtime
 
     raw, decoded, _ = built
     params = load_params(REPO_ROOT / "params.yaml", {
         "cache.dir": str(decoded), "data.raw_dir": str(raw), "data.prepared_dir": str(tmp_path / "prepared"),
         "train.image_size": 24, "cache.margin": 1.15, "train.finetune.augment": True})
-    data = load_data(params, PREP, Runtime(device=torch.device("cpu"), amp_dtype=None))
+    data = load_data(params, PREP, Runtime(device=torch.device("cpu"), amp_dtype=None), num_classes=2)
     for images, variant, split in ((data.train_eval, EVAL, "train"), (data.train_big, AUGMENT, "train"),
                                    (data.val_x, EVAL, "val")):
         assert isinstance(images.array, np.memmap)
         assert Path(images.array.filename) == decoded / split / f"{variant}.npy"
     assert "decoding" not in caplog.text
+
+
+# --------------------------------------------------------------------------- incremental builds
+
+
+def arrays_of(decoded: Path) -> dict[str, bytes]:
+    """Every file of a built cache, by relative path (meta.json included)."""
+    return {str(p.relative_to(decoded)): p.read_bytes() for p in sorted(decoded.rglob("*")) if p.is_file()}
+
+
+def photo(path: Path, seed: int, size: tuple[int, int] = (160, 120)) -> SplitRow:
+    """A smooth JPEG large enough for draft decoding at the test's sizes."""
+    rng = np.random.default_rng(seed)
+    coarse = Image.fromarray(rng.integers(0, 256, (6, 8, 3), dtype=np.uint8)).resize(size, Image.Resampling.BICUBIC)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    coarse.save(path, quality=90)
+    return SplitRow(path.name, seed % 2, sha256_file(path))
+
+
+@pytest.mark.parametrize("draft", [False, True])
+def test_incremental_builds_equal_builds_from_scratch(tmp_path: Path, draft: bool) -> None:
+    raw, prepared, store = tmp_path / "raw", tmp_path / "prepared", tmp_path / "store"
+    rows = [photo(raw / f"img_{i:02d}.jpg", i) for i in range(12)]
+
+    def build(splits: dict[str, list[SplitRow]], out: Path, store_dir: Path | None) -> dict:
+        for name, split_rows in splits.items():
+            write_split(prepared / f"{name}.csv", sorted(split_rows, key=lambda r: r.path))
+        return build_cache(prepared, raw, out, PREPS, workers=2, store_dir=store_dir, draft=draft)
+
+    first = build({"train": rows[:8], "val": rows[8:10], "test": rows[10:]}, tmp_path / "inc", store)
+    assert [first[s]["decoded"] for s in SPLITS] == [8, 2, 2]
+    again = build({"train": rows[:8], "val": rows[8:10], "test": rows[10:]}, tmp_path / "inc", store)
+    assert [again[s]["decoded"] for s in SPLITS] == [0, 0, 0]
+
+    added = [photo(raw / f"new_{i}.jpg", 100 + i) for i in range(2)]
+    modified = photo(raw / "img_03.jpg", 55)                 # same name, new content
+    moved = rows[9]                                          # val -> train: its eval row is reused across splits
+    train = [r for r in rows[:8] if r.path not in ("img_03.jpg", "img_05.jpg")] + added + [modified, moved]
+    splits = {"train": train, "val": rows[8:9], "test": rows[10:]}
+    changed = build(splits, tmp_path / "inc", store)
+    assert changed["train"]["decoded"] == 3 + 1              # added + modified, and moved (no augment row stored)
+    assert changed["val"]["decoded"] == changed["test"]["decoded"] == 0
+    build(splits, tmp_path / "scratch", None)
+    assert arrays_of(tmp_path / "inc") == arrays_of(tmp_path / "scratch")
+
+
+def test_rows_are_never_reused_across_preprocessing_or_draft_changes(built: tuple[Path, Path, dict],
+                                                                      tmp_path: Path) -> None:
+    raw, _, _ = built
+    store = tmp_path / "store"
+    build_cache(tmp_path / "prepared", raw, tmp_path / "a", PREPS, workers=1, store_dir=store)
+    other = {EVAL: Preprocessing(crop_size=20, resize_size=22)}
+    summary = build_cache(tmp_path / "prepared", raw, tmp_path / "b", other, workers=1, store_dir=store)
+    assert summary["val"]["decoded"] == 3
+    summary = build_cache(tmp_path / "prepared", raw, tmp_path / "c", PREPS, workers=1, store_dir=store, draft=True)
+    assert summary["val"]["decoded"] == 3
+    summary = build_cache(tmp_path / "prepared", raw, tmp_path / "d", PREPS, workers=1, store_dir=store)
+    assert summary["val"]["decoded"] == 0 and arrays_of(tmp_path / "a") == arrays_of(tmp_path / "d")
+
+
+def test_the_store_shares_its_disk_blocks_with_the_outputs_and_survives_their_deletion(
+        built: tuple[Path, Path, dict], tmp_path: Path) -> None:
+    raw, _, _ = built
+    store = tmp_path / "store"
+    build_cache(tmp_path / "prepared", raw, tmp_path / "out", PREPS, workers=1, store_dir=store)
+    assert (tmp_path / "out" / "train" / "eval.npy").stat().st_nlink == 2      # a hard link, not a copy
+    shutil.rmtree(tmp_path / "out")                                           # what `dvc repro` does first
+    summary = build_cache(tmp_path / "prepared", raw, tmp_path / "out", PREPS, workers=1, store_dir=store)
+    assert all(info["decoded"] == 0 for info in summary.values())
+    assert len(list(store.rglob("*.keys.npy"))) == 4          # eval x 3 splits + augment x train: nothing piles up
+
+
+def test_draft_decoding_is_close_to_a_full_decode(tmp_path: Path) -> None:
+    rows = [photo(tmp_path / "raw" / f"p{i}.jpg", i, size=(400, 300)) for i in range(4)]
+    prep = Preprocessing(crop_size=48, resize_size=48)
+    for row in rows:
+        full = np.asarray(resize_and_crop(load_rgb(tmp_path / "raw" / row.path), prep), np.int16)
+        draft = np.asarray(resize_and_crop(load_rgb(tmp_path / "raw" / row.path, draft_size=48), prep), np.int16)
+        assert not np.array_equal(full, draft)                    # it did decode at a reduced scale
+        assert np.abs(full - draft).mean() < 3                     # and stays close on a smooth photo
+
+
+def test_a_failing_image_is_named_whatever_the_error(built: tuple[Path, Path, dict], tmp_path: Path) -> None:
+    raw, decoded, splits = built
+    thin = splits["val"][0].path
+    Image.new("L", (1, 300000)).save(raw / thin, format="PNG")
+    with pytest.raises(StageError, match=f"{thin}.*extreme_aspect_ratio"):
+        build_cache(tmp_path / "prepared", raw, decoded, PREPS, workers=2)
+
+
+def test_the_stage_never_imports_torch_and_stores_what_train_asks_for() -> None:
+    from tasks.decode_cache import cache_preprocessings
+    from tasks.lib.models import default_preprocessing
+
+    code = ("import sys\nfrom tasks.decode_cache import cache_preprocessings\nfrom tasks.lib.config import load_params\n"
+            "cache_preprocessings(load_params())\nprint(sorted(m for m in sys.modules if m.split('.')[0] == 'torch'))")
+    assert run([sys.executable, "-c", code], REPO_ROOT).stdout.strip() == "[]"
+    for arch in ("efficientnet_lite0", "resnet18", "mobilenet_v3_small"):
+        params = load_params(REPO_ROOT / "params.yaml", {"model.arch": arch, "train.image_size": 112})
+        assert cache_preprocessings(params)[EVAL] == default_preprocessing(arch, 112)

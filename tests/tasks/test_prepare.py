@@ -3,19 +3,29 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import sqlite3
 from pathlib import Path
 
 import numpy as np
 import pytest
 from PIL import Image
 
-from tasks.cli import StageError
-from tasks.config import PrepareParams
-from tasks.images import BadImage, load_rgb
-from tasks.io import read_split
-from tasks.prepare import prepare, split_fraction
+from tasks import prepare as prepare_module
+from tasks.lib import check_store
+from tasks.lib.cli import StageError
+from tasks.lib.config import PrepareParams
+from tasks.lib.images import BadImage, load_rgb
+from tasks.lib.io import read_split
+from tasks.prepare import Counts, prepare, split_fraction
 from tests.conftest import init_dvc_repo, run, write_image_folder
+
+
+@pytest.fixture(autouse=True)
+def _own_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """prepare.cache_dir is relative (.cache/prepare): each test gets its own."""
+    monkeypatch.chdir(tmp_path)
 
 
 def cfg(**kwargs) -> PrepareParams:
@@ -47,14 +57,21 @@ def test_bad_files_are_reported_and_never_split(image_folder: Path, tmp_path: Pa
     assert json.loads((tmp_path / "out" / "report.json").read_text())["n_rejected"] == 4
 
 
-def test_fail_policy_names_every_bad_file_and_writes_no_splits(image_folder: Path, tmp_path: Path):
+def test_fail_policy_names_every_bad_file_and_leaves_the_old_outputs_alone(image_folder: Path, tmp_path: Path):
+    out = tmp_path / "out"
+    prepare(image_folder, out, cfg())
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
     expected = add_bad_files(image_folder)
     with pytest.raises(StageError) as err:
-        prepare(image_folder, tmp_path / "out", cfg(bad_files="fail", max_pixels=150 * 150))
+        prepare(image_folder, out, cfg(bad_files="fail", max_pixels=150 * 150))
     for path in expected:
         assert path in str(err.value)
-    assert not (tmp_path / "out" / "train.csv").exists()
-    assert (tmp_path / "out" / "report.json").exists()  # the report still says what was wrong
+    assert "report.failed.json" in str(err.value)
+    failed = json.loads((out / "report.failed.json").read_text())   # the report still says what was wrong
+    assert failed["n_rejected"] == 4
+    assert {p.name: p.read_bytes() for p in out.iterdir() if p.name != "report.failed.json"} == before
+    prepare(image_folder, out, cfg(max_pixels=150 * 150))             # a good run removes the failure report
+    assert not (out / "report.failed.json").exists()
 
 
 @pytest.mark.parametrize("mode", ["CMYK", "RGBA", "LA", "P", "L", "I;16", "1"])
@@ -83,7 +100,7 @@ def test_bomb_detected_from_header_without_decoding(tmp_path: Path):
     Image.new("L", (400, 300)).save(path)
     with pytest.raises(BadImage) as err:
         load_rgb(path, max_pixels=1000)
-    assert err.value.reason == "decompression_bomb" and "400x300" in str(err.value)
+    assert err.value.reason == "decompression_bomb" and "120000 pixels" in str(err.value)
 
 
 def test_hidden_files_and_folders_are_ignored(image_folder: Path, tmp_path: Path):
@@ -169,11 +186,172 @@ def test_predefined_layout_is_kept_and_cross_split_copies_removed(tmp_path: Path
 
 
 def test_near_duplicates_across_splits_are_reported(tmp_path: Path):
-    root = write_image_folder(tmp_path / "raw", classes=2, per_class=30, size=16)
-    report = prepare(root, tmp_path / "out", cfg(near_duplicates=True, near_duplicate_distance=64))
-    # Distance 64 matches every pair: the check runs and reports val/test against train.
-    n_train = report["n_images"]["train"]
-    assert len(report["leakage"]["near_duplicates"]) == n_train * (report["n_images"]["val"] + report["n_images"]["test"])
+    root = tmp_path / "raw"
+    for i, split in enumerate(("train", "val", "test")):
+        write_image_folder(root / split, classes=2, per_class=3, size=16, seed=i)
+    coarse = np.random.default_rng(5).integers(0, 256, (8, 8, 3), dtype=np.uint8)
+    photo = Image.fromarray(coarse).resize((96, 96), Image.Resampling.BICUBIC)        # smooth, like a photo
+    photo.save(root / "train" / "class_0" / "photo.png")
+    photo.resize((72, 72)).save(root / "val" / "class_0" / "photo_small.jpg", quality=70)   # resized + re-encoded
+    Image.fromarray(255 - np.asarray(photo)).save(root / "test" / "class_0" / "negative.png")  # a distinct image
+    report = prepare(root, tmp_path / "out", cfg(near_duplicates=True, near_duplicate_distance=4))
+    pairs = report["leakage"]["near_duplicates"]
+    assert [(p["path"], p["train_path"]) for p in pairs] == [("val/class_0/photo_small.jpg", "train/class_0/photo.png")]
+    assert pairs[0]["distance"] <= 4
+
+
+# --------------------------------------------------------------------------- the data-folder policy
+
+
+def reasons(report: dict) -> dict[str, str]:
+    return {r["path"]: r["reason"] for r in report["rejected"]}
+
+
+@pytest.mark.timeout(60)        # a FIFO used to hang the stage forever
+def test_links_and_special_files_follow_one_policy(image_folder: Path, tmp_path: Path):
+    outside = tmp_path / "elsewhere"
+    write_image_folder(outside, classes=1, per_class=2, size=12, seed=9)
+    folder = image_folder / "class_0"
+    os.symlink("/etc/passwd", folder / "passwd.png")
+    os.symlink(outside / "class_0" / "img_000.png", folder / "outside.png")
+    os.symlink("img_001.png", folder / "inside.png")                       # followed: same content, merged
+    os.symlink("nowhere.png", folder / "dangling.png")
+    os.symlink("loop.png", folder / "loop.png")
+    os.symlink("/dev/zero", folder / "zero.png")
+    os.mkfifo(folder / "fifo.png")
+    os.symlink(image_folder / "class_1", image_folder / "class_linked")   # a linked class folder
+    os.symlink(outside / "class_0", folder / "more")                      # a linked folder outside
+    report = prepare(image_folder, tmp_path / "out", cfg())
+    assert reasons(report) == {
+        "class_0/passwd.png": "link_outside", "class_0/outside.png": "link_outside",
+        "class_0/dangling.png": "dangling_link", "class_0/loop.png": "dangling_link",
+        "class_0/zero.png": "link_outside", "class_0/fifo.png": "not_a_regular_file",
+        "class_linked": "link_to_folder", "class_0/more": "link_outside"}
+    assert report["classes"] == ["class_0", "class_1", "class_2"]
+    assert {"path": "class_0/inside.png", "same_as": "class_0/img_001.png"} in report["duplicates"]["removed"] or \
+        {"path": "class_0/img_001.png", "same_as": "class_0/inside.png"} in report["duplicates"]["removed"]
+    assert not any("outside" in path or "passwd" in path for path in split_of(tmp_path / "out"))
+
+
+def test_a_link_to_a_device_inside_the_folder_is_never_read(tmp_path: Path):
+    root = write_image_folder(tmp_path / "raw", classes=2, per_class=3, size=12)
+    os.mkfifo(root / "class_0" / "pipe")                 # no image suffix, still reported (DVC would hang on it)
+    os.symlink(root / "class_0" / "pipe", root / "class_1" / "to_pipe.png")
+    report = prepare(root, tmp_path / "out", cfg(num_workers=2))
+    assert reasons(report) == {"class_0/pipe": "not_a_regular_file", "class_1/to_pipe.png": "not_a_regular_file"}
+
+
+def test_a_non_utf8_name_is_reported_and_the_run_goes_on(image_folder: Path, tmp_path: Path):
+    raw = os.fsencode(image_folder)
+    shutil.copy(image_folder / "class_0" / "img_000.png", raw + b"/class_0/caf\xe9.png")
+    os.mkdir(raw + b"/cl\xffass")
+    shutil.copy(image_folder / "class_1" / "img_000.png", raw + b"/cl\xffass/a.png")
+    report = prepare(image_folder, tmp_path / "out", cfg())
+    assert reasons(report) == {"class_0/caf\\xe9.png": "bad_file_name", "cl\\xffass": "bad_file_name"}
+    assert report["classes"] == ["class_0", "class_1", "class_2"]
+    assert len(split_of(tmp_path / "out")) == 24
+
+
+def test_extreme_aspect_ratio_and_oversized_files_are_rejected(image_folder: Path, tmp_path: Path):
+    Image.new("L", (1, 300000)).save(image_folder / "class_0" / "thin.png", optimize=True)   # ~700 bytes
+    Image.new("RGB", (300, 300), "red").save(image_folder / "class_1" / "large.bmp")         # 270 KB
+    report = prepare(image_folder, tmp_path / "out", cfg(max_file_bytes=100_000))
+    assert reasons(report) == {"class_0/thin.png": "extreme_aspect_ratio", "class_1/large.bmp": "file_too_large"}
+
+
+def test_a_failed_write_leaves_the_old_outputs_whole(image_folder: Path, tmp_path: Path,
+                                                    monkeypatch: pytest.MonkeyPatch):
+    out = tmp_path / "out"
+    prepare(image_folder, out, cfg())
+    (out / ".gitignore").write_text("/train.csv\n")          # DVC keeps one here; it must survive
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    shutil.copy(image_folder / "class_0" / "img_000.png", image_folder / "class_2" / "new.png")
+    write_json = prepare_module.write_json
+
+    def fail_on_classes(path: Path, obj: object) -> None:
+        if Path(path).name == "classes.json":
+            raise OSError("disk full")
+        write_json(path, obj)
+
+    monkeypatch.setattr(prepare_module, "write_json", fail_on_classes)
+    with pytest.raises(OSError, match="disk full"):
+        prepare(image_folder, out, cfg())
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before      # no staging folder, no new split
+
+
+# --------------------------------------------------------------------------- incremental runs
+
+
+def outputs(out: Path) -> dict[str, bytes]:
+    return {name: (out / name).read_bytes() for name in ("train.csv", "val.csv", "test.csv", "classes.json",
+                                                          "report.json")}
+
+
+def test_incremental_runs_equal_runs_from_scratch(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    monkeypatch.setattr(check_store, "RACY_SECONDS", 0.0)     # files written just now may use the stat fast path
+    root = write_image_folder(tmp_path / "raw", classes=3, per_class=20, size=12)
+    settings = dict(near_duplicates=True, num_workers=2)
+    first = Counts()
+    prepare(root, tmp_path / "inc", cfg(**settings), first)
+    assert (first.decoded, first.unchanged) == (60, 0)
+    again = Counts()
+    prepare(root, tmp_path / "inc", cfg(**settings), again)
+    assert (again.decoded, again.hashed, again.unchanged) == (0, 0, 60)
+
+    write_image_folder(tmp_path / "more", classes=3, per_class=2, size=12, seed=7)
+    for f in (tmp_path / "more").rglob("*.png"):
+        shutil.copy(f, root / f.parent.name / f"new_{f.name}")                       # 6 added
+    (root / "class_0" / "img_003.png").unlink()                                    # 1 removed
+    Image.new("RGB", (12, 12), "white").save(root / "class_1" / "img_004.png")     # 1 modified
+    shutil.copy(root / "class_2" / "img_005.png", root / "class_2" / "renamed.png")
+    (root / "class_2" / "img_005.png").unlink()                                    # 1 renamed
+    (root / "class_2" / "broken.png").write_bytes(b"not a png")                    # 1 bad
+    changed = Counts()
+    prepare(root, tmp_path / "inc", cfg(**settings), changed)
+    assert changed.decoded == 6 + 1 + 1 and changed.hashed == 1 and changed.unchanged == 60 - 3
+    prepare(root, tmp_path / "scratch", cfg(**settings, cache_dir=str(tmp_path / "fresh-cache")))
+    assert outputs(tmp_path / "inc") == outputs(tmp_path / "scratch")
+
+
+def test_a_rewrite_that_keeps_size_and_mtime_is_still_seen(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    monkeypatch.setattr(check_store, "RACY_SECONDS", 0.0)
+    root = write_image_folder(tmp_path / "raw", classes=2, per_class=3, size=12)
+    target, other = root / "class_0" / "a.bmp", root / "class_1" / "b.bmp"
+    Image.new("RGB", (12, 12), "red").save(target)
+    Image.new("RGB", (12, 12), "blue").save(other)              # BMPs of one size have one file size
+    prepare(root, tmp_path / "out", cfg())
+    before = target.stat()
+    target.write_bytes(other.read_bytes())                      # in place: same inode, same size
+    os.utime(target, ns=(before.st_atime_ns, before.st_mtime_ns))
+    after = target.stat()
+    assert (after.st_ino, after.st_size, after.st_mtime_ns) == (before.st_ino, before.st_size, before.st_mtime_ns)
+    report = prepare(root, tmp_path / "out", cfg())
+    assert report["label_conflicts"][0]["paths"] == ["class_0/a.bmp", "class_1/b.bmp"]
+
+
+def test_files_changed_just_before_a_run_are_hashed_again_but_not_decoded(tmp_path: Path):
+    root = write_image_folder(tmp_path / "raw", classes=2, per_class=3, size=12)   # written within RACY_SECONDS
+    prepare(root, tmp_path / "out", cfg())
+    again = Counts()
+    prepare(root, tmp_path / "out", cfg(), again)
+    assert (again.decoded, again.hashed, again.unchanged) == (0, 6, 0)
+
+
+def test_a_change_of_limits_never_reuses_old_checks(tmp_path: Path):
+    root = write_image_folder(tmp_path / "raw", classes=2, per_class=3, size=12)
+    assert prepare(root, tmp_path / "out", cfg())["n_rejected"] == 0
+    with pytest.raises(StageError, match="no usable image.*class_0, class_1"):   # every image over the limit now
+        prepare(root, tmp_path / "out", cfg(max_pixels=100))
+
+
+def test_the_cache_forgets_images_that_are_gone(tmp_path: Path):
+    root = write_image_folder(tmp_path / "raw", classes=2, per_class=3, size=12)
+    prepare(root, tmp_path / "out", cfg())
+    (root / "class_0" / "img_000.png").unlink()
+    prepare(root, tmp_path / "out", cfg())
+    db = sqlite3.connect(tmp_path / ".cache" / "prepare" / "checks.sqlite")
+    assert db.execute("SELECT count(*) FROM files").fetchone()[0] == 5
+    assert db.execute("SELECT count(*) FROM checks").fetchone()[0] == 5
 
 
 @pytest.mark.slow

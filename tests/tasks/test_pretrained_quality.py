@@ -14,12 +14,12 @@ import pytest
 import torch
 from PIL import Image
 
-from tasks.config import ModelParams
-from tasks.fetch_weights import fetch_weights, load_backbone_state
-from tasks.models import build_backbone, feature_extractor
-from tasks.preprocess import Preprocessing, preprocess
+from tasks.fetch_weights import fetch_weights
+from tasks.lib.config import ModelParams
+from tasks.lib.models import build_backbone, feature_extractor
+from tasks.lib.preprocess import Preprocessing, preprocess
+from tasks.lib.weights import load_backbone_state
 
-FASHION_DIR = Path("/usr/share/datasets/fashion-mnist")
 # ImageNet classes a photo of a Chinese temple may sensibly get.
 BUILDINGS = {"palace", "bell cote", "church", "monastery", "stupa", "mosque", "dome", "boathouse", "castle",
              "triumphal arch", "cinema", "library", "thatch", "beacon", "altar", "lakeside"}
@@ -80,15 +80,14 @@ def features(state: dict | None, images: np.ndarray, prep: Preprocessing) -> np.
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(not (FASHION_DIR / "train-images-idx3-ubyte.gz").exists(), reason=f"no Fashion-MNIST in {FASHION_DIR}")
-def test_pretrained_features_beat_random_init_on_fashion_mnist(lite0: tuple[dict, dict]) -> None:
+def test_pretrained_features_beat_random_init_on_fashion_mnist(lite0: tuple[dict, dict], fashion_mnist: Path) -> None:
     from sklearn.linear_model import LogisticRegression
     from sklearn.pipeline import make_pipeline
     from sklearn.preprocessing import StandardScaler
     from threadpoolctl import threadpool_limits
 
     state, record = lite0
-    images, labels = read_idx(FASHION_DIR / "train-images-idx3-ubyte.gz"), read_idx(FASHION_DIR / "train-labels-idx1-ubyte.gz")
+    images, labels = read_idx(fashion_mnist / "train-images-idx3-ubyte.gz"), read_idx(fashion_mnist / "train-labels-idx1-ubyte.gz")
     rng = np.random.default_rng(0)
     picks = [rng.permutation(np.flatnonzero(labels == c))[:50] for c in range(10)]
     train = np.concatenate([p[:30] for p in picks])  # 30 train / 20 test images per class

@@ -1,0 +1,204 @@
+"""The project's local Prefect server: reuse the one that runs, or start one that dies with its starter.
+
+Every entry point (`make serve`, `python -m flows.retrain`, `make demo`, the
+watch flow) talks to one server whose SQLite database lives in the project
+(`.prefect/`, set by prefect.toml), so the flow history is in one place:
+
+- `PREFECT_API_URL` set by the user: that server, as Prefect itself would.
+- `make serve` running: its server (`.prefect/server.json` names it), reused
+  by every command while it runs; no start-up cost.
+- otherwise: a `prefect server start` on a free port of 127.0.0.1 for the
+  length of the command. Unlike Prefect's ephemeral server it is started with
+  the kernel's parent-death signal, so a SIGKILLed command never leaves it
+  running, and it runs the scheduler and the other services.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+from flows.processes import spawn, stop_process_group
+
+STATE_NAME = "server.json"
+STOP_GRACE_S = 8.0
+
+
+class ServerError(RuntimeError):
+    """The local Prefect server could not be started; the message says why and where its log is."""
+
+
+@dataclass
+class Server:
+    """A Prefect server on 127.0.0.1: its API address, and the process when this command started it."""
+
+    url: str
+    process: subprocess.Popen | None = None
+    log_path: Path | None = None
+
+    @property
+    def ui_url(self) -> str:
+        return self.url.removesuffix("/api")
+
+    def stop(self) -> None:
+        """Stop a server this command started (its whole process group), by its process id."""
+        if self.process is not None:
+            stop_process_group(self.process, STOP_GRACE_S)
+
+
+def prefect_home(root: Path) -> Path:
+    """The Prefect home the project's settings name (PREFECT_HOME wins, as in Prefect itself)."""
+    home = Path(os.environ.get("PREFECT_HOME") or ".prefect").expanduser()
+    return home if home.is_absolute() else root / home
+
+
+def state_path(root: Path) -> Path:
+    return prefect_home(root) / STATE_NAME
+
+
+def healthy(url: str, timeout_s: float = 2.0) -> bool:
+    """Whether a Prefect API answers its health check at url."""
+    try:
+        with urllib.request.urlopen(f"{url}/health", timeout=timeout_s) as response:
+            return json.loads(response.read() or b"null") is True
+    except (OSError, ValueError):
+        return False
+
+
+def running_server(root: Path) -> str | None:
+    """The API address of the project's advertised server (`make serve`) when it answers, else None."""
+    try:
+        state = json.loads(state_path(root).read_text())
+        os.kill(int(state["pid"]), 0)
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    return state["url"] if healthy(state["url"]) else None
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def port_in_use(port: int) -> bool:
+    with socket.socket() as sock:
+        return sock.connect_ex(("127.0.0.1", port)) == 0
+
+
+def start_server(root: Path, port: int, timeout_s: float, say: Callable[[str], None] = lambda _: None) -> Server:
+    """`prefect server start` on 127.0.0.1:port with the project's settings; wait until it answers."""
+    url = f"http://127.0.0.1:{port}/api"
+    home = prefect_home(root)
+    home.mkdir(parents=True, exist_ok=True)
+    log_path = home / f"server-{port}.log"
+    env = {**os.environ, "PREFECT_HOME": str(home), "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+           "PREFECT_UI_API_URL": url, "PREFECT_API_URL": url}
+    cmd = [sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1", "--port", str(port)]
+    say(f"Starting a Prefect server on {url.removesuffix('/api')} (database in {home}; log {log_path})")
+    with log_path.open("ab") as log:
+        # SIGKILL on our death: a server still starting up defers SIGTERM for tens of seconds on busy
+        # cores (measured), and SQLite's journal makes a killed server safe to restart.
+        server = Server(url, spawn(cmd, root, env, stdout=log, stderr=subprocess.STDOUT,
+                                   death_signal=signal.SIGKILL), log_path)
+    deadline = time.monotonic() + timeout_s
+    while not healthy(url, timeout_s=1.0):
+        if server.process.poll() is not None or time.monotonic() > deadline:
+            server.stop()
+            tail = log_path.read_text(errors="replace")[-2000:]
+            raise ServerError(f"the Prefect server on port {port} did not start within {timeout_s:g} s "
+                              f"(log {log_path}):\n{tail}")
+        time.sleep(0.5)
+    return server
+
+
+def startup_timeout_s() -> float:
+    return float(os.environ.get("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "90"))
+
+
+@contextmanager
+def project_server(root: Path, say: Callable[[str], None] = lambda _: None) -> Iterator[str]:
+    """The API address every Prefect call of this command uses; a server started here stops on exit."""
+    if url := os.environ.get("PREFECT_API_URL"):
+        yield url
+        return
+    if url := running_server(root):
+        say(f"Using the project's running Prefect server {url.removesuffix('/api')}")
+        yield url
+        return
+    server = start_server(root, free_port(), startup_timeout_s(), say)
+    try:
+        yield server.url
+    finally:
+        server.stop()
+
+
+@contextmanager
+def prefect_api(root: Path, say: Callable[[str], None] = lambda _: None) -> Iterator[str]:
+    """project_server, made the Prefect API of this whole process (Prefect is imported here).
+
+    As Prefect's own test harness does: the environment and the process-global settings
+    context both name it (Prefect's background log and event workers and bare threads read
+    those, and would otherwise start an ephemeral server of their own), and the workers are
+    drained before a server started here stops (else they retry a dead server at exit).
+    """
+    from prefect.context import (
+        _temporary_global_settings_context,
+        get_settings_context,
+        refresh_global_settings_context,
+    )
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    with project_server(root, say) as url:
+        previous = os.environ.get("PREFECT_API_URL")
+        os.environ["PREFECT_API_URL"] = url
+        refresh_global_settings_context()  # rebuilt from the environment, as if Prefect were imported now
+        try:
+            with temporary_settings(updates={PREFECT_API_URL: url}), \
+                    _temporary_global_settings_context(get_settings_context()):
+                yield url
+                drain_prefect_workers()
+        finally:
+            if previous is None:
+                os.environ.pop("PREFECT_API_URL", None)
+            else:
+                os.environ["PREFECT_API_URL"] = previous
+            refresh_global_settings_context()
+
+
+def drain_prefect_workers(timeout_s: float = 10.0) -> None:
+    """Send the logs and events still queued to the server while it still runs."""
+    from prefect.events.worker import EventsWorker
+    from prefect.logging.handlers import APILogWorker
+
+    for worker in (APILogWorker, EventsWorker):
+        try:
+            worker.drain_all(timeout=timeout_s)
+        except RuntimeError:  # never started
+            pass
+
+
+def advertise(root: Path, server: Server) -> None:
+    """Let other commands of this project reuse the server (`make serve` does this)."""
+    path = state_path(root)
+    path.write_text(json.dumps({"url": server.url, "pid": server.process.pid if server.process else None}))
+
+
+def withdraw(root: Path, server: Server) -> None:
+    path = state_path(root)
+    try:
+        if server.process and json.loads(path.read_text()).get("pid") == server.process.pid:
+            path.unlink()
+    except (OSError, ValueError):
+        pass

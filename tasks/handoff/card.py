@@ -1,0 +1,160 @@
+"""The model card of a published version: card.json (facts) and README.md (the same facts, for people).
+
+Built only from files the pipeline already wrote (params, data report, train /
+evaluate metrics, export report, lineage, gate decision), so it cannot drift
+from what was measured. card.json keeps every value as it is; README.md escapes
+every value that comes from data (class names above all: a data folder named
+`<script>`, `| x |` or with a newline must not inject HTML, break a table or add lines).
+"""
+
+from __future__ import annotations
+
+import html
+import re
+from typing import Any
+
+from tasks.lib.config import Params
+from tasks.lib.console import printable
+from tasks.lib.io import SPLITS
+
+# Markdown that could make a value a link, code, or a new table cell; HTML is escaped as entities.
+_MARKDOWN_ACTIVE = re.compile(r"([\\`\[\]|])")
+
+# Ten lines that call the model with onnxruntime, numpy and Pillow only. The preprocessing
+# comes from the ONNX metadata, so this stays right whatever size or normalisation the
+# model was trained with. tests/tasks/test_card.py runs this exact text on a real model.
+SNIPPET = '''\
+import json, sys; import numpy as np, onnxruntime as ort; from PIL import Image
+sess = ort.InferenceSession(sys.argv[1])
+meta = sess.get_modelmeta().custom_metadata_map
+prep, classes = json.loads(meta["preprocessing"]), json.loads(meta["class_names"])
+img = Image.open(sys.argv[2]).convert("RGB"); r, c = prep["resize_size"], prep["crop_size"]; s = r / min(img.size)
+img = img.resize((max(r, round(img.width * s)), max(r, round(img.height * s))), Image.Resampling[prep["interpolation"].upper()])
+left, top = (img.width - c) // 2, (img.height - c) // 2
+x = (np.asarray(img.crop((left, top, left + c, top + c)), np.float32) / 255 - prep["mean"]) / prep["std"]
+logits = sess.run(None, {sess.get_inputs()[0].name: x.transpose(2, 0, 1)[None].astype(np.float32)})[0][0]
+print(classes[int(logits.argmax())])
+'''
+
+LIMITATIONS = (
+    "Judged only on the held-out test split of the data version above; images unlike it "
+    "(other cameras, backgrounds, resolutions, classes not listed) may be classified confidently and wrongly.",
+    "Always answers with one of the listed classes: there is no 'unknown' output, so screen out-of-scope inputs upstream.",
+    "Probabilities are only as calibrated as the ECE above says; do not read them as exact likelihoods.",
+)
+
+
+def build_card(*, params: Params, version: str, url: str, class_names: list[str], lineage: dict[str, Any],
+               metrics: dict[str, Any], export_report: dict[str, Any], decision: dict[str, Any],
+               train_metrics: dict[str, Any] | None, data_report: dict[str, Any] | None) -> dict[str, Any]:
+    """Every fact of the card as one JSON-ready dict."""
+    return {
+        "model": params.project.name,
+        "version": version,
+        "url": url,
+        "intended_use": (f"Classify an image into one of {len(class_names)} classes "
+                         f"({', '.join(class_names[:10])}{', ...' if len(class_names) > 10 else ''}), "
+                         "for images like those in the training data."),
+        "classes": class_names,
+        "data": {"version": lineage.get("data_hash"), "raw_dir": str(params.data.raw_dir),
+                 "n_images": (data_report or {}).get("n_images"),
+                 "test_split_sha256": lineage.get("test_split_sha256")},
+        "training": _training(params, train_metrics),
+        "test_metrics": {k: metrics.get(k) for k in ("accuracy", "balanced_accuracy", "macro_f1", "weighted_f1",
+                                                      "top_k_accuracy", "top_k", "log_loss", "n_test")},
+        "per_class": metrics.get("per_class", {}),
+        "calibration": {"ece": metrics.get("ece"), "bins": params.evaluate.calibration_bins},
+        "export": {k: export_report.get(k) for k in ("opset", "exporter", "parity_passed", "max_abs_diff",
+                                                      "argmax_agree", "onnx_sha256", "quantized")},
+        "latency": {k: export_report.get(k) for k in ("ort_latency_ms_p50", "ort_latency_ms_p95",
+                                                       "ort_throughput_img_per_s_b32")},
+        "gate": {k: decision.get(k) for k in ("passed", "reason", "metric", "delta", "production_version")},
+        "lineage": {k: lineage.get(k) for k in ("data_hash", "git_commit", "git_dirty", "params_sha256",
+                                                 "weights_sha256", "onnx_sha256", "flow_run_id")},
+        "limitations": [*LIMITATIONS, *_weak_classes(metrics)],
+        "usage": {"predict": "predict model.onnx IMAGE_OR_FOLDER [...] --top-k 3 [--json]", "snippet": SNIPPET},
+    }
+
+
+def _training(params: Params, train_metrics: dict[str, Any] | None) -> dict[str, Any]:
+    train = params.train
+    phases = [{"phase": "head", "backbone": "frozen", "epochs": train.head.epochs, "lr": train.head.lr}]
+    if train.finetune.unfreeze != "none" and train.finetune.epochs > 0:
+        phases.append({"phase": "finetune", "backbone": f"unfrozen ({train.finetune.unfreeze})",
+                       "epochs": train.finetune.epochs, "lr": train.finetune.lr})
+    run = train_metrics or {}
+    return {"arch": params.model.arch, "weights": params.model.weights, "image_size": train.image_size,
+            "optimizer": train.optimizer, "batch_size": train.batch_size, "phases": phases,
+            "epochs_run": run.get("epochs"), "best_epoch": run.get("best_epoch"),
+            "val_accuracy": run.get("val_accuracy"), "device": run.get("device")}
+
+
+def _weak_classes(metrics: dict[str, Any]) -> list[str]:
+    per_class = metrics.get("per_class") or {}
+    ranked = sorted(per_class.items(), key=lambda item: item[1].get("recall", 0.0))[:3]
+    if not ranked:
+        return []
+    listed = ", ".join(f"{name} (recall {scores.get('recall', 0):.3f})" for name, scores in ranked)
+    return [f"Weakest classes on the test split: {listed}."]
+
+
+def render_readme(card: dict[str, Any]) -> str:
+    """The card as Markdown."""
+    lines = [f"# {_md(card['model'])} {_md(card['version'])}", "", "## Intended use", _md(card["intended_use"]), "",
+             "## Classes", ", ".join(_md(name) for name in card["classes"]), "", "## Data", *_data_lines(card["data"]),
+             "",
+             "## Training recipe", *_training_lines(card["training"]), "", "## Test metrics",
+             *_table(["metric", "value"], [[k, _num(v)] for k, v in card["test_metrics"].items()]), "",
+             "### Per class", *_table(["class", "precision", "recall", "f1", "support"],
+                                       [[n, *(_num(s.get(k)) for k in ("precision", "recall", "f1", "support"))]
+                                        for n, s in card["per_class"].items()]), "",
+             "## Calibration", f"Expected calibration error (ECE, {card['calibration']['bins']} bins): "
+             f"{_num(card['calibration']['ece'])}", "",
+             "## Export and parity", *_table(["", ""], [[k, _num(v)] for k, v in card["export"].items()]), "",
+             "## Latency (onnxruntime, CPU)", *_table(["", ""], [[k, _num(v)] for k, v in card["latency"].items()]), "",
+             "## Promotion gate", f"Passed: {card['gate']['passed']}. Reason: {_md(card['gate']['reason'])}", "",
+             "## Lineage", *_table(["", ""], [[k, _num(v)] for k, v in card["lineage"].items()]), "",
+             "## Known limitations", *(f"- {_md(item)}" for item in card["limitations"]), "",
+             "## How to call it", "With this project installed:", "", "```bash", card["usage"]["predict"], "```", "",
+             "With onnxruntime, numpy and Pillow only (`python snippet.py model.onnx image.jpg`):", "",
+             "```python", card["usage"]["snippet"].rstrip("\n"), "```", ""]
+    return "\n".join(lines)
+
+
+def _data_lines(data: dict[str, Any]) -> list[str]:
+    counts = data.get("n_images") or {}
+    ordered = sorted(counts.items(), key=lambda item: SPLITS.index(item[0]) if item[0] in SPLITS else len(SPLITS))
+    sizes = ", ".join(f"{split} {n}" for split, n in ordered) or "unknown"
+    return [f"- data version (DVC hash of {_md(data['raw_dir'])}): {_md(data['version'])}",
+            f"- images per split: {_md(sizes)}", f"- test split sha256: {_md(data['test_split_sha256'])}"]
+
+
+def _training_lines(training: dict[str, Any]) -> list[str]:
+    lines = [f"- architecture `{training['arch']}`, pretrained weights `{training['weights']}`, "
+             f"input {training['image_size']} px, {training['optimizer']}, batch {training['batch_size']}"]
+    lines += [f"- phase {p['phase']}: backbone {p['backbone']}, {p['epochs']} epoch(s), lr {p['lr']:g}"
+              for p in training["phases"]]
+    if training.get("epochs_run") is not None:
+        lines.append(f"- ran {training['epochs_run']} epochs, best epoch {training['best_epoch']}, "
+                     f"val accuracy {_num(training['val_accuracy'])} on {training['device']}")
+    return lines
+
+
+def _table(header: list[str], rows: list[list[str]]) -> list[str]:
+    return [f"| {' | '.join(header)} |", f"|{'---|' * len(header)}",
+            *(f"| {' | '.join(_md(cell) for cell in r)} |" for r in rows)]
+
+
+def _md(value: object) -> str:
+    """A value from data as inert Markdown on one line: control characters and newlines shown as escapes,
+    HTML as entities, and the characters that make links, code or table cells backslash-escaped."""
+    return _MARKDOWN_ACTIVE.sub(r"\\\1", html.escape(printable(value, one_line=True), quote=False))
+
+
+def _num(value: Any) -> str:
+    if isinstance(value, float):
+        # Parity differences are ~1e-5: four decimals would print them as 0.0000.
+        return f"{value:.2e}" if 0 < abs(value) < 1e-3 else f"{value:.4f}"
+    if isinstance(value, dict):
+        return ", ".join(f"{k}={_num(v)}" for k, v in value.items())
+    return "" if value is None else str(value)

@@ -1,0 +1,173 @@
+"""`predict`: classify images with an exported ONNX model; needs only onnxruntime, numpy, Pillow and fsspec.
+
+    predict model.onnx photo.jpg more/photos/ [--top-k 3] [--json]
+    predict --registry registry --name fashion-demo [--version V] photo.jpg ...
+
+The model is a local ONNX file, or a version in a registry (default: its production
+version), which is verified (sha256 against its manifest and lineage) and fetched to
+a temporary file. The class names and the preprocessing (size, crop, interpolation,
+mean, std) come from the model's own metadata, written by `tasks.export`, and are
+checked against the network before any image is read. Each file gets its top-k
+labels with probabilities, or its own error (unreadable, not an image, missing); the
+other files are still predicted. Names from the model are printed with control
+characters escaped.
+
+Exit status: 0 every input was predicted; 1 some or all inputs failed (or no image
+was found); 2 the model is unusable (missing, not ONNX, bad metadata, a registry
+version that does not verify).
+This module must never import torch: production boxes do not have it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import sys
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from tasks.handoff.registry import Registry, RegistryError
+from tasks.lib.console import printable, quiet_broken_pipe
+from tasks.lib.images import DEFAULT_MAX_ASPECT_RATIO, BadImage, is_image_name
+from tasks.lib.io import sha256_file
+from tasks.lib.onnx_classifier import Classifier, ModelError, load_classifier
+
+EXIT_OK, EXIT_SOME_FAILED, EXIT_BAD_MODEL = 0, 1, 2
+
+
+def collect_inputs(inputs: list[Path]) -> list[Path]:
+    """Files as given; folders expanded to their image files (recursively, sorted, hidden ones skipped)."""
+    files: list[Path] = []
+    for item in inputs:
+        if item.is_dir():
+            files += sorted(p for p in item.rglob("*") if p.is_file() and is_image_name(p) and not _hidden(p, item))
+        else:
+            files.append(item)  # a missing or non-image file gets its own error below
+    return files
+
+
+def _hidden(path: Path, root: Path) -> bool:
+    return any(part.startswith(".") for part in path.relative_to(root).parts)
+
+
+def predict_files(classifier: Classifier, files: list[Path], top_k: int, batch_size: int = 16,
+                  max_aspect_ratio: float = DEFAULT_MAX_ASPECT_RATIO) -> list[dict[str, Any]]:
+    """One result per file, in input order: {"file", "predictions"} or {"file", "error"}."""
+    results: list[dict[str, Any]] = [{"file": str(path)} for path in files]
+    ready: list[tuple[int, np.ndarray]] = []
+    for i, path in enumerate(files):
+        try:
+            ready.append((i, classifier.load(path, max_aspect_ratio)))
+        except BadImage as err:
+            results[i]["error"] = f"{err.reason}: {err.detail}" if err.detail else err.reason
+        except OSError as err:  # missing file, permission denied, a folder that vanished
+            results[i]["error"] = f"{type(err).__name__}: {err.strerror or err}"
+    k = max(1, min(top_k, len(classifier.class_names)))
+    for start in range(0, len(ready), batch_size):
+        chunk = ready[start:start + batch_size]
+        probs = classifier.probabilities(np.stack([array for _, array in chunk]))
+        for (i, _), row in zip(chunk, probs, strict=True):
+            best = np.argsort(-row, kind="stable")[:k]
+            results[i]["predictions"] = [
+                {"label": classifier.class_names[j], "index": int(j), "probability": round(float(row[j]), 6)}
+                for j in best
+            ]
+    return results
+
+
+def format_table(results: list[dict[str, Any]]) -> str:
+    """One line per file: the path, then label (probability) for each of the top k, or the error."""
+    shown = [{**r, "file": printable(r["file"], one_line=True)} for r in results]
+    width = max(len(r["file"]) for r in shown)
+    lines = []
+    for r in shown:
+        if "error" in r:
+            lines.append(f"{r['file']:<{width}}  ERROR {printable(r['error'], one_line=True)}")
+        else:
+            lines.append(f"{r['file']:<{width}}  " + "  ".join(
+                f"{printable(p['label'], one_line=True)} {p['probability']:.4f}" for p in r["predictions"]))
+    return "\n".join(lines)
+
+
+@contextlib.contextmanager
+def registry_model(uri: str, name: str, version: str | None) -> Iterator[Path]:
+    """A verified copy of a registry version's ONNX file in a temporary folder (ModelError if unusable)."""
+    try:
+        reg = Registry(uri, name)
+        version = version or reg.production()
+        if version is None:
+            raise ModelError(f"{reg.url()}: no production version of {name}; name one with --version")
+        problems = reg.verify(version)
+        if problems:
+            raise ModelError(f"{reg.url(version)} does not verify: {'; '.join(problems)}")
+        with tempfile.TemporaryDirectory(prefix="predict-") as tmp:
+            local = reg.fetch(version, "model.onnx", Path(tmp) / "model.onnx")
+            if sha256_file(local) != reg.manifest(version)["model.onnx"]:  # changed since it was verified
+                raise ModelError(f"{reg.url(version, 'model.onnx')} changed while it was fetched; try again")
+            yield local
+    except RegistryError as err:
+        raise ModelError(str(err)) from None
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="predict", description=__doc__.split("\n\n")[0], epilog=(
+        "exit status: 0 every input predicted, 1 some or all inputs failed, 2 the model is unusable"))
+    parser.add_argument("paths", type=Path, nargs="+", metavar="[MODEL] INPUT",
+                        help="the ONNX file written by the export stage (not with --registry), then image files "
+                        "and/or folders of images")
+    source = parser.add_argument_group("a model from a registry instead of a file")
+    source.add_argument("--registry", metavar="URI", help="registry directory or fsspec URL (s3://bucket/prefix)")
+    source.add_argument("--name", help="model name in the registry (project.name)")
+    source.add_argument("--version", help="registry version (default: production)")
+    parser.add_argument("-k", "--top-k", type=int, default=3, help="labels per image (default 3)")
+    parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--threads", type=int, default=0, help="onnxruntime threads (0: one per core)")
+    parser.add_argument("--max-aspect-ratio", type=float, default=DEFAULT_MAX_ASPECT_RATIO,
+                        help="reject images whose long side is more than this many times the short side "
+                             f"(default {DEFAULT_MAX_ASPECT_RATIO:g}, as prepare.max_aspect_ratio)")
+    return parser
+
+
+@quiet_broken_pipe
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.top_k < 1 or args.batch_size < 1 or args.max_aspect_ratio < 1:
+        parser.error("--top-k and --batch-size must be at least 1, --max-aspect-ratio at least 1")
+    if (args.registry is None) != (args.name is None) or (args.version and not args.registry):
+        parser.error("--registry and --name go together (and --version needs them)")
+    if args.registry is None and len(args.paths) < 2:
+        parser.error("give the model file and at least one image (or --registry URI --name NAME and images)")
+    model = contextlib.nullcontext(args.paths[0]) if args.registry is None else \
+        registry_model(args.registry, args.name, args.version)
+    inputs = args.paths[1:] if args.registry is None else args.paths
+    try:
+        with model as model_path:
+            classifier = load_classifier(model_path, args.threads)
+            return _predict(classifier, inputs, args)
+    except ModelError as err:
+        print(f"error: {printable(err)}", file=sys.stderr)
+        return EXIT_BAD_MODEL
+
+
+def _predict(classifier: Classifier, inputs: list[Path], args: argparse.Namespace) -> int:
+    files = collect_inputs(inputs)
+    if not files:
+        print(f"error: no image files in {printable(', '.join(map(str, inputs)))}", file=sys.stderr)
+        return EXIT_SOME_FAILED
+    results = predict_files(classifier, files, args.top_k, args.batch_size, args.max_aspect_ratio)
+    print(json.dumps(results, indent=2) if args.json else format_table(results))
+    failed = sum("predictions" not in r for r in results)
+    if failed:
+        print(f"{failed} of {len(results)} file(s) could not be predicted", file=sys.stderr)
+    return EXIT_SOME_FAILED if failed else EXIT_OK
+
+
+if __name__ == "__main__":
+    sys.exit(main())

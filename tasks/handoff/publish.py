@@ -1,0 +1,281 @@
+"""Publish: the pipeline's artifacts -> a registry version, gated against production.
+
+`publish_candidate` is what the retrain flow calls last (and `registry publish` by hand):
+1. read the candidate's artifacts under `root` and check they belong together
+   (metrics on the current test split, export report of this ONNX file);
+2. build its lineage (a dirty git tree stops here unless registry.allow_dirty);
+3. score production on the same test split (re-evaluating its ONNX file if the split changed);
+4. run the gate, write the version (ONNX, card, metrics, reports, lineage, decision);
+5. move the production pointer only if the gate passed.
+
+A candidate that does not pass is still stored as a version, with its decision: the
+registry is the audit trail of every model the pipeline produced, and a person can
+still `registry promote` it. Publishing the same ONNX file again writes nothing new:
+the existing version is gated again against the current production model (so an
+unchanged re-run reports "no improvement", and a run that crashed before moving the
+pointer completes the promotion).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from tasks.handoff.card import build_card, render_readme
+from tasks.handoff.gate import decide
+from tasks.handoff.lineage import LineageError, build_lineage
+from tasks.handoff.registry import Registry, RegistryError, new_version_id, open_registry
+from tasks.lib.cli import StageError
+from tasks.lib.config import Params
+from tasks.lib.io import read_json, sha256_file, split_digest
+
+
+@dataclass
+class Candidate:
+    """The artifacts of one pipeline run that make up a registry version."""
+
+    onnx_path: Path
+    onnx_sha256: str
+    class_names: list[str]
+    metrics: dict[str, Any]
+    metrics_bytes: bytes
+    export_report: dict[str, Any]
+    export_report_bytes: bytes
+    test_split_sha256: str
+    weights_record: dict[str, Any]
+    checkpoint_sha256: str | None
+    train_metrics: dict[str, Any] | None
+    data_report: dict[str, Any] | None
+
+
+def publish_candidate(params: Params, root: Path, flow_run_id: str | None) -> dict[str, Any]:
+    """Gate and publish the artifacts under `root`; returns registry_version, promoted, reason, model_card, decision."""
+    root = Path(root)
+    try:
+        candidate = read_candidate(params, root)
+        lineage = build_lineage(params, root, onnx_sha256=candidate.onnx_sha256,
+                                test_split_sha256=candidate.test_split_sha256,
+                                weights_record=candidate.weights_record,
+                                weights_sha256=_weights_sha256(candidate.weights_record),
+                                checkpoint_sha256=candidate.checkpoint_sha256, flow_run_id=flow_run_id)
+        registry = open_registry(params, root)
+        existing = registry.find_by_onnx(candidate.onnx_sha256)
+        if existing:
+            return _regate_existing(params, root, registry, existing, candidate)
+        return _publish_new(params, root, registry, candidate, lineage)
+    except (LineageError, RegistryError) as err:
+        raise StageError(str(err)) from None
+
+
+def _publish_new(params: Params, root: Path, registry: Registry, candidate: Candidate,
+                 lineage: dict[str, Any]) -> dict[str, Any]:
+    production = registry.production()
+    decision = _gate(params, root, registry, production, candidate.metrics, candidate.export_report, lineage)
+    # The version's own record of the promotion: what `registry repair` and the bootstrap check read.
+    decision["promoted"] = decision["passed"]
+    version = new_version_id(candidate.onnx_sha256)
+    card = build_card(params=params, version=version, url=registry.url(version), class_names=candidate.class_names,
+                      lineage=lineage, metrics=candidate.metrics, export_report=candidate.export_report,
+                      decision=decision, train_metrics=candidate.train_metrics, data_report=candidate.data_report)
+    registry.write_version(version, {
+        "model.onnx": candidate.onnx_path.read_bytes(),
+        "README.md": render_readme(card).encode(),
+        "card.json": _json_bytes(card),
+        "metrics.json": candidate.metrics_bytes,
+        "export_report.json": candidate.export_report_bytes,
+        "lineage.json": _json_bytes(lineage),
+        "decision.json": _json_bytes(decision),
+    })
+    promoted = _move_pointer(registry, version, production, decision)
+    return _result(registry, version, promoted, decision)
+
+
+def _regate_existing(params: Params, root: Path, registry: Registry, version: str,
+                     candidate: Candidate) -> dict[str, Any]:
+    """The same ONNX file is already a version: gate that version again, write nothing new.
+
+    The metrics are this run's (same model bytes, current test split), so a changed split
+    is handled as for a new candidate; the lineage is the version's own record.
+    """
+    production = registry.production()
+    lineage = registry.read_json(version, "lineage.json")
+    decision = _gate(params, root, registry, production, candidate.metrics, candidate.export_report, lineage)
+    decision["republished"] = f"this ONNX file is already version {version}; no new version was written"
+    promoted = _move_pointer(registry, version, production, decision)
+    return _result(registry, version, promoted, decision)
+
+
+def _gate(params: Params, root: Path, registry: Registry, production: str | None, metrics: dict[str, Any],
+          export_report: dict[str, Any], lineage: dict[str, Any]) -> dict[str, Any]:
+    """The gate decision, with both models' metrics (production's on the candidate's test split)."""
+    prod_metrics, re_evaluated = _production_metrics(params, root, registry, production, metrics)
+    decision = decide(metrics, prod_metrics, params.gate, export_report=export_report, lineage=lineage,
+                      model_name=params.project.name)
+    if isinstance(re_evaluated, str):  # say why the splits could not be made the same
+        decision["reason"] += f" ({re_evaluated})"
+    return {**decision, "production_version": production, "production_re_evaluated": re_evaluated,
+            "candidate_metrics": metrics, "production_metrics": prod_metrics,
+            "gate_params": params.gate.model_dump(mode="json")}
+
+
+def _production_metrics(params: Params, root: Path, registry: Registry, production: str | None,
+                        candidate_metrics: dict[str, Any]) -> tuple[dict[str, Any] | None, bool | str]:
+    """Production's metrics on the candidate's test split: stored ones if the split matches, else re-evaluated."""
+    if production is None:
+        return None, False
+    stored = registry.read_json(production, "metrics.json")
+    split = candidate_metrics.get("test_split_sha256")
+    if stored.get("test_split_sha256") == split:
+        return stored, False
+    prepared = root / params.data.prepared_dir
+    with tempfile.TemporaryDirectory(prefix="registry-") as tmp:
+        onnx_path = registry.fetch(production, "model.onnx", Path(tmp) / "model.onnx")
+        try:
+            metrics = score_onnx(onnx_path, prepared, root / params.data.raw_dir,
+                                    _class_names(prepared), top_k=params.evaluate.top_k,
+                                    bins=params.evaluate.calibration_bins)
+        except ValueError as err:  # e.g. the class set changed: the gate then reports the split mismatch
+            # name the registry file, not the temporary copy that is gone once this returns
+            message = str(err).replace(str(onnx_path), registry.url(production, "model.onnx"))
+            return stored, f"re-evaluation impossible: {message}"
+    return metrics, True
+
+
+def score_onnx(onnx_path: Path, prepared_dir: Path, raw_dir: Path, class_names: list[str], *,
+               top_k: int, bins: int) -> dict[str, Any]:
+    """Metrics of an ONNX model on the prepared test split, with the preprocessing from its own metadata.
+
+    The same metric code as the evaluate stage (tasks.lib.metrics), so the gate compares like with like.
+    """
+    from tasks.lib.data import read_rows
+    from tasks.lib.images import BadImage
+    from tasks.lib.metrics import compute_metrics
+    from tasks.lib.onnx_classifier import ModelError, load_classifier
+
+    try:
+        classifier = load_classifier(onnx_path)
+    except ModelError as err:
+        raise ValueError(str(err)) from None
+    if classifier.class_names != class_names:
+        raise ValueError(f"{onnx_path}: its classes {classifier.class_names} differ from the test split's {class_names}")
+    rows = read_rows(prepared_dir, "test")
+    try:
+        probs = classifier.score_files([Path(raw_dir) / r.path for r in rows])
+    except BadImage as err:
+        raise ValueError(f"{err}; re-run prepare (dvc repro prepare)") from None
+    metrics = compute_metrics(probs, np.array([r.label for r in rows]), class_names, top_k, bins)
+    return {**metrics, "test_split_sha256": split_digest(Path(prepared_dir) / "test.csv")}
+
+
+def _move_pointer(registry: Registry, version: str, production: str | None, decision: dict[str, Any]) -> bool:
+    if not decision["passed"] or version == production:
+        return False
+    registry.promote(version, decision["reason"], expected=production)
+    return True
+
+
+def _result(registry: Registry, version: str, promoted: bool, decision: dict[str, Any]) -> dict[str, Any]:
+    return {"registry_version": version, "promoted": promoted, "reason": decision["reason"],
+            "model_card": registry.url(version, "README.md"), "decision": json_safe(decision)}
+
+
+def json_safe(obj: Any) -> Any:
+    """NaN and infinities as the strings "nan", "inf": strict JSON writers (the flow's summary) accept them,
+    and the evidence of why the gate refused is kept."""
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return str(obj)
+    if isinstance(obj, dict):
+        return {key: json_safe(value) for key, value in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [json_safe(value) for value in obj]
+    return obj
+
+
+def _json_bytes(obj: Any) -> bytes:
+    return (json.dumps(json_safe(obj), indent=2, sort_keys=True, allow_nan=False, default=str) + "\n").encode()
+
+
+# --------------------------------------------------------------------------- reading the artifacts
+
+
+def read_candidate(params: Params, root: Path) -> Candidate:
+    """Load the candidate's artifacts and check they describe one and the same model and test split."""
+    paths = params.report_paths(root)
+    onnx_path, report_path, metrics_path = paths["onnx"], paths["export_report"], paths["test_metrics"]
+    prepared = root / params.data.prepared_dir
+    for path in (onnx_path, report_path, metrics_path, prepared / "test.csv"):
+        if not path.exists():
+            raise StageError(f"{path}: not found; run the pipeline first (dvc repro) so there is a model to publish")
+    onnx_sha256 = sha256_file(onnx_path)
+    report, metrics = read_json(report_path), read_json(metrics_path)
+    test_split = split_digest(prepared / "test.csv")
+    _check_consistent(onnx_path, onnx_sha256, report_path, report, metrics_path, metrics, test_split)
+    class_names = _class_names(prepared)
+    _check_onnx_classes(onnx_path, class_names)
+    checkpoint = root / params.train.out_dir / "model.pt"
+    return Candidate(
+        onnx_path=onnx_path, onnx_sha256=onnx_sha256, class_names=class_names,
+        metrics=metrics, metrics_bytes=metrics_path.read_bytes(),
+        export_report=report, export_report_bytes=report_path.read_bytes(),
+        test_split_sha256=test_split, weights_record=_weights_record(params, root, checkpoint),
+        checkpoint_sha256=sha256_file(checkpoint) if checkpoint.exists() else None,
+        train_metrics=_optional_json(paths["train_metrics"]),
+        data_report=_optional_json(paths["data_report"]),
+    )
+
+
+def _check_consistent(onnx_path: Path, onnx_sha256: str, report_path: Path, report: dict[str, Any],
+                      metrics_path: Path, metrics: dict[str, Any], test_split: str) -> None:
+    if report.get("onnx_sha256") not in (None, onnx_sha256):
+        raise StageError(f"{report_path} describes another ONNX file than {onnx_path} (sha256 differs); "
+                         "re-run the export stage (dvc repro export)")
+    if metrics.get("test_split_sha256") != test_split:
+        raise StageError(f"{metrics_path} was computed on another test split than the current test.csv; "
+                         "re-run the evaluate stage (dvc repro evaluate)")
+
+
+def _class_names(prepared: Path) -> list[str]:
+    from tasks.lib.data import read_classes  # local: tasks.lib.data imports torch, which `registry list` does not need
+
+    return read_classes(prepared)
+
+
+def _check_onnx_classes(onnx_path: Path, class_names: list[str]) -> None:
+    import onnxruntime as ort
+
+    meta = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"]).get_modelmeta()
+    raw = meta.custom_metadata_map.get("class_names")
+    if raw is None or json.loads(raw) != class_names:
+        raise StageError(f"{onnx_path}: metadata class_names {raw} do not match classes.json {class_names}; "
+                         "re-run the export stage (dvc repro export)")
+
+
+def _weights_record(params: Params, root: Path, checkpoint: Path) -> dict[str, Any]:
+    """The pretrained-weights record the model was trained from: the checkpoint's copy, else weights.json."""
+    if checkpoint.exists():
+        import torch
+
+        payload = torch.load(checkpoint, map_location="cpu", weights_only=True)
+        if isinstance(payload.get("weights"), dict):
+            return payload["weights"]
+    path = params.report_paths(root)["weights"]
+    if not path.exists():
+        raise StageError(f"neither {checkpoint} nor {path} records the pretrained weights; "
+                         "run the fetch_weights and train stages (dvc repro train)")
+    return read_json(path)
+
+
+def _weights_sha256(record: dict[str, Any]) -> str | None:
+    from tasks.lib.weights import weights_sha256  # local: it imports torch, which `registry list` does not need
+
+    return weights_sha256(record)
+
+
+def _optional_json(path: Path) -> dict[str, Any] | None:
+    return read_json(path) if path.exists() else None

@@ -1,0 +1,258 @@
+"""`registry`: list, inspect, promote, roll back, verify, repair and publish model versions from the command line.
+
+    registry list [--json] | show [VERSION] [--json] | promote VERSION [--force] | rollback
+    registry verify [VERSION] | repair [--version VERSION] | publish
+
+`registry.uri` and `project.name` come from params.yaml (`--params`, `-S key=value`).
+The registry itself is `tasks.handoff.registry`; publishing is `tasks.handoff.publish`.
+
+Exit status: 0 done; 1 refused or failed (the message says why and what to do), or a
+file the command had to read is damaged (everything else is still printed, the damaged
+file is named on stderr). Text from the registry is printed with control characters
+escaped: a registry is not trusted input.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+from tasks.handoff.registry import MARKER, Registry, RegistryError, open_registry
+from tasks.lib.cli import StageError
+from tasks.lib.config import DEFAULT_PARAMS, Params, ParamsError, load_params
+from tasks.lib.console import printable, quiet_broken_pipe
+from tasks.lib.io import StorageError
+
+TABLE_WIDTH = 100
+# (header, row key, width): the reason gets whatever is left of TABLE_WIDTH.
+COLUMNS = (("version", "version", 29), ("data", "data_hash", 8), ("accuracy", "accuracy", 8),
+           ("macro_f1", "macro_f1", 8), ("ece", "ece", 6), ("status", "status", 7), ("gate", "gate", 4))
+
+
+# --------------------------------------------------------------------------- list
+
+
+def summaries(reg: Registry) -> tuple[list[dict[str, Any]], str | None]:
+    """One row per version and the pointer's problem (None if it is fine); damaged files are named in the rows."""
+    try:
+        pointer, problem = reg.pointer() or {"version": None, "previous": []}, None
+    except RegistryError as err:
+        pointer, problem = {"version": None, "previous": []}, str(err)
+    rows = [_summary(reg, version, pointer) for version in reg.versions()]
+    if problem:  # which version is production is unknown, not "none of them"
+        for row in rows:
+            row["production"] = row["on_rollback_stack"] = None
+    return rows, problem
+
+
+def _summary(reg: Registry, version: str, pointer: dict[str, Any]) -> dict[str, Any]:
+    row: dict[str, Any] = {"version": version, "production": version == pointer["version"],
+                           "on_rollback_stack": version in pointer["previous"], "damaged": []}
+    records: dict[str, dict[str, Any]] = {}
+    for name in ("metrics.json", "decision.json", "lineage.json"):
+        try:
+            record = reg.read_json(version, name)
+        except RegistryError as err:
+            row["damaged"].append(str(err))
+            record = {}
+        if not isinstance(record, dict):
+            row["damaged"].append(f"{reg.url(version, name)}: not a JSON object")
+            record = {}
+        records[name] = record
+    metrics, decision, lineage = records["metrics.json"], records["decision.json"], records["lineage.json"]
+    row.update({"data_hash": lineage.get("data_hash"), "accuracy": metrics.get("accuracy"),
+                "macro_f1": metrics.get("macro_f1"), "ece": metrics.get("ece"), "gate_passed": decision.get("passed"),
+                "promoted_by_gate": decision.get("promoted"), "reason": decision.get("reason")})
+    return row
+
+
+def format_table(rows: list[dict[str, Any]]) -> str:
+    """A table that fits TABLE_WIDTH columns: status PROD (production), prev (on the rollback stack) or DAMAGED."""
+    fixed = sum(width + 2 for _, _, width in COLUMNS)
+    lines = [_line([h for h, _, _ in COLUMNS] + ["reason"], TABLE_WIDTH - fixed)]
+    for row in rows:
+        status = "DAMAGED" if row["damaged"] else "PROD" if row["production"] else \
+            "prev" if row["on_rollback_stack"] else ""
+        gate = {True: "pass", False: "fail"}.get(row["gate_passed"], "?")
+        cells = {**row, "status": status, "gate": gate, "data_hash": (row["data_hash"] or "")[:8]}
+        reason = "; ".join(row["damaged"]) if row["damaged"] else row["reason"]
+        lines.append(_line([_fmt(cells[key]) for _, key, _ in COLUMNS] + [_fmt(reason)], TABLE_WIDTH - fixed))
+    return "\n".join(lines)
+
+
+def _line(cells: list[str], reason_width: int) -> str:
+    padded = [printable(c, one_line=True)[:w].ljust(w) for c, (_, _, w) in zip(cells, COLUMNS, strict=False)]
+    reason = printable(cells[-1], one_line=True)
+    if len(reason) > reason_width:
+        reason = reason[:reason_width - 1] + "…"
+    return "  ".join([*padded, reason]).rstrip()
+
+
+def _fmt(value: Any) -> str:
+    if isinstance(value, float):
+        return f"{value:.4f}"
+    return "" if value is None else str(value)
+
+
+def _cmd_list(reg: Registry, args: argparse.Namespace) -> int:
+    rows, pointer_problem = summaries(reg)
+    if args.json:
+        print(json.dumps(rows, indent=2))
+    elif not rows:
+        print(f"{printable(reg.url())}: no versions yet")
+    else:
+        print(format_table(rows))
+    problems = [pointer_problem] if pointer_problem else []
+    problems += [d for row in rows for d in row["damaged"]]
+    return _report(problems)
+
+
+def _report(problems: list[str]) -> int:
+    for problem in problems:
+        print(f"error: {printable(problem)}", file=sys.stderr)
+    return 1 if problems else 0
+
+
+# --------------------------------------------------------------------------- show, verify
+
+
+def _production_or_named(reg: Registry, version: str | None, command: str) -> str:
+    version = version or reg.production()
+    if version is None:
+        raise RegistryError(f"{reg.url()}: no production version; name one (`registry {command} VERSION`)")
+    return version
+
+
+def _cmd_show(reg: Registry, args: argparse.Namespace) -> int:
+    version = _production_or_named(reg, args.version, "show")
+    reg.read_bytes(version, MARKER)  # an unknown version fails here, naming it and the latest ones
+    problems: list[str] = []
+    try:
+        production: bool | None = version == reg.production()
+    except RegistryError:
+        production = None  # unknown; the version was named, so the pointer's damage is not this command's
+    if args.json:
+        shown = {"version": version, "url": reg.url(version), "production": production,
+                 "card": _json_or_none(reg, version, "card.json", problems),
+                 "decision": _json_or_none(reg, version, "decision.json", problems)}
+        print(printable(json.dumps(shown, indent=2)))
+    else:
+        try:
+            print(printable(reg.read_bytes(version, "README.md").decode("utf-8", errors="replace")))
+        except RegistryError as err:
+            problems.append(str(err))
+    return _report(problems)
+
+
+def _json_or_none(reg: Registry, version: str, name: str, problems: list[str]) -> Any:
+    try:
+        return reg.read_json(version, name)
+    except RegistryError as err:
+        problems.append(str(err))
+        return None
+
+
+def _cmd_verify(reg: Registry, args: argparse.Namespace) -> int:
+    version = _production_or_named(reg, args.version, "verify")
+    problems = reg.verify(version)
+    for problem in problems:
+        print(f"{version}: {printable(problem)}")
+    if not problems:
+        print(f"{version}: ok (every file matches its sha256, lineage complete)")
+    return 1 if problems else 0
+
+
+# --------------------------------------------------------------------------- pointer moves
+
+
+def _cmd_promote(reg: Registry, args: argparse.Namespace) -> int:
+    if reg.production() == args.version:
+        print(f"{reg.model_name}: {args.version} is already production; nothing changed")
+        return 0
+    differ = reg.class_names_differ(args.version, reg.production()) if args.force else None
+    if differ:
+        print(f"warning: {printable(differ)}; promoting anyway (--force)", file=sys.stderr)
+    pointer = reg.promote(args.version, args.reason, force=args.force)
+    print(f"{reg.model_name}: production is now {pointer['version']} (was {pointer['events'][-1]['from']})")
+    return 0
+
+
+def _cmd_rollback(reg: Registry, args: argparse.Namespace) -> int:
+    pointer = reg.rollback(args.reason)
+    print(f"{reg.model_name}: rolled back production to {pointer['version']} (was {pointer['events'][-1]['from']})")
+    return 0
+
+
+def _cmd_repair(reg: Registry, args: argparse.Namespace) -> int:
+    pointer = reg.repair(args.version)
+    if pointer is None:
+        print(f"{reg.model_name}: nothing to repair; production is {reg.production()}")
+        return 0
+    event = pointer["events"][-1]
+    print(f"{reg.model_name}: rebuilt {reg.url('production')}: production is {pointer['version']}, "
+          f"rollback stack {pointer['previous'] or '(empty)'}; {event['reason']}")
+    if event["damaged_copy"]:
+        print(f"the damaged pointer was kept as {event['damaged_copy']}")
+    print("manual promotes and rollbacks are in no version's record: check `registry list` and "
+          "`registry promote` the right version if production should be another one")
+    return 0
+
+
+def _cmd_publish(params: Params, args: argparse.Namespace) -> int:
+    from tasks.handoff.publish import publish_candidate
+
+    result = publish_candidate(params, Path.cwd(), args.flow_run_id)
+    print(json.dumps({k: result[k] for k in ("registry_version", "promoted", "reason", "model_card")}, indent=2))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="registry", description="List, inspect, promote, roll back, verify and "
+                                     "repair published models (registry.uri and project.name from params.yaml).")
+    parser.add_argument("--params", type=Path, default=DEFAULT_PARAMS, help="params file (default: params.yaml)")
+    parser.add_argument("-S", "--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a param, e.g. -S registry.uri=s3://bucket/models")
+    sub = parser.add_subparsers(dest="command", required=True)
+    listing = sub.add_parser("list", help="versions with data hash, key metrics, status (PROD, prev) and gate")
+    listing.add_argument("--json", action="store_true", help="every field of every version as JSON")
+    show = sub.add_parser("show", help="a version's model card (default: production)")
+    show.add_argument("version", nargs="?")
+    show.add_argument("--json", action="store_true", help="card, decision and URL as JSON")
+    promote = sub.add_parser("promote", help="make a version production (bypasses the gate; it must verify)")
+    promote.add_argument("version")
+    promote.add_argument("--reason", default="manual promote")
+    promote.add_argument("--force", action="store_true", help="promote although its class names differ from "
+                         "production's")
+    rollback = sub.add_parser("rollback", help="point production back at the version it replaced (it must verify)")
+    rollback.add_argument("--reason", default="manual rollback")
+    verify = sub.add_parser("verify", help="recompute hashes and check lineage (default: production)")
+    verify.add_argument("version", nargs="?")
+    repair = sub.add_parser("repair", help="rebuild a missing or damaged production pointer from the versions' "
+                            "decision records")
+    repair.add_argument("--version", help="make this version production instead of the newest promoted one")
+    publish = sub.add_parser("publish", help="publish the current artifacts through the gate (what the flow does)")
+    publish.add_argument("--flow-run-id", default=None)
+    return parser
+
+
+@quiet_broken_pipe
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        params = load_params(args.params, args.set)
+        if args.command == "publish":
+            return _cmd_publish(params, args)
+        reg = open_registry(params)
+        handler = {"list": _cmd_list, "show": _cmd_show, "promote": _cmd_promote, "rollback": _cmd_rollback,
+                   "verify": _cmd_verify, "repair": _cmd_repair}[args.command]
+        return handler(reg, args)
+    except (RegistryError, ParamsError, StageError, FileNotFoundError, StorageError) as err:
+        print(f"error: {printable(err)}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

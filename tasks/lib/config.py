@@ -1,0 +1,414 @@
+"""params.yaml, read once into one typed schema.
+
+Every stage calls `load_params()`; nothing else parses params.yaml. Unknown
+keys, wrong types and out-of-range values fail with the dotted key path, the
+bad value and what is allowed, before any work starts.
+
+Print the schema with `python -m tasks.lib.config --schema` (`--json` for the
+raw JSON Schema), check a file with `python -m tasks.lib.config [params.yaml] [-S key=value ...]`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import sys
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
+
+from tasks.lib.config_support import (
+    ParamsError,
+    check_cron,
+    check_model_arch,
+    check_timezone,
+    count_values,
+    describe,
+    format_schema_table,
+    has_bool,
+    numeric,
+    parse_override,
+    read_yaml,
+    schema_rows,
+)
+from tasks.lib.console import quiet_broken_pipe
+
+__all__ = ["DEFAULT_PARAMS", "Params", "ParamsError", "apply_overrides_to_file", "load_params", "parse_override",
+           "schema_keys"]
+
+DEFAULT_PARAMS = Path("params.yaml")
+MAX_SEED = 2**32 - 1  # numpy's and torch's seeds are unsigned 32-bit
+
+
+class Section(BaseModel):
+    """Base for every section: unknown keys are errors, not silently ignored; numbers are finite and
+    a boolean is never taken for a number (YAML's `true` is not the count 1)."""
+
+    model_config = ConfigDict(extra="forbid", validate_default=True, protected_namespaces=(), allow_inf_nan=False)
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _no_bool_for_numbers(cls, value: Any, info: ValidationInfo) -> Any:
+        field = cls.model_fields.get(info.field_name or "")
+        if field is not None and numeric(field.annotation) and has_bool(value):
+            raise ValueError("expected a number, got a boolean (true/false)")
+        return value
+
+
+# --------------------------------------------------------------------------- project
+
+
+class ProjectParams(Section):
+    name: str = Field("fashion-demo", pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$",
+                      description="Model name in the registry (letters, digits, . _ -).")
+
+
+# --------------------------------------------------------------------------- data
+
+
+class DemoParams(Section):
+    per_class: int = Field(200, ge=2, le=7000, description="Fashion-MNIST images per class written to data/raw.")
+    seed: int = Field(0, ge=0, le=MAX_SEED, description="Which images the demo subset takes.")
+    source_dir: Path = Field(Path("/usr/share/datasets/fashion-mnist"),
+                             description="Where the Fashion-MNIST .gz files are (Debian's dataset-fashion-mnist).")
+    download_dir: Path = Field(Path(".cache/fashion-mnist"),
+                               description="Where torchvision downloads them when source_dir has none.")
+
+
+class DataParams(Section):
+    raw_dir: Path = Field(Path("data/raw"), description="The input ImageFolder (one sub-folder per class), tracked by DVC.")
+    prepared_dir: Path = Field(Path("data/prepared"), description="Split files, class map and data report.")
+    demo: DemoParams = DemoParams()
+
+
+# --------------------------------------------------------------------------- prepare
+
+
+class PrepareParams(Section):
+    train: float = Field(0.7, gt=0, lt=1, description="Fraction of each class in the train split.")
+    val: float = Field(0.15, gt=0, lt=1, description="Fraction of each class in the validation split.")
+    test: float = Field(0.15, gt=0, lt=1, description="Fraction of each class in the held-out test split.")
+    seed: int = Field(42, ge=0, le=MAX_SEED, description="Salt of the content-hash split; changing it reshuffles every split.")
+    bad_files: Literal["skip", "fail"] = Field("skip", description="skip: report bad files and go on; fail: stop the stage.")
+    max_pixels: int = Field(89_478_485, ge=1, description="Images with more pixels are rejected as decompression "
+                            "bombs, from the header, before decoding (also Pillow's own limit in every decoding process).")
+    max_aspect_ratio: float = Field(50.0, ge=1, description="Images whose long side is more than this many times "
+                                    "the short side are rejected (extreme_aspect_ratio).")
+    max_file_bytes: int = Field(256 * 2**20, ge=1, description="Files larger than this are rejected (file_too_large) "
+                                "without being read; no file is ever read past it.")
+    near_duplicates: bool = Field(False, description="Also look for near-duplicates across splits by perceptual hash.")
+    near_duplicate_distance: int = Field(4, ge=0, le=64, description="Max Hamming distance of two 64-bit dHashes to count as near-duplicates.")
+    num_workers: int = Field(0, ge=0, description="Processes decoding images; 0 means one per CPU core.")
+    cache_dir: Path = Field(Path(".cache/prepare"), description="Per-image results (content hash, decode check, "
+                            "dHash) kept across runs so only new or changed files are decoded; git-ignored, not a "
+                            "DVC output, safe to delete.")
+
+    def limits(self) -> Any:
+        """The tasks.lib.images.ImageLimits of these params (imported here: config stays free of Pillow)."""
+        from tasks.lib.images import ImageLimits
+
+        return ImageLimits(self.max_pixels, self.max_aspect_ratio, self.max_file_bytes)
+
+    @model_validator(mode="after")
+    def _fractions_sum_to_one(self) -> PrepareParams:
+        total = self.train + self.val + self.test
+        if abs(total - 1.0) > 1e-6:
+            raise ValueError(f"prepare.train + prepare.val + prepare.test must be 1.0, got {total:g}")
+        return self
+
+
+# --------------------------------------------------------------------------- decoded image cache
+
+
+class CacheParams(Section):
+    dir: Path = Field(Path("artifacts/decoded"), description="Stage decode_cache writes decoded uint8 images here "
+                      "(memory-mapped .npy, one folder per split; rebuilt from the split files, never committed).")
+    margin: float = Field(1.15, ge=1.0, le=2.0, description="Train images are stored this much larger than "
+                          "train.image_size, the room random resized crops take from.")
+    num_workers: int = Field(0, ge=0, description="Processes decoding images; 0 means one per CPU core.")
+    jpeg_draft: bool = Field(True, description="Decode JPEGs at 1/2, 1/4 or 1/8 scale (Pillow's draft) when the "
+                             "stored size is that much smaller: several times faster on large photos; the pixels "
+                             "differ slightly from a full decode (see benchmarks/README.md).")
+    store_dir: Path = Field(Path(".cache/decoded"), description="The last build's arrays with each row's content "
+                            "hash, so the next build copies unchanged images instead of decoding them again; "
+                            "git-ignored, not a DVC output, safe to delete.")
+    features_dir: Path = Field(Path(".cache/features"), description="Backbone features of the frozen head phase, "
+                               "per image, weights and preprocessing, reused by the next training run; git-ignored, "
+                               "safe to delete.")
+
+
+# --------------------------------------------------------------------------- model / weights
+
+
+class ModelParams(Section):
+    arch: str = Field("efficientnet_lite0", description="A torchvision classification model name, or efficientnet_lite0 (timm).")
+    weights: str = Field("packaged", min_length=1, description="none | packaged (efficientnet_lite0) | a torchvision Weights member (IMAGENET1K_V2, DEFAULT) | a local file | an https URL.")
+    sha256: str | None = Field(None, pattern=r"^[0-9a-f]{64}$", description="Pinned SHA-256 of the weights file (required for URLs and local files; optional for torchvision names, which are otherwise pinned on first download).")
+    hub_dir: Path = Field(Path(".cache/torch/hub"), description="torch.hub cache where downloads land (<hub_dir>/checkpoints/<file>).")
+    offline: bool = Field(False, description="Never download: use the cache or fail at once.")
+    download_retries: int = Field(3, ge=0, le=20, description="Retries of a failed download, with exponential backoff.")
+    download_timeout_s: float = Field(60, gt=0, le=3600, description="Seconds a stalled download waits for data before it counts as failed (and is retried).")
+    out_dir: Path = Field(Path("artifacts/weights"), description="fetch_weights writes the verified weights and their record here.")
+
+    @field_validator("arch")
+    @classmethod
+    def _known_arch(cls, arch: str, info: ValidationInfo) -> str:
+        if (info.context or {}).get("check_arch"):
+            check_model_arch(arch)
+        return arch
+
+    @model_validator(mode="after")
+    def _pin_applies(self) -> ModelParams:
+        if self.sha256 is not None and self.weights.strip() == "none":
+            raise ValueError("model.sha256 is set but model.weights is none (random init, no file to check); "
+                             "remove model.sha256 or name the weights it pins")
+        return self
+
+
+# --------------------------------------------------------------------------- train
+
+
+class HeadPhaseParams(Section):
+    epochs: int = Field(30, ge=0, description="Epochs of phase 1 (backbone frozen, only the new head trains).")
+    lr: float = Field(3e-3, gt=0, le=10, description="Learning rate of the head.")
+    augment: bool = Field(False, description="Random augmentation in phase 1; false lets the head train on cached features.")
+
+
+class FinetunePhaseParams(Section):
+    unfreeze: Literal["none", "all", "last_n"] = Field("last_n", description="What phase 2 unfreezes.")
+    last_n: int = Field(2, ge=1, description="Blocks unfrozen when unfreeze is last_n.")
+    epochs: int = Field(2, ge=0, description="Epochs of phase 2.")
+    lr: float = Field(3e-4, gt=0, le=10, description="Learning rate of the head in phase 2.")
+    backbone_lr_scale: float = Field(0.1, gt=0, le=1, description="Backbone rate = lr * this (discriminative rates).")
+    warmup_epochs: float = Field(0.5, ge=0, description="Linear warmup before the cosine decay.")
+    augment: bool = Field(True, description="Random resized crop and flip in phase 2.")
+
+
+class TrainParams(Section):
+    out_dir: Path = Field(Path("artifacts/train"), description="Best checkpoint, resume checkpoint and training logs.")
+    image_size: int = Field(96, ge=16, le=1024, description="Side of the square network input, in pixels.")
+    batch_size: int = Field(64, ge=1)
+    optimizer: Literal["adamw", "sgd"] = "adamw"
+    weight_decay: float = Field(1e-4, ge=0)
+    label_smoothing: float = Field(0.1, ge=0, lt=1)
+    class_weighting: bool = Field(False, description="Weight the loss by inverse class frequency.")
+    early_stopping_patience: int = Field(5, ge=0, description="Epochs without validation improvement before stopping; 0 turns it off.")
+    head: HeadPhaseParams = HeadPhaseParams()
+    finetune: FinetunePhaseParams = FinetunePhaseParams()
+    device: Literal["auto", "cpu", "cuda", "mps"] = Field("auto", description="auto picks cuda, then mps, then cpu.")
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = Field("auto", description="auto: bf16 on CUDA where supported, else fp16; fp32 on CPU.")
+    min_crop_scale: float = Field(0.5, gt=0, le=1, description="Smallest area (fraction of the image) a random resized crop keeps.")
+    channels_last: bool = True
+    compile: bool = Field(False, description="torch.compile the model (worth it on GPU for long runs).")
+    cuda_graphs: bool = Field(True, description="On CUDA, replay the cached-feature head step from a CUDA graph "
+                              "(AdamW only; same batches and update, ~100x faster epochs); false runs it eagerly.")
+    deterministic: bool = Field(True, description="Deterministic algorithms and seeded RNGs.")
+    seed: int = Field(0, ge=0, le=MAX_SEED, description="Seed of every random number generator in training.")
+    num_workers: int = Field(2, ge=0, description="Threads decoding images before training; 0 means one per CPU core.")
+    resume: Literal["auto", "never"] = Field("auto", description="auto continues from the last checkpoint after a crash.")
+    nproc_per_node: int = Field(1, ge=1, description="Processes for DDP via torchrun; >1 trains on several GPUs.")
+    timeout_minutes: float = Field(120, gt=0, description="The retrain flow stops training after this long.")
+
+
+# --------------------------------------------------------------------------- evaluate / export
+
+
+class EvaluateParams(Section):
+    out_dir: Path = Field(Path("artifacts/evaluate"), description="Metrics JSON and plot data.")
+    top_k: int = Field(3, ge=1, description="k of the top-k accuracy.")
+    calibration_bins: int = Field(15, ge=2, le=100, description="Bins of the expected calibration error.")
+    worst_mistakes: int = Field(16, ge=0, le=256, description="Images in the grid of the most confident mistakes.")
+    batch_size: int = Field(128, ge=1)
+    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto: cuda when available, else cpu.")
+
+
+class QuantizeParams(Section):
+    enabled: bool = Field(False, description="Also make an int8 model with onnxruntime dynamic quantization.")
+    max_accuracy_drop: float = Field(0.01, ge=0, le=1, description="Keep the int8 model only if its test accuracy drops by at most this.")
+
+
+class ExportParams(Section):
+    out_dir: Path = Field(Path("artifacts/export"), description="model.onnx and the export report.")
+    opset: int = Field(18, ge=18, le=21, description="ONNX opset; 18 is the dynamo exporter's native opset "
+                       "(lower ones fail its down-conversion, 21 is the highest tested).")
+    atol: float = Field(1e-4, gt=0, le=1e-2, description="Max |logit difference| between onnxruntime and PyTorch (fp32).")
+    parity_batch_sizes: list[Annotated[int, Field(ge=1)]] = Field(
+        [1, 3, 8], min_length=1, description="Batch sizes at which onnxruntime must match PyTorch.")
+    latency_runs: int = Field(50, ge=5, description="Timed runs for the latency percentiles.")
+    quantize: QuantizeParams = QuantizeParams()
+
+
+# --------------------------------------------------------------------------- handoff
+
+
+class GateParams(Section):
+    metric: Literal["accuracy", "balanced_accuracy", "macro_f1", "weighted_f1"] = Field(
+        "macro_f1", description="The primary metric a candidate must improve.")
+    min_delta: float = Field(0.002, ge=0, description="Least improvement of the primary metric that promotes.")
+    max_class_drop: float = Field(0.05, ge=0, le=1, description="Largest drop of any class's recall that still promotes.")
+    bootstrap: Literal["promote", "manual"] = Field(
+        "promote", description="First model of a name: promote it, or publish it and wait for a manual promote.")
+    bootstrap_min_metric: float = Field(0.0, ge=0, le=1, description="The first model needs at least this primary metric.")
+
+
+class RegistryParams(Section):
+    uri: str = Field("registry", description="Local directory or any fsspec URL (s3://bucket/prefix).")
+    allow_dirty: bool = Field(False, description="Publish from a git tree with uncommitted changes (recorded in lineage).")
+    storage_options: dict[str, Any] = Field(
+        {}, description="fsspec options of the store, e.g. {endpoint_url: http://127.0.0.1:9000} for an "
+        "S3-compatible server; keep credentials in the environment (AWS_ACCESS_KEY_ID...), not here.")
+
+    @field_validator("uri")
+    @classmethod
+    def _uri_not_blank(cls, uri: str) -> str:
+        if not uri.strip():
+            raise ValueError("must name a directory or an fsspec URL (e.g. registry, s3://bucket/models)")
+        return uri
+
+    def location(self, root: Path | str) -> str:
+        """The store's URL: a relative local path is taken relative to the project root `root`."""
+        if "://" in self.uri or Path(self.uri).is_absolute():
+            return self.uri
+        return str(Path(root) / self.uri)
+
+
+class ScheduleParams(Section):
+    cron: str = Field("0 3 * * 1", description="When the retrain deployment runs (weekly, Monday 03:00).")
+    timezone: str = Field("UTC", description="IANA time zone of the cron schedule (UTC, Europe/Paris, ...).")
+    watch_interval_minutes: int = Field(10, ge=1, description="How often the watch flow looks for new data.")
+    data_branch: str = Field("main", description="Git branch the watch flow checks for a new data version.")
+
+    @field_validator("cron")
+    @classmethod
+    def _valid_cron(cls, cron: str) -> str:
+        check_cron(cron)
+        return cron
+
+    @field_validator("timezone")
+    @classmethod
+    def _valid_timezone(cls, name: str) -> str:
+        check_timezone(name)
+        return name
+
+
+class Params(Section):
+    project: ProjectParams = ProjectParams()
+    data: DataParams = DataParams()
+    prepare: PrepareParams = PrepareParams()
+    cache: CacheParams = CacheParams()
+    model: ModelParams = ModelParams()
+    train: TrainParams = TrainParams()
+    evaluate: EvaluateParams = EvaluateParams()
+    export: ExportParams = ExportParams()
+    gate: GateParams = GateParams()
+    registry: RegistryParams = RegistryParams()
+    schedule: ScheduleParams = ScheduleParams()
+
+    def report_paths(self, root: Path) -> dict[str, Path]:
+        """The reports and model the stages write, under project root `root`: what the flow, the demo
+        summary and publish read back."""
+        return {
+            "data_report": root / self.data.prepared_dir / "report.json",
+            "weights": root / self.model.out_dir / "weights.json",
+            "train_metrics": root / self.train.out_dir / "metrics.json",
+            "test_metrics": root / self.evaluate.out_dir / "metrics.json",
+            "onnx": root / self.export.out_dir / "model.onnx",
+            "export_report": root / self.export.out_dir / "report.json",
+        }
+
+    def digest(self) -> str:
+        """SHA-256 of the resolved params: the params part of a model's lineage."""
+        canonical = json.dumps(self.model_dump(mode="json"), sort_keys=True)
+        return hashlib.sha256(canonical.encode()).hexdigest()
+
+
+def load_params(path: Path | str = DEFAULT_PARAMS, overrides: dict[str, Any] | list[str] | None = None, *,
+                check_arch: bool = False) -> Params:
+    """Read, override and validate params; raise ParamsError naming each bad key and where it came from.
+
+    check_arch also checks model.arch against the model builder, which imports torchvision
+    (several seconds): the config CLI and the flow's override check ask for it, and every
+    stage that builds a model checks it anyway; the registry and predict never need it.
+    """
+    path = Path(path)
+    raw = read_yaml(path)
+    parsed = _parse_overrides(overrides)
+    for key, value in parsed.items():
+        _set_dotted(raw, key, value)
+    count_values(raw, f"{path} with its overrides")
+    try:
+        return Params.model_validate(raw, context={"check_arch": check_arch})
+    except ValidationError as err:
+        raise ParamsError(describe(path, err, parsed, Params)) from None
+
+
+def apply_overrides_to_file(path: Path | str, overrides: dict[str, Any] | list[str]) -> Params:
+    """Validate overrides (model.arch included), then write them into params.yaml (how a flow sets them for DVC)."""
+    path = Path(path)
+    params = load_params(path, overrides, check_arch=True)
+    raw = read_yaml(path)
+    for key, value in _parse_overrides(overrides).items():
+        _set_dotted(raw, key, value)
+    from tasks.lib.io import atomic_write_text  # local: io imports nothing from here
+
+    atomic_write_text(path, yaml.safe_dump(raw, sort_keys=False))
+    return params
+
+
+def _parse_overrides(overrides: dict[str, Any] | list[str] | None) -> dict[str, Any]:
+    if not overrides:
+        return {}
+    if isinstance(overrides, dict):
+        return dict(overrides)
+    return dict(parse_override(item) for item in overrides)
+
+
+def _set_dotted(raw: dict[str, Any], dotted: str, value: Any) -> None:
+    node = raw
+    parts = dotted.split(".")
+    for part in parts[:-1]:
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise ParamsError(f"override -S {dotted}: {part} is a value, not a section")
+        node = child
+    node[parts[-1]] = value
+
+
+def schema_keys(model: type[BaseModel] = Params, prefix: str = "") -> set[str]:
+    """Every dotted key the schema knows, sections included (used to check dvc.yaml)."""
+    keys: set[str] = set()
+    for name, field in model.model_fields.items():
+        dotted = f"{prefix}{name}"
+        keys.add(dotted)
+        if isinstance(field.annotation, type) and issubclass(field.annotation, BaseModel):
+            keys |= schema_keys(field.annotation, f"{dotted}.")
+    return keys
+
+
+@quiet_broken_pipe
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m tasks.lib.config", description=__doc__.split("\n\n")[0])
+    parser.add_argument("path", nargs="?", default=str(DEFAULT_PARAMS))
+    parser.add_argument("-S", "--set", action="append", default=[], metavar="KEY=VALUE", help="override a key")
+    parser.add_argument("--schema", action="store_true", help="print every key: type, allowed values, default, "
+                        "description")
+    parser.add_argument("--json", action="store_true", help="with --schema: the raw JSON Schema instead")
+    args = parser.parse_args(argv)
+    if args.schema:
+        print(json.dumps(Params.model_json_schema(), indent=2) if args.json
+              else format_schema_table(schema_rows(Params)))
+        return 0
+    try:
+        params = load_params(args.path, args.set, check_arch=True)
+    except ParamsError as err:
+        print(err, file=sys.stderr)
+        return 2
+    print(yaml.safe_dump(params.model_dump(mode="json"), sort_keys=False), end="")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

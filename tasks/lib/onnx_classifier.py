@@ -1,0 +1,150 @@
+"""The one way this project calls an exported ONNX model: onnxruntime plus the model's own metadata.
+
+Torch-free on purpose: `predict` runs on production boxes that have no torch.
+The export stage checks parity and int8 accuracy through it, publish re-scores
+the production model on a new test split through it, and predict classifies
+files through it, so the three cannot disagree about preprocessing or softmax.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+
+from tasks.lib.images import DEFAULT_MAX_ASPECT_RATIO, load_rgb
+from tasks.lib.preprocess import Preprocessing, preprocess
+
+INPUT_NAME, OUTPUT_NAME = "input", "logits"
+
+
+class ModelError(ValueError):
+    """The ONNX file cannot be used; the message names it and says why."""
+
+
+def ort_session(path: Path | str, threads: int = 0) -> ort.InferenceSession:
+    """A CPU onnxruntime session; `threads` 0 lets onnxruntime use one per core."""
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
+    options.log_severity_level = 3  # warnings about unused initializers are noise here
+    try:
+        return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    except Exception as err:  # onnxruntime raises its own exception types for bad files
+        raise ModelError(f"{path}: onnxruntime cannot load it ({str(err).splitlines()[0]})") from None
+
+
+def softmax(logits: np.ndarray) -> np.ndarray:
+    """Row-wise softmax in float64 (the metrics are computed in float64)."""
+    shifted = np.asarray(logits, dtype=np.float64)
+    shifted = np.exp(shifted - shifted.max(axis=1, keepdims=True))
+    return shifted / shifted.sum(axis=1, keepdims=True)
+
+
+@dataclass
+class Classifier:
+    """An onnxruntime session plus what its metadata says about inputs and outputs."""
+
+    session: ort.InferenceSession
+    class_names: list[str]
+    prep: Preprocessing
+    input_name: str = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.input_name = self.session.get_inputs()[0].name
+
+    def logits(self, batch: np.ndarray) -> np.ndarray:
+        """Raw float32 logits of a preprocessed (N, 3, S, S) batch."""
+        return self.session.run([OUTPUT_NAME], {self.input_name: np.ascontiguousarray(batch)})[0]
+
+    def probabilities(self, batch: np.ndarray) -> np.ndarray:
+        """Class probabilities (float64) of a preprocessed batch."""
+        return softmax(self.logits(batch))
+
+    def load(self, path: Path | str, max_aspect_ratio: float = DEFAULT_MAX_ASPECT_RATIO) -> np.ndarray:
+        """One image file as the network's input (raises BadImage / OSError naming the file)."""
+        return preprocess(load_rgb(path, max_aspect_ratio=max_aspect_ratio), self.prep)
+
+    def score_files(self, paths: Sequence[Path], batch_size: int = 64) -> np.ndarray:
+        """Probabilities of every file, in order; the first unreadable file raises."""
+        chunks = [self.probabilities(np.stack([self.load(p) for p in paths[start:start + batch_size]]))
+                  for start in range(0, len(paths), batch_size)]
+        return np.concatenate(chunks) if chunks else np.empty((0, len(self.class_names)))
+
+
+def load_classifier(path: Path | str, threads: int = 0) -> Classifier:
+    """Open the model, read class names and preprocessing from its metadata and check they fit the network.
+
+    Every ONNX file is untrusted input: metadata that is not valid JSON, lacks a key, has
+    values of the wrong kind, or names more or fewer classes than the network outputs
+    raises ModelError naming the file, before any image is read.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise ModelError(f"{path}: model file not found")
+    session = ort_session(path, threads)
+    meta = session.get_modelmeta().custom_metadata_map
+    missing = [key for key in ("class_names", "preprocessing") if key not in meta]
+    if missing:
+        raise ModelError(f"{path}: metadata lacks {', '.join(missing)}; export the model with `python -m tasks.export`")
+    if OUTPUT_NAME not in [output.name for output in session.get_outputs()]:
+        raise ModelError(f"{path}: the network has no output named {OUTPUT_NAME!r}; export it with `python -m tasks.export`")
+    classifier = Classifier(session, _class_names(path, _json_value(path, meta, "class_names")),
+                            _preprocessing(path, _json_value(path, meta, "preprocessing")))
+    _check_output_size(path, classifier)
+    return classifier
+
+
+def _json_value(path: Path, meta: dict[str, str], key: str) -> object:
+    try:
+        return json.loads(meta[key])
+    except json.JSONDecodeError as err:
+        raise ModelError(f"{path}: metadata {key} is not valid JSON ({err}); re-export the model") from None
+
+
+def _class_names(path: Path, value: object) -> list[str]:
+    if not isinstance(value, list) or not value or not all(isinstance(name, str) and name for name in value):
+        raise ModelError(f"{path}: metadata class_names must be a non-empty list of non-empty strings, "
+                         f"got {str(value)[:80]}; re-export the model")
+    if len(set(value)) != len(value):
+        raise ModelError(f"{path}: metadata class_names lists a class twice; re-export the model")
+    return value
+
+
+def _preprocessing(path: Path, value: object) -> Preprocessing:
+    try:
+        prep = Preprocessing.from_dict(value)  # type: ignore[arg-type]
+    except (KeyError, TypeError, ValueError, AttributeError) as err:
+        raise ModelError(f"{path}: metadata preprocessing is unusable ({type(err).__name__}: {err}); "
+                         "re-export the model") from None
+    problem = _preprocessing_problem(prep)
+    if problem:
+        raise ModelError(f"{path}: metadata preprocessing is unusable ({problem}); re-export the model")
+    return prep
+
+
+def _preprocessing_problem(prep: Preprocessing) -> str | None:
+    """What Preprocessing itself does not check (interpolation and resize >= crop it does)."""
+    if not 1 <= prep.crop_size <= prep.resize_size <= 8192:
+        return f"needs 1 <= crop_size <= resize_size <= 8192, got {prep.crop_size} and {prep.resize_size}"
+    if len(prep.mean) != 3 or len(prep.std) != 3:
+        return "mean and std need three values (RGB)"
+    if not all(np.isfinite(prep.mean)) or not all(np.isfinite(s) and s > 0 for s in prep.std):
+        return "mean must be finite and std positive"
+    return None
+
+
+def _check_output_size(path: Path, classifier: Classifier) -> None:
+    """One forward pass of a blank image: the input fits the preprocessing and the output has one logit per class."""
+    size = classifier.prep.crop_size
+    try:
+        logits = classifier.logits(np.zeros((1, 3, size, size), dtype=np.float32))
+    except Exception as err:  # onnxruntime raises its own exception types for shape errors
+        raise ModelError(f"{path}: the network does not accept a {size}x{size} image as its metadata says "
+                         f"({str(err).splitlines()[0][:200]}); re-export the model") from None
+    if logits.ndim != 2 or logits.shape[1] != len(classifier.class_names):
+        raise ModelError(f"{path}: the network outputs {logits.shape[1:] if logits.ndim else ()} logits but its "
+                         f"metadata names {len(classifier.class_names)} classes; re-export the model")

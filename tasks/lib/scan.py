@@ -1,0 +1,153 @@
+"""Walking the raw data folder under one policy for links, special files and bad names.
+
+The policy (the README's "Use your own images" states it for users):
+
+- Regular files with an image suffix are candidates; other regular files are
+  listed as ignored. Hidden files and folders (a leading dot) are skipped.
+- A symbolic link to a regular file that resolves inside the data folder is
+  followed (its content is used, like DVC, which stores the target's content);
+  a link that resolves outside it is reported `link_outside`, a link whose
+  target is missing or that loops `dangling_link`, and a link to a folder
+  `link_to_folder` (never followed: DVC does not descend into linked folders
+  either, and a followed folder link can loop).
+- FIFOs, sockets and devices (directly or behind a link) are reported
+  `not_a_regular_file` and never opened.
+- A name that is not valid UTF-8 is reported `bad_file_name` (with its bytes
+  escaped as \\xNN) and skipped: the split files are UTF-8 CSV.
+
+Nothing is collected: `candidates()` yields files as the walk finds them, and
+only what is reported (problems, ignored names) is kept.
+"""
+
+from __future__ import annotations
+
+import os
+import stat
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from tasks.lib.images import IMAGE_SUFFIXES, file_kind
+from tasks.lib.io import SPLITS
+
+
+@dataclass(frozen=True, slots=True)
+class Candidate:
+    """A file found in the raw folder: where it is, its class and (for predefined layouts) its split."""
+
+    path: str  # relative to raw_dir, POSIX separators
+    label_name: str
+    split: str | None = None
+
+
+@dataclass(frozen=True)
+class Problem:
+    """An entry skipped by the policy, reported with the bad images."""
+
+    path: str
+    reason: str
+    detail: str = ""
+
+    def as_dict(self) -> dict[str, str]:
+        return {"path": self.path, "reason": self.reason, "detail": self.detail}
+
+
+def printable(name: str) -> str:
+    """A file name as text; bytes that are not UTF-8 appear as \\xNN."""
+    return os.fsencode(name).decode("utf-8", "backslashreplace")
+
+
+def good_name(name: str) -> bool:
+    try:
+        name.encode("utf-8")
+    except UnicodeEncodeError:   # os.fsdecode turned undecodable bytes into surrogates
+        return False
+    return True
+
+
+@dataclass
+class FolderScan:
+    """One walk over raw_dir; `candidates()` streams, the other fields fill up as it goes."""
+
+    raw_dir: Path
+    layout: str = "imagefolder"
+    classes: set[str] = field(default_factory=set)
+    problems: list[Problem] = field(default_factory=list)
+    ignored: list[str] = field(default_factory=list)
+    n_candidates: int = 0
+
+    def __post_init__(self) -> None:
+        self.root = os.path.realpath(self.raw_dir)
+
+    def candidates(self) -> Iterator[Candidate]:
+        top = self._folders(self.raw_dir, "")
+        if {name for name, _ in top} == set(SPLITS):
+            self.layout = "predefined"
+            groups = [(split, name, path) for split in SPLITS
+                      for name, path in self._folders(self.raw_dir / split, f"{split}/")]
+        else:
+            groups = [(None, name, path) for name, path in top]
+        for split, label, folder in groups:
+            self.classes.add(label)
+            for rel in self._walk(folder, folder.relative_to(self.raw_dir).as_posix()):
+                self.n_candidates += 1
+                yield Candidate(rel, label, split)
+
+    # ---- the walk
+    def _folders(self, folder: Path, prefix: str) -> list[tuple[str, Path]]:
+        """Sub-folders (class or split folders), sorted; links and bad names among them are reported."""
+        found = []
+        for entry in self._entries(folder):
+            kind = self._kind(entry, prefix + entry.name)
+            if kind == "folder":
+                found.append((entry.name, Path(entry.path)))
+        return found
+
+    def _walk(self, folder: Path, rel_folder: str) -> Iterator[str]:
+        for entry in self._entries(folder):
+            rel = f"{rel_folder}/{entry.name}"
+            kind = self._kind(entry, rel)
+            if kind == "folder":
+                yield from self._walk(Path(entry.path), rel)
+            elif kind == "file":
+                if os.path.splitext(entry.name)[1].lower() in IMAGE_SUFFIXES:   # no Path per file (see _link_kind)
+                    yield rel
+                else:
+                    self.ignored.append(rel)
+
+    def _entries(self, folder: Path) -> list[os.DirEntry[str]]:
+        with os.scandir(folder) as it:
+            return sorted((e for e in it if not e.name.startswith(".")), key=lambda e: e.name)
+
+    def _kind(self, entry: os.DirEntry[str], rel: str) -> str:
+        """'folder', 'file' or 'skip' (reported) for one directory entry, under the policy above."""
+        if not good_name(entry.name):
+            return self._report(rel, "bad_file_name", "not valid UTF-8; rename it")
+        if entry.is_symlink():
+            return self._link_kind(entry.path, rel)
+        mode = entry.stat(follow_symlinks=False).st_mode
+        if stat.S_ISDIR(mode):
+            return "folder"
+        if stat.S_ISREG(mode):
+            return "file"
+        return self._report(rel, "not_a_regular_file", file_kind(mode))
+
+    def _link_kind(self, path: str, rel: str) -> str:
+        # Plain strings, not Path: pathlib interns every name it parses, so a Path per file would grow
+        # memory with the number of files for the life of the process.
+        try:
+            target = os.path.realpath(path, strict=True)
+            mode = os.stat(target).st_mode
+        except (OSError, RuntimeError) as err:
+            return self._report(rel, "dangling_link", f"-> {os.readlink(path)}: {getattr(err, 'strerror', err)}")
+        if os.path.commonpath([target, self.root]) != self.root:
+            return self._report(rel, "link_outside", f"-> {target} is outside {self.raw_dir}")
+        if stat.S_ISDIR(mode):
+            return self._report(rel, "link_to_folder", f"-> {target}; linked folders are not followed")
+        if not stat.S_ISREG(mode):
+            return self._report(rel, "not_a_regular_file", f"-> {target} ({file_kind(mode)})")
+        return "file"
+
+    def _report(self, rel: str, reason: str, detail: str) -> str:
+        self.problems.append(Problem(printable(rel), reason, detail))
+        return "skip"

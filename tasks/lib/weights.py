@@ -1,0 +1,42 @@
+"""Reading what the fetch_weights stage wrote: the verified backbone state and its record.
+
+`<model.out_dir>/backbone.pt` is a state dict keyed for
+`tasks.lib.models.build_backbone(arch)`; `<model.out_dir>/weights.json` records
+arch, weights, source, sha256 and the pretrained preprocessing. The train
+stage reads both through `load_backbone_state`; `tasks.fetch_weights` writes them.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from tasks.lib.cli import StageError
+from tasks.lib.io import read_json, sha256_file
+
+RECORD_NAME = "weights.json"
+STATE_NAME = "backbone.pt"
+
+
+def load_backbone_state(out_dir: Path | str) -> tuple[dict[str, torch.Tensor] | None, dict[str, Any]]:
+    """The verified backbone state dict (None for weights none) and the weights.json record."""
+    out_dir = Path(out_dir)
+    record = read_json(out_dir / RECORD_NAME)
+    if record.get("file") is None:
+        return None, record
+    path = out_dir / record["file"]
+    if not path.exists():
+        raise FileNotFoundError(f"{path}: named by {out_dir / RECORD_NAME} but missing; "
+                                "re-run fetch_weights (dvc repro fetch_weights)")
+    if record.get("file_sha256") and sha256_file(path) != record["file_sha256"]:
+        raise StageError(f"{path}: sha256 differs from {out_dir / RECORD_NAME}; the file changed, re-run fetch_weights")
+    return torch.load(path, map_location="cpu", weights_only=True), record
+
+
+def weights_sha256(record: dict[str, Any]) -> str | None:
+    """The pretrained weights' hash; the literal "none" for a model trained from random init."""
+    if record.get("weights") == "none":
+        return "none"
+    return record.get("sha256")

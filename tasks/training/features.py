@@ -1,0 +1,156 @@
+"""Frozen-backbone features kept across training runs, so a retrain computes them only for new images.
+
+Phase 1 trains the head on backbone features computed once per run (the
+largest cost of the head phase). Here they are stored per image and reused by
+the next run when nothing that changes them has changed: the key is the
+image's content hash inside a context made of
+
+- the extractor's weights (a hash of its state dict, whatever file they came from),
+- how the pixels were made (`tasks.lib.row_store.variant_key`: geometry, JPEG
+  draft size, Pillow version) and what happens to them on the device (mean,
+  std, train.image_size, channels_last),
+- the device type, the autocast dtype and the torch version.
+
+A stale entry is never used: any change gives another context. Storage:
+`cache.features_dir/<context>/<chunk>.npz`, each chunk (content hashes +
+float32 features) written to a temporary file and renamed, so readers never
+see half a chunk and concurrent writers never collide; more than MAX_CHUNKS
+chunks are merged into one. Bounded: a context keeps the features of every
+image it has seen (a removed image that comes back costs nothing); only the
+KEEP_CONTEXTS most recently used contexts are kept. Safe to delete any time.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import shutil
+import uuid
+from collections.abc import Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import torch
+from torch import nn
+
+if TYPE_CHECKING:
+    from tasks.training.phases import PhaseRunner
+
+log = logging.getLogger("train")
+
+MAX_CHUNKS = 8
+KEEP_CONTEXTS = 4
+
+
+def cached_features(runner: PhaseRunner, extractor: nn.Module, images: Any, desc: str) -> torch.Tensor:
+    """The backbone features of every image, from the store where present, computed (and stored) for the rest."""
+    keys, store_dir = getattr(images, "keys", None), getattr(images, "features_dir", None)
+    if not keys or store_dir is None:
+        return runner.predict(extractor, images, desc=desc)
+    store = FeatureStore(Path(store_dir), context_key(runner, extractor, images.pixels))
+    found = store.load(keys)
+    missing = [i for i, key in enumerate(keys) if key not in found]
+    log.info("%s: %d of %d images from the feature cache %s", desc, len(keys) - len(missing), len(keys), store.dir)
+    fresh = runner.predict(extractor, Rows(images, missing), desc=desc) if missing else None
+    if fresh is not None and runner.rt.main:
+        store.add([keys[i] for i in missing], fresh.cpu().numpy())
+    if fresh is not None and len(missing) == len(keys):
+        return fresh
+    width = fresh.shape[1] if fresh is not None else next(iter(found.values())).shape[0]
+    out = np.empty((len(keys), width), dtype=np.float32)
+    for i, key in enumerate(keys):
+        if key in found:
+            out[i] = found[key]
+    result = torch.from_numpy(out).to(runner.rt.device)
+    if fresh is not None:
+        result[torch.as_tensor(missing, device=result.device)] = fresh.float()
+    return result
+
+
+class Rows:
+    """A view of some rows of a MappedImages: what PhaseRunner.predict needs (len, indexing by a tensor)."""
+
+    def __init__(self, images: Any, rows: Sequence[int]) -> None:
+        self.images, self.rows = images, torch.as_tensor(list(rows), dtype=torch.int64)
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, index: Any) -> torch.Tensor:
+        return self.images[self.rows[index]]
+
+
+def context_key(runner: PhaseRunner, extractor: nn.Module, pixels: str) -> str:
+    """Everything besides the image that decides its features (see the module docstring)."""
+    digest = hashlib.sha256()
+    for name, tensor in extractor.state_dict().items():
+        digest.update(name.encode())
+        digest.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    cfg, rt, data = runner.cfg, runner.rt, runner.data
+    recipe = (f"{type(extractor).__name__}/{pixels}/{data.mean.tolist()}/{data.std.tolist()}/{cfg.image_size}/"
+              f"{cfg.channels_last}/{rt.device.type}/{rt.amp_dtype}/{torch.__version__}")
+    digest.update(recipe.encode())
+    return digest.hexdigest()[:24]
+
+
+class FeatureStore:
+    """The chunks of one context."""
+
+    def __init__(self, root: Path, context: str) -> None:
+        self.root, self.dir = root, root / context
+
+    def load(self, keys: Sequence[str]) -> dict[str, np.ndarray]:
+        """key -> feature row for the wanted keys present in any chunk (a chunk deleted meanwhile is skipped)."""
+        wanted, found = set(keys), {}
+        for chunk in sorted(self.dir.glob("*.npz")):
+            try:
+                with np.load(chunk) as data:
+                    chunk_keys, features = data["keys"], data["features"]
+            except (OSError, ValueError, KeyError):
+                continue
+            for row, key in enumerate(chunk_keys):
+                text = key.decode()
+                if text in wanted:
+                    found[text] = features[row]
+        if self.dir.exists():
+            os.utime(self.dir)          # most recently used: pruned last
+        return found
+
+    def add(self, keys: Sequence[str], features: np.ndarray) -> None:
+        """One new chunk, atomically; merge when there are too many; drop old contexts."""
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self._write(keys, features)
+        chunks = sorted(self.dir.glob("*.npz"))
+        if len(chunks) > MAX_CHUNKS:
+            self._merge(chunks)
+        self._prune_contexts()
+
+    def _write(self, keys: Sequence[str], features: np.ndarray) -> None:
+        name = uuid.uuid4().hex
+        tmp = self.dir / f".{name}.tmp"
+        with open(tmp, "wb") as handle:
+            np.savez(handle, keys=np.asarray(keys, dtype="S64"), features=features.astype(np.float32))
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, self.dir / f"{name}.npz")
+
+    def _merge(self, chunks: list[Path]) -> None:
+        merged: dict[str, np.ndarray] = {}
+        for chunk in chunks:
+            try:
+                with np.load(chunk) as data:
+                    merged.update((k.decode(), f) for k, f in zip(data["keys"], data["features"]))
+            except (OSError, ValueError, KeyError):
+                continue
+        self._write(list(merged), np.stack(list(merged.values())))
+        for chunk in chunks:
+            chunk.unlink(missing_ok=True)
+
+    def _prune_contexts(self) -> None:
+        contexts = sorted((p for p in self.root.iterdir() if p.is_dir()), key=lambda p: p.stat().st_mtime_ns,
+                          reverse=True)
+        for old in contexts[KEEP_CONTEXTS:]:
+            if old != self.dir:
+                shutil.rmtree(old, ignore_errors=True)

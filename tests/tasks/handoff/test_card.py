@@ -1,0 +1,110 @@
+"""The model card: every section is filled from the artifacts, and its onnxruntime snippet really runs."""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+
+from tasks.handoff.card import SNIPPET
+from tasks.handoff.publish import publish_candidate
+from tasks.handoff.registry import open_registry
+from tasks.lib.images import load_rgb
+from tasks.lib.io import write_json
+from tasks.lib.preprocess import Preprocessing, preprocess
+from tests.conftest import write_image_folder
+from tests.tasks.handoff.test_publish import make_onnx, make_params, make_project, set_candidate
+
+SECTIONS = ["## Intended use", "## Classes", "## Data", "## Training recipe", "## Test metrics", "### Per class",
+            "## Calibration", "## Export and parity", "## Latency", "## Promotion gate", "## Lineage",
+            "## Known limitations", "## How to call it"]
+
+
+def test_card_has_every_section_filled_from_the_artifacts(tmp_path: Path):
+    params = make_params()
+    root = make_project(tmp_path / "proj", params)
+    write_json(root / "artifacts/train/metrics.json", {"val_accuracy": 0.97, "epochs": 7, "best_epoch": 5,
+                                                       "train_img_per_s": 900.0, "device": "cpu"})
+    set_candidate(root, macro_f1=0.875, recalls=(0.95, 0.5, 0.9))
+    result = publish_candidate(params, root, "run-7")
+    registry = open_registry(params, root)
+    readme = registry.read_bytes(result["registry_version"], "README.md").decode()
+    card = registry.read_json(result["registry_version"], "card.json")
+
+    positions = [readme.index(section) for section in SECTIONS]
+    assert positions == sorted(positions)
+    assert card["classes"] == ["class_0", "class_1", "class_2"]
+    assert card["data"]["n_images"] == {"train": 30, "val": 6, "test": 12}
+    assert "images per split: train 30, val 6, test 12" in readme
+    assert card["data"]["version"] == "0123456789abcdef0123456789abcdef.dir"
+    assert card["training"]["arch"] == params.model.arch and card["training"]["best_epoch"] == 5
+    assert [p["phase"] for p in card["training"]["phases"]] == ["head", "finetune"]
+    assert f"phase head: backbone frozen, {params.train.head.epochs} epoch(s)" in readme
+    assert card["test_metrics"]["macro_f1"] == 0.875 and "| macro_f1 | 0.8750 |" in readme
+    assert "| class_1 | 0.9000 | 0.5000 | 0.9000 | 4 |" in readme
+    assert card["calibration"]["ece"] == 0.05 and card["export"]["parity_passed"] is True
+    assert card["latency"]["ort_latency_ms_p50"] == 0.1 and card["lineage"]["flow_run_id"] == "run-7"
+    assert "Weakest classes on the test split: class_1 (recall 0.500)" in readme
+    assert "predict model.onnx" in readme and SNIPPET.rstrip() in readme
+    assert card["gate"]["passed"] is True and "bootstrap" in card["gate"]["reason"]
+
+
+def test_the_snippet_is_ten_lines_and_matches_onnxruntime_top1(tmp_path: Path):
+    assert len(SNIPPET.strip().splitlines()) == 10
+    # Non-square images at another size and a non-default preprocessing: the snippet must follow the metadata.
+    prep = Preprocessing(crop_size=24, resize_size=28, interpolation="bicubic", mean=(0.5, 0.4, 0.3),
+                         std=(0.2, 0.25, 0.3))
+    weight = np.random.default_rng(0).normal(size=(3, 3)).astype(np.float32)
+    model = make_onnx(tmp_path / "model.onnx", weight, prep=prep)
+    images = sorted(write_image_folder(tmp_path / "img", classes=3, per_class=2, size=40, seed=3).rglob("*.png"))
+    script = tmp_path / "snippet.py"
+    script.write_text(_snippet_from_readme(SNIPPET))
+
+    session = ort.InferenceSession(str(model))
+    classes = json.loads(session.get_modelmeta().custom_metadata_map["class_names"])
+    for image in images:
+        expected = session.run(None, {"input": preprocess(load_rgb(image), prep)[None]})[0][0]
+        proc = subprocess.run([sys.executable, str(script), str(model), str(image)], capture_output=True, text=True,
+                              check=True)
+        assert proc.stdout.strip() == classes[int(expected.argmax())]
+
+
+def _snippet_from_readme(snippet: str) -> str:
+    """Take the code exactly as the README shows it (between the python fences)."""
+    from tasks.handoff.card import render_readme
+
+    fake = {"model": "m", "version": "v", "intended_use": "", "classes": [], "training": {
+        "arch": "a", "weights": "w", "image_size": 1, "optimizer": "o", "batch_size": 1, "phases": []},
+        "data": {"raw_dir": "d", "version": "h", "test_split_sha256": "s"}, "test_metrics": {}, "per_class": {},
+        "calibration": {"ece": 0.0, "bins": 15}, "export": {}, "latency": {}, "gate": {"passed": True, "reason": ""},
+        "lineage": {}, "limitations": [], "usage": {"predict": "predict", "snippet": snippet}}
+    return re.search(r"```python\n(.*?)```", render_readme(fake), re.S).group(1)
+
+
+def test_class_names_cannot_inject_html_break_tables_or_add_lines():
+    from tasks.handoff.card import render_readme
+
+    hostile = ["<script>alert(1)</script>", "| x |", "two\nlines", "\x1b[31mred", "[link](javascript:x)"]
+    card = {"model": "m", "version": "v", "intended_use": f"Classify into {', '.join(hostile)}", "classes": hostile,
+            "training": {"arch": "a", "weights": "w", "image_size": 1, "optimizer": "o", "batch_size": 1,
+                         "phases": []},
+            "data": {"raw_dir": "d", "version": "h", "test_split_sha256": "s", "n_images": None},
+            "test_metrics": {}, "per_class": {name: {"precision": 0.5, "recall": 0.5, "f1": 0.5, "support": 1}
+                                              for name in hostile},
+            "calibration": {"ece": 0.0, "bins": 15}, "export": {}, "latency": {},
+            "gate": {"passed": False, "reason": f"recall of class {hostile[1]} dropped"},
+            "lineage": {}, "limitations": [f"Weakest classes: {hostile[2]}"],
+            "usage": {"predict": "predict", "snippet": "print(1)\n"}}
+    readme = render_readme(card)
+    assert "<script>" not in readme and "&lt;script&gt;alert(1)&lt;/script&gt;" in readme
+    assert "\x1b" not in readme and "two\nlines" not in readme
+    assert r"two\\nlines" in readme and r"\\x1b\[31mred" in readme  # shown as escapes, themselves escaped
+    assert "[link](javascript" not in readme and r"\[link\](javascript:x)" in readme  # no live link
+    per_class = readme[readme.index("### Per class"):readme.index("## Calibration")].strip().splitlines()[1:]
+    assert len(per_class) == 2 + len(hostile)  # header, separator, one row per class: nothing broke out
+    assert all(row.replace("\\|", "").count("|") == 6 for row in per_class)

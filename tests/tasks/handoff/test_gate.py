@@ -1,0 +1,143 @@
+"""The promotion gate matrix: better, worse, tie, NaN, class regression, missing lineage, parity, split, first model."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+
+from tasks.handoff.gate import NO_IMPROVEMENT, decide, non_finite
+from tasks.handoff.lineage import REQUIRED
+from tasks.lib.config import GateParams
+from tests.tasks.handoff.test_publish import synthetic_metrics
+
+SPLIT = "a" * 64
+GATE = GateParams(metric="macro_f1", min_delta=0.01, max_class_drop=0.05)
+LINEAGE = {**{key: "x" for key in REQUIRED}, "git_dirty": False, "flow_run_id": None}
+REPORT = {"parity_passed": True, "max_abs_diff": 1e-6}
+
+
+def gate(candidate, production, *, gate_params=GATE, lineage=LINEAGE, report=REPORT):
+    return decide(candidate, production, gate_params, export_report=report, lineage=lineage, model_name="m")
+
+
+def failed(decision) -> list[str]:
+    return [c["check"] for c in decision["checks"] if not c["ok"]]
+
+
+# Boundaries use binary fractions, so `candidate - production` is exactly min_delta (0.81 - 0.80 is
+# 0.010000000000000009 in floating point, which a wrong strict `>` would also pass).
+EXACT_GATE = GateParams(metric="macro_f1", min_delta=0.125, max_class_drop=0.25)
+JUST = 2.0 ** -20  # far above float noise, far below any real metric difference
+
+
+@pytest.mark.parametrize(("candidate", "passed", "reason"), [
+    (0.75, True, "macro_f1 improved by +0.2500 (>= min_delta 0.125)"),
+    (0.625, True, "macro_f1 improved by +0.1250 (>= min_delta 0.125)"),  # exactly min_delta counts
+    (0.625 - JUST, False, NO_IMPROVEMENT),                               # better, but by just less
+    (0.5, False, NO_IMPROVEMENT),                                        # tie
+    (0.25, False, NO_IMPROVEMENT),                                       # worse
+])
+def test_primary_metric_must_improve_by_min_delta(candidate, passed, reason):
+    decision = gate(synthetic_metrics(candidate, SPLIT), synthetic_metrics(0.5, SPLIT), gate_params=EXACT_GATE)
+    assert (decision["passed"], decision["reason"]) == (passed, reason)
+    assert decision["delta"] == candidate - 0.5
+
+
+@pytest.mark.parametrize(("recall", "passed"), [(0.5, True), (0.5 - JUST, False)])
+def test_a_class_recall_drop_of_exactly_max_class_drop_still_promotes(recall, passed):
+    candidate = synthetic_metrics(0.75, SPLIT, recalls=(1.0, 1.0, recall))
+    production = synthetic_metrics(0.5, SPLIT, recalls=(0.75, 0.75, 0.75))
+    assert 0.75 - 0.5 == EXACT_GATE.max_class_drop
+    decision = gate(candidate, production, gate_params=EXACT_GATE)
+    assert decision["passed"] is passed
+    assert failed(decision) == ([] if passed else ["recall[class_2]"])
+
+
+def test_a_tie_never_promotes_even_with_min_delta_zero():
+    decision = gate(synthetic_metrics(0.8, SPLIT), synthetic_metrics(0.8, SPLIT),
+                    gate_params=GateParams(min_delta=0.0))
+    assert decision["passed"] is False and decision["reason"] == NO_IMPROVEMENT
+
+
+def test_the_primary_metric_comes_from_params():
+    candidate, production = synthetic_metrics(0.8, SPLIT), synthetic_metrics(0.8, SPLIT)
+    candidate["accuracy"] = 0.9
+    assert gate(candidate, production)["passed"] is False
+    assert gate(candidate, production, gate_params=GateParams(metric="accuracy"))["passed"] is True
+
+
+def test_nan_metrics_never_promote():
+    candidate = synthetic_metrics(math.nan, SPLIT)
+    decision = gate(candidate, synthetic_metrics(0.5, SPLIT))
+    assert decision["passed"] is False
+    assert "candidate_metrics_finite" in failed(decision) and "improvement" in failed(decision)
+    assert decision["reason"].startswith("candidate metric not finite: accuracy=nan")
+    # A NaN hidden in a per-class score counts too, as does an infinite log loss.
+    candidate = synthetic_metrics(0.9, SPLIT, recalls=(0.9, math.nan, 0.9))
+    candidate["log_loss"] = math.inf
+    decision = gate(candidate, synthetic_metrics(0.5, SPLIT))
+    assert not decision["passed"] and "per_class.class_1.recall=nan" in decision["reason"]
+    assert "log_loss=inf" in decision["reason"]
+
+
+def test_a_class_recall_regression_blocks_an_overall_improvement():
+    candidate = synthetic_metrics(0.9, SPLIT, recalls=(1.0, 1.0, 0.80))
+    production = synthetic_metrics(0.8, SPLIT, recalls=(0.8, 0.8, 0.90))
+    decision = gate(candidate, production)
+    assert decision["passed"] is False and failed(decision) == ["recall[class_2]"]
+    assert decision["reason"] == "recall of class class_2 dropped by 0.1000 (> max_class_drop 0.05)"
+    # A drop within max_class_drop is fine.
+    candidate["per_class"]["class_2"]["recall"] = 0.86
+    assert gate(candidate, production)["passed"] is True
+
+
+def test_missing_lineage_never_promotes():
+    incomplete = {k: v for k, v in LINEAGE.items() if k not in ("data_hash", "flow_run_id")}
+    decision = gate(synthetic_metrics(0.9, SPLIT), synthetic_metrics(0.8, SPLIT), lineage=incomplete)
+    assert decision["passed"] is False
+    assert decision["reason"] == "incomplete lineage: missing data_hash, flow_run_id"
+    assert gate(synthetic_metrics(0.9, SPLIT), None, lineage=None)["reason"].startswith(
+        "incomplete lineage: missing lineage record")
+
+
+def test_failed_or_unknown_parity_never_promotes():
+    for report in ({"parity_passed": False}, {}):
+        decision = gate(synthetic_metrics(0.9, SPLIT), synthetic_metrics(0.8, SPLIT), report=report)
+        assert decision["passed"] is False and failed(decision) == ["export_parity"]
+
+
+def test_different_test_splits_are_not_compared():
+    decision = gate(synthetic_metrics(0.9, SPLIT), synthetic_metrics(0.8, "b" * 64))
+    assert decision["passed"] is False and "same_test_split" in failed(decision)
+    assert "test splits differ" in decision["reason"]
+
+
+def test_a_changed_class_set_needs_a_person():
+    production = synthetic_metrics(0.8, SPLIT, recalls=(0.9, 0.9), classes=["a", "b"])
+    decision = gate(synthetic_metrics(0.9, SPLIT), production)
+    assert decision["passed"] is False and "same_classes" in failed(decision)
+    assert "set project.name for the new dataset" in decision["reason"] and "--force" in decision["reason"]
+
+
+def test_first_model_follows_the_bootstrap_rule():
+    candidate = synthetic_metrics(0.6, SPLIT)
+    promote = gate(candidate, None, gate_params=GateParams(bootstrap="promote"))
+    assert promote["passed"] is True and promote["bootstrap"] is True
+    assert promote["reason"] == "bootstrap: first model of m (gate.bootstrap=promote)"
+    manual = gate(candidate, None, gate_params=GateParams(bootstrap="manual"))
+    assert manual["passed"] is False and "waits for a manual `registry promote`" in manual["reason"]
+    too_low = gate(candidate, None, gate_params=GateParams(bootstrap="promote", bootstrap_min_metric=0.7))
+    assert too_low["passed"] is False and "below gate.bootstrap_min_metric 0.7" in too_low["reason"]
+    nan_first = gate(synthetic_metrics(math.nan, SPLIT), None)
+    assert nan_first["passed"] is False
+
+
+def test_several_failures_are_all_reported():
+    decision = gate(synthetic_metrics(0.7, SPLIT), synthetic_metrics(0.8, SPLIT), report={"parity_passed": False})
+    assert decision["reason"].split("; ") == ["export parity failed (or the export report does not say it passed)",
+                                              NO_IMPROVEMENT]
+
+
+def test_non_finite_walks_nested_metrics():
+    assert non_finite({"a": 1.0, "b": {"c": [1, math.inf]}, "d": "text", "e": None, "f": True}) == ["b.c.1=inf"]

@@ -1,0 +1,141 @@
+"""dvc.yaml's code deps cover everything each stage imports, so `dvc repro` never skips changed code.
+
+Every project module a stage's command imports, directly or through other
+project modules (imports inside functions included), must lie under one of
+the stage's deps. A stage whose code changed but whose deps miss that file
+would be skipped, and a stale model published.
+"""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import pytest
+import yaml
+
+from tests.conftest import REPO_ROOT
+
+PROJECT_PACKAGES = ("tasks", "flows")
+
+
+def module_file(name: str) -> Path | None:
+    """The file of a project module ('tasks.lib.io' -> tasks/lib/io.py), or None outside the project."""
+    if name.split(".")[0] not in PROJECT_PACKAGES:
+        return None
+    base = REPO_ROOT.joinpath(*name.split("."))
+    for candidate in (base.with_suffix(".py"), base / "__init__.py"):
+        if candidate.is_file():
+            return candidate
+    return None
+
+
+def imported_modules(path: Path) -> set[str]:
+    """Every module an import statement in the file names, at any depth of the code."""
+    package = ".".join(path.relative_to(REPO_ROOT).with_suffix("").parts[:-1])
+    names: set[str] = set()
+    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+        if isinstance(node, ast.Import):
+            names |= {alias.name for alias in node.names}
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:
+                base = ".".join(package.split(".")[: len(package.split(".")) - node.level + 1] + ([base] if base else []))
+            names.add(base)
+            names |= {f"{base}.{alias.name}" for alias in node.names}  # `from tasks.lib import io`
+    return names
+
+
+def closure(start: Path) -> set[Path]:
+    """The stage module and every project file it reaches through imports; parent packages count too."""
+    seen: set[Path] = set()
+    todo = [start]
+    while todo:
+        path = todo.pop()
+        if path in seen:
+            continue
+        seen.add(path)
+        for name in imported_modules(path):
+            parts = name.split(".")
+            for depth in range(1, len(parts) + 1):  # importing a.b.c runs a/__init__.py and a/b/__init__.py
+                found = module_file(".".join(parts[:depth]))
+                if found is not None and found not in seen:
+                    todo.append(found)
+    return seen
+
+
+def stages() -> dict[str, dict]:
+    return yaml.safe_load((REPO_ROOT / "dvc.yaml").read_text())["stages"]
+
+
+def stage_module(stage: dict) -> Path:
+    cmd = stage["cmd"].split()
+    assert cmd[:2] == ["python", "-m"], f"stage command {stage['cmd']!r} is not `python -m <module>`"
+    found = module_file(cmd[2])
+    assert found is not None, f"{cmd[2]} is not a module of this project"
+    return found
+
+
+def covered(path: Path, deps: list[str]) -> bool:
+    rel = path.relative_to(REPO_ROOT).as_posix()
+    return any(rel == dep or rel.startswith(dep.rstrip("/") + "/") for dep in deps)
+
+
+@pytest.mark.parametrize("name", sorted(stages()))
+def test_stage_deps_cover_every_imported_project_file(name: str) -> None:
+    stage = stages()[name]
+    deps = [d if isinstance(d, str) else next(iter(d)) for d in stage["deps"]]
+    files = closure(stage_module(stage))
+    missing = sorted(p.relative_to(REPO_ROOT).as_posix() for p in files
+                     if p.name != "__init__.py" and not covered(p, deps))
+    assert not missing, f"stage {name} imports {missing} but dvc.yaml does not list them (or their folder) as deps"
+
+
+def test_the_check_sees_imports_inside_functions(tmp_path: Path) -> None:
+    """A stage that imports a module only inside a function still depends on it."""
+    files = closure(REPO_ROOT / "tasks" / "train.py")
+    assert REPO_ROOT / "tasks" / "lib" / "weights.py" in files
+    assert REPO_ROOT / "tasks" / "training" / "phases.py" in files
+    # And a dep list without the training package is caught.
+    assert not all(covered(p, ["tasks/train.py", "tasks/lib"]) for p in files if p.name != "__init__.py")
+
+
+def test_stage_code_never_imports_prefect_dvc_or_the_handoff() -> None:
+    """tasks/ stages run on any box with the PyTorch stack: no orchestration, no registry."""
+    for name, stage in stages().items():
+        for path in closure(stage_module(stage)):
+            bad = {m for m in imported_modules(path)
+                   if m.split(".")[0] in ("prefect", "dvc", "flows") or m.startswith("tasks.handoff")}
+            assert not bad, f"stage {name}: {path.relative_to(REPO_ROOT)} imports {sorted(bad)}"
+
+
+# What may import what (the layers of the README's Architecture section).
+ALLOWED = {
+    "tasks/lib": ("tasks.lib",),
+    "tasks/training": ("tasks.lib", "tasks.training"),
+    "tasks/handoff": ("tasks.lib", "tasks.handoff"),
+    "tasks": ("tasks.lib", "tasks.training"),  # the stage modules
+}
+
+
+def layer_of(path: Path) -> str:
+    rel = path.relative_to(REPO_ROOT)
+    return "/".join(rel.parts[:2]) if len(rel.parts) > 2 else rel.parts[0]
+
+
+@pytest.mark.parametrize("layer", sorted(ALLOWED))
+def test_layers_import_only_what_they_may(layer: str) -> None:
+    folder = REPO_ROOT / layer
+    files = sorted(folder.glob("*.py")) if layer == "tasks" else sorted(folder.rglob("*.py"))
+    assert files, f"{layer} has no modules"
+    for path in files:
+        project = {m for m in imported_modules(path) if m.split(".")[0] in PROJECT_PACKAGES and m != "tasks"}
+        bad = sorted(m for m in project if not m.startswith(ALLOWED[layer]))
+        assert not bad, f"{path.relative_to(REPO_ROOT)} ({layer}) imports {bad}; allowed: {ALLOWED[layer]}"
+
+
+def test_predict_never_imports_torch() -> None:
+    """The production side of predict must load on a box without torch."""
+    reached = closure(REPO_ROOT / "tasks" / "handoff" / "predict.py")
+    heavy = {m for p in reached for m in imported_modules(p) if m.split(".")[0] in ("torch", "torchvision", "timm")}
+    assert not heavy, f"predict reaches imports of {sorted(heavy)}"

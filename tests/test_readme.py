@@ -1,0 +1,128 @@
+"""Every `bash` block of README.md, in order, in a fresh clone, as a new user would paste them.
+
+Markers (an HTML comment on the line before a block, invisible on GitHub):
+    <!-- readme-test: skip (why) -->                  the whole block is left out
+    <!-- readme-test: skip-command CMD (why) -->      lines of the block starting with CMD are left out
+The clone gets small-data params (committed, as a user's own settings would be) so the
+whole README runs in minutes; the blocks themselves run exactly as written.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import subprocess
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+
+from tasks.lib.config import apply_overrides_to_file
+from tests.conftest import REPO_ROOT, run
+
+MARKER = re.compile(r"<!--\s*readme-test:\s*(skip-command|skip)\b\s*(.*?)\s*-->")
+FENCE = re.compile(r"^(\s*)```(\w*)\s*$")
+# Small data and a small model: the README's commands, minutes instead of tens of minutes.
+SMALL = ["data.demo.per_class=12", "model.arch=mobilenet_v3_small", "model.weights=none", "train.image_size=32",
+         "train.batch_size=16", "train.head.epochs=1", "train.finetune.epochs=0", "evaluate.worst_mistakes=0",
+         "export.latency_runs=5", "export.parity_batch_sizes=[1,2]"]
+DEMO_SOURCE = Path("/usr/share/datasets/fashion-mnist")
+
+
+@dataclass
+class Block:
+    line: int
+    commands: list[str]
+    skip: str | None = None
+    skip_commands: list[str] = field(default_factory=list)
+
+
+def readme_blocks(text: str) -> list[Block]:
+    """The bash blocks of a markdown text with the markers that precede them."""
+    blocks: list[Block] = []
+    pending: list[tuple[str, str]] = []
+    lines = text.splitlines()
+    i = 0
+    while i < len(lines):
+        if (marker := MARKER.search(lines[i])):
+            pending.append((marker.group(1), marker.group(2)))
+        elif (fence := FENCE.match(lines[i])):
+            indent, lang = fence.groups()
+            end = next(j for j in range(i + 1, len(lines)) if lines[j].strip() == "```")
+            if lang == "bash":
+                body = [line[len(indent):] for line in lines[i + 1:end]]
+                block = Block(i + 1, body)
+                for kind, arg in pending:
+                    if kind == "skip":
+                        block.skip = arg or "marked skip"
+                    else:
+                        block.skip_commands.append(arg.split("(")[0].strip())
+                blocks.append(block)
+            pending = []
+            i = end
+        elif lines[i].strip():  # a marker belongs to the block right after it
+            pending = []
+        i += 1
+    return blocks
+
+
+def script(block: Block) -> str:
+    kept = [line for line in block.commands
+            if not any(line.strip().startswith(cmd) for cmd in block.skip_commands)]
+    return "set -euo pipefail\n" + "\n".join(kept) + "\n"
+
+
+def test_markers_are_read() -> None:
+    text = ("intro\n<!-- readme-test: skip (needs a GPU) -->\n```bash\nnvidia-smi\n```\n"
+            "<!-- readme-test: skip-command make test (slow) -->\n```bash\nmake demo\nmake test\n```\n"
+            "```json\n{}\n```\n```bash\necho hi\n```\n")
+    blocks = readme_blocks(text)
+    assert [b.skip for b in blocks] == ["(needs a GPU)", None, None]
+    assert script(blocks[1]).splitlines()[1:] == ["make demo"]
+    assert blocks[2].commands == ["echo hi"]
+
+
+def fresh_clone(dest: Path) -> Path:
+    """The project as committed plus this checkout's uncommitted files, without ignored ones; the venv linked."""
+    files = run(["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"], REPO_ROOT).stdout
+    for rel in filter(None, files.split("\0")):
+        src = REPO_ROOT / rel
+        if src.is_file():
+            (dest / rel).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(src, dest / rel)
+    (dest / ".venv").symlink_to(REPO_ROOT / ".venv")
+    run(["git", "init", "-q", "-b", "main"], dest)
+    run(["git", "config", "user.email", "readme@example.invalid"], dest)
+    run(["git", "config", "user.name", "readme"], dest)
+    apply_overrides_to_file(dest / "params.yaml", SMALL)
+    run(["git", "add", "-A"], dest)
+    run(["git", "commit", "-q", "-m", "fresh clone, small-data params"], dest)
+    return dest
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(1800)
+@pytest.mark.skipif(not DEMO_SOURCE.is_dir(), reason="Debian's dataset-fashion-mnist is not installed "
+                                                     "(make test installs it)")
+def test_every_readme_command_runs_as_written(tmp_path: Path) -> None:
+    clone = fresh_clone(tmp_path / "clone")
+    stamp = REPO_ROOT / ".venv" / ".installed-stamp"
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("PREFECT_", "VIRTUAL_ENV"))}
+    env["PATH"] = os.pathsep.join(p for p in env["PATH"].split(os.pathsep) if ".venv" not in p)
+    env["HOME"] = str(tmp_path / "home")  # nothing from the developer's ~/.prefect or git config
+    env.update(GIT_AUTHOR_NAME="readme", GIT_AUTHOR_EMAIL="readme@example.invalid",
+               GIT_COMMITTER_NAME="readme", GIT_COMMITTER_EMAIL="readme@example.invalid")
+    ran = []
+    for block in readme_blocks((clone / "README.md").read_text()):
+        if block.skip:
+            continue
+        if stamp.exists():  # the linked venv is installed: the clone's newer files must not reinstall it
+            os.utime(stamp)
+        proc = subprocess.run(["bash", "-c", script(block)], cwd=clone, env=env, capture_output=True, text=True,
+                              timeout=900)
+        assert proc.returncode == 0, (f"README.md line {block.line} failed (exit {proc.returncode}):\n"
+                                      f"{script(block)}\nstdout:\n{proc.stdout[-3000:]}\nstderr:\n"
+                                      f"{proc.stderr[-5000:]}")
+        ran.append(block.line)
+    assert len(ran) >= 4
