@@ -33,9 +33,31 @@ os.environ["AWS_EC2_METADATA_DISABLED"] = "true"
 os.environ["PATH"] = f"{VENV_BIN}{os.pathsep}{os.environ['PATH']}"
 
 
-# Debian's dataset-fashion-mnist (params.yaml data.demo.source_dir); the variable lets a test point elsewhere.
+# What the pipeline writes inside a project: tests work in temporary folders and must leave these alone.
+CHECKOUT_OUTPUTS = (".cache", ".prefect", "artifacts", "registry", "data/prepared", "dvclive")
+_OUTPUTS_BEFORE = pytest.StashKey[set]()
+
+
+def _checkout_outputs() -> set[str]:
+    return {str(p.relative_to(REPO_ROOT)) for top in CHECKOUT_OUTPUTS if (REPO_ROOT / top).exists()
+            for p in [REPO_ROOT / top, *(REPO_ROOT / top).rglob("*")]}
+
+
+def pytest_sessionstart(session: pytest.Session) -> None:
+    session.config.stash[_OUTPUTS_BEFORE] = _checkout_outputs()
+
+
 def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
     shutil.rmtree(TEST_PREFECT_HOME, ignore_errors=True)
+    before = session.config.stash.get(_OUTPUTS_BEFORE, None)
+    if before is None:
+        return
+    new = sorted(_checkout_outputs() - before)
+    if new:   # a test wrote into the checkout (a cache or output path not pointed at its tmp folder)
+        print(f"\nerror: the tests wrote into the checkout: {', '.join(new[:5])}"
+              f"{' ...' if len(new) > 5 else ''}", file=sys.stderr)
+        session.exitstatus = pytest.ExitCode.TESTS_FAILED
+
 
 
 FASHION_MNIST = Path(os.environ.get("FASHION_MNIST_DIR", "/usr/share/datasets/fashion-mnist"))

@@ -50,7 +50,7 @@ def test_real_stages_then_demo_on_unchanged_data_skips_all_and_does_not_promote(
     published = result["publish"]
     assert published["promoted"] is True and "bootstrap" in published["reason"]
     assert Path(published["model_card"]).exists()
-    assert Path(result["paths"]["onnx"]).exists()
+    assert (project / result["paths"]["onnx"]).exists()   # paths are relative to the project root
     artifacts = run_artifacts(result["flow_run_id"])
     assert f"| accuracy | {result['test_metrics']['accuracy']:.4f} |" in artifacts["fashion-demo-test-metrics"]
     assert published["model_card"] in artifacts["fashion-demo-outputs"]

@@ -69,8 +69,14 @@ def tiny_overrides(root: Path, **extra: Any) -> dict[str, Any]:
         "train.out_dir": str(root / "artifacts" / "train"), "train.image_size": 32, "train.batch_size": 8,
         "train.head.epochs": 2, "train.head.lr": 0.01, "train.finetune.epochs": 2, "train.finetune.last_n": 1,
         "train.finetune.lr": 0.001, "train.device": "cpu", "train.num_workers": 1, "train.early_stopping_patience": 0,
-        "train.channels_last": False, **extra,
+        "train.channels_last": False, **cache_overrides(root), **extra,
     }
+
+
+def cache_overrides(root: Path) -> dict[str, str]:
+    """Every cache under the test's own folder: a shared one would hand a later test features it did not compute."""
+    return {"cache.dir": str(root / "artifacts" / "decoded"), "cache.store_dir": str(root / "cache" / "decoded"),
+            "cache.features_dir": str(root / "cache" / "features"), "prepare.cache_dir": str(root / "cache" / "prepare")}
 
 
 def tiny_params(root: Path, **extra: Any) -> Params:
@@ -344,7 +350,7 @@ def test_pretrained_weights_beat_random_init_with_few_labels(tmp_path: Path, fas
             "data.raw_dir": str(raw), "data.prepared_dir": str(prepared), "model.out_dir": str(out),
             "train.out_dir": str(tmp_path / f"train_{weights}"), "train.image_size": 96, "train.batch_size": 32,
             "train.head.epochs": 15, "train.finetune.epochs": 2, "train.finetune.unfreeze": "last_n",
-            "train.early_stopping_patience": 0, "train.device": "cpu"})
+            "train.early_stopping_patience": 0, "train.device": "cpu", **cache_overrides(tmp_path)})
         train(params)
         accuracy[weights] = held_out_accuracy(tmp_path / f"train_{weights}" / "model.pt", raw, prepared)
     print(f"held-out accuracy with 20 labels per class: {accuracy}")
