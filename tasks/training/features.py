@@ -56,10 +56,14 @@ def cached_features(runner: PhaseRunner, extractor: nn.Module, images: Any, desc
     fresh = runner.predict(extractor, Rows(images, missing), desc=desc) if missing else None
     if fresh is not None and runner.rt.main:
         store.add([keys[i] for i in missing], fresh.cpu().numpy())
+    if fresh is not None and runner.rt.world > 1:
+        # Rank 0 may merge and delete chunks while adding: no rank reads the store for the next set
+        # before that is done, so every rank finds the same rows and computes (and gathers) the same rest.
+        torch.distributed.barrier()
     if fresh is not None and len(missing) == len(keys):
         return fresh
-    width = fresh.shape[1] if fresh is not None else next(iter(found.values())).shape[0]
-    out = np.empty((len(keys), width), dtype=np.float32)
+    shape = tuple(fresh.shape[1:]) if fresh is not None else next(iter(found.values())).shape
+    out = np.empty((len(keys), *shape), dtype=np.float32)   # feature vectors, or a block's activation maps
     for i, key in enumerate(keys):
         if key in found:
             out[i] = found[key]
