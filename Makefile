@@ -19,7 +19,7 @@ PORT ?= 4200
 # pip's index here lists locations that do not exist; its warnings about them say nothing useful.
 QUIET_PIP := { grep --line-buffered -v "is ignored: it is neither a file nor a directory" || true; }
 
-.PHONY: demo test install demo-data serve repro exp bench bench-data clean help
+.PHONY: demo test install demo-data serve repro exp bench bench-data quality clean help
 
 help:
 	@echo "make demo   - install, fetch the demo data, run the whole pipeline, print a summary"
@@ -29,6 +29,7 @@ help:
 	@echo "make exp    - dvc exp run, e.g. make exp ARGS='-S train.head.epochs=10'"
 	@echo "make bench  - training throughput benchmark (CPU mode here, GPU mode on a GPU)"
 	@echo "make bench-data - data steps from scratch and after adding 1% images (N=2000; ARGS='--n 200000')"
+	@echo "make quality - the model against pixel baselines and the tutorial recipe (ARGS='--dataset digits')"
 
 install: $(STAMP)
 
@@ -80,6 +81,9 @@ bench: install
 
 bench-data: install
 	$(PY) benchmarks/data_scale.py $(ARGS)
+
+quality: install demo-data
+	$(PY) benchmarks/quality.py $(ARGS)
 
 clean:
 	rm -rf artifacts data/prepared .prefect registry

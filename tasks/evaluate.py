@@ -27,8 +27,11 @@ from tasks.lib.config import Params
 from tasks.lib.data import EvalDataset, read_classes, read_rows
 from tasks.lib.images import BadImage, load_rgb
 from tasks.lib.io import SplitRow, atomic_path, split_digest, write_json
+from tasks.lib.baseline import fit_pixel_baseline
 from tasks.lib.metrics import compute_metrics, reliability_bins
 from tasks.lib.models import load_checkpoint
+from tasks.lib.onnx_classifier import softmax
+from tasks.lib.uncertainty import bootstrap_macro_f1, interval_text, wilson_interval
 
 __all__ = ["compute_metrics", "run", "predict_probs", "write_plots"]
 
@@ -39,7 +42,7 @@ GRID_COLUMNS = 4
 
 
 def run(params: Params) -> dict[str, Any]:
-    """Evaluate the checkpoint on the test split; write metrics.json and the plot files."""
+    """Evaluate the checkpoint on the test split; write metrics.json, predictions.json and the plot files."""
     cfg = params.evaluate
     model, meta = load_checkpoint(Path(params.train.out_dir) / "model.pt")
     class_names = list(meta["class_names"])
@@ -49,16 +52,63 @@ def run(params: Params) -> dict[str, Any]:
         raise StageError(f"{params.data.prepared_dir}/test.csv lists no images; the test split needs at least one "
                          "(add data or raise prepare.test)")
     device = _device(cfg.device)
-    probs = predict_probs(model, rows, params.data.raw_dir, meta["preprocessing"], cfg.batch_size, device)
+    logits = predict_logits(model, rows, params.data.raw_dir, meta["preprocessing"], cfg.batch_size, device)
     labels = np.array([row.label for row in rows], dtype=np.int64)
+    temperature = float(meta.get("temperature") or 1.0)
+    probs = softmax(logits / temperature)
     metrics = compute_metrics(probs, labels, class_names, cfg.top_k, cfg.calibration_bins)
+    metrics.update(intervals(probs.argmax(axis=1), labels, len(class_names)))
+    metrics.update(calibration_metrics(softmax(logits), labels, class_names, cfg.calibration_bins, temperature))
+    metrics.update(baseline_metrics(params, rows, labels, metrics["accuracy"], len(class_names)))
     metrics["test_split_sha256"] = split_digest(Path(params.data.prepared_dir) / "test.csv")
-    write_plots(Path(cfg.out_dir) / "plots", probs, labels, class_names, rows, params.data.raw_dir,
-                bins=cfg.calibration_bins, worst=cfg.worst_mistakes)
-    write_json(Path(cfg.out_dir) / "metrics.json", metrics)
-    log.info("test accuracy %.4f, macro F1 %.4f, ECE %.4f on %d images",
-             metrics["accuracy"], metrics["macro_f1"], metrics["ece"], metrics["n_test"])
+    out = Path(cfg.out_dir)
+    write_plots(out / "plots", probs, labels, class_names, rows, params.data.raw_dir,
+                bins=cfg.calibration_bins, worst=cfg.worst_mistakes, uncalibrated=softmax(logits))
+    write_json(out / "predictions.json", predictions_record(rows, probs, metrics["test_split_sha256"]))
+    write_json(out / "metrics.json", metrics)
+    log.info("test accuracy %.4f %s, macro F1 %.4f, ECE %.4f (%.4f before calibration, T=%.3f) on %d images; "
+             "pixel baseline %.4f (lift %+.4f)", metrics["accuracy"],
+             interval_text(metrics["accuracy_ci_low"], metrics["accuracy_ci_high"]), metrics["macro_f1"],
+             metrics["ece"], metrics["ece_uncalibrated"], temperature, metrics["n_test"],
+             metrics["baseline_accuracy"], metrics["lift"])
     return metrics
+
+
+def intervals(predicted: np.ndarray, labels: np.ndarray, num_classes: int) -> dict[str, float]:
+    """95% intervals: Wilson for accuracy, a seeded percentile bootstrap for macro-F1."""
+    acc_low, acc_high = wilson_interval(int((predicted == labels).sum()), len(labels))
+    f1_low, f1_high = bootstrap_macro_f1(labels, predicted, num_classes)
+    return {"accuracy_ci_low": round(acc_low, 6), "accuracy_ci_high": round(acc_high, 6),
+            "macro_f1_ci_low": round(f1_low, 6), "macro_f1_ci_high": round(f1_high, 6)}
+
+
+def calibration_metrics(raw_probs: np.ndarray, labels: np.ndarray, class_names: list[str], bins: int,
+                        temperature: float) -> dict[str, float]:
+    """ECE and log loss of the raw softmax, beside the temperature that calibrates it (the headline metrics)."""
+    raw = compute_metrics(raw_probs, labels, class_names, 1, bins)
+    return {"temperature": round(temperature, 6), "ece_uncalibrated": raw["ece"],
+            "log_loss_uncalibrated": raw["log_loss"]}
+
+
+def baseline_metrics(params: Params, test_rows: list[SplitRow], labels: np.ndarray, accuracy: float,
+                     num_classes: int) -> dict[str, Any]:
+    """Pixel logistic regression fitted on the train split, scored on the same test images (tasks.lib.baseline)."""
+    train_rows = read_rows(params.data.prepared_dir, "train")
+    raw_dir = Path(params.data.raw_dir)
+    try:
+        baseline = fit_pixel_baseline(train_rows, raw_dir, num_classes, params.evaluate.baseline_max_images)
+        predicted = baseline.predict([raw_dir / row.path for row in test_rows])
+    except BadImage as err:
+        raise StageError(f"{err}; the raw data changed since prepare ran: re-run it (dvc repro prepare)") from None
+    baseline_accuracy = float((predicted == labels).mean())
+    return {"baseline_accuracy": round(baseline_accuracy, 6), "lift": round(accuracy - baseline_accuracy, 6),
+            "baseline": f"logistic regression on {baseline.geometry.describe()}, {baseline.train_images} train images"}
+
+
+def predictions_record(rows: list[SplitRow], probs: np.ndarray, split_sha256: str) -> dict[str, Any]:
+    """Each test image's predicted class (split order, keyed by content hash): the gate's paired test reads it."""
+    return {"test_split_sha256": split_sha256, "sha256": [row.sha256 for row in rows],
+            "label": [row.label for row in rows], "predicted": [int(p) for p in probs.argmax(axis=1)]}
 
 
 def _check_classes(prepared_dir: Path, class_names: list[str]) -> None:
@@ -78,9 +128,9 @@ def _device(choice: str) -> torch.device:
 
 
 @torch.no_grad()
-def predict_probs(model: torch.nn.Module, rows: list[SplitRow], raw_dir: Path, prep: Any, batch_size: int,
-                  device: torch.device = torch.device("cpu")) -> np.ndarray:
-    """Softmax probabilities (float64, rows in split order) of the model on the listed images."""
+def predict_logits(model: torch.nn.Module, rows: list[SplitRow], raw_dir: Path, prep: Any, batch_size: int,
+                   device: torch.device = torch.device("cpu")) -> np.ndarray:
+    """Logits (float64, rows in split order) of the model on the listed images."""
     # Deterministic kernels: the same checkpoint and data must give identical metrics. TF32 off:
     # on an H200 it moved log loss and ECE by ~1e-4 against the CPU, and the gate compares these
     # numbers with a production model re-scored in fp32 by onnxruntime on a CPU.
@@ -93,27 +143,37 @@ def predict_probs(model: torch.nn.Module, rows: list[SplitRow], raw_dir: Path, p
     chunks = []
     try:
         for images, _ in progress(loader, desc="evaluate", total=len(loader), unit="batch"):
-            logits = model(images.to(device)).double()
-            chunks.append(torch.softmax(logits, dim=1).cpu().numpy())
+            chunks.append(model(images.to(device)).double().cpu().numpy())
     except BadImage as err:
         raise StageError(f"{err}; the test split lists an unreadable image: re-run prepare "
                          "(dvc repro prepare)") from None
     return np.concatenate(chunks)
 
 
+def predict_probs(model: torch.nn.Module, rows: list[SplitRow], raw_dir: Path, prep: Any, batch_size: int,
+                  device: torch.device = torch.device("cpu"), temperature: float | None = None) -> np.ndarray:
+    """Softmax probabilities (float64) of the logits divided by `temperature` (the checkpoint's calibration)."""
+    return softmax(predict_logits(model, rows, raw_dir, prep, batch_size, device) / (temperature or 1.0))
+
+
 # --------------------------------------------------------------------------- plots
 
 
 def write_plots(out: Path, probs: np.ndarray, labels: np.ndarray, class_names: list[str], rows: list[SplitRow],
-                raw_dir: Path, *, bins: int, worst: int) -> None:
-    """The data files of the DVC plots declared in dvc.yaml, plus the worst-mistakes PNG."""
+                raw_dir: Path, *, bins: int, worst: int, uncalibrated: np.ndarray | None = None) -> None:
+    """The data files of the DVC plots declared in dvc.yaml, plus the worst-mistakes PNG.
+
+    reliability.json holds the bins of the calibrated probabilities (what the model
+    hands out), reliability_uncalibrated.json those of the raw softmax, when given.
+    """
     predicted = probs.argmax(axis=1)
     write_json(out / "confusion.json", [
         {"actual": class_names[a], "predicted": class_names[p]} for a, p in zip(labels, predicted, strict=True)
     ])
-    write_json(out / "reliability.json", [
-        {**row, "perfect": row["confidence"]} for row in reliability_bins(probs, labels, bins)
-    ])
+    curves = {"reliability.json": probs, **({"reliability_uncalibrated.json": uncalibrated}
+                                            if uncalibrated is not None else {})}
+    for name, p in curves.items():
+        write_json(out / name, [{**row, "perfect": row["confidence"]} for row in reliability_bins(p, labels, bins)])
     f1 = compute_metrics(probs, labels, class_names, 1, bins)["per_class"]
     write_json(out / "per_class_f1.json", [{"class": name, "f1": f1[name]["f1"]} for name in class_names])
     write_mistakes_grid(out / "worst_mistakes.png", probs, labels, class_names, rows, raw_dir, worst)

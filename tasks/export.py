@@ -40,7 +40,7 @@ from tasks.lib.images import BadImage, load_rgb
 logging.getLogger("onnx_ir").setLevel(logging.WARNING)  # ~64 "Replaced initializer" INFO lines per export
 from tasks.lib.io import SplitRow, atomic_path, sha256_file, write_json
 from tasks.lib.models import load_checkpoint
-from tasks.lib.onnx_classifier import INPUT_NAME, OUTPUT_NAME, Classifier, load_classifier
+from tasks.lib.onnx_classifier import INPUT_NAME, OUTPUT_NAME, PROBABILITIES_NAME, Classifier, load_classifier
 from tasks.lib.preprocess import Preprocessing, preprocess
 from tasks.lib.weights import weights_sha256
 
@@ -60,6 +60,19 @@ BATCH_DIM = "batch"
 QUANTIZED_NAME = "model.int8.onnx"
 THROUGHPUT_BATCH = 32
 WARMUP_RUNS = 3
+
+
+class Calibrated(nn.Module):
+    """The trained network with a second output: softmax(logits / temperature), the calibrated probabilities."""
+
+    def __init__(self, model: nn.Module, temperature: float) -> None:
+        super().__init__()
+        self.model = model
+        self.register_buffer("temperature", torch.tensor(float(temperature)), persistent=False)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        logits = self.model(x)
+        return logits, torch.softmax(logits / self.temperature, dim=1)
 
 
 @dataclass
@@ -90,6 +103,7 @@ def run(params: Params) -> dict[str, Any]:
         raise StageError(f"{params.data.prepared_dir}/test.csv lists no images; parity needs held-out images")
     images, names = load_parity_images(rows, params.data.raw_dir, prep, max(cfg.parity_batch_sizes))
     metadata = build_metadata(params, meta)
+    model = Calibrated(model, float(meta.get("temperature") or 1.0))
     parity, latency, quantized = export_model(model, onnx_path, images, names, metadata, cfg,
                                               quantize_data=(rows, Path(params.data.raw_dir), prep))
     report = {
@@ -148,7 +162,9 @@ def build_metadata(params: Params, meta: dict[str, Any]) -> dict[str, str]:
         "input_format": "float32 NCHW, RGB scaled to [0,1] then (x - mean) / std",
         "resize_policy": f"resize the shorter side to {prep.resize_size} px ({prep.interpolation}), "
                          f"keep aspect, center-crop {prep.crop_size}x{prep.crop_size}",
-        "output": "logits (apply softmax for probabilities), classes in class_names order",
+        "output": f"{OUTPUT_NAME}: raw scores; {PROBABILITIES_NAME}: softmax({OUTPUT_NAME} / temperature), "
+                  "calibrated on the validation split; classes in class_names order",
+        "temperature": repr(float(meta.get("temperature") or 1.0)),
         "arch": str(meta["arch"]),
         "data_sha256": str(meta.get("data_sha256") or "unknown"),
         "weights_sha256": str(weights_sha256(meta.get("weights") or {}) or "unknown"),
@@ -190,7 +206,8 @@ def export_onnx(model: nn.Module, path: Path, example: np.ndarray, opset: int, m
     batch = torch.export.Dim(BATCH_DIM)
     with torch.no_grad():
         torch.onnx.export(model, (torch.from_numpy(np.ascontiguousarray(example)),), str(path), dynamo=True,
-                          opset_version=opset, input_names=[INPUT_NAME], output_names=[OUTPUT_NAME],
+                          opset_version=opset, input_names=[INPUT_NAME],
+                          output_names=[OUTPUT_NAME, PROBABILITIES_NAME] if isinstance(model, Calibrated) else [OUTPUT_NAME],
                           dynamic_shapes=({0: batch},), external_data=False, verbose=False)
     proto = onnx.load(str(path))
     onnx.helper.set_model_props(proto, metadata)
@@ -204,7 +221,7 @@ def check_graph(path: Path) -> None:
     except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError) as err:
         raise StageError(f"exported ONNX model fails onnx.checker: {err}") from None
     graph = onnx.load(str(path), load_external_data=False).graph
-    for value in (graph.input[0], graph.output[0]):
+    for value in (graph.input[0], *graph.output):
         first = value.type.tensor_type.shape.dim[0]
         if first.HasField("dim_value") or not first.dim_param:
             raise StageError(f"ONNX {value.name} has a fixed batch dimension ({first.dim_value}); "
@@ -232,7 +249,7 @@ def check_parity(model: nn.Module, classifier: Classifier, images: np.ndarray, n
                                  f"{str(err).splitlines()[0]}; a dimension was probably fixed at export; "
                                  "no model.onnx was written") from None
             with torch.no_grad():
-                want = model(torch.from_numpy(batch)).numpy()
+                want = _logits(model(torch.from_numpy(batch))).numpy()
             diffs = np.abs(got.astype(np.float64) - want).max(axis=1)
             if diffs.max() > worst:
                 worst, worst_name, worst_batch = float(diffs.max()), names[start + int(diffs.argmax())], size
@@ -241,6 +258,10 @@ def check_parity(model: nn.Module, classifier: Classifier, images: np.ndarray, n
     return Parity(passed=worst <= atol and not mismatches, max_abs_diff=worst, worst_input=worst_name,
                   worst_batch_size=worst_batch, argmax_agree=not mismatches, argmax_mismatches=mismatches,
                   n_images=len(images), batch_sizes=list(batch_sizes))
+
+
+def _logits(output: torch.Tensor | tuple[torch.Tensor, ...]) -> torch.Tensor:
+    return output[0] if isinstance(output, tuple) else output
 
 
 def parity_message(parity: Parity, atol: float) -> str:

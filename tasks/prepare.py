@@ -314,10 +314,12 @@ def find_near_duplicates(splits: dict[str, list[Checked]], max_distance: int) ->
 # --------------------------------------------------------------------------- the stage
 
 
-def prepare(raw_dir: Path, out_dir: Path, cfg: PrepareParams, counts: Counts | None = None) -> dict[str, Any]:
+def prepare(raw_dir: Path, out_dir: Path, cfg: PrepareParams, counts: Counts | None = None,
+            input_size: int | None = None) -> dict[str, Any]:
     """Run the whole stage; returns the data report (also written to out_dir/report.json).
 
-    counts, when given, is filled with how many files the cache answered.
+    counts, when given, is filled with how many files the cache answered;
+    input_size (train.image_size) lets the report warn about images far smaller than the network's input.
     """
     raw_dir, out_dir = Path(raw_dir), Path(out_dir)
     if not raw_dir.is_dir():
@@ -356,6 +358,7 @@ def prepare(raw_dir: Path, out_dir: Path, cfg: PrepareParams, counts: Counts | N
         "leakage": check_leakage(splits, cfg),
         "n_images": {s: len(items) for s, items in splits.items()},
         "per_class": per_class(classes, splits),
+        **image_size_report(raw_dir, kept, cfg.limits(), input_size),
     }
     if rejected and cfg.bad_files == "fail":
         write_json(out_dir / FAILED_REPORT, report)
@@ -365,6 +368,38 @@ def prepare(raw_dir: Path, out_dir: Path, cfg: PrepareParams, counts: Counts | N
                          f"the previous outputs are untouched)")
     write_outputs(out_dir, classes, splits, report)
     return report
+
+
+SIZE_SAMPLE = 64          # images whose size is read for the report (headers only)
+MAX_UPSCALE = 4           # beyond this, the network sees mostly interpolation
+
+
+def image_size_report(raw_dir: Path, kept: list[Checked], limits: ImageLimits, input_size: int | None
+                      ) -> dict[str, Any]:
+    """The median short side of a sample of images, and a warning when the network's input is far larger.
+
+    An 8x8 image scaled to 96 px gives the pretrained features almost nothing they
+    were trained to see: a linear model on the pixels may then do as well (evaluate
+    measures that lift), and a smaller train.image_size costs much less.
+    """
+    sample = sorted(kept, key=attrgetter("path"))[:: max(1, len(kept) // SIZE_SAMPLE)][:SIZE_SAMPLE]
+    sides = []
+    for item in sample:
+        path = os.path.join(raw_dir, item.path)
+        try:
+            sides.append(min(open_checked(read_file(path, limits.max_file_bytes)[0], path, limits).size))
+        except (BadImage, OSError):   # changed since it was checked: the next run reports it
+            continue
+    if not sides:
+        return {"median_short_side": None, "warnings": []}
+    median = int(np.median(sides))
+    warnings = []
+    if input_size and median * MAX_UPSCALE < input_size:
+        warnings.append(f"images are much smaller than the network's input: median short side {median} px, "
+                        f"scaled {input_size / median:.0f}x to train.image_size {input_size}; the pretrained features "
+                        "see mostly interpolation, so check the model's lift over the pixel baseline (evaluate "
+                        "reports it) and consider a smaller train.image_size")
+    return {"median_short_side": median, "warnings": warnings}
 
 
 def per_class(classes: list[str], splits: dict[str, list[Checked]]) -> dict[str, dict[str, int]]:
@@ -443,11 +478,13 @@ def _alive(pid: int) -> bool:
 
 def run(params: Params) -> dict[str, Any]:
     counts = Counts()
-    report = prepare(params.data.raw_dir, params.data.prepared_dir, params.prepare, counts)
+    report = prepare(params.data.raw_dir, params.data.prepared_dir, params.prepare, counts, params.train.image_size)
     print(f"prepare: {report['n_images']} images in {len(report['classes'])} classes, "
           f"{report['n_rejected']} rejected, {report['duplicates']['n_removed']} duplicates merged, "
           f"{len(report['label_conflicts'])} label conflicts -> {params.data.prepared_dir} "
           f"({counts.decoded} decoded, {counts.hashed} re-hashed, {counts.unchanged} unchanged)")
+    for warning in report["warnings"]:
+        log.warning("%s", warning)
     return report
 
 

@@ -9,9 +9,10 @@ warmup + cosine, and random resized crop + flip done on the device.
 
 The validation metric is macro-F1 (it does not let a large class hide a weak
 one, and the promotion gate uses it too); the best epoch is
-`<train.out_dir>/model.pt`. After every epoch `<train.out_dir>/resume/last.pt`
-holds everything needed to continue exactly (`train.resume: auto`). The test
-split is never read here.
+`<train.out_dir>/model.pt`, with the temperature that calibrates its
+probabilities, fitted on the validation split (`tasks.training.calibration`).
+After every epoch `<train.out_dir>/resume/last.pt` holds everything needed to
+continue exactly (`train.resume: auto`). The test split is never read here.
 
 Outputs: model.pt, metrics.json, plots/metrics/*.tsv (dvclive), resume/last.pt.
 Several GPUs: `train.nproc_per_node: N` re-launches this module under torchrun.
@@ -39,9 +40,10 @@ from tasks.lib.data import labels_of, read_classes, read_rows, train_preprocessi
 from tasks.lib.image_cache import training_images
 from tasks.lib.images import BadImage
 from tasks.lib.io import write_json
-from tasks.lib.models import build_model, default_preprocessing
+from tasks.lib.models import build_model, default_preprocessing, unwrap
 from tasks.lib.preprocess import Preprocessing
 from tasks.lib.weights import load_backbone_state
+from tasks.training.calibration import calibration_report, fit_temperature
 from tasks.training.phases import Data, Hooks, NonFiniteLoss, PhaseRunner, Record
 from tasks.training.plots import Plots
 from tasks.training.runtime import Runtime, launch_ddp, setup_runtime, teardown_runtime
@@ -65,9 +67,10 @@ def run(params: Params) -> dict[str, Any]:
 def train(params: Params, hooks: Hooks | None = None, cache_features: bool | None = None) -> dict[str, Any]:
     """Train both phases and write model.pt, metrics.json and plots; returns the metrics.
 
-    cache_features None caches backbone features in phase 1 when it does not
-    augment; False forces the frozen backbone to run every epoch (benchmarks
-    and the equivalence test compare the two).
+    cache_features None caches what the frozen part of the network computes
+    when a phase does not augment (backbone features in phase 1, the frozen
+    bottom's activations in phase 2); False runs the whole network every step
+    (benchmarks and the equivalence tests compare the two).
     """
     cfg, hooks = params.train, hooks or Hooks()
     rt = setup_runtime(cfg)
@@ -103,9 +106,10 @@ def _train(params: Params, rt: Runtime, hooks: Hooks, cache_features: bool | Non
         resume_state = None
         progress.phase, progress.epochs_done, progress.phase_stopped, progress.bad_epochs = "finetune", 0, False, 0
     if cfg.finetune.unfreeze != "none" and cfg.finetune.epochs > 0:
-        steps.run_finetune(resume_state)
+        steps.run_finetune(resume_state, cache_features)
 
     metrics = summary_metrics(progress, rt, arch, record)
+    metrics.update(calibrate(steps, model, ckpt, rt))
     if rt.main:
         live.close()
         ckpt.save_resume(model, None, None, None, progress, finished=True)
@@ -153,6 +157,25 @@ def load_data(params: Params, prep: Preprocessing, rt: Runtime, num_classes: int
         std=torch.tensor(prep.std, device=rt.device),
         num_classes=num_classes,
     )
+
+
+# --------------------------------------------------------------------------- calibration
+
+
+def calibrate(steps: PhaseRunner, model: torch.nn.Module, ckpt: Checkpointer, rt: Runtime) -> dict[str, float]:
+    """Fit the temperature on the best epoch's validation logits and store it in model.pt (tasks.training.calibration)."""
+    if rt.world > 1:
+        torch.distributed.barrier()   # rank 0 wrote model.pt; every rank reads the same best epoch
+    best = torch.load(ckpt.out_dir / "model.pt", map_location="cpu", weights_only=True)
+    unwrap(model).load_state_dict(best["state_dict"])
+    logits = steps.predict(model, steps.data.val_x, "calibration")
+    temperature = fit_temperature(logits, steps.data.val_y)
+    report = calibration_report(logits, steps.data.val_y, temperature)
+    if rt.main:
+        ckpt.save_calibration(best, report)
+    log.info("temperature %.3f fitted on the validation split: val NLL %.4f -> %.4f", temperature,
+             report["val_nll_before"], report["val_nll_after"])
+    return report
 
 
 # --------------------------------------------------------------------------- summary

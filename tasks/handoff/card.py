@@ -40,7 +40,8 @@ LIMITATIONS = (
     "Judged only on the held-out test split of the data version above; images unlike it "
     "(other cameras, backgrounds, resolutions, classes not listed) may be classified confidently and wrongly.",
     "Always answers with one of the listed classes: there is no 'unknown' output, so screen out-of-scope inputs upstream.",
-    "Probabilities are only as calibrated as the ECE above says; do not read them as exact likelihoods.",
+    "The `probabilities` output is calibrated on the validation split (temperature scaling); it is only as "
+    "calibrated as the ECE above says, and less so on images unlike the training data.",
 )
 
 
@@ -62,13 +63,21 @@ def build_card(*, params: Params, version: str, url: str, class_names: list[str]
         "training": _training(params, train_metrics),
         "test_metrics": {k: metrics.get(k) for k in ("accuracy", "balanced_accuracy", "macro_f1", "weighted_f1",
                                                       "top_k_accuracy", "top_k", "log_loss", "n_test")},
+        "intervals": {name: [metrics.get(f"{name}_ci_low"), metrics.get(f"{name}_ci_high")]
+                      for name in ("accuracy", "macro_f1")},
+        "baseline": {"accuracy": metrics.get("baseline_accuracy"), "lift": metrics.get("lift"),
+                     "model": metrics.get("baseline")},
         "per_class": metrics.get("per_class", {}),
-        "calibration": {"ece": metrics.get("ece"), "bins": params.evaluate.calibration_bins},
+        "calibration": {"ece": metrics.get("ece"), "log_loss": metrics.get("log_loss"),
+                        "ece_uncalibrated": metrics.get("ece_uncalibrated"),
+                        "log_loss_uncalibrated": metrics.get("log_loss_uncalibrated"),
+                        "temperature": metrics.get("temperature"), "bins": params.evaluate.calibration_bins},
         "export": {k: export_report.get(k) for k in ("opset", "exporter", "parity_passed", "max_abs_diff",
                                                       "argmax_agree", "onnx_sha256", "quantized")},
         "latency": {k: export_report.get(k) for k in ("ort_latency_ms_p50", "ort_latency_ms_p95",
                                                        "ort_throughput_img_per_s_b32")},
-        "gate": {k: decision.get(k) for k in ("passed", "reason", "metric", "delta", "production_version")},
+        "gate": {k: decision.get(k) for k in ("passed", "reason", "metric", "delta", "production_version",
+                                               "paired_test")},
         "lineage": {k: lineage.get(k) for k in ("data_hash", "git_commit", "git_dirty", "params_sha256",
                                                  "weights_sha256", "onnx_sha256", "flow_run_id")},
         "limitations": [*LIMITATIONS, *_weak_classes(metrics)],
@@ -104,12 +113,11 @@ def render_readme(card: dict[str, Any]) -> str:
              "## Classes", ", ".join(_md(name) for name in card["classes"]), "", "## Data", *_data_lines(card["data"]),
              "",
              "## Training recipe", *_training_lines(card["training"]), "", "## Test metrics",
-             *_table(["metric", "value"], [[k, _num(v)] for k, v in card["test_metrics"].items()]), "",
+             *_test_lines(card), "",
              "### Per class", *_table(["class", "precision", "recall", "f1", "support"],
                                        [[n, *(_num(s.get(k)) for k in ("precision", "recall", "f1", "support"))]
                                         for n, s in card["per_class"].items()]), "",
-             "## Calibration", f"Expected calibration error (ECE, {card['calibration']['bins']} bins): "
-             f"{_num(card['calibration']['ece'])}", "",
+             "## Calibration", *_calibration_lines(card["calibration"]), "",
              "## Export and parity", *_table(["", ""], [[k, _num(v)] for k, v in card["export"].items()]), "",
              "## Latency (onnxruntime, CPU)", *_table(["", ""], [[k, _num(v)] for k, v in card["latency"].items()]), "",
              "## Promotion gate", f"Passed: {card['gate']['passed']}. Reason: {_md(card['gate']['reason'])}", "",
@@ -119,6 +127,35 @@ def render_readme(card: dict[str, Any]) -> str:
              "With onnxruntime, numpy and Pillow only (`python snippet.py model.onnx image.jpg`):", "",
              "```python", card["usage"]["snippet"].rstrip("\n"), "```", ""]
     return "\n".join(lines)
+
+
+def _test_lines(card: dict[str, Any]) -> list[str]:
+    """The metrics table (95% intervals beside accuracy and macro-F1), then the model against the pixel baseline."""
+    intervals = card.get("intervals") or {}
+    rows = []
+    for name, value in card["test_metrics"].items():
+        low, high = intervals.get(name) or (None, None)
+        rows.append([name, _num(value), f"[{_num(low)}, {_num(high)}]" if low is not None else ""])
+    lines = _table(["metric", "value", "95% interval"], rows)
+    baseline = card.get("baseline") or {}
+    if baseline.get("accuracy") is not None:
+        lift = f", lift {baseline['lift']:+.4f}" if isinstance(baseline.get("lift"), float) else ""
+        lines += ["", f"Against the built-in baseline ({_md(baseline['model'] or 'pixel logistic regression')}, "
+                      f"the same train and test images): accuracy {_num(baseline['accuracy'])}{lift}."]
+    return lines
+
+
+def _calibration_lines(calibration: dict[str, Any]) -> list[str]:
+    bins = calibration["bins"]
+    if calibration.get("temperature") is None:
+        return [f"Expected calibration error (ECE, {bins} bins): {_num(calibration['ece'])}"]
+    return [f"Temperature scaling (T = {_num(calibration['temperature'])}, fitted on the validation split) is "
+            "applied in the model's `probabilities` output.", "",
+            *_table(["on the test split", "ECE", "log loss"], [
+                ["raw softmax of the logits", _num(calibration.get("ece_uncalibrated")),
+                 _num(calibration.get("log_loss_uncalibrated"))],
+                ["calibrated probabilities", _num(calibration["ece"]), _num(calibration.get("log_loss"))]]),
+            "", f"ECE over {bins} confidence bins."]
 
 
 def _data_lines(data: dict[str, Any]) -> list[str]:

@@ -11,16 +11,25 @@ from __future__ import annotations
 import math
 from typing import Any
 
+import numpy as np
+
 from tasks.handoff.lineage import missing_fields
 from tasks.lib.config import GateParams
+from tasks.lib.uncertainty import mcnemar_exact
 
 NO_IMPROVEMENT = "no improvement"  # exact text: the demo's second run reports it
 
 
 def decide(candidate: dict[str, Any], production: dict[str, Any] | None, gate: GateParams, *,
-           export_report: dict[str, Any], lineage: dict[str, Any] | None, model_name: str) -> dict[str, Any]:
-    """Gate decision: {"passed", "reason", "checks", "metric", "delta"}; production None means first model."""
-    checks = [_check_lineage(lineage), _check_parity(export_report), _check_finite("candidate", candidate)]
+           export_report: dict[str, Any], lineage: dict[str, Any] | None, model_name: str,
+           paired: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Gate decision: {"passed", "reason", "checks", "metric", "delta"}; production None means first model.
+
+    paired is `paired_test()` of both models' predictions on the same test images
+    (None when production's are unknown, which fails a significance check that is on).
+    """
+    checks = [_check_lineage(lineage), _check_parity(export_report), _check_finite("candidate", candidate),
+              _check_lift(candidate, gate)]
     if production is None:
         checks.append(_check_bootstrap(candidate, gate, model_name))
         delta = None
@@ -28,18 +37,40 @@ def decide(candidate: dict[str, Any], production: dict[str, Any] | None, gate: G
         checks += [_check_finite("production", production), _check_same_split(candidate, production),
                    _check_same_classes(candidate, production)]
         delta = _delta(candidate, production, gate.metric)
-        checks += [_check_improvement(delta, gate), *_check_class_recalls(candidate, production, gate)]
+        improvement = _check_improvement(delta, gate)
+        checks.append(improvement)
+        if improvement["ok"] and gate.significance is not None:   # "no improvement" says it all otherwise
+            checks.append(_check_significance(paired, gate.significance))
+        checks += _check_class_recalls(candidate, production, gate)
     failed = [c["reason"] for c in checks if not c["ok"]]
     passed = not failed
-    reason = "; ".join(failed) if failed else _success_reason(production, delta, gate, model_name)
+    reason = "; ".join(failed) if failed else _success_reason(production, delta, gate, model_name, paired)
     return {"passed": passed, "reason": reason, "checks": checks, "metric": gate.metric, "delta": delta,
-            "bootstrap": production is None}
+            "bootstrap": production is None, "paired_test": paired}
 
 
-def _success_reason(production: dict[str, Any] | None, delta: float | None, gate: GateParams, name: str) -> str:
+def _success_reason(production: dict[str, Any] | None, delta: float | None, gate: GateParams, name: str,
+                    paired: dict[str, Any] | None = None) -> str:
     if production is None:
         return f"bootstrap: first model of {name} (gate.bootstrap=promote)"
-    return f"{gate.metric} improved by {delta:+.4f} (>= min_delta {gate.min_delta:g})"
+    reason = f"{gate.metric} improved by {delta:+.4f} (>= min_delta {gate.min_delta:g})"
+    if gate.significance is not None and paired is not None:
+        reason += f"; {paired_text(paired)} < significance {gate.significance:g}"
+    return reason
+
+
+def paired_test(labels: list[int], candidate: list[int], production: list[int]) -> dict[str, Any]:
+    """Both models' per-image correctness on the same test images, through the exact McNemar test."""
+    right = np.asarray(candidate) == np.asarray(labels)
+    prod_right = np.asarray(production) == np.asarray(labels)
+    result = mcnemar_exact(right, prod_right)
+    return {**result, "n": len(labels), "accuracy_delta": float(right.mean() - prod_right.mean())}
+
+
+def paired_text(paired: dict[str, Any]) -> str:
+    """'+0.4 points accuracy (12 images better, 10 worse), McNemar p=0.41 on 315 images'."""
+    return (f"{paired['accuracy_delta'] * 100:+.1f} points accuracy ({paired['wins']} images better, "
+            f"{paired['losses']} worse), McNemar p={paired['p_value']:.2g} on {paired['n']} images")
 
 
 def _check(name: str, ok: bool, reason: str = "", **detail: Any) -> dict[str, Any]:
@@ -113,6 +144,31 @@ def _check_improvement(delta: float | None, gate: GateParams) -> dict[str, Any]:
     # The epsilon absorbs float noise so a delta of exactly min_delta still counts.
     ok = delta is not None and math.isfinite(delta) and delta > 0 and delta >= gate.min_delta - 1e-12
     return _check("improvement", ok, NO_IMPROVEMENT, delta=delta, min_delta=gate.min_delta)
+
+
+def _check_significance(paired: dict[str, Any] | None, significance: float) -> dict[str, Any]:
+    if paired is None:
+        return _check("significance", False, "no paired test: production's predictions on this test split are "
+                      "unknown (set gate.significance: null to promote without one)")
+    ok = paired["wins"] > paired["losses"] and paired["p_value"] < significance
+    return _check("significance", ok, f"not significant: {paired_text(paired)} (needs p < gate.significance "
+                  f"{significance:g})", **paired)
+
+
+def _check_lift(candidate: dict[str, Any], gate: GateParams) -> dict[str, Any]:
+    """The model must beat the pixel logistic-regression baseline evaluate fitted on the same split."""
+    if gate.min_lift_over_baseline is None:
+        return _check("baseline_lift", True)
+    accuracy, baseline = _metric(candidate, "accuracy"), _metric(candidate, "baseline_accuracy")
+    if accuracy is None or baseline is None:
+        return _check("baseline_lift", False, "the test metrics have no baseline_accuracy; re-run evaluate "
+                      "(or set gate.min_lift_over_baseline: null)")
+    lift = accuracy - baseline
+    ok = lift - gate.min_lift_over_baseline > 1e-9   # strictly more: a tie with the baseline does not beat it
+    return _check("baseline_lift", ok, f"does not beat the pixel baseline: accuracy {accuracy:.4f} vs "
+                  f"{baseline:.4f} for logistic regression on the same images (lift {lift:+.4f}, needs more than "
+                  f"gate.min_lift_over_baseline {gate.min_lift_over_baseline:g}); more data, more epochs or "
+                  "another model may help", lift=lift)
 
 
 def _check_class_recalls(candidate: dict[str, Any], production: dict[str, Any], gate: GateParams) -> list[dict[str, Any]]:

@@ -28,7 +28,7 @@ from typing import Any
 import numpy as np
 
 from tasks.handoff.card import build_card, render_readme
-from tasks.handoff.gate import decide
+from tasks.handoff.gate import decide, paired_test
 from tasks.handoff.lineage import LineageError, build_lineage
 from tasks.handoff.registry import Registry, RegistryError, new_version_id, open_registry
 from tasks.lib.cli import StageError
@@ -45,6 +45,8 @@ class Candidate:
     class_names: list[str]
     metrics: dict[str, Any]
     metrics_bytes: bytes
+    predictions: dict[str, Any]
+    predictions_bytes: bytes
     export_report: dict[str, Any]
     export_report_bytes: bytes
     test_split_sha256: str
@@ -76,7 +78,8 @@ def publish_candidate(params: Params, root: Path, flow_run_id: str | None) -> di
 def _publish_new(params: Params, root: Path, registry: Registry, candidate: Candidate,
                  lineage: dict[str, Any]) -> dict[str, Any]:
     production = registry.production()
-    decision = _gate(params, root, registry, production, candidate.metrics, candidate.export_report, lineage)
+    decision = _gate(params, root, registry, production, candidate.metrics, candidate.export_report, lineage,
+                     candidate.predictions)
     # The version's own record of the promotion: what `registry repair` and the bootstrap check read.
     decision["promoted"] = decision["passed"]
     version = new_version_id(candidate.onnx_sha256)
@@ -88,6 +91,7 @@ def _publish_new(params: Params, root: Path, registry: Registry, candidate: Cand
         "README.md": render_readme(card).encode(),
         "card.json": _json_bytes(card),
         "metrics.json": candidate.metrics_bytes,
+        "predictions.json": candidate.predictions_bytes,
         "export_report.json": candidate.export_report_bytes,
         "lineage.json": _json_bytes(lineage),
         "decision.json": _json_bytes(decision),
@@ -105,18 +109,23 @@ def _regate_existing(params: Params, root: Path, registry: Registry, version: st
     """
     production = registry.production()
     lineage = registry.read_json(version, "lineage.json")
-    decision = _gate(params, root, registry, production, candidate.metrics, candidate.export_report, lineage)
+    decision = _gate(params, root, registry, production, candidate.metrics, candidate.export_report, lineage,
+                     candidate.predictions)
     decision["republished"] = f"this ONNX file is already version {version}; no new version was written"
     promoted = _move_pointer(registry, version, production, decision)
     return _result(registry, version, promoted, decision)
 
 
 def _gate(params: Params, root: Path, registry: Registry, production: str | None, metrics: dict[str, Any],
-          export_report: dict[str, Any], lineage: dict[str, Any]) -> dict[str, Any]:
-    """The gate decision, with both models' metrics (production's on the candidate's test split)."""
-    prod_metrics, re_evaluated = _production_metrics(params, root, registry, production, metrics)
+          export_report: dict[str, Any], lineage: dict[str, Any], predictions: dict[str, Any]) -> dict[str, Any]:
+    """The gate decision, with both models' metrics (production's on the candidate's test split) and the
+    paired test of their predictions on the same images."""
+    prod_metrics, prod_predicted, re_evaluated = _production_on_split(params, root, registry, production, metrics)
+    paired = None
+    if prod_predicted is not None:
+        paired = paired_test(predictions["label"], predictions["predicted"], prod_predicted)
     decision = decide(metrics, prod_metrics, params.gate, export_report=export_report, lineage=lineage,
-                      model_name=params.project.name)
+                      model_name=params.project.name, paired=paired)
     if isinstance(re_evaluated, str):  # say why the splits could not be made the same
         decision["reason"] += f" ({re_evaluated})"
     return {**decision, "production_version": production, "production_re_evaluated": re_evaluated,
@@ -124,32 +133,47 @@ def _gate(params: Params, root: Path, registry: Registry, production: str | None
             "gate_params": params.gate.model_dump(mode="json")}
 
 
-def _production_metrics(params: Params, root: Path, registry: Registry, production: str | None,
-                        candidate_metrics: dict[str, Any]) -> tuple[dict[str, Any] | None, bool | str]:
-    """Production's metrics on the candidate's test split: stored ones if the split matches, else re-evaluated."""
+def _production_on_split(params: Params, root: Path, registry: Registry, production: str | None,
+                         candidate_metrics: dict[str, Any]) -> tuple[dict[str, Any] | None, list[int] | None, bool | str]:
+    """Production's metrics and per-image predictions on the candidate's test split.
+
+    The stored ones when they are of this split, else production's ONNX file re-scored on it
+    (versions published before predictions were kept have only their metrics).
+    """
     if production is None:
-        return None, False
+        return None, None, False
     stored = registry.read_json(production, "metrics.json")
     split = candidate_metrics.get("test_split_sha256")
-    if stored.get("test_split_sha256") == split:
-        return stored, False
+    stored_predictions = _stored_predictions(registry, production)
+    if stored.get("test_split_sha256") == split and (stored_predictions or {}).get("test_split_sha256") == split:
+        return stored, stored_predictions["predicted"], False
     prepared = root / params.data.prepared_dir
     with tempfile.TemporaryDirectory(prefix="registry-") as tmp:
         onnx_path = registry.fetch(production, "model.onnx", Path(tmp) / "model.onnx")
         try:
-            metrics = score_onnx(onnx_path, prepared, root / params.data.raw_dir,
-                                    _class_names(prepared), top_k=params.evaluate.top_k,
-                                    bins=params.evaluate.calibration_bins)
+            metrics, probs = score_onnx(onnx_path, prepared, root / params.data.raw_dir, _class_names(prepared),
+                                        top_k=params.evaluate.top_k, bins=params.evaluate.calibration_bins)
         except ValueError as err:  # e.g. the class set changed: the gate then reports the split mismatch
             # name the registry file, not the temporary copy that is gone once this returns
             message = str(err).replace(str(onnx_path), registry.url(production, "model.onnx"))
-            return stored, f"re-evaluation impossible: {message}"
-    return metrics, True
+            return stored, None, f"re-evaluation impossible: {message}"
+    predicted = [int(p) for p in probs.argmax(axis=1)]
+    if stored.get("test_split_sha256") == split:   # only the predictions were missing: keep the stored metrics
+        return stored, predicted, False
+    return metrics, predicted, True
+
+
+def _stored_predictions(registry: Registry, version: str) -> dict[str, Any] | None:
+    try:
+        return registry.read_json(version, "predictions.json")
+    except RegistryError:   # not kept by older versions, or damaged: re-scored instead
+        return None
 
 
 def score_onnx(onnx_path: Path, prepared_dir: Path, raw_dir: Path, class_names: list[str], *,
-               top_k: int, bins: int) -> dict[str, Any]:
-    """Metrics of an ONNX model on the prepared test split, with the preprocessing from its own metadata.
+               top_k: int, bins: int) -> tuple[dict[str, Any], np.ndarray]:
+    """Metrics and probabilities of an ONNX model on the prepared test split, with the preprocessing from its own
+    metadata.
 
     The same metric code as the evaluate stage (tasks.lib.metrics), so the gate compares like with like.
     """
@@ -170,7 +194,7 @@ def score_onnx(onnx_path: Path, prepared_dir: Path, raw_dir: Path, class_names: 
     except BadImage as err:
         raise ValueError(f"{err}; re-run prepare (dvc repro prepare)") from None
     metrics = compute_metrics(probs, np.array([r.label for r in rows]), class_names, top_k, bins)
-    return {**metrics, "test_split_sha256": split_digest(Path(prepared_dir) / "test.csv")}
+    return {**metrics, "test_split_sha256": split_digest(Path(prepared_dir) / "test.csv")}, probs
 
 
 def _move_pointer(registry: Registry, version: str, production: str | None, decision: dict[str, Any]) -> bool:
@@ -208,20 +232,25 @@ def read_candidate(params: Params, root: Path) -> Candidate:
     """Load the candidate's artifacts and check they describe one and the same model and test split."""
     paths = params.report_paths(root)
     onnx_path, report_path, metrics_path = paths["onnx"], paths["export_report"], paths["test_metrics"]
+    predictions_path = paths["test_predictions"]
     prepared = root / params.data.prepared_dir
-    for path in (onnx_path, report_path, metrics_path, prepared / "test.csv"):
+    for path in (onnx_path, report_path, metrics_path, predictions_path, prepared / "test.csv"):
         if not path.exists():
             raise StageError(f"{path}: not found; run the pipeline first (dvc repro) so there is a model to publish")
     onnx_sha256 = sha256_file(onnx_path)
-    report, metrics = read_json(report_path), read_json(metrics_path)
+    report, metrics, predictions = read_json(report_path), read_json(metrics_path), read_json(predictions_path)
     test_split = split_digest(prepared / "test.csv")
     _check_consistent(onnx_path, onnx_sha256, report_path, report, metrics_path, metrics, test_split)
+    if predictions.get("test_split_sha256") != test_split:
+        raise StageError(f"{predictions_path} was computed on another test split than the current test.csv; "
+                         "re-run the evaluate stage (dvc repro evaluate)")
     class_names = _class_names(prepared)
     _check_onnx_classes(onnx_path, class_names)
     checkpoint = root / params.train.out_dir / "model.pt"
     return Candidate(
         onnx_path=onnx_path, onnx_sha256=onnx_sha256, class_names=class_names,
         metrics=metrics, metrics_bytes=metrics_path.read_bytes(),
+        predictions=predictions, predictions_bytes=predictions_path.read_bytes(),
         export_report=report, export_report_bytes=report_path.read_bytes(),
         test_split_sha256=test_split, weights_record=_weights_record(params, root, checkpoint),
         checkpoint_sha256=sha256_file(checkpoint) if checkpoint.exists() else None,

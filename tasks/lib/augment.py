@@ -22,14 +22,14 @@ CROP_RATIO = (3 / 4, 4 / 3)
 
 def device_batch(batch: torch.Tensor, mean: torch.Tensor, std: torch.Tensor, size: int,
                  generator: torch.Generator | None = None, channels_last: bool = False,
-                 min_scale: float = CROP_SCALE[0]) -> torch.Tensor:
+                 min_scale: float = CROP_SCALE[0], flip: bool = True) -> torch.Tensor:
     """uint8 NHWC batch on the device -> the network's normalised float input.
 
     With a generator: random resized crop + flip to size x size; without: the
     central size x size window (the arrays already hold the eval crop).
     """
     x = to_float(batch, mean, std)
-    x = random_resized_crop(x, size, generator, min_scale=min_scale) if generator is not None else center_crop(x, size)
+    x = random_resized_crop(x, size, generator, flip=flip, min_scale=min_scale) if generator is not None else center_crop(x, size)
     return x.contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
 
 

@@ -179,12 +179,16 @@ class HeadPhaseParams(Section):
 
 class FinetunePhaseParams(Section):
     unfreeze: Literal["none", "all", "last_n"] = Field("last_n", description="What phase 2 unfreezes.")
-    last_n: int = Field(2, ge=1, description="Blocks unfrozen when unfreeze is last_n.")
-    epochs: int = Field(2, ge=0, description="Epochs of phase 2.")
-    lr: float = Field(3e-4, gt=0, le=10, description="Learning rate of the head in phase 2.")
-    backbone_lr_scale: float = Field(0.1, gt=0, le=1, description="Backbone rate = lr * this (discriminative rates).")
-    warmup_epochs: float = Field(0.5, ge=0, description="Linear warmup before the cosine decay.")
-    augment: bool = Field(True, description="Random resized crop and flip in phase 2.")
+    last_n: int = Field(3, ge=1, description="Blocks unfrozen when unfreeze is last_n.")
+    epochs: int = Field(15, ge=0, description="Epochs of phase 2.")
+    lr: float = Field(3e-3, gt=0, le=10, description="Learning rate of the head in phase 2.")
+    backbone_lr_scale: float = Field(1.0, gt=0, le=1, description="Backbone rate = lr * this (discriminative rates).")
+    warmup_epochs: float = Field(2, ge=0, description="Linear warmup before the cosine decay.")
+    augment: bool = Field(False, description="Random resized crop and flip in phase 2; false runs the frozen "
+                          "bottom of the network once per image and trains the unfrozen top on its activations.")
+    batchnorm: Literal["frozen", "train"] = Field("frozen", description="frozen: with pretrained weights every "
+                                                  "BatchNorm keeps its running statistics (scale and shift still "
+                                                  "train); train: batch statistics, as when training from scratch.")
 
 
 class TrainParams(Section):
@@ -200,6 +204,8 @@ class TrainParams(Section):
     finetune: FinetunePhaseParams = FinetunePhaseParams()
     device: Literal["auto", "cpu", "cuda", "mps"] = Field("auto", description="auto picks cuda, then mps, then cpu.")
     precision: Literal["auto", "fp32", "bf16", "fp16"] = Field("auto", description="auto: bf16 on CUDA where supported, else fp16; fp32 on CPU.")
+    hflip: bool = Field(True, description="Random horizontal flips when a phase augments; false where a mirror "
+                        "image is another class (digits, text).")
     min_crop_scale: float = Field(0.5, gt=0, le=1, description="Smallest area (fraction of the image) a random resized crop keeps.")
     channels_last: bool = True
     compile: bool = Field(False, description="torch.compile the model (worth it on GPU for long runs).")
@@ -223,6 +229,8 @@ class EvaluateParams(Section):
     worst_mistakes: int = Field(16, ge=0, le=256, description="Images in the grid of the most confident mistakes.")
     batch_size: int = Field(128, ge=1)
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto: cuda when available, else cpu.")
+    baseline_max_images: int = Field(5000, ge=10, description="Train images (a stratified subset) the built-in "
+                                     "pixel logistic-regression baseline is fitted on; bounds its cost.")
 
 
 class QuantizeParams(Section):
@@ -252,6 +260,12 @@ class GateParams(Section):
     bootstrap: Literal["promote", "manual"] = Field(
         "promote", description="First model of a name: promote it, or publish it and wait for a manual promote.")
     bootstrap_min_metric: float = Field(0.0, ge=0, le=1, description="The first model needs at least this primary metric.")
+    significance: float | None = Field(0.05, gt=0, lt=1, description="An improvement promotes only if the exact "
+                                       "McNemar test on the same test images gives p below this; null turns the "
+                                       "test off.")
+    min_lift_over_baseline: float | None = Field(0.0, ge=-1, le=1, description="Test accuracy must beat the "
+                                                 "built-in pixel logistic-regression baseline by more than this; "
+                                                 "null turns the check off.")
 
 
 class RegistryParams(Section):
@@ -315,6 +329,7 @@ class Params(Section):
             "weights": root / self.model.out_dir / "weights.json",
             "train_metrics": root / self.train.out_dir / "metrics.json",
             "test_metrics": root / self.evaluate.out_dir / "metrics.json",
+            "test_predictions": root / self.evaluate.out_dir / "predictions.json",
             "onnx": root / self.export.out_dir / "model.onnx",
             "export_report": root / self.export.out_dir / "report.json",
         }

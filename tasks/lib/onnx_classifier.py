@@ -20,6 +20,9 @@ from tasks.lib.images import DEFAULT_MAX_ASPECT_RATIO, load_rgb
 from tasks.lib.preprocess import Preprocessing, preprocess
 
 INPUT_NAME, OUTPUT_NAME = "input", "logits"
+# Calibrated probabilities: softmax(logits / temperature), the temperature fitted on the validation split.
+# Models exported before calibration existed have only logits; their probabilities are the plain softmax.
+PROBABILITIES_NAME = "probabilities"
 
 
 class ModelError(ValueError):
@@ -52,17 +55,23 @@ class Classifier:
     class_names: list[str]
     prep: Preprocessing
     input_name: str = field(init=False)
+    calibrated: bool = field(init=False)
 
     def __post_init__(self) -> None:
         self.input_name = self.session.get_inputs()[0].name
+        self.calibrated = PROBABILITIES_NAME in [output.name for output in self.session.get_outputs()]
 
     def logits(self, batch: np.ndarray) -> np.ndarray:
         """Raw float32 logits of a preprocessed (N, 3, S, S) batch."""
         return self.session.run([OUTPUT_NAME], {self.input_name: np.ascontiguousarray(batch)})[0]
 
     def probabilities(self, batch: np.ndarray) -> np.ndarray:
-        """Class probabilities (float64) of a preprocessed batch."""
-        return softmax(self.logits(batch))
+        """Class probabilities (float64) of a preprocessed batch: the calibrated output when the model has one."""
+        if not self.calibrated:
+            return softmax(self.logits(batch))
+        probs = self.session.run([PROBABILITIES_NAME], {self.input_name: np.ascontiguousarray(batch)})[0]
+        probs = probs.astype(np.float64)
+        return probs / probs.sum(axis=1, keepdims=True)   # float32 rows sum to 1 only within ~1e-7
 
     def load(self, path: Path | str, max_aspect_ratio: float = DEFAULT_MAX_ASPECT_RATIO) -> np.ndarray:
         """One image file as the network's input (raises BadImage / OSError naming the file)."""

@@ -8,6 +8,7 @@ torchvision and timm classifier works without a table to maintain.
 
 from __future__ import annotations
 
+import torch
 from torch import nn
 
 from tasks.lib.models import find_head
@@ -82,3 +83,73 @@ def set_train_mode(model: nn.Module, pretrained: bool = True) -> None:
     for module in model.modules():
         if isinstance(module, nn.modules.batchnorm._BatchNorm):
             module.eval()
+
+
+def split_frozen_prefix(model: nn.Module, first_trainable: str, image_size: int) -> tuple[nn.Module, nn.Module] | None:
+    """The model as `upper(lower(x))` with every trainable parameter in `upper`, or None when it cannot be split.
+
+    `lower` is everything before block `first_trainable` (frozen, so its output
+    for an image never changes while phase 2 runs: it can be computed once),
+    `upper` the block and all that follows it. The split follows the order of
+    the modules (containers on the way to the block are opened), with a
+    Flatten before the classifier as torchvision's forward does; it is used
+    only when it reproduces the model's own output on a test batch, so a model
+    whose forward is not such a chain (transform_input, class tokens, ...) is
+    simply run whole.
+    """
+    if not first_trainable:
+        return None
+    chain = _forward_chain(model, first_trainable)
+    names = [name for name, _ in chain]
+    if first_trainable not in names:
+        return None
+    cut = names.index(first_trainable)
+    head_top = find_head(model).split(".")[0]
+    upper_modules = []
+    for name, module in chain[cut:]:
+        if name == head_top:
+            upper_modules.append(nn.Flatten(1))
+        upper_modules.append(module)
+    lower, upper = nn.Sequential(*(module for _, module in chain[:cut])), nn.Sequential(*upper_modules)
+    block = model.get_submodule(first_trainable)
+    if any(p.requires_grad for p in lower.parameters()) or not _same_output(model, lower, upper, block, image_size):
+        return None
+    return lower, upper
+
+
+def _forward_chain(model: nn.Module, target: str, prefix: str = "") -> list[tuple[str, nn.Module]]:
+    """Children in registration order, opening the plain containers (Sequential, ModuleList) that hold `target`."""
+    chain: list[tuple[str, nn.Module]] = []
+    for name, child in model.named_children():
+        dotted = f"{prefix}{name}"
+        if target.startswith(dotted + ".") and isinstance(child, (nn.Sequential, nn.ModuleList)):
+            chain += _forward_chain(child, target, dotted + ".")
+        else:
+            chain.append((dotted, child))
+    return chain
+
+
+@torch.no_grad()
+def _same_output(model: nn.Module, lower: nn.Module, upper: nn.Module, block: nn.Module, image_size: int) -> bool:
+    """On a random batch: `lower` gives exactly what the block receives inside the model's own forward, and
+    `upper` turns that into the model's output (each compared at the scale of the tensor)."""
+    was_training = model.training
+    model.eval()
+    seen: list[torch.Tensor] = []
+    hook = block.register_forward_pre_hook(lambda _module, args: seen.append(args[0]))
+    try:
+        device = next(model.parameters()).device
+        x = torch.randn(2, 3, image_size, image_size, generator=torch.Generator().manual_seed(0)).to(device)
+        want = model(x)
+        inside, mine = seen[0], lower(x)
+        return _close(mine, inside) and _close(upper(inside), want)
+    except (RuntimeError, TypeError, ValueError, IndexError):   # shapes that do not chain: not a plain chain
+        return False
+    finally:
+        hook.remove()
+        model.train(was_training)
+
+
+def _close(got: torch.Tensor, want: torch.Tensor) -> bool:
+    scale = float(want.abs().max()) or 1.0
+    return got.shape == want.shape and bool(((got - want).abs().max() <= 1e-4 * scale))

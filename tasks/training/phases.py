@@ -38,7 +38,7 @@ from tasks.lib.image_cache import MappedImages
 from tasks.lib.models import feature_extractor, head_module
 from tasks.training.batches import Batch, BatchProducer
 from tasks.training.features import cached_features
-from tasks.training.freezing import set_train_mode, set_trainable
+from tasks.training.freezing import set_train_mode, set_trainable, split_frozen_prefix
 from tasks.training.monitor import LossMeter
 from tasks.training.optim import make_loss, make_optimizer, maybe_compile, warmup_cosine
 from tasks.training.plots import Plots
@@ -146,25 +146,46 @@ class PhaseRunner:
         return cached_features(self, extractor, images, desc)
 
     # ---- phase 2
-    def run_finetune(self, resume_state: dict[str, Any] | None) -> None:
-        """Unfreeze per train.finetune.unfreeze; head at lr, backbone at lr * backbone_lr_scale."""
+    def run_finetune(self, resume_state: dict[str, Any] | None, cache_activations: bool | None = None) -> None:
+        """Unfreeze per train.finetune.unfreeze; head at lr, backbone at lr * backbone_lr_scale.
+
+        Without augmentation an image's path through the still-frozen bottom of the
+        network never changes, so (as phase 1 does with features) the bottom runs
+        once per image and only the unfrozen top trains on its cached activations:
+        the same model and loss, at the cost of the top alone. cache_activations
+        False runs the whole network every step (the equivalence test compares the two).
+        """
         cfg, ft, model = self.cfg, self.cfg.finetune, self.model
-        set_trainable(model, ft.unfreeze, ft.last_n)
+        first = set_trainable(model, ft.unfreeze, ft.last_n)
         head_ids = {id(p) for p in head_module(model).parameters()}
         backbone = [p for p in model.parameters() if p.requires_grad and id(p) not in head_ids]
         optimizer = make_optimizer(cfg, [{"params": list(head_module(model).parameters()), "lr": ft.lr},
                                          {"params": backbone, "lr": ft.lr * ft.backbone_lr_scale}])
         log.info("phase 2: %d of %d parameter tensors train", sum(p.requires_grad for p in model.parameters()),
                  sum(1 for _ in model.parameters()))
-        trained = wrap_ddp(maybe_compile(model, cfg), self.rt)
+        cache = not ft.augment and bool(first) and cache_activations is not False
+        split = split_frozen_prefix(model, first[0], cfg.image_size) if cache else None
+        logits: Callable[[Batch], torch.Tensor] | ResidentHead
+        if split is None:
+            trained = wrap_ddp(maybe_compile(model, cfg), self.rt)
 
-        def logits(batch: Batch) -> torch.Tensor:
-            with self.rt.autocast():
-                return trained(batch.x).float()
+            def logits(batch: Batch) -> torch.Tensor:
+                with self.rt.autocast():
+                    return trained(batch.x).float()
 
-        self.loop("finetune", ft.epochs, ft.warmup_epochs, optimizer, logits,
-                  lambda: self.predict(model, self.data.val_x), ft.augment, resume_state,
-                  train_mode=lambda: set_train_mode(model, self.pretrained))
+            val_logits = partial(self.predict, model, self.data.val_x)
+        else:
+            lower, upper = split
+            train_acts = self.features(lower, self.data.train_eval, "activations train")
+            val_acts = self.features(lower, self.data.val_x, "activations val")
+            log.info("phase 2 trains from %s on cached activations of shape %s", first[0], tuple(train_acts.shape[1:]))
+            optimizer = graph_safe(optimizer, self.rt, cfg.cuda_graphs)
+            logits = ResidentHead(wrap_ddp(maybe_compile(upper, cfg), self.rt), train_acts, self.data.train_y,
+                                  self.loss_fn, self.rt)
+            val_logits = partial(self.predict_cached, upper, val_acts)
+
+        self.loop("finetune", ft.epochs, ft.warmup_epochs, optimizer, logits, val_logits, ft.augment, resume_state,
+                  train_mode=lambda: set_train_mode(model, self.pretrained and ft.batchnorm == "frozen"))
 
     # ---- shared pieces
     def inputs(self, idx: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
@@ -172,7 +193,7 @@ class PhaseRunner:
         source = self.data.train_big if generator is not None else self.data.train_eval
         batch = to_device(source[idx], self.rt.device)
         return device_batch(batch, self.data.mean, self.data.std, self.cfg.image_size, generator,
-                            self.cfg.channels_last, self.cfg.min_crop_scale)
+                            self.cfg.channels_last, self.cfg.min_crop_scale, self.cfg.hflip)
 
     def make_batch(self, idx: torch.Tensor, generator: torch.Generator | None, images: bool = True) -> Batch:
         """One training step's labels and input on the device; runs in the batch producer's thread, in step order."""
@@ -204,6 +225,15 @@ class PhaseRunner:
                 with self.rt.autocast():
                     chunks.append(module(batch.x).float())
         return gather_rows(torch.cat(chunks), len(images), self.rt)
+
+    @torch.no_grad()
+    def predict_cached(self, module: nn.Module, inputs: torch.Tensor) -> torch.Tensor:
+        """Outputs of `module` in eval mode for inputs already on the device (cached activations), shared out
+        over the ranks like `predict`."""
+        module.eval()
+        rows, _ = shard(len(inputs), self.rt)
+        chunks = [module(inputs[idx.to(inputs.device)]) for idx in torch.split(rows, EVAL_BATCH)]
+        return gather_rows(torch.cat(chunks).float(), len(inputs), self.rt)
 
     def loop(self, phase: str, epochs: int, warmup_epochs: float, optimizer: torch.optim.Optimizer,
              logits: Callable[[Batch], torch.Tensor] | ResidentHead,

@@ -1,6 +1,9 @@
-"""Phase 1 on cached features, resident on the device, its step replayed from a CUDA graph.
+"""Training on cached inputs, resident on the device, its step replayed from a CUDA graph.
 
-When the head trains on backbone features computed once, an epoch costs
+The inputs are what the frozen part of the network computed once per image:
+backbone features for the head (phase 1), or the frozen bottom's activations
+for the unfrozen top (phase 2 without augmentation). When the head trains on
+backbone features, an epoch costs
 almost no arithmetic (a 256 x 2048 by 2048 x 10 product per step), so its
 speed is all overhead: host copies, Python and kernel launches. Here
 everything stays on the device: the features (computed there), the labels

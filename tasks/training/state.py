@@ -106,6 +106,12 @@ class Checkpointer:
                         extra={"epoch": row["epoch"], "phase": row["phase"], "val_accuracy": row["val_accuracy"],
                                "val_macro_f1": row["val_macro_f1"], "data_sha256": self.data_sha256})
 
+    def save_calibration(self, best: dict[str, Any], report: dict[str, float]) -> None:
+        """model.pt again, with the fitted temperature (`best` is its loaded payload)."""
+        payload = {**best, "temperature": report["temperature"], "calibration": report}
+        with atomic_path(self.out_dir / "model.pt") as tmp, open(tmp, "wb") as handle:
+            torch.save(payload, handle)
+
     def save_resume(self, model: nn.Module, optimizer: torch.optim.Optimizer | None, scheduler: Any, scaler: Any,
                     progress: Progress, finished: bool = False) -> None:
         state = {

@@ -21,9 +21,12 @@ from tests.flows.helpers import run_artifacts, state_of
 # A model small enough to train in seconds on 2 CPU cores; the stage code is the real one.
 TINY_MODEL = ["model.arch=mobilenet_v3_small", "model.weights=none", "train.image_size=32",
               "train.batch_size=16", "train.head.epochs=1", "train.finetune.epochs=0", "train.num_workers=0",
-              "evaluate.worst_mistakes=0", "export.latency_runs=5", "export.parity_batch_sizes=[1,2]"]
+              "evaluate.worst_mistakes=0", "export.latency_runs=5", "export.parity_batch_sizes=[1,2]",
+              # 30 synthetic images: a random-init net need not beat the pixel baseline; the flow is what is tested
+              "gate.min_lift_over_baseline=null"]
 SUMMARY_KEYS = {"stages", "stages_run", "stages_skipped", "data_md5", "n_images", "rejected", "wall_s", "arch",
-                "weights_sha256", "val_accuracy", "epochs", "train_img_per_s", "test_accuracy", "macro_f1", "ece",
+                "weights_sha256", "val_accuracy", "epochs", "train_img_per_s", "test_accuracy", "test_accuracy_ci95",
+                "macro_f1", "macro_f1_ci95", "ece", "ece_uncalibrated", "baseline_accuracy", "lift_over_baseline",
                 "onnx", "onnx_max_abs_diff", "ort_latency_ms_p50", "registry_version", "promoted", "reason",
                 "model_card", "flow_run_id", "flow_state"}
 pytestmark = pytest.mark.usefixtures("prefect_harness")

@@ -22,13 +22,14 @@ from tests.conftest import write_image_folder
 CLASSES = ["class_0", "class_1", "class_2"]
 
 
-def make_project(root: Path, arch: str = "resnet18", size: int = 32, per_class: int = 4, seed: int = 0) -> Params:
+def make_project(root: Path, arch: str = "resnet18", size: int = 32, per_class: int = 4, seed: int = 0,
+                 temperature: float | None = None) -> Params:
     """Raw images, split files and an untrained checkpoint laid out as upstream stages would; params for them."""
     raw = write_image_folder(root / "data" / "raw", classes=len(CLASSES), per_class=per_class, size=size + 8, seed=seed)
     rows = [SplitRow(f"{name}/img_{i:03d}.png", c, sha256_file(raw / name / f"img_{i:03d}.png"))
             for c, name in enumerate(CLASSES) for i in range(per_class)]
     prepared = root / "data" / "prepared"
-    write_split(prepared / "train.csv", rows[:1])
+    write_split(prepared / "train.csv", rows[::per_class])     # one per class: what the pixel baseline fits
     write_split(prepared / "val.csv", rows[1:2])
     write_split(prepared / "test.csv", rows)
     write_json(prepared / "classes.json", CLASSES)
@@ -36,7 +37,7 @@ def make_project(root: Path, arch: str = "resnet18", size: int = 32, per_class: 
     save_checkpoint(root / "artifacts" / "train" / "model.pt", build_model(arch, len(CLASSES)), arch=arch,
                     class_names=CLASSES, preprocessing=default_preprocessing(arch, size),
                     weights={"arch": arch, "weights": "packaged", "sha256": "ab" * 32, "source": "test"},
-                    extra={"data_sha256": "cd" * 32})
+                    extra={"data_sha256": "cd" * 32, **({"temperature": temperature} if temperature else {})})
     return Params.model_validate({
         "data": {"raw_dir": str(raw), "prepared_dir": str(prepared)},
         "train": {"out_dir": str(root / "artifacts" / "train")},
@@ -149,6 +150,32 @@ def test_evaluate_writes_metrics_and_plots_deterministically(tmp_path: Path) -> 
         assert grid.format == "PNG" and grid.width >= 128
     evaluate(params)
     assert (out / "metrics.json").read_text() == text  # same checkpoint and data -> identical metrics
+
+
+def test_evaluate_reports_intervals_calibration_and_the_pixel_baseline(tmp_path: Path) -> None:
+    params = make_project(tmp_path, temperature=3.0)
+    metrics = evaluate(params)
+    out = Path(params.evaluate.out_dir)
+    # 95% intervals around the point estimates.
+    assert metrics["accuracy_ci_low"] <= metrics["accuracy"] <= metrics["accuracy_ci_high"]
+    assert metrics["macro_f1_ci_low"] <= metrics["macro_f1"] <= metrics["macro_f1_ci_high"]
+    # Calibrated (logits / 3) headline numbers beside the raw softmax's; the same predictions either way.
+    raw = make_project(tmp_path / "raw")
+    plain = evaluate(raw)
+    assert metrics["temperature"] == 3.0 and plain["temperature"] == 1.0
+    assert metrics["ece_uncalibrated"] == plain["ece"] and metrics["log_loss_uncalibrated"] == plain["log_loss"]
+    assert metrics["log_loss"] != plain["log_loss"] and metrics["accuracy"] == plain["accuracy"]
+    uncalibrated = json.loads((out / "plots" / "reliability_uncalibrated.json").read_text())
+    assert sum(b["count"] for b in uncalibrated) == 12
+    # The baseline: fitted on the one train image per class, scored on the same 12 test images.
+    assert 0 <= metrics["baseline_accuracy"] <= 1 and metrics["lift"] == pytest.approx(
+        metrics["accuracy"] - metrics["baseline_accuracy"], abs=1e-6)
+    assert metrics["baseline"] == "logistic regression on 28x28 RGB pixels, 3 train images"
+    # Each test image's prediction, in split order, for the gate's paired test.
+    predictions = json.loads((out / "predictions.json").read_text())
+    assert predictions["test_split_sha256"] == metrics["test_split_sha256"]
+    assert predictions["label"] == [c for c in range(3) for _ in range(4)] and len(predictions["predicted"]) == 12
+    assert np.mean(np.array(predictions["predicted"]) == np.array(predictions["label"])) == metrics["accuracy"]
 
 
 def test_evaluate_refuses_a_checkpoint_trained_on_other_classes(tmp_path: Path) -> None:

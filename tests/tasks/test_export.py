@@ -87,6 +87,20 @@ METADATA = {"class_names": json.dumps(CLASSES),
             "preprocessing": json.dumps(Preprocessing(crop_size=16, resize_size=16).to_dict())}
 
 
+def test_the_onnx_model_hands_out_calibrated_probabilities(tmp_path: Path) -> None:
+    params = make_project(tmp_path, temperature=2.5)
+    export.run(params)
+    path = Path(params.export.out_dir) / "model.onnx"
+    assert [o.name for o in ort.InferenceSession(str(path)).get_outputs()] == ["logits", "probabilities"]
+    assert onnx_metadata(path)["temperature"] == "2.5"
+    classifier = load_classifier(path)
+    x = np.random.default_rng(0).standard_normal((4, 3, 32, 32)).astype(np.float32)
+    logits = classifier.logits(x).astype(np.float64)
+    want = np.exp(logits / 2.5) / np.exp(logits / 2.5).sum(axis=1, keepdims=True)
+    assert classifier.calibrated and np.allclose(classifier.probabilities(x), want, atol=1e-6)
+    assert np.array_equal(classifier.probabilities(x).argmax(1), logits.argmax(1))
+
+
 def test_parity_failure_names_the_worst_input_and_leaves_no_model(tmp_path: Path) -> None:
     images = np.random.default_rng(0).normal(size=(8, 3, 16, 16)).astype(np.float32)
     images[5] *= 3  # the largest offset, so the worst input

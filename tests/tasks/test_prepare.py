@@ -373,3 +373,14 @@ def test_dvc_repro_prepare_in_a_real_repo(tmp_path: Path):
     params.write_text(params.read_text().replace("seed: 42", "seed: 7"))
     third = run(["dvc", "repro", "prepare"], repo)
     assert "Running stage 'prepare'" in third.stdout
+
+
+def test_the_report_warns_when_images_are_far_smaller_than_the_network_input(tmp_path: Path) -> None:
+    tiny = write_image_folder(tmp_path / "tiny", classes=2, per_class=6, size=8)
+    report = prepare(tiny, tmp_path / "out_tiny", cfg(), input_size=96)
+    assert report["median_short_side"] == 8
+    assert report["warnings"] and report["warnings"][0].startswith(
+        "images are much smaller than the network's input: median short side 8 px, scaled 12x to train.image_size 96")
+    fair = write_image_folder(tmp_path / "fair", classes=2, per_class=6, size=28)
+    assert prepare(fair, tmp_path / "out_fair", cfg(), input_size=96)["warnings"] == []   # 3.4x: Fashion-MNIST's case
+    assert prepare(tiny, tmp_path / "out_none", cfg())["warnings"] == []                  # no input size, no opinion

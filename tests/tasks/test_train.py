@@ -282,12 +282,14 @@ def test_ddp_with_two_gloo_processes(project: Path) -> None:
     assert metrics["world_size"] == 2 and metrics["epochs"] == 4
     assert metrics["val_accuracy"] > 0.6, proc.stderr
     load_checkpoint(project / "artifacts" / "train" / "model.pt")
-    # No rank repeats another's work: each extracts half the features and predicts half the val split.
+    # No rank repeats another's work: each extracts half the features, half the activations of the frozen
+    # bottom (phase 2 trains the top on them) and half the validation logits the temperature is fitted on.
     shares = {(m[0], int(m[1])): (int(m[3]), int(m[4])) for m in re.findall(
-        r"(features train|features val|predictions): rank (\d) of (2) computes (\d+) of (\d+) images", proc.stderr)}
-    assert shares == {("features train", 0): (9, 18), ("features train", 1): (9, 18),
-                      ("features val", 0): (3, 6), ("features val", 1): (3, 6),
-                      ("predictions", 0): (3, 6), ("predictions", 1): (3, 6)}, proc.stderr
+        r"(features train|features val|activations train|activations val|calibration): rank (\d) of (2) "
+        r"computes (\d+) of (\d+) images", proc.stderr)}
+    assert shares == {(what, rank): (9, 18) if what.endswith("train") else (3, 6)
+                      for what in ("features train", "features val", "activations train", "activations val",
+                                   "calibration") for rank in (0, 1)}, proc.stderr
 
 
 @pytest.mark.slow
@@ -341,7 +343,7 @@ def test_pretrained_weights_beat_random_init_with_few_labels(tmp_path: Path, fas
 
     raw, prepared = tmp_path / "raw", tmp_path / "prepared"
     materialise(raw, per_class=20, seed=0, source_dir=fashion_mnist, download_dir=tmp_path / "dl")
-    prepare(raw, prepared, PrepareParams())
+    prepare(raw, prepared, PrepareParams(cache_dir=tmp_path / "cache" / "prepare"))
     accuracy = {}
     for weights in ("packaged", "none"):
         out = tmp_path / f"weights_{weights}"
@@ -399,3 +401,50 @@ def test_cuda_graphs_change_nothing_but_rounding(project: Path) -> None:
         heads.append({k: v for k, v in state.items() if k.startswith("classifier.3")})
     for key in heads[0]:
         torch.testing.assert_close(heads[0][key], heads[1][key], rtol=1e-3, atol=1e-4)
+
+
+# --------------------------------------------------------------------------- phase 2 and BatchNorm
+
+
+@pytest.mark.slow
+def test_phase_2_on_cached_activations_trains_the_same_model_as_running_the_whole_network(project: Path) -> None:
+    runs = {}
+    for cache in (None, False):
+        out = project / f"out_{cache}"
+        train(tiny_params(project, **{"train.out_dir": str(out), "train.head.epochs": 1, "train.finetune.epochs": 1,
+                                      "train.finetune.last_n": 2, "train.finetune.augment": False,
+                                      # SGD: AdamW's first steps move a weight by +-lr whatever the size of its
+                                      # gradient, so float noise in near-zero gradients would flip signs.
+                                      "train.optimizer": "sgd", "train.finetune.lr": 0.05}),
+              cache_features=cache)
+        runs[cache] = torch.load(out / "resume" / "last.pt", weights_only=True)
+    cached, whole = runs[None], runs[False]
+    assert [r["phase"] for r in cached["progress"]["history"]] == ["head", "finetune"]
+    # The bottom computed in one batch vs per step differs in the last float bits, which the
+    # (over-confident, tiny) model's validation loss amplifies a little; its predictions do not change.
+    for a, b in zip(cached["progress"]["history"], whole["progress"]["history"]):
+        assert a["train_loss"] == pytest.approx(b["train_loss"], rel=1e-3)
+        assert a["val_loss"] == pytest.approx(b["val_loss"], rel=1e-3) and a["val_accuracy"] == b["val_accuracy"]
+    top = [k for k in cached["model"] if k.startswith(("features.11.", "features.12.", "classifier."))]
+    worst = max((cached["model"][k].float() - whole["model"][k].float()).abs().max().item() for k in top)
+    moved = (cached["model"]["features.12.0.weight"] - whole_initial(project)["features.12.0.weight"]).abs().max()
+    assert top and worst < moved / 50, (worst, moved)    # the top did train, and both ways alike
+
+
+def whole_initial(project: Path) -> dict[str, torch.Tensor]:
+    return torch.load(project / "artifacts" / "weights" / "backbone.pt", weights_only=True)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("batchnorm", ["frozen", "train"])
+def test_batchnorm_statistics_stay_pretrained_while_fine_tuning_unless_asked(project: Path, batchnorm: str) -> None:
+    out = project / "artifacts" / "train"
+    train(tiny_params(project, **{"train.head.epochs": 1, "train.finetune.epochs": 2, "train.finetune.unfreeze": "all",
+                                  "train.finetune.augment": True, "train.finetune.batchnorm": batchnorm}))
+    trained = torch.load(out / "resume" / "last.pt", weights_only=True)["model"]
+    pretrained = whole_initial(project)
+    stats = [k for k in pretrained if k.endswith(("running_mean", "running_var"))]
+    changed = [k for k in stats if not torch.equal(trained[k], pretrained[k])]
+    weights_moved = not torch.equal(trained["features.0.0.weight"], pretrained["features.0.0.weight"])
+    assert weights_moved                                   # the whole network did fine-tune
+    assert (changed == []) if batchnorm == "frozen" else (len(changed) == len(stats))

@@ -6,7 +6,9 @@ import math
 
 import pytest
 
-from tasks.handoff.gate import NO_IMPROVEMENT, decide, non_finite
+import numpy as np
+
+from tasks.handoff.gate import NO_IMPROVEMENT, decide, non_finite, paired_test
 from tasks.handoff.lineage import REQUIRED
 from tasks.lib.config import GateParams
 from tests.tasks.handoff.test_publish import synthetic_metrics
@@ -15,10 +17,13 @@ SPLIT = "a" * 64
 GATE = GateParams(metric="macro_f1", min_delta=0.01, max_class_drop=0.05)
 LINEAGE = {**{key: "x" for key in REQUIRED}, "git_dirty": False, "flow_run_id": None}
 REPORT = {"parity_passed": True, "max_abs_diff": 1e-6}
+# The candidate right on 30 images production gets wrong, wrong on 2 it gets right: clearly significant.
+SIGNIFICANT = {"wins": 30, "losses": 2, "p_value": 1.5e-7, "n": 100, "accuracy_delta": 0.28}
 
 
-def gate(candidate, production, *, gate_params=GATE, lineage=LINEAGE, report=REPORT):
-    return decide(candidate, production, gate_params, export_report=report, lineage=lineage, model_name="m")
+def gate(candidate, production, *, gate_params=GATE, lineage=LINEAGE, report=REPORT, paired=SIGNIFICANT):
+    return decide(candidate, production, gate_params, export_report=report, lineage=lineage, model_name="m",
+                  paired=paired)
 
 
 def failed(decision) -> list[str]:
@@ -32,8 +37,10 @@ JUST = 2.0 ** -20  # far above float noise, far below any real metric difference
 
 
 @pytest.mark.parametrize(("candidate", "passed", "reason"), [
-    (0.75, True, "macro_f1 improved by +0.2500 (>= min_delta 0.125)"),
-    (0.625, True, "macro_f1 improved by +0.1250 (>= min_delta 0.125)"),  # exactly min_delta counts
+    (0.75, True, "macro_f1 improved by +0.2500 (>= min_delta 0.125); +28.0 points accuracy (30 images better, "
+                 "2 worse), McNemar p=1.5e-07 on 100 images < significance 0.05"),
+    (0.625, True, "macro_f1 improved by +0.1250 (>= min_delta 0.125); +28.0 points accuracy (30 images better, "
+                  "2 worse), McNemar p=1.5e-07 on 100 images < significance 0.05"),  # exactly min_delta counts
     (0.625 - JUST, False, NO_IMPROVEMENT),                               # better, but by just less
     (0.5, False, NO_IMPROVEMENT),                                        # tie
     (0.25, False, NO_IMPROVEMENT),                                       # worse
@@ -141,3 +148,61 @@ def test_several_failures_are_all_reported():
 
 def test_non_finite_walks_nested_metrics():
     assert non_finite({"a": 1.0, "b": {"c": [1, math.inf]}, "d": "text", "e": None, "f": True}) == ["b.c.1=inf"]
+
+
+# --------------------------------------------------------------------------- significance and the baseline
+
+
+def test_a_small_improvement_on_few_images_is_not_significant_and_the_reason_gives_the_numbers():
+    labels = np.zeros(315, dtype=int)
+    production = np.where(np.arange(315) < 263, 0, 1)             # 263 right (0.835)
+    candidate = production.copy()
+    candidate[263:268] = 0                                        # 5 more right ...
+    candidate[:4] = 1                                             # ... 4 fewer: +1 image, +0.3 points
+    paired = paired_test(labels.tolist(), candidate.tolist(), production.tolist())
+    assert (paired["wins"], paired["losses"], paired["n"]) == (5, 4, 315)
+    decision = gate(synthetic_metrics(0.85, SPLIT), synthetic_metrics(0.8, SPLIT), paired=paired)
+    assert decision["passed"] is False and failed(decision) == ["significance"]
+    assert decision["reason"] == ("not significant: +0.3 points accuracy (5 images better, 4 worse), McNemar p=1 "
+                                  "on 315 images (needs p < gate.significance 0.05)")
+    assert decision["paired_test"] == paired
+
+
+def test_significance_null_turns_the_paired_test_off_and_unknown_pairs_refuse_while_it_is_on():
+    candidate, production = synthetic_metrics(0.9, SPLIT), synthetic_metrics(0.8, SPLIT)
+    assert gate(candidate, production, paired=None, gate_params=GateParams(significance=None))["passed"] is True
+    unknown = gate(candidate, production, paired=None)
+    assert unknown["passed"] is False and "no paired test" in unknown["reason"]
+
+
+def test_no_improvement_is_not_also_called_not_significant():
+    decision = gate(synthetic_metrics(0.8, SPLIT), synthetic_metrics(0.8, SPLIT),
+                    paired={"wins": 0, "losses": 0, "p_value": 1.0, "n": 12, "accuracy_delta": 0.0})
+    assert decision["reason"] == NO_IMPROVEMENT
+
+
+@pytest.mark.parametrize(("accuracy", "baseline", "min_lift", "passed"), [
+    (0.75, 0.5, 0.0, True),
+    (0.75, 0.75, 0.0, False),                 # a tie does not beat the baseline
+    (0.625, 0.75, 0.0, False),
+    (0.75, 0.625, 0.125, False),              # exactly min_lift is not more than it
+    (0.75, 0.625 - JUST, 0.125, True),
+    (0.625, 0.75, -0.25, True),               # a negative limit tolerates a model below the baseline
+])
+def test_the_model_must_beat_the_pixel_baseline(accuracy, baseline, min_lift, passed):
+    candidate = {**synthetic_metrics(0.9, SPLIT), "accuracy": accuracy, "baseline_accuracy": baseline}
+    params = GateParams(metric="macro_f1", min_delta=0.01, min_lift_over_baseline=min_lift)
+    for production in (synthetic_metrics(0.8, SPLIT), None):     # the first model too
+        decision = gate(candidate, production, gate_params=params)
+        assert decision["passed"] is passed, decision["reason"]
+        if not passed:
+            assert failed(decision) == ["baseline_lift"]
+            assert decision["reason"].startswith(f"does not beat the pixel baseline: accuracy {accuracy:.4f} vs "
+                                                 f"{baseline:.4f} for logistic regression on the same images")
+
+
+def test_a_baseline_check_needs_the_baseline_or_null():
+    candidate = synthetic_metrics(0.9, SPLIT)
+    del candidate["baseline_accuracy"]
+    assert "have no baseline_accuracy" in gate(candidate, None)["reason"]
+    assert gate(candidate, None, gate_params=GateParams(min_lift_over_baseline=None))["passed"] is True

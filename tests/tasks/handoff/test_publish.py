@@ -25,7 +25,7 @@ from tasks.handoff.publish import publish_candidate
 from tasks.handoff.registry import open_registry
 from tasks.lib.cli import StageError
 from tasks.lib.config import Params
-from tasks.lib.io import SplitRow, sha256_file, split_digest, write_json, write_split
+from tasks.lib.io import SplitRow, read_split, sha256_file, split_digest, write_json, write_split
 from tasks.lib.preprocess import Preprocessing
 from tests.conftest import REPO_ROOT, run, write_image_folder
 
@@ -64,14 +64,15 @@ def synthetic_metrics(macro_f1: float, split_sha256: str, recalls: tuple[float, 
                       classes: list[str] = CLASSES) -> dict[str, Any]:
     """A metrics.json per the evaluate contract, with chosen numbers."""
     return {"accuracy": macro_f1, "balanced_accuracy": macro_f1, "macro_f1": macro_f1, "weighted_f1": macro_f1,
-            "top_k_accuracy": 1.0, "top_k": 3, "log_loss": 0.3, "ece": 0.05, "n_test": 12,
+            "top_k_accuracy": 1.0, "top_k": 3, "log_loss": 0.3, "ece": 0.05, "n_test": 12, "baseline_accuracy": 0.05,
             "test_split_sha256": split_sha256,
             "per_class": {c: {"precision": 0.9, "recall": r, "f1": 0.9, "support": 4}
                           for c, r in zip(classes, recalls, strict=True)}}
 
 
-def make_params(**registry: Any) -> Params:
-    return Params.model_validate({"registry": {"uri": "registry", **registry}})
+def make_params(significance: float | None = None, **registry: Any) -> Params:
+    """The paired test is off unless asked for: 12 test images cannot show a significant difference."""
+    return Params.model_validate({"registry": {"uri": "registry", **registry}, "gate": {"significance": significance}})
 
 
 def make_project(root: Path, params: Params, per_class: int = 4) -> Path:
@@ -109,14 +110,23 @@ def set_candidate(root: Path, *, weight: np.ndarray = GOOD, tag: str = "a", macr
                 "parity_passed": parity, "max_abs_diff": 1e-6, "argmax_agree": 1.0, "ort_latency_ms_p50": 0.1,
                 "ort_latency_ms_p95": 0.2, "ort_throughput_img_per_s_b32": 5000.0, "quantized": {"enabled": False}})
     split = split_digest(root / "data/prepared/test.csv")
+    rows = read_split(root / "data/prepared/test.csv")
+    labels = [r.label for r in rows]
     if macro_f1 is None:
         from tasks.handoff.publish import score_onnx
 
-        metrics = score_onnx(onnx_path, root / "data/prepared", root / "data/raw", CLASSES, top_k=3, bins=15)
+        metrics, probs = score_onnx(onnx_path, root / "data/prepared", root / "data/raw", CLASSES, top_k=3, bins=15)
+        predicted = [int(p) for p in probs.argmax(axis=1)]
+        metrics["baseline_accuracy"] = 0.05     # evaluate's pixel baseline, far below these toy models
     else:
         metrics = synthetic_metrics(macro_f1, split, recalls)
+        right = round(macro_f1 * len(rows)) if math.isfinite(macro_f1) else 0   # the first `right` images
+        predicted = [label if i < right else (label + 1) % 3 for i, label in enumerate(labels)]
     (root / "artifacts/evaluate").mkdir(parents=True, exist_ok=True)
     (root / "artifacts/evaluate/metrics.json").write_text(json.dumps(metrics))  # json.dumps: NaN allowed here
+    write_json(root / "artifacts/evaluate/predictions.json", {"test_split_sha256": split, "label": labels,
+                                                               "sha256": [r.sha256 for r in rows],
+                                                               "predicted": predicted})
     return onnx_sha
 
 
@@ -205,6 +215,24 @@ def test_changed_test_split_re_evaluates_production_from_its_onnx_file(project):
     assert decision["production_metrics"]["n_test"] == 18
     assert decision["production_metrics"]["per_class"]["class_2"]["recall"] == 0.0
     assert result["promoted"] is True and decision["candidate_metrics"]["macro_f1"] == 1.0
+
+
+@pytest.mark.slow
+def test_the_gate_pairs_both_models_predictions_on_the_same_test_images(tmp_path):
+    params = make_params(significance=0.05)
+    root = make_project(tmp_path / "proj", params)
+    set_candidate(root, tag="prod", weight=CONFUSED)          # wrong on every class_2 image
+    prod = publish_candidate(params, root, None)
+    registry = open_registry(params, root)
+    stored = registry.read_json(prod["registry_version"], "predictions.json")
+    assert stored["predicted"].count(2) == 0 and len(stored["predicted"]) == 12
+    set_candidate(root, tag="cand", weight=GOOD)              # right on those 4 too, and nowhere worse
+    result = publish_candidate(params, root, None)
+    assert result["promoted"] is False
+    assert result["reason"] == ("not significant: +33.3 points accuracy (4 images better, 0 worse), McNemar p=0.12 "
+                                "on 12 images (needs p < gate.significance 0.05)")
+    paired = registry.read_json(result["registry_version"], "decision.json")["paired_test"]
+    assert (paired["wins"], paired["losses"], paired["n"]) == (4, 0, 12)
 
 
 def test_dirty_tree_refuses_unless_allowed_and_pipeline_state_is_not_dirt(project):

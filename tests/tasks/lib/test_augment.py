@@ -59,3 +59,13 @@ def test_device_batch_without_generator_is_the_center_crop_in_the_asked_layout()
     assert out.shape == (4, 3, 16, 16)
     assert out.is_contiguous(memory_format=torch.channels_last)
     assert torch.equal(out, center_crop(to_float(batch, torch.zeros(3), torch.ones(3)), 16))
+
+
+def test_hflip_false_never_mirrors() -> None:
+    assert (crop_params(500, torch.Generator().manual_seed(0), flip=False)[:, 0, 0] > 0).all()   # x scale > 0
+    assert (crop_params(500, torch.Generator().manual_seed(0))[:, 0, 0] < 0).any()               # flips by default
+    batch = torch.randint(0, 255, (4, 8, 8, 3), dtype=torch.uint8)
+    mean, std = torch.zeros(3), torch.ones(3)
+    a = device_batch(batch, mean, std, 8, torch.Generator().manual_seed(1), flip=False)
+    b = device_batch(batch, mean, std, 8, torch.Generator().manual_seed(1), flip=True)
+    assert not torch.equal(a, b)                              # the switch reaches the crop

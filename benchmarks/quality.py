@@ -1,0 +1,457 @@
+#!/usr/bin/env python
+"""Model quality: the project's model beside what a user gets elsewhere, on the same images, in one run.
+
+On one dataset's split files it trains and scores, each on the same train/val
+images and judged on the same held-out test images:
+
+  (a) pixel baselines (scikit-learn): logistic regression and an RBF SVM on
+      the raw pixels (grey or RGB, at most 28x28, scaled to [0, 1]; the
+      features of evaluate's built-in baseline, tasks/lib/baseline.py);
+  (b) the plain recipe the PyTorch transfer-learning tutorial teaches: the
+      same backbone and pretrained weights, a new head, the whole network
+      fine-tuned from the first step in fp32 with SGD (lr 0.001, momentum
+      0.9, StepLR 7/0.1), RandomResizedCrop + flip, BatchNorm in train mode,
+      the best epoch by validation accuracy; on a GPU as many epochs as the
+      project's phase 2, on a CPU 3 (each costs about what the project's whole
+      phase 2 costs there; `--tutorial-epochs N` for more);
+  (c) this project: its own stages (`prepare`, `decode_cache`,
+      `fetch_weights`, `train`, `evaluate`) as processes, with the current
+      params (plus `-S` overrides), calibrated as the pipeline hands it off.
+
+For each: test accuracy with its 95% Wilson interval, macro-F1 with a 95%
+bootstrap interval, ECE, log loss and wall time. For the demo data it also
+scores the 10,000 official Fashion-MNIST test images, which neither training
+nor model choice ever sees. A table, then one JSON line.
+
+    python benchmarks/quality.py                              # the demo data (Fashion-MNIST subset), CPU
+    python benchmarks/quality.py --dataset digits             # scikit-learn's 8x8 digits, another dataset
+    python benchmarks/quality.py --data path/to/project       # a project whose prepare stage has run
+    python benchmarks/quality.py -S train.finetune.epochs=4   # try a change of the recipe
+    python benchmarks/quality.py --profile params.gpu.yaml --device cuda --dataset fashion-full   # GPU
+"""
+
+from __future__ import annotations
+
+import argparse
+import gzip
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO_ROOT))
+
+import numpy as np  # noqa: E402
+import yaml  # noqa: E402
+from PIL import Image  # noqa: E402
+
+from tasks.lib.config import load_params  # noqa: E402
+from tasks.lib.demo_data import CLASS_NAMES as FASHION_CLASSES  # noqa: E402
+from tasks.lib.demo_data import IMAGES_FILE, LABELS_FILE, choose_subset, read_idx  # noqa: E402
+from tasks.lib.io import SplitRow, read_json  # noqa: E402
+from tasks.lib.uncertainty import bootstrap_macro_f1, interval_text, wilson_interval  # noqa: E402
+
+TEST_IMAGES, TEST_LABELS = "t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz"
+STAGES = ("prepare", "decode_cache", "fetch_weights", "train", "evaluate")
+SVM_MAX_TRAIN = 20_000        # an RBF SVM costs O(n^2): above this it trains on a stratified subset
+TUTORIAL_LR, TUTORIAL_MOMENTUM, TUTORIAL_STEP, TUTORIAL_GAMMA = 0.001, 0.9, 7, 0.1
+# On 2 CPU cores one full fine-tuning epoch of the demo costs ~30-45 s, about what the project's whole
+# phase 2 on cached activations costs: 3 epochs give the tutorial at least the project's time.
+CPU_TUTORIAL_EPOCHS = 3
+
+
+@dataclass
+class Split:
+    """One split's images as files, with labels in class-index order."""
+
+    rows: list[SplitRow]
+    raw_dir: Path
+
+    @property
+    def labels(self) -> np.ndarray:
+        return np.array([r.label for r in self.rows], dtype=np.int64)
+
+    def paths(self) -> list[Path]:
+        return [self.raw_dir / r.path for r in self.rows]
+
+
+# --------------------------------------------------------------------------- datasets
+
+
+def write_dataset(name: str, raw: Path, params: Any, source: Path) -> None:
+    """The named dataset as an ImageFolder of PNGs under raw (deterministic bytes)."""
+    if name == "demo":
+        from tasks.lib.demo_data import materialise
+
+        demo = params.data.demo
+        materialise(raw, demo.per_class, demo.seed, source, demo.download_dir)
+    elif name.startswith("fashion-"):      # fashion-<per class>[-<seed>]: another draw of Fashion-MNIST
+        _, per_class, *seed = name.split("-")
+        from tasks.lib.demo_data import materialise
+
+        materialise(raw, int(per_class), int(seed[0]) if seed else 1, source, params.data.demo.download_dir)
+    elif name == "digits":
+        from sklearn.datasets import load_digits
+
+        digits = load_digits()
+        for index, (image, label) in enumerate(zip(digits.images, digits.target)):
+            folder = raw / f"digit_{label}"
+            folder.mkdir(parents=True, exist_ok=True)
+            pixels = np.round(image * 255 / 16).astype(np.uint8)   # 0..16 grey levels -> 0..255
+            Image.fromarray(pixels).save(folder / f"{index:04d}.png", optimize=False, compress_level=6)
+    else:
+        raise SystemExit(f"error: unknown --dataset {name!r}; use demo, digits or fashion-<per class>[-<seed>]")
+
+
+def official_fashion_test(source: Path, work: Path, class_names: list[str], limit: int) -> Split | None:
+    """The 10,000 official Fashion-MNIST test images as PNGs, labelled in the dataset's class order (None when
+    the files are not there)."""
+    images_file, labels_file = source / TEST_IMAGES, source / TEST_LABELS
+    if not images_file.exists() or not labels_file.exists():
+        return None
+    images, labels = read_idx(images_file)[:limit], read_idx(labels_file)[:limit]
+    folder = work / "official_test"
+    rows = []
+    for index, (image, label) in enumerate(zip(images, labels)):
+        path = folder / f"{index:05d}.png"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(image).save(path, optimize=False, compress_level=1)
+        rows.append(SplitRow(path=path.name, label=class_names.index(FASHION_CLASSES[label]), sha256=""))
+    return Split(rows, folder)
+
+
+def is_fashion(class_names: list[str]) -> bool:
+    return sorted(class_names) == sorted(FASHION_CLASSES)
+
+
+# --------------------------------------------------------------------------- params and stages
+
+
+def write_params(work: Path, base: Path, device: str, overrides: list[str], data: Path | None) -> tuple[Path, Any]:
+    """base params with every output under work/ (inputs too unless --data), then -S; validated, resolved."""
+    fixed: dict[str, Any] = {
+        "cache.dir": str(work / "artifacts" / "decoded"), "cache.store_dir": str(work / "cache" / "decoded"),
+        "cache.features_dir": str(work / "cache" / "features"), "prepare.cache_dir": str(work / "cache" / "prepare"),
+        "model.out_dir": str(work / "artifacts" / "weights"),
+        "train.out_dir": str(work / "artifacts" / "train"), "evaluate.out_dir": str(work / "artifacts" / "evaluate"),
+        "train.resume": "never",
+    }
+    if device != "auto":
+        fixed.update({"train.device": device, "evaluate.device": device})
+    if data is None:
+        fixed.update({"data.raw_dir": str(work / "data" / "raw"), "data.prepared_dir": str(work / "data" / "prepared")})
+    else:
+        project = load_params(data / "params.yaml")
+        fixed.update({"data.raw_dir": str((data / project.data.raw_dir).resolve()),
+                      "data.prepared_dir": str((data / project.data.prepared_dir).resolve())})
+    params = load_params(base, [f"{key}={json.dumps(value)}" for key, value in fixed.items()] + overrides)
+    path = work / "params.yaml"
+    path.write_text(yaml.safe_dump(params.model_dump(mode="json"), sort_keys=False))
+    return path, params
+
+
+def run_stage(stage: str, params_file: Path) -> float:
+    """One stage in its own process, as DVC starts it; its output goes to stderr. Returns its wall time."""
+    started = time.perf_counter()
+    code = subprocess.call([sys.executable, "-m", f"tasks.{stage}", "--params", str(params_file)], cwd=REPO_ROOT,
+                           stdout=sys.stderr)
+    if code != 0:
+        raise SystemExit(f"error: stage {stage} failed (exit {code}); its output is above")
+    return time.perf_counter() - started
+
+
+# --------------------------------------------------------------------------- scoring
+
+
+def score(probs: np.ndarray, labels: np.ndarray, class_names: list[str], seconds: float) -> dict[str, Any]:
+    """Accuracy and macro-F1 with 95% intervals, ECE, log loss: the same code evaluate uses."""
+    from tasks.lib.metrics import compute_metrics
+
+    metrics = compute_metrics(probs, labels, class_names, top_k=1, bins=15)
+    correct = int((probs.argmax(axis=1) == labels).sum())
+    return {
+        "accuracy": metrics["accuracy"], "accuracy_ci95": list(wilson_interval(correct, len(labels))),
+        "macro_f1": metrics["macro_f1"],
+        "macro_f1_ci95": list(bootstrap_macro_f1(labels, probs.argmax(axis=1), len(class_names))),
+        "ece": metrics["ece"], "log_loss": metrics["log_loss"], "n": len(labels), "seconds": round(seconds, 1),
+    }
+
+
+# --------------------------------------------------------------------------- (a) pixel baselines
+
+
+def pixel_baselines(train: Split, tests: dict[str, Split], class_names: list[str]) -> dict[str, dict[str, Any]]:
+    """Logistic regression and an RBF SVM (scikit-learn defaults; Platt-scaled probabilities) on the raw pixels."""
+    from sklearn.calibration import CalibratedClassifierCV
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+    from sklearn.svm import SVC
+
+    from tasks.lib.baseline import pixel_geometry, pixel_matrix, stratified_subset
+
+    geometry = pixel_geometry(train.paths())
+    x_train = pixel_matrix(train.paths(), geometry)
+    x_tests = {name: pixel_matrix(split.paths(), geometry) for name, split in tests.items()}
+    results: dict[str, dict[str, Any]] = {}
+    for name, model, limit in (
+        ("logistic_regression", make_pipeline(StandardScaler(), LogisticRegression(max_iter=2000)), None),
+        # Platt-scaled probabilities fitted by cross-validation (what SVC(probability=True) did), for the ECE.
+        ("rbf_svm", CalibratedClassifierCV(SVC(kernel="rbf"), ensemble=False), SVM_MAX_TRAIN),
+    ):
+        rows = stratified_subset(train.labels, limit or len(train.rows))
+        started = time.perf_counter()
+        model.fit(x_train[rows], train.labels[rows])
+        fit_s = time.perf_counter() - started
+        results[name] = {"test_sets": {}, "pixels": geometry.describe(),
+                         "train_images": len(rows)}
+        for test_name, split in tests.items():
+            started = time.perf_counter()
+            probs = _full_probs(model.predict_proba(x_tests[test_name]), model.classes_, len(class_names))
+            results[name]["test_sets"][test_name] = score(probs, split.labels, class_names,
+                                                          fit_s + time.perf_counter() - started)
+    return results
+
+
+def _full_probs(probs: np.ndarray, classes: np.ndarray, num_classes: int) -> np.ndarray:
+    full = np.zeros((len(probs), num_classes))
+    full[:, classes] = probs
+    return full
+
+
+# --------------------------------------------------------------------------- (b) the tutorial recipe
+
+
+def tutorial_recipe(params: Any, train: Split, val: Split, tests: dict[str, Split], class_names: list[str],
+                    epochs: int, device: str) -> dict[str, Any]:
+    """The PyTorch transfer-learning tutorial's loop on the project's backbone and pretrained weights."""
+    import copy
+
+    import torch
+    from torch import nn
+    from torchvision import transforms
+
+    from tasks.lib.images import load_rgb
+    from tasks.lib.models import build_model
+    from tasks.lib.weights import load_backbone_state
+    from tasks.train import preprocessing_for
+
+    torch.manual_seed(0)
+    dev = torch.device("cuda" if device in ("auto", "cuda") and torch.cuda.is_available() else "cpu")
+    state, record = load_backbone_state(params.model.out_dir)
+    prep = preprocessing_for(params.model.arch, params.train.image_size, record)
+    model = build_model(params.model.arch, len(class_names), state).to(dev)
+    normalize = transforms.Normalize(prep.mean, prep.std)
+    size = prep.crop_size
+    train_tf = transforms.Compose([transforms.RandomResizedCrop(size), transforms.RandomHorizontalFlip(),
+                                   transforms.ToTensor(), normalize])
+    eval_tf = transforms.Compose([transforms.Resize(prep.resize_size), transforms.CenterCrop(size),
+                                  transforms.ToTensor(), normalize])
+
+    class Files(torch.utils.data.Dataset):
+        def __init__(self, split: Split, tf: Any) -> None:
+            self.paths, self.labels, self.tf = split.paths(), split.labels, tf
+
+        def __len__(self) -> int:
+            return len(self.paths)
+
+        def __getitem__(self, i: int) -> tuple[Any, int]:
+            return self.tf(load_rgb(self.paths[i])), int(self.labels[i])
+
+    def loader(split: Split, tf: Any, shuffle: bool) -> torch.utils.data.DataLoader:
+        return torch.utils.data.DataLoader(Files(split, tf), batch_size=params.train.batch_size, shuffle=shuffle,
+                                           num_workers=0)
+
+    @torch.no_grad()
+    def predict(split: Split) -> np.ndarray:
+        model.eval()
+        chunks = [torch.softmax(model(x.to(dev)).double(), 1).cpu().numpy() for x, _ in loader(split, eval_tf, False)]
+        return np.concatenate(chunks)
+
+    criterion = nn.CrossEntropyLoss()
+    optimizer = torch.optim.SGD(model.parameters(), lr=TUTORIAL_LR, momentum=TUTORIAL_MOMENTUM)
+    scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=TUTORIAL_STEP, gamma=TUTORIAL_GAMMA)
+    started = time.perf_counter()
+    best_acc, best_state = -1.0, None
+    for epoch in range(epochs):
+        model.train()
+        for x, y in loader(train, train_tf, True):
+            optimizer.zero_grad()
+            loss = criterion(model(x.to(dev)), y.to(dev))
+            loss.backward()
+            optimizer.step()
+        scheduler.step()
+        val_acc = float((predict(val).argmax(1) == val.labels).mean())
+        log(f"tutorial epoch {epoch + 1}/{epochs}: loss {loss.item():.4f}, val accuracy {val_acc:.4f}")
+        if val_acc > best_acc:
+            best_acc, best_state = val_acc, copy.deepcopy(model.state_dict())
+    model.load_state_dict(best_state)
+    train_s = time.perf_counter() - started
+    result: dict[str, Any] = {"epochs": epochs, "val_accuracy": best_acc, "test_sets": {}}
+    for name, split in tests.items():
+        t0 = time.perf_counter()
+        result["test_sets"][name] = score(predict(split), split.labels, class_names, train_s + time.perf_counter() - t0)
+    return result
+
+
+# --------------------------------------------------------------------------- (c) the project
+
+
+def project_model(params_file: Path, params: Any, tests: dict[str, Split], class_names: list[str],
+                  stage_seconds: dict[str, float]) -> dict[str, Any]:
+    """The train stage's model.pt, scored as evaluate scores it (calibrated, test-time flips when the recipe uses them)."""
+    import torch
+
+    from tasks.evaluate import predict_probs
+    from tasks.lib.models import load_checkpoint
+
+    model, meta = load_checkpoint(Path(params.train.out_dir) / "model.pt")
+    train_metrics = read_json(Path(params.train.out_dir) / "metrics.json")
+    device = torch.device("cuda" if params.evaluate.device != "cpu" and torch.cuda.is_available() else "cpu")
+    result: dict[str, Any] = {"stage_seconds": {k: round(v, 1) for k, v in stage_seconds.items()},
+                              "val_accuracy": train_metrics["val_accuracy"], "best_epoch": train_metrics["best_epoch"],
+                              "best_phase": train_metrics["best_phase"], "temperature": meta.get("temperature"),
+                              "test_sets": {}}
+    evaluated = read_json(Path(params.evaluate.out_dir) / "metrics.json")
+    for name, split in tests.items():
+        started = time.perf_counter()
+        probs = predict_probs(model, split.rows, split.raw_dir, meta["preprocessing"], params.evaluate.batch_size,
+                              device, temperature=meta.get("temperature"))
+        seconds = stage_seconds["train"] + time.perf_counter() - started
+        result["test_sets"][name] = score(probs, split.labels, class_names, seconds)
+    result["evaluate_stage"] = {k: evaluated.get(k) for k in ("accuracy", "macro_f1", "ece", "baseline_accuracy", "lift")}
+    return result
+
+
+# --------------------------------------------------------------------------- report
+
+
+def print_table(result: dict[str, Any]) -> None:
+    models = result["models"]
+    for test_name in result["test_sets"]:
+        n = next(iter(models.values()))["test_sets"][test_name]["n"]
+        print(f"\n{result['dataset']}: test set {test_name!r} ({n} images), {result['environment']['device']}")
+        print(f"  {'model':<22}{'accuracy [95% CI]':<26}{'macro-F1 [95% CI]':<26}{'ECE':>7}{'log loss':>10}{'time s':>9}")
+        for name, model in models.items():
+            m = model["test_sets"][test_name]
+            print(f"  {name:<22}{m['accuracy']:.3f} {interval_text(*m['accuracy_ci95']):<20}"
+                  f"{m['macro_f1']:.3f} {interval_text(*m['macro_f1_ci95']):<20}{m['ece']:>7.3f}"
+                  f"{m['log_loss']:>10.3f}{m['seconds']:>9.1f}")
+        for name, margin in result["margins"].get(test_name, {}).items():
+            print(f"  project - {name}: {margin:+.3f} accuracy")
+
+
+def margins(models: dict[str, Any], test_name: str) -> dict[str, float]:
+    ours = models["project"]["test_sets"][test_name]["accuracy"]
+    return {name: round(ours - m["test_sets"][test_name]["accuracy"], 4) for name, m in models.items()
+            if name != "project"}
+
+
+def environment(device: str) -> dict[str, Any]:
+    import platform
+
+    import torch
+
+    cuda = device in ("auto", "cuda") and torch.cuda.is_available()
+    return {"device": "cuda" if cuda else "cpu",
+            "device_name": torch.cuda.get_device_name() if cuda else platform.processor() or platform.machine(),
+            "torch": torch.__version__, "cpu_count": os.cpu_count(),
+            "date_utc": time.strftime("%Y-%m-%d %H:%M", time.gmtime())}
+
+
+def log(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    where = parser.add_mutually_exclusive_group()
+    where.add_argument("--dataset", default="demo",
+                       help="demo (default), digits, or fashion-<per class>[-<seed>] (another Fashion-MNIST draw)")
+    where.add_argument("--data", type=Path, help="a project folder whose prepare stage has run (its split files)")
+    parser.add_argument("--profile", type=Path, default=REPO_ROOT / "params.yaml", help="params to train with")
+    parser.add_argument("-S", "--set", action="append", default=[], metavar="KEY=VALUE", help="override a param")
+    parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    parser.add_argument("--source", type=Path, default=Path("/usr/share/datasets/fashion-mnist"),
+                        help="folder with the Fashion-MNIST .gz files")
+    parser.add_argument("--models", default="baselines,tutorial,project",
+                        help="comma-separated subset of baselines, tutorial, project")
+    parser.add_argument("--tutorial-epochs", type=int, help="epochs of (b) (default: train.finetune.epochs on a "
+                        f"GPU, {CPU_TUTORIAL_EPOCHS} on a CPU)")
+    parser.add_argument("--official-test", choices=["auto", "on", "off"], default="auto",
+                        help="also score the official 10,000 Fashion-MNIST test images (auto: for Fashion-MNIST data)")
+    parser.add_argument("--official-limit", type=int, default=10_000, help="score only the first N official test "
+                        "images (a quicker check; the default is all 10,000)")
+    parser.add_argument("--work", type=Path, help="working folder (default: a temporary one, removed afterwards)")
+    parser.add_argument("--out", type=Path, help="also write the JSON report to OUT/quality.json")
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    chosen = set(args.models.split(","))
+    if not chosen <= {"baselines", "tutorial", "project"}:
+        raise SystemExit(f"error: --models takes baselines, tutorial, project; got {args.models}")
+    work = args.work or Path(tempfile.mkdtemp(prefix="quality-"))
+    work.mkdir(parents=True, exist_ok=True)
+    try:
+        result = measure(args, chosen, work)
+    finally:
+        if not args.work:
+            shutil.rmtree(work, ignore_errors=True)
+    print_table(result)
+    if args.out:
+        args.out.mkdir(parents=True, exist_ok=True)
+        (args.out / "quality.json").write_text(json.dumps(result, indent=1) + "\n")
+    print(json.dumps(result, sort_keys=True), flush=True)
+    return 0
+
+
+def measure(args: argparse.Namespace, chosen: set[str], work: Path) -> dict[str, Any]:
+    params_file, params = write_params(work, args.profile, args.device, args.set, args.data)
+    stage_seconds: dict[str, float] = {}
+    if args.data is None and not (Path(params.data.prepared_dir) / "test.csv").exists():
+        write_dataset(args.dataset, Path(params.data.raw_dir), params, args.source)
+        stage_seconds["prepare"] = run_stage("prepare", params_file)
+    stages = [s for s in STAGES if s != "prepare"] if "project" in chosen else ["fetch_weights"]
+    from tasks.lib.data import read_classes, read_rows
+
+    prepared, raw = Path(params.data.prepared_dir), Path(params.data.raw_dir)
+    class_names = read_classes(prepared)
+    train, val, test = (Split(read_rows(prepared, s), raw) for s in ("train", "val", "test"))
+    tests = {"test split": test}
+    if args.official_test == "on" or (args.official_test == "auto" and is_fashion(class_names)):
+        official = official_fashion_test(args.source, work, class_names, args.official_limit)
+        if official is None:
+            raise SystemExit(f"error: {args.source} lacks {TEST_IMAGES}; pass --source or --official-test off")
+        tests["official Fashion-MNIST test"] = official
+    models: dict[str, Any] = {}
+    if "baselines" in chosen:
+        log("== pixel baselines")
+        models.update(pixel_baselines(train, tests, class_names))
+    for stage in stages:
+        log(f"== {stage}")
+        stage_seconds[stage] = run_stage(stage, params_file)
+    if "tutorial" in chosen:
+        on_gpu = environment(args.device)["device"] == "cuda"
+        epochs = args.tutorial_epochs or (max(1, params.train.finetune.epochs) if on_gpu else CPU_TUTORIAL_EPOCHS)
+        log(f"== tutorial recipe, {epochs} epoch(s)")
+        models["tutorial_recipe"] = tutorial_recipe(params, train, val, tests, class_names, epochs, args.device)
+    if "project" in chosen:
+        models["project"] = project_model(params_file, params, tests, class_names, stage_seconds)
+    result = {"dataset": str(args.data or args.dataset), "classes": len(class_names),
+              "images": {"train": len(train.rows), "val": len(val.rows), "test": len(test.rows)},
+              "test_sets": list(tests), "models": models, "overrides": args.set, "environment": environment(args.device)}
+    result["margins"] = {name: margins(models, name) for name in tests} if "project" in models else {}
+    return result
+
+
+if __name__ == "__main__":
+    sys.exit(main())
