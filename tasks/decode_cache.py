@@ -36,7 +36,7 @@ from tasks.lib.cli import StageError, progress, stage_main
 from tasks.lib.config import Params
 from tasks.lib.image_cache import AUGMENT, CACHE_FORMAT, EVAL, geometry, rows_digest, split_variants
 from tasks.lib.images import BadImage, ImageLimits, load_rgb
-from tasks.lib.io import SPLITS, SplitRow, read_split, sha256_file, write_json
+from tasks.lib.io import SPLITS, SplitRow, read_split, sha256_file, storage_error, write_json
 from tasks.lib.parallel import batched, imap_unordered, worker_count
 from tasks.lib.preprocess import Preprocessing, imagenet_preprocessing, resize_and_crop, train_preprocessing
 from tasks.lib.row_store import RowWriter, link_or_copy, prune_variants, stored_rows, variant_key
@@ -192,14 +192,19 @@ def reuse_runs(reusable: np.ndarray, file_index: np.ndarray, row: np.ndarray) ->
 
 def _images_done(jobs: Iterator[Job], workers: int) -> Iterator[None]:
     """One item per decoded image, as chunks finish; the first bad image stops the build."""
-    for done, error in imap_unordered(decode_chunk, jobs, worker_count(workers)):
+    for done, error, storage in imap_unordered(decode_chunk, jobs, worker_count(workers)):
+        if storage:    # the cache's disk, not the data: prepare cannot help
+            raise StageError(error)
         if error:
             raise StageError(f"{error}; the raw data changed since prepare ran: re-run it (dvc repro prepare)")
         yield from (None for _ in range(done))
 
 
-def decode_chunk(job: Job) -> tuple[int, str]:
-    """Worker: decode, resize and write one chunk at its rows' offsets; returns (images done, error naming the file)."""
+def decode_chunk(job: Job) -> tuple[int, str, bool]:
+    """Worker: decode, resize and write one chunk at its rows' offsets.
+
+    Returns (images done, error naming the file, whether the error is the cache's disk or permissions).
+    """
     fds = [os.open(t.path, os.O_WRONLY) for t in job.targets]
     try:
         for index, rel in job.rows:
@@ -207,18 +212,21 @@ def decode_chunk(job: Job) -> tuple[int, str]:
             try:
                 img = load_rgb(path, job.limits.max_pixels, max_aspect_ratio=job.limits.max_aspect_ratio,
                                max_file_bytes=job.limits.max_file_bytes, draft_size=job.draft_size)
-                for fd, target in zip(fds, job.targets):
-                    pixels = np.asarray(resize_and_crop(img, target.prep), dtype=np.uint8)
-                    os.pwrite(fd, pixels.tobytes(), target.offset + index * target.row_bytes)
+                pixels = [np.asarray(resize_and_crop(img, target.prep), dtype=np.uint8) for target in job.targets]
             except BadImage as err:     # BadImage does not survive pickling back to the parent; its message does
-                return 0, str(err)
+                return 0, str(err), False
             except Exception as err:    # MemoryError included: name the file instead of a bare traceback
-                return 0, f"{path}: {type(err).__name__}: {err}"
+                return 0, f"{path}: {type(err).__name__}: {err}", False
+            for fd, target, row in zip(fds, job.targets, pixels):
+                try:
+                    os.pwrite(fd, row.tobytes(), target.offset + index * target.row_bytes)
+                except OSError as err:
+                    return 0, str(storage_error(err, target.path)), True
     finally:
         for fd in fds:
             os.close(fd)
     # No fsync here: the parent fsyncs each file once, when every row is in.
-    return len(job.rows), ""
+    return len(job.rows), "", False
 
 
 def replace_dir(new: Path, target: Path) -> None:

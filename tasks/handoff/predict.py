@@ -33,7 +33,7 @@ import numpy as np
 
 from tasks.handoff.registry import Registry, RegistryError
 from tasks.lib.console import printable, quiet_broken_pipe
-from tasks.lib.images import DEFAULT_MAX_ASPECT_RATIO, BadImage, is_image_name
+from tasks.lib.images import DEFAULT_MAX_ASPECT_RATIO, BadImage, ImageLimits, is_image_name
 from tasks.lib.io import sha256_file
 from tasks.lib.onnx_classifier import Classifier, ModelError, load_classifier
 
@@ -62,7 +62,7 @@ def predict_files(classifier: Classifier, files: list[Path], top_k: int, batch_s
     ready: list[tuple[int, np.ndarray]] = []
     for i, path in enumerate(files):
         try:
-            ready.append((i, classifier.load(path, max_aspect_ratio)))
+            ready.append((i, classifier.load(path, ImageLimits(max_aspect_ratio=max_aspect_ratio))))
         except BadImage as err:
             results[i]["error"] = f"{err.reason}: {err.detail}" if err.detail else err.reason
         except OSError as err:  # missing file, permission denied, a folder that vanished

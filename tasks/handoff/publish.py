@@ -152,7 +152,8 @@ def _production_on_split(params: Params, root: Path, registry: Registry, product
         onnx_path = registry.fetch(production, "model.onnx", Path(tmp) / "model.onnx")
         try:
             metrics, probs = score_onnx(onnx_path, prepared, root / params.data.raw_dir, _class_names(prepared),
-                                        top_k=params.evaluate.top_k, bins=params.evaluate.calibration_bins)
+                                        top_k=params.evaluate.top_k, bins=params.evaluate.calibration_bins,
+                                        limits=params.prepare.limits())
         except ValueError as err:  # e.g. the class set changed: the gate then reports the split mismatch
             # name the registry file, not the temporary copy that is gone once this returns
             message = str(err).replace(str(onnx_path), registry.url(production, "model.onnx"))
@@ -171,11 +172,12 @@ def _stored_predictions(registry: Registry, version: str) -> dict[str, Any] | No
 
 
 def score_onnx(onnx_path: Path, prepared_dir: Path, raw_dir: Path, class_names: list[str], *,
-               top_k: int, bins: int) -> tuple[dict[str, Any], np.ndarray]:
+               top_k: int, bins: int, limits: Any = None) -> tuple[dict[str, Any], np.ndarray]:
     """Metrics and probabilities of an ONNX model on the prepared test split, with the preprocessing from its own
     metadata.
 
-    The same metric code as the evaluate stage (tasks.lib.metrics), so the gate compares like with like.
+    The same metric code as the evaluate stage (tasks.lib.metrics), so the gate compares like with like;
+    limits (tasks.lib.images.ImageLimits) are prepare's, so every image prepare accepted is read.
     """
     from tasks.lib.data import read_rows
     from tasks.lib.images import BadImage
@@ -190,7 +192,7 @@ def score_onnx(onnx_path: Path, prepared_dir: Path, raw_dir: Path, class_names: 
         raise ValueError(f"{onnx_path}: its classes {classifier.class_names} differ from the test split's {class_names}")
     rows = read_rows(prepared_dir, "test")
     try:
-        probs = classifier.score_files([Path(raw_dir) / r.path for r in rows])
+        probs = classifier.score_files([Path(raw_dir) / r.path for r in rows], limits=limits)
     except BadImage as err:
         raise ValueError(f"{err}; re-run prepare (dvc repro prepare)") from None
     metrics = compute_metrics(probs, np.array([r.label for r in rows]), class_names, top_k, bins)

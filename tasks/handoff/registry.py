@@ -6,6 +6,8 @@ Layout (a local directory by default, or e.g. s3://bucket/prefix):
                                          export_report.json, lineage.json, decision.json, COMPLETE
     <registry>/<model_name>/production   JSON pointer: current version, the stack of earlier
                                          production versions (for rollback) and an event log
+    <registry>/<model_name>/promotions/  one small JSON file per move of the pointer onto a version
+                                         (promote, rollback, repair, a gated publish), written once
 
 Version ids are `<UTC time to the ms>-<first 8 hex of the ONNX sha256>`, e.g. 20261127T210530.123Z-1a2b3c4d:
 they sort by publication time as plain strings, need no shared counter (a `v0007`
@@ -21,8 +23,9 @@ readers see only versions that have COMPLETE; a crash leaves nothing visible.
 Nothing read from a registry is trusted: every version is verified (hashes against its
 manifest and lineage) before the pointer is moved onto it, a damaged JSON file is
 reported with its path instead of crashing the command, and "first model" (bootstrap)
-means that no version's own decision record says it was promoted, never merely that
-the pointer file is missing. Pointer moves, locking and repair: `registry_pointer`.
+means that no version was ever promoted (its own decision record, or a promotion
+record for a manual promote), never merely that the pointer file is missing. Pointer
+moves, locking and repair: `registry_pointer`.
 
 The `registry` command (list, show, promote, rollback, verify, repair, publish) is
 `tasks.handoff.registry_cli`.
@@ -61,6 +64,7 @@ __all__ = ["ANY", "MARKER", "POINTER", "VERSION_FILES", "Registry", "RegistryErr
            "open_registry"]
 
 MARKER = "COMPLETE"
+PROMOTIONS = "promotions"   # create-only records of pointer moves: they survive a lost pointer, on any store
 VERSION_FILES = ("model.onnx", "README.md", "card.json", "metrics.json", "export_report.json", "lineage.json",
                  "decision.json")
 # Test hook: called with a stage name ("version_files_written", "version_committed") so a
@@ -166,19 +170,51 @@ class Registry:
         return pointer["version"] if pointer else None
 
     def promoted_versions(self) -> tuple[list[str], list[str]]:
-        """(versions whose own decision record says they were promoted, oldest first; versions whose record
-        cannot be read). Records written before the `promoted` flag existed count if the gate passed them."""
+        """(versions ever made production, oldest first; versions whose decision record cannot be read).
+
+        Promoted means: its own decision record says the gate promoted it (records written before the
+        `promoted` flag existed count if the gate passed them), or a promotion record names it (a
+        manual promote, a rollback or a repair onto it).
+        """
+        moved_to = {move["version"] for move in self.moves()}
         promoted, unreadable = [], []
         for version in self.versions():
             try:
                 decision = self.read_json(version, "decision.json")
             except RegistryError:
-                unreadable.append(version)
+                if version not in moved_to:
+                    unreadable.append(version)
+                else:
+                    promoted.append(version)
                 continue
             flag = decision.get("promoted", decision.get("passed")) if isinstance(decision, dict) else None
-            if flag is True:
+            if flag is True or version in moved_to:
                 promoted.append(version)
         return promoted, unreadable
+
+    def moves(self) -> list[dict[str, Any]]:
+        """The promotion records, oldest first (a damaged one is skipped: it only ever adds evidence)."""
+        folder = self._path(PROMOTIONS)
+        if not self.fs.exists(folder):
+            return []
+        records = []
+        for path in sorted(self.fs.ls(folder, detail=False)):
+            try:
+                record = json.loads(self.fs.cat_file(path))
+            except (OSError, ValueError):
+                continue
+            if isinstance(record, dict) and isinstance(record.get("version"), str) and VERSION_RE.match(record["version"]):
+                records.append(record)
+        return records
+
+    def _record_move(self, version: str, action: str, reason: str) -> None:
+        """After the pointer moved onto `version`: a record of it that no later pointer damage can take away."""
+        # Nanoseconds since the epoch first: the names sort in the order the moves happened.
+        name = f"{time.time_ns():020d}-{uuid.uuid4().hex[:8]}.json"
+        record = {"at": utcnow(), "action": action, "version": version, "reason": reason}
+        with explained_storage_errors(self.url(PROMOTIONS, name)):
+            self.fs.makedirs(self._path(PROMOTIONS), exist_ok=True)
+            self.fs.pipe_file(self._path(PROMOTIONS, name), json.dumps(record, sort_keys=True).encode())
 
     def find_by_onnx(self, onnx_sha256: str) -> str | None:
         """The version that already holds exactly this ONNX file, if any (re-publishing is idempotent)."""
@@ -283,12 +319,10 @@ class Registry:
         decision: the move is refused if production is no longer the version the candidate
         was compared with. A version whose class names differ from production's needs `force`.
         """
-        self._require_verified(version, "promote")
-        production = (self.pointer(candidate=version) or {}).get("version")
-        if not force and (differ := self.class_names_differ(version, production)):
-            raise RegistryError(f"cannot promote {version}: {differ}; or pass --force to promote it anyway")
+        moved = False
 
         def change(raw: bytes | None) -> dict[str, Any] | None:
+            nonlocal moved
             pointer = self._current(raw, candidate=version) or {"model": self.model_name, "version": None,
                                                                  "previous": [], "events": []}
             current = pointer["version"]
@@ -297,10 +331,18 @@ class Registry:
                                     "publish again to compare with the new production model")
             if current == version:
                 return None
+            # Inside the pointer's lock: nothing can change the version or production between check and move.
+            self._require_verified(version, "promote")
+            if not force and (differ := self.class_names_differ(version, current)):
+                raise RegistryError(f"cannot promote {version}: {differ}; or pass --force to promote it anyway")
             previous = [*pointer["previous"], current] if current else list(pointer["previous"])
+            moved = True
             return self._moved(pointer, version, previous, "promote", reason)
 
-        return self.pointer_file.update(change) or self.pointer() or {}
+        result = self.pointer_file.update(change) or self.pointer() or {}
+        if moved:
+            self._record_move(version, "promote", reason)
+        return result
 
     def rollback(self, reason: str = "manual rollback") -> dict[str, Any]:
         """Point production back at the version it replaced (which must still verify)."""
@@ -314,16 +356,19 @@ class Registry:
             self._require_verified(target, "roll back to")
             return self._moved(pointer, target, rest, "rollback", reason)
 
-        return self.pointer_file.update(change) or {}
+        result = self.pointer_file.update(change) or {}
+        if result.get("version"):
+            self._record_move(result["version"], "rollback", reason)
+        return result
 
     def repair(self, version: str | None = None) -> dict[str, Any] | None:
         """Rebuild a missing or damaged pointer from the versions' decision records; None if it is fine.
 
-        Production becomes `version`, or else the newest version whose decision record says
-        it was promoted and that still verifies; the rollback stack holds the older promoted
-        versions that verify, oldest first. The old event log cannot be recovered (a damaged
-        pointer is kept beside it as production.damaged-<time>); manual promotes and
-        rollbacks since are not in any version's record, so check the result with `registry list`.
+        Production becomes `version`, or else the version of the last promotion record (the
+        last promote, rollback or repair) that still verifies, or else the newest version
+        whose decision record says it was promoted and that verifies; the rollback stack
+        holds the older promoted versions that verify, oldest first. The old event log cannot
+        be recovered (a damaged pointer is kept beside it as production.damaged-<time>).
         """
 
         def change(raw: bytes | None) -> dict[str, Any] | None:
@@ -331,7 +376,9 @@ class Registry:
                 return None
             promoted, _ = self.promoted_versions()
             usable = [v for v in promoted if not self.verify(v)]
-            target = version or (usable[-1] if usable else None)
+            # The last move on record is where production was; else the newest version ever promoted.
+            last_moves = [m["version"] for m in self.moves() if m["version"] in usable]
+            target = version or (last_moves[-1] if last_moves else usable[-1] if usable else None)
             if target is None:
                 raise RegistryError(f"{self.url()}: no version records a promotion and verifies; "
                                     "choose production yourself: `registry repair --version VERSION`")
@@ -342,7 +389,10 @@ class Registry:
                       + (f"; skipped (do not verify): {', '.join(skipped)}" if skipped else ""))
             return rebuilt_pointer(self.model_name, target, usable, reason, copy)
 
-        return self.pointer_file.update(change)
+        result = self.pointer_file.update(change)
+        if result is not None:
+            self._record_move(result["version"], "repair", result["reason"])
+        return result
 
     def _healthy(self, raw: bytes) -> bool:
         try:

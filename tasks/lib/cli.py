@@ -18,8 +18,8 @@ from typing import Any, TypeVar
 from tqdm import tqdm
 
 from tasks.lib.config import DEFAULT_PARAMS, Params, ParamsError, load_params
-from tasks.lib.images import set_pixel_limit
-from tasks.lib.io import StorageError
+from tasks.lib.images import set_image_limits
+from tasks.lib.io import StorageError, storage_error
 
 T = TypeVar("T")
 
@@ -46,10 +46,18 @@ def stage_main(run: Callable[[Params], Any], description: str, argv: list[str] |
     setup_logging()
     try:
         params = load_params(args.params, args.set)
-        set_pixel_limit(params.prepare.max_pixels)   # Pillow's limit in every stage process (evaluate, export too)
+        set_image_limits(params.prepare.limits())   # prepare's limits in every stage process (evaluate, export too)
         run(params)
     except EXPECTED_ERRORS as err:
         print(f"error: {err}", file=sys.stderr)
+        return 1
+    except OSError as err:
+        # A full disk or a permission problem anywhere (a cache, a store, an output folder) is
+        # named with its path in one line; any other OSError is a bug and keeps its traceback.
+        mapped = storage_error(err, err.filename or "?")
+        if mapped is err:
+            raise
+        print(f"error: {mapped}", file=sys.stderr)
         return 1
     return 0
 

@@ -107,6 +107,9 @@ def parse_override(text: str) -> tuple[str, Any]:
     except yaml.YAMLError as err:
         raise ParamsError(f"override -S {text}: the value of {key} is not valid YAML ({_yaml_problem(err)}); "
                           f"quote a string value: -S {key}='...'") from None
+    except RecursionError:   # thousands of nested brackets: no params value nests like that
+        raise ParamsError(f"override -S {key}: the value nests too deeply to be a params value; "
+                          f"quote a string value: -S {key}='...'") from None
     count_values(parsed, f"override -S {key}")
     return key, parsed
 

@@ -137,6 +137,21 @@ def open_checked(data: bytes, path: Path | str, limits: ImageLimits) -> Image.Im
     return img
 
 
+_process_limits = ImageLimits()
+
+
+def set_image_limits(limits: ImageLimits) -> None:
+    """The limits every decode in this process uses unless it names its own: each stage sets them from
+    prepare's params (tasks.lib.cli.stage_main), so evaluate and export accept exactly what prepare accepted."""
+    global _process_limits
+    _process_limits = limits
+    set_pixel_limit(limits.max_pixels)
+
+
+def image_limits() -> ImageLimits:
+    return _process_limits
+
+
 def set_pixel_limit(max_pixels: int) -> None:
     """Pillow's own bomb limit follows ours (process-wide: every stage sets it from prepare.max_pixels at
     start, tasks.lib.cli.stage_main, and every checked decode sets it to the limit it was given)."""
@@ -174,17 +189,17 @@ def decode_rgb(data: bytes, path: Path | str, limits: ImageLimits = ImageLimits(
     return to_rgb(img)
 
 
-def load_rgb(path: Path | str, max_pixels: int | None = None, *,
-             max_aspect_ratio: float = DEFAULT_MAX_ASPECT_RATIO, max_file_bytes: int = DEFAULT_MAX_FILE_BYTES,
-             draft_size: int | None = None) -> Image.Image:
+def load_rgb(path: Path | str, max_pixels: int | None = None, *, max_aspect_ratio: float | None = None,
+             max_file_bytes: int | None = None, draft_size: int | None = None) -> Image.Image:
     """Read, check, fully decode, apply EXIF orientation and convert to 8-bit RGB.
 
     Raises BadImage with reason empty_file, not_a_regular_file, file_too_large,
     not_an_image, decompression_bomb, extreme_aspect_ratio or truncated.
-    max_pixels None: the process's limit (prepare.max_pixels in a stage, Pillow's default elsewhere).
+    A limit left None is the process's (prepare's params in a stage, the defaults elsewhere).
     """
-    limits = ImageLimits(max_pixels or pixel_limit(), max_aspect_ratio, max_file_bytes)
-    return decode_rgb(read_bytes(path, max_file_bytes), path, limits, draft_size)
+    limits = ImageLimits(max_pixels or pixel_limit(), max_aspect_ratio or _process_limits.max_aspect_ratio,
+                         max_file_bytes or _process_limits.max_file_bytes)
+    return decode_rgb(read_bytes(path, limits.max_file_bytes), path, limits, draft_size)
 
 
 def to_rgb(img: Image.Image) -> Image.Image:

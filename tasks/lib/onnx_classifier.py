@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 
-from tasks.lib.images import DEFAULT_MAX_ASPECT_RATIO, load_rgb
+from tasks.lib.images import ImageLimits, image_limits, load_rgb
 from tasks.lib.preprocess import Preprocessing, preprocess
 
 INPUT_NAME, OUTPUT_NAME = "input", "logits"
@@ -73,13 +73,20 @@ class Classifier:
         probs = probs.astype(np.float64)
         return probs / probs.sum(axis=1, keepdims=True)   # float32 rows sum to 1 only within ~1e-7
 
-    def load(self, path: Path | str, max_aspect_ratio: float = DEFAULT_MAX_ASPECT_RATIO) -> np.ndarray:
-        """One image file as the network's input (raises BadImage / OSError naming the file)."""
-        return preprocess(load_rgb(path, max_aspect_ratio=max_aspect_ratio), self.prep)
+    def load(self, path: Path | str, limits: ImageLimits | None = None) -> np.ndarray:
+        """One image file as the network's input (raises BadImage / OSError naming the file).
 
-    def score_files(self, paths: Sequence[Path], batch_size: int = 64) -> np.ndarray:
+        limits None: the process's (tasks.lib.images.set_image_limits).
+        """
+        limits = limits or image_limits()
+        img = load_rgb(path, limits.max_pixels, max_aspect_ratio=limits.max_aspect_ratio,
+                       max_file_bytes=limits.max_file_bytes)
+        return preprocess(img, self.prep)
+
+    def score_files(self, paths: Sequence[Path], batch_size: int = 64, limits: ImageLimits | None = None
+                    ) -> np.ndarray:
         """Probabilities of every file, in order; the first unreadable file raises."""
-        chunks = [self.probabilities(np.stack([self.load(p) for p in paths[start:start + batch_size]]))
+        chunks = [self.probabilities(np.stack([self.load(p, limits) for p in paths[start:start + batch_size]]))
                   for start in range(0, len(paths), batch_size)]
         return np.concatenate(chunks) if chunks else np.empty((0, len(self.class_names)))
 

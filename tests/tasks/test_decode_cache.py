@@ -164,7 +164,8 @@ def test_training_reads_the_cache_when_it_matches_and_decodes_when_it_does_not(
         built: tuple[Path, Path, dict[str, list[SplitRow]]], caplog: pytest.LogCaptureFixture) -> None:
     raw, decoded, splits = built
     params = load_params(REPO_ROOT / "params.yaml", {"cache.dir": str(decoded), "data.raw_dir": str(raw),
-                                                      "cache.num_workers": 1})
+                                                      "cache.num_workers": 1,
+                                                      "cache.store_dir": str(decoded.parent / "store")})
     marked = np.load(decoded / "train" / "eval.npy", mmap_mode="r+")
     marked[0] = 7                       # only the cache has this pixel value: proves it was read
     marked.flush()
@@ -185,7 +186,8 @@ def test_the_train_stage_reads_its_images_from_the_cache(built: tuple[Path, Path
     raw, decoded, _ = built
     params = load_params(REPO_ROOT / "params.yaml", {
         "cache.dir": str(decoded), "data.raw_dir": str(raw), "data.prepared_dir": str(tmp_path / "prepared"),
-        "train.image_size": 24, "cache.margin": 1.15, "train.finetune.augment": True})
+        "train.image_size": 24, "cache.margin": 1.15, "train.finetune.augment": True,
+        "cache.store_dir": str(tmp_path / "store")})
     data = load_data(params, PREP, Runtime(device=torch.device("cpu"), amp_dtype=None), num_classes=2)
     for images, variant, split in ((data.train_eval, EVAL, "train"), (data.train_big, AUGMENT, "train"),
                                    (data.val_x, EVAL, "val")):

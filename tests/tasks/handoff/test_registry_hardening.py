@@ -97,6 +97,23 @@ def test_bootstrap_still_works_when_no_version_was_ever_promoted(tmp_path: Path)
     assert reg.pointer() is None and reg.production() is None
 
 
+def test_a_manual_promote_counts_as_promoted_when_the_pointer_is_lost(project):
+    root, params = project
+    v1 = publish(root, params, "v1", 0.80)["registry_version"]
+    v2 = publish(root, params, "v2", 0.70)["registry_version"]       # refused by the gate ...
+    reg = open_registry(params, root)
+    reg.promote(v2, "a person chose it")                               # ... and promoted by hand
+    assert [m["version"] for m in reg.moves()] == [v1, v2]            # every move, in order
+    pointer_file(root, params).unlink()
+    with pytest.raises(StageError, match="production pointer is missing"):
+        publish(root, params, "worse", 0.10)                           # never a bootstrap
+    assert reg.promoted_versions() == ([v1, v2], [])                   # gate-promoted and hand-promoted
+    assert reg.repair()["version"] == v2
+    reg.rollback("back to v1")
+    pointer_file(root, params).unlink()
+    assert reg.repair()["version"] == v1                               # the last move on record, not the newest
+
+
 def test_repair_cli_rebuilds_from_the_decision_records_and_keeps_the_damaged_pointer(project):
     root, params = project
     v1 = publish(root, params, "v1", 0.80)["registry_version"]

@@ -172,6 +172,9 @@ def test_a_billion_laughs_document_is_refused_at_once(tmp_path: Path):
         load_params(write(tmp_path, "\n".join(lines) + "\n"))
     with pytest.raises(ParamsError, match="override -S train.head.epochs: nested more than 50 levels"):
         load_params(write(tmp_path, ""), ["train.head.epochs=" + "[" * 60 + "]" * 60])
+    # Deep enough to exhaust the YAML parser's recursion: still the key and what to do, no RecursionError.
+    with pytest.raises(ParamsError, match="override -S train.head.epochs: the value nests too deeply"):
+        load_params(write(tmp_path, ""), ["train.head.epochs=" + "[" * 2000])
 
 
 def test_model_arch_is_checked_when_asked_and_the_schema_import_stays_torch_free(tmp_path: Path):

@@ -14,7 +14,7 @@ import pytest
 from PIL import Image
 
 from tasks.lib.cli import stage_main
-from tasks.lib.images import BadImage, load_rgb, read_bytes
+from tasks.lib.images import BadImage, ImageLimits, load_rgb, read_bytes, set_image_limits
 from tasks.lib.preprocess import INTERPOLATIONS, Preprocessing, resize_and_crop
 from tests.conftest import REPO_ROOT
 
@@ -165,3 +165,21 @@ def test_every_stage_sets_pillows_limit_from_the_params(tmp_path: Path, monkeypa
     assert sizes == [(9600, 9600)]
     with pytest.raises(BadImage, match="decompression_bomb"):
         stage_main(stage, "a stage", params)                                  # the default 89.5 M
+
+
+def test_every_stage_reads_images_with_prepares_aspect_and_size_limits(tmp_path: Path) -> None:
+    """An image prepare accepted under raised limits is readable by evaluate and export, which name none."""
+    path = tmp_path / "strip.png"
+    Image.new("RGB", (800, 10), "white").save(path)                            # 80:1
+    seen = []
+    params = ["--params", str(REPO_ROOT / "params.yaml")]
+    try:
+        assert stage_main(lambda p: seen.append(load_rgb(path).size), "a stage",
+                          [*params, "-S", "prepare.max_aspect_ratio=100"]) == 0
+        assert seen == [(800, 10)]
+        with pytest.raises(BadImage, match="file_too_large"):
+            stage_main(lambda p: load_rgb(path), "a stage", [*params, "-S", "prepare.max_file_bytes=100"])
+    finally:
+        set_image_limits(ImageLimits())
+    with pytest.raises(BadImage, match="extreme_aspect_ratio"):
+        load_rgb(path)                                                        # outside a stage: the defaults

@@ -89,3 +89,56 @@ def test_a_stage_reports_a_full_disk_in_one_line(full_disk: Path, tmp_path: Path
     assert proc.returncode == 1 and "Traceback" not in proc.stderr
     last = proc.stderr.strip().splitlines()[-1]
     assert last.startswith(f"error: {full_disk}/weights") and "the disk is full" in last
+
+
+@pytest.fixture
+def small_disk(tmp_path: Path):
+    """A 16 KiB tmpfs with room for a few files but not for a decoded cache; unmounted afterwards."""
+    mount_point = tmp_path / "small"
+    mount_point.mkdir()
+    proc = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=16k", "tmpfs", str(mount_point)],
+                          capture_output=True, text=True)
+    if proc.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here ({proc.stderr.strip()})")
+    try:
+        yield mount_point
+    finally:
+        subprocess.run(["umount", str(mount_point)], check=True)
+
+
+def test_decode_cache_blames_a_full_disk_not_the_data(tmp_path: Path, small_disk: Path):
+    from tasks.decode_cache import build_cache
+    from tasks.lib.cli import StageError
+    from tests.tasks.test_decode_cache import PREPS, write_photos
+
+    rows = write_photos(tmp_path / "raw") * 4                      # 48 rows of 24 and 28 px: ~300 KiB of arrays
+    for name in ("train", "val", "test"):
+        from tasks.lib.io import write_split
+
+        write_split(tmp_path / "prepared" / f"{name}.csv", rows if name == "train" else rows[:1])
+    with pytest.raises((StageError, StorageError)) as err:
+        build_cache(tmp_path / "prepared", tmp_path / "raw", tmp_path / "decoded", PREPS, workers=1,
+                    store_dir=small_disk / "rows")
+    message = str(err.value)
+    assert f"{small_disk}/rows" in message and "cannot write: the disk is full" in message, message
+    assert "re-run" not in message and "raw data changed" not in message
+
+
+def test_any_stage_write_that_hits_permissions_is_one_line_naming_the_path(immutable_dir: Path,
+                                                                          capsys: pytest.CaptureFixture):
+    # A cache or store folder that cannot be created (the feature store, the row store, an output
+    # folder): every stage goes through stage_main, which names the path and the fix.
+    from tasks.lib.cli import stage_main
+
+    def stage(params: object) -> None:
+        (immutable_dir / "features").mkdir()
+
+    assert stage_main(stage, "a stage", ["--params", str(REPO_ROOT / "params.yaml")]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith(f"error: {immutable_dir}/features: cannot write: operation not permitted")
+
+    def buggy(params: object) -> None:
+        raise IsADirectoryError(21, "Is a directory", str(immutable_dir))   # not a disk problem: a traceback
+
+    with pytest.raises(IsADirectoryError):
+        stage_main(buggy, "a stage", ["--params", str(REPO_ROOT / "params.yaml")])
