@@ -10,6 +10,7 @@ branch are never touched.
 from __future__ import annotations
 
 import logging
+import os
 import shutil
 import subprocess
 import tempfile
@@ -19,7 +20,11 @@ from pathlib import Path
 
 import yaml
 
+from flows.processes import pid_alive
 from tasks.handoff.lineage import dvc_pointer_hash
+
+COPY_PREFIX = "retrain-"         # tempfile.mkdtemp(prefix=...): where isolated copies live
+OWNER_FILE = "owner.pid"         # beside the copy: the process that made it, so a killed run's copy can go
 
 
 class DataVersionError(RuntimeError):
@@ -109,7 +114,9 @@ def isolated_copy(root: Path, rev: str, log: logging.Logger | logging.LoggerAdap
     and its dvc.lock, so it is the workspace as it is, in a place where a run may change anything.
     """
     sha = resolve_rev(root, rev)
-    parent = Path(tempfile.mkdtemp(prefix="retrain-"))
+    sweep_stale_copies(root, log)
+    parent = Path(tempfile.mkdtemp(prefix=COPY_PREFIX))
+    (parent / OWNER_FILE).write_text(str(os.getpid()))
     workdir = parent / root.name
     log.info("Isolated working copy of %s (%s) in %s; the workspace %s stays as it is", rev, sha[:12], workdir, root)
     try:
@@ -127,10 +134,31 @@ def isolated_copy(root: Path, rev: str, log: logging.Logger | logging.LoggerAdap
         subprocess.run(["git", "worktree", "prune"], cwd=root, capture_output=True)
 
 
+def sweep_stale_copies(root: Path, log: logging.Logger | logging.LoggerAdapter) -> None:
+    """Remove the working copies of runs that were killed (SIGKILL leaves no chance to clean up): worktrees of
+    root in a temporary folder whose owner process is gone."""
+    for line in git(root, "worktree", "list", "--porcelain").splitlines():
+        if not line.startswith("worktree "):
+            continue
+        workdir = Path(line.removeprefix("worktree "))
+        owner = workdir.parent / OWNER_FILE
+        if not workdir.parent.name.startswith(COPY_PREFIX) or not owner.is_file():
+            continue
+        pid = owner.read_text().strip()
+        if pid.isdigit() and pid_alive(int(pid)):
+            continue
+        log.info("Removing the working copy %s of a run that did not finish (process %s is gone)", workdir, pid)
+        subprocess.run(["git", "worktree", "remove", "--force", str(workdir)], cwd=root, capture_output=True)
+        shutil.rmtree(workdir.parent, ignore_errors=True)
+    subprocess.run(["git", "worktree", "prune"], cwd=root, capture_output=True)
+
+
 def copy_workspace_changes(root: Path, workdir: Path) -> None:
-    """Tracked files changed since HEAD (staged or not) and dvc.lock, from the workspace into the copy."""
+    """The workspace as it is: tracked files changed since HEAD (staged or not), new files git does not
+    ignore (a new module, a new test) and dvc.lock, copied into the worktree."""
     changed = [line for line in git(root, "diff", "--name-only", "-z", "HEAD").split("\0") if line]
-    for rel in [*changed, "dvc.lock"]:
+    untracked = [line for line in git(root, "ls-files", "--others", "--exclude-standard", "-z").split("\0") if line]
+    for rel in [*changed, *untracked, "dvc.lock"]:
         src, dst = root / rel, workdir / rel
         if src.is_file():
             dst.parent.mkdir(parents=True, exist_ok=True)

@@ -16,6 +16,9 @@ import os
 import signal
 import subprocess
 import sys
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from types import FrameType
 from typing import IO, Any, Callable
@@ -60,17 +63,61 @@ def stop_process_group(proc: subprocess.Popen, grace_s: float) -> int | None:
     return proc.poll()
 
 
+@contextmanager
+def sigterm_as_interrupt() -> Iterator[None]:
+    """SIGTERM (a service manager, `kill`, a CI timeout) unwinds like Ctrl-C: every `finally` runs, so the
+    isolated working copy is removed and the temporary Prefect server stopped before the command exits."""
+    def interrupt(signum: int, frame: FrameType | None) -> None:
+        raise KeyboardInterrupt(f"signal {signum}")
+
+    previous = signal.signal(signal.SIGTERM, interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
 def guard(cmd: list[str]) -> int:
-    """Run cmd in its own group; on SIGTERM/SIGINT/SIGHUP (or the parent's death) stop that group."""
+    """Run cmd in its own group; on SIGTERM/SIGINT/SIGHUP (or the parent's death) stop that group.
+
+    The handler only passes the signal on (and arms a SIGKILL for a group that ignores it);
+    the main thread's wait() sees the child exit. Waiting inside the handler would deadlock
+    with the interrupted wait() on Popen's lock until the grace period ran out.
+    """
     child = subprocess.Popen(cmd, start_new_session=True)
+    received: list[int] = []
 
     def stop(signum: int, frame: FrameType | None) -> None:
-        stop_process_group(child, GUARD_GRACE_S)
-        os._exit(128 + signum)
+        received.append(signum)
+        _signal_group(child.pid, signal.SIGTERM)
+        timer = threading.Timer(GUARD_GRACE_S, _signal_group, args=(child.pid, signal.SIGKILL))
+        timer.daemon = True
+        timer.start()
 
     for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
         signal.signal(sig, stop)
-    return child.wait()
+    code = child.wait()
+    if received:
+        _signal_group(child.pid, signal.SIGKILL)   # what is left of the group once its leader is gone
+        return 128 + received[0]
+    return code
+
+
+def _signal_group(pgid: int, sig: int) -> None:
+    try:
+        os.killpg(pgid, sig)
+    except (ProcessLookupError, PermissionError):
+        pass
 
 
 if __name__ == "__main__":

@@ -167,8 +167,10 @@ def prefect_api(root: Path, say: Callable[[str], None] = lambda _: None) -> Iter
         try:
             with temporary_settings(updates={PREFECT_API_URL: url}), \
                     _temporary_global_settings_context(get_settings_context()):
-                yield url
-                drain_prefect_workers()
+                try:
+                    yield url
+                finally:   # interrupted runs too: their crash logs go out while the server still runs
+                    drain_prefect_workers()
         finally:
             if previous is None:
                 os.environ.pop("PREFECT_API_URL", None)

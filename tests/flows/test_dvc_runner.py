@@ -100,3 +100,27 @@ def test_stage_outcome(lines: list[str], outcome: str) -> None:
 def test_stage_outcome_unknown_is_an_error() -> None:
     with pytest.raises(CommandFailed, match="could not tell"):
         stage_outcome("train", ["Stage 'prepare' didn't change, skipping"])
+
+
+def test_the_guard_passes_sigterm_on_and_exits_as_soon_as_its_group_is_gone(tmp_path: Path) -> None:
+    import os
+    import signal
+
+    import psutil
+
+    from flows.processes import guarded, spawn
+
+    marker = tmp_path / "started"
+    script = f"import pathlib, time; pathlib.Path({str(marker)!r}).write_text('x'); time.sleep(60)"
+    proc = spawn(guarded([sys.executable, "-c", script]), tmp_path, dict(os.environ))
+    deadline = time.monotonic() + 30
+    while not marker.exists():
+        assert time.monotonic() < deadline and proc.poll() is None
+        time.sleep(0.1)
+    family = psutil.Process(proc.pid).children(recursive=True)
+    started = time.monotonic()
+    os.killpg(proc.pid, signal.SIGTERM)
+    assert proc.wait(timeout=20) == 128 + signal.SIGTERM
+    assert time.monotonic() - started < 3      # not after the SIGKILL grace: the child died at once
+    _, alive = psutil.wait_procs(family, timeout=5)
+    assert alive == []

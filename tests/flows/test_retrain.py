@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import threading
 from pathlib import Path
 
@@ -126,7 +127,9 @@ def test_a_busy_project_exits_with_a_clear_message_when_told_not_to_wait(tiny_pr
 
 @pytest.mark.slow
 @pytest.mark.timeout(300)
-def test_sigkill_during_a_stage_leaves_params_and_no_process_behind(tiny_project: Path, tmp_path: Path) -> None:
+@pytest.mark.parametrize("sig", ["SIGTERM", "SIGKILL"])
+def test_a_signal_during_a_stage_leaves_params_and_no_process_behind(tiny_project: Path, tmp_path: Path,
+                                                                     sig: str) -> None:
     import os
     import signal
     import subprocess
@@ -134,12 +137,15 @@ def test_sigkill_during_a_stage_leaves_params_and_no_process_behind(tiny_project
 
     import psutil
 
+    from flows.data_version import sweep_stale_copies
     from tests.conftest import VENV_BIN
 
     before = snapshot(tiny_project)
     params_bytes = (tiny_project / "params.yaml").read_bytes()
     env = {k: v for k, v in os.environ.items() if k != "PREFECT_API_URL"}
     env["PREFECT_HOME"] = str(tmp_path / "prefect-home")
+    env["TMPDIR"] = str(tmp_path / "tmp")            # where the -S run's isolated copy goes
+    (tmp_path / "tmp").mkdir()
     log = tmp_path / "retrain.log"
     with log.open("wb") as out:  # train sleeps train.seed seconds in the tiny pipeline
         proc = subprocess.Popen([str(VENV_BIN / "python"), "-m", "flows.retrain", "-S", "train.seed=60",
@@ -152,13 +158,25 @@ def test_sigkill_during_a_stage_leaves_params_and_no_process_behind(tiny_project
         family = psutil.Process(proc.pid).children(recursive=True)
         names = " ".join(" ".join(p.cmdline()) for p in family)
         assert "prefect server start" in names and "tiny_stage.py train" in names
-        proc.send_signal(signal.SIGKILL)
-        proc.wait(timeout=10)
+        assert len(list((tmp_path / "tmp").glob("retrain-*"))) == 1
+        stopped_at = time.monotonic()
+        proc.send_signal(getattr(signal, sig))
+        code = proc.wait(timeout=30)
         _, alive = psutil.wait_procs(family, timeout=20)
         assert alive == [], [p.cmdline() for p in alive]  # server, dvc and the stage all stopped
     finally:
         if proc.poll() is None:
             proc.kill()
+    copies = list((tmp_path / "tmp").glob("retrain-*"))
+    if sig == "SIGTERM":      # cleaned up at once, within seconds, without a traceback
+        assert code == 130 and time.monotonic() - stopped_at < 20
+        assert copies == [] and "Traceback" not in log.read_text(errors="replace")
+    else:                     # SIGKILL cannot clean up: the next run removes what the dead one left
+        assert len(copies) == 1
+        sweep_stale_copies(tiny_project, logging.getLogger("test"))
+        assert list((tmp_path / "tmp").glob("retrain-*")) == []
+    worktrees = subprocess.run(["git", "worktree", "list"], cwd=tiny_project, capture_output=True, text=True).stdout
+    assert worktrees.count("\n") == 1, worktrees        # only the project itself
     assert (tiny_project / "params.yaml").read_bytes() == params_bytes
     after = snapshot(tiny_project)
     assert after == before
