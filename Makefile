@@ -26,7 +26,7 @@ help:
 	@echo "make test   - run the test suite (installs first if needed)"
 	@echo "make serve  - Prefect server + UI on 127.0.0.1:$(PORT), scheduled retrain and data watch (Ctrl-C stops)"
 	@echo "make repro  - dvc repro with the project's interpreter (ARGS=... for dvc's options)"
-	@echo "make exp    - dvc exp run, e.g. make exp ARGS='-S train.head.epochs=10'"
+	@echo "make exp    - dvc exp run --temp, e.g. make exp ARGS='-S train.head.epochs=10'"
 	@echo "make bench  - training throughput benchmark (CPU mode here, GPU mode on a GPU)"
 	@echo "make bench-data - data steps from scratch and after adding 1% images (N=2000; ARGS='--n 200000')"
 	@echo "make quality - the model against pixel baselines and the tutorial recipe (ARGS='--dataset digits')"
@@ -74,7 +74,7 @@ repro: install
 	$(VENV)/bin/dvc repro $(ARGS)
 
 exp: install
-	$(VENV)/bin/dvc exp run $(ARGS)
+	$(VENV)/bin/dvc exp run --temp $(ARGS)
 
 bench: install
 	$(PY) benchmarks/train_throughput.py

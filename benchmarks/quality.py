@@ -141,6 +141,7 @@ def write_params(work: Path, base: Path, device: str, overrides: list[str], data
         "cache.features_dir": str(work / "cache" / "features"), "prepare.cache_dir": str(work / "cache" / "prepare"),
         "model.out_dir": str(work / "artifacts" / "weights"),
         "train.out_dir": str(work / "artifacts" / "train"), "evaluate.out_dir": str(work / "artifacts" / "evaluate"),
+        "reports.dir": str(work / "metrics"),
         "train.resume": "never",
     }
     if device != "auto":
@@ -313,13 +314,14 @@ def project_model(params_file: Path, params: Any, tests: dict[str, Split], class
     from tasks.lib.models import load_checkpoint
 
     model, meta = load_checkpoint(Path(params.train.out_dir) / "model.pt")
-    train_metrics = read_json(Path(params.train.out_dir) / "metrics.json")
+    reports = params.report_paths(Path("."))
+    train_metrics = read_json(reports["train_metrics"])
     device = torch.device("cuda" if params.evaluate.device != "cpu" and torch.cuda.is_available() else "cpu")
     result: dict[str, Any] = {"stage_seconds": {k: round(v, 1) for k, v in stage_seconds.items()},
                               "val_accuracy": train_metrics["val_accuracy"], "best_epoch": train_metrics["best_epoch"],
                               "best_phase": train_metrics["best_phase"], "temperature": meta.get("temperature"),
                               "test_sets": {}}
-    evaluated = read_json(Path(params.evaluate.out_dir) / "metrics.json")
+    evaluated = read_json(reports["test_metrics"])
     for name, split in tests.items():
         started = time.perf_counter()
         probs = predict_probs(model, split.rows, split.raw_dir, meta["preprocessing"], params.evaluate.batch_size,

@@ -126,7 +126,9 @@ def write_params(work: Path, profile: Path, device: str, overrides: list[str], t
         "data.raw_dir": str(work / "data" / "raw"), "data.prepared_dir": str(work / "data" / "prepared"),
         "cache.dir": str(work / "artifacts" / "decoded"), "model.out_dir": str(work / "artifacts" / "weights"),
         "model.hub_dir": str(work / "hub"), "train.out_dir": str(work / "artifacts" / "train"),
-        "evaluate.out_dir": str(work / "artifacts" / "evaluate"),
+        "evaluate.out_dir": str(work / "artifacts" / "evaluate"), "reports.dir": str(work / "metrics"),
+        "cache.store_dir": str(work / "cache" / "decoded"), "cache.features_dir": str(work / "cache" / "features"),
+        "prepare.cache_dir": str(work / "cache" / "prepare"),
         "train.device": device, "evaluate.device": device,
         **(TINY_OVERRIDES if tiny else {}),
     }
@@ -194,8 +196,8 @@ def curve(work: Path, train_started: float) -> list[dict[str, Any]]:
 def report(work: Path, counts: dict[str, int], seconds: dict[str, float], args: argparse.Namespace) -> dict[str, Any]:
     train_started = float((work / "train.started").read_text())
     points = curve(work, train_started)
-    test = json.loads((work / "artifacts" / "evaluate" / "metrics.json").read_text())
-    train = json.loads((work / "artifacts" / "train" / "metrics.json").read_text())
+    test = json.loads((work / "metrics" / "evaluate.json").read_text())
+    train = json.loads((work / "metrics" / "train.json").read_text())
     params = yaml.safe_load((work / "params.yaml").read_text())
     reached = next((p for p in points if p["val_accuracy"] >= args.target), None)
     official = not args.subset and not args.tiny and test["n_test"] == 10_000

@@ -1,10 +1,12 @@
 """Stage `evaluate`: score the best checkpoint on the held-out test split.
 
-Reads `<train.out_dir>/model.pt` and `<data.prepared_dir>/test.csv` only (the
-test split was never used for model selection). Writes
-`<evaluate.out_dir>/metrics.json` (DVC metrics) and, under `plots/`, the data
-of the DVC plots declared in dvc.yaml: confusion matrix, reliability diagram,
-per-class F1 and a PNG grid of the most confident mistakes.
+Reads `<train.out_dir>/model.pt` and `<data.prepared_dir>/test.csv` (the test
+split was never used for model selection; train.csv only fits the pixel
+baseline). Writes `<reports.dir>/evaluate.json` (DVC metrics) and, in
+`<reports.dir>/evaluate/`, the data of the DVC plots declared in dvc.yaml
+(confusion matrix, reliability diagrams, per-class F1) with the same as PNG
+figures; in `<evaluate.out_dir>`, each test image's prediction and a PNG grid
+of the most confident mistakes.
 
 Deterministic: fixed image order, deterministic kernels, float64 metrics.
 Run: `python -m tasks.evaluate [--params params.yaml] [-S evaluate.top_k=5]`.
@@ -28,7 +30,8 @@ from tasks.lib.data import EvalDataset, read_classes, read_rows
 from tasks.lib.images import BadImage, load_rgb
 from tasks.lib.io import SplitRow, atomic_path, split_digest, write_json
 from tasks.lib.baseline import fit_pixel_baseline
-from tasks.lib.metrics import compute_metrics, reliability_bins
+from tasks.lib import figures
+from tasks.lib.metrics import compute_metrics, confusion_matrix, reliability_bins
 from tasks.lib.models import load_checkpoint
 from tasks.lib.onnx_classifier import softmax
 from tasks.lib.uncertainty import bootstrap_macro_f1, interval_text, wilson_interval
@@ -61,11 +64,13 @@ def run(params: Params) -> dict[str, Any]:
     metrics.update(calibration_metrics(softmax(logits), labels, class_names, cfg.calibration_bins, temperature))
     metrics.update(baseline_metrics(params, rows, labels, metrics["accuracy"], len(class_names)))
     metrics["test_split_sha256"] = split_digest(Path(params.data.prepared_dir) / "test.csv")
-    out = Path(cfg.out_dir)
-    write_plots(out / "plots", probs, labels, class_names, rows, params.data.raw_dir,
-                bins=cfg.calibration_bins, worst=cfg.worst_mistakes, uncalibrated=softmax(logits))
-    write_json(out / "predictions.json", predictions_record(rows, probs, metrics["test_split_sha256"]))
-    write_json(out / "metrics.json", metrics)
+    reports = params.report_paths(Path("."))
+    write_plots(reports["evaluate_plots"], probs, labels, class_names, bins=cfg.calibration_bins,
+                uncalibrated=softmax(logits))
+    write_mistakes_grid(Path(cfg.out_dir) / "worst_mistakes.png", probs, labels, class_names, rows,
+                        params.data.raw_dir, cfg.worst_mistakes)
+    write_json(reports["test_predictions"], predictions_record(rows, probs, metrics["test_split_sha256"]))
+    write_json(reports["test_metrics"], metrics)
     log.info("test accuracy %.4f %s, macro F1 %.4f, ECE %.4f (%.4f before calibration, T=%.3f) on %d images; "
              "pixel baseline %.4f (lift %+.4f)", metrics["accuracy"],
              interval_text(metrics["accuracy_ci_low"], metrics["accuracy_ci_high"]), metrics["macro_f1"],
@@ -159,9 +164,9 @@ def predict_probs(model: torch.nn.Module, rows: list[SplitRow], raw_dir: Path, p
 # --------------------------------------------------------------------------- plots
 
 
-def write_plots(out: Path, probs: np.ndarray, labels: np.ndarray, class_names: list[str], rows: list[SplitRow],
-                raw_dir: Path, *, bins: int, worst: int, uncalibrated: np.ndarray | None = None) -> None:
-    """The data files of the DVC plots declared in dvc.yaml, plus the worst-mistakes PNG.
+def write_plots(out: Path, probs: np.ndarray, labels: np.ndarray, class_names: list[str], *, bins: int,
+                uncalibrated: np.ndarray | None = None) -> None:
+    """The data files of the DVC plots declared in dvc.yaml, and the same as PNG figures (tasks.lib.figures).
 
     reliability.json holds the bins of the calibrated probabilities (what the model
     hands out), reliability_uncalibrated.json those of the raw softmax, when given.
@@ -170,13 +175,16 @@ def write_plots(out: Path, probs: np.ndarray, labels: np.ndarray, class_names: l
     write_json(out / "confusion.json", [
         {"actual": class_names[a], "predicted": class_names[p]} for a, p in zip(labels, predicted, strict=True)
     ])
-    curves = {"reliability.json": probs, **({"reliability_uncalibrated.json": uncalibrated}
-                                            if uncalibrated is not None else {})}
-    for name, p in curves.items():
-        write_json(out / name, [{**row, "perfect": row["confidence"]} for row in reliability_bins(p, labels, bins)])
+    curves = {"calibrated": reliability_bins(probs, labels, bins)}
+    if uncalibrated is not None:
+        curves["raw softmax"] = reliability_bins(uncalibrated, labels, bins)
+    for name, rows in zip(("reliability.json", "reliability_uncalibrated.json"), curves.values()):
+        write_json(out / name, [{**row, "perfect": row["confidence"]} for row in rows])
     f1 = compute_metrics(probs, labels, class_names, 1, bins)["per_class"]
     write_json(out / "per_class_f1.json", [{"class": name, "f1": f1[name]["f1"]} for name in class_names])
-    write_mistakes_grid(out / "worst_mistakes.png", probs, labels, class_names, rows, raw_dir, worst)
+    figures.confusion(confusion_matrix(probs, labels, class_names), class_names, out / "confusion.png")
+    figures.per_class_f1(class_names, [f1[name]["f1"] for name in class_names], out / "per_class_f1.png")
+    figures.reliability(curves, out / "reliability.png")
 
 
 def worst_mistakes(probs: np.ndarray, labels: np.ndarray, limit: int) -> list[int]:

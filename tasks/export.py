@@ -2,7 +2,7 @@
 
 Reads `<train.out_dir>/model.pt` and real held-out images from the test split.
 Writes `<export.out_dir>/model.onnx` only after every check passed, and
-`<export.out_dir>/report.json` (DVC metrics): parity, latency, quantization.
+`<reports.dir>/export.json` (DVC metrics): parity, latency, quantization.
 
 Steps: export (eval mode, dynamic batch) to a temporary name -> embed metadata
 (what a consumer needs: classes, preprocessing, architecture, weights and data
@@ -90,10 +90,10 @@ class Parity:
 
 
 def run(params: Params) -> dict[str, Any]:
-    """Export, validate and measure; write model.onnx and report.json only on success."""
+    """Export, validate and measure; write model.onnx and the export report only on success."""
     cfg = params.export
     out = Path(cfg.out_dir)
-    onnx_path, report_path = out / "model.onnx", out / "report.json"
+    onnx_path, report_path = out / "model.onnx", params.report_paths(Path("."))["export_report"]
     for stale in (onnx_path, report_path, out / QUANTIZED_NAME):
         stale.unlink(missing_ok=True)  # a failed export must not leave an older model looking current
     model, meta = load_checkpoint(Path(params.train.out_dir) / "model.pt")

@@ -14,7 +14,8 @@ probabilities, fitted on the validation split (`tasks.training.calibration`).
 After every epoch `<train.out_dir>/resume/last.pt` holds everything needed to
 continue exactly (`train.resume: auto`). The test split is never read here.
 
-Outputs: model.pt, metrics.json, plots/metrics/*.tsv (dvclive), resume/last.pt.
+Outputs: model.pt and resume/last.pt in train.out_dir; in reports.dir: train.json (the metrics) and
+train/ (per-epoch curves: plots/metrics/*.tsv through dvclive, and curves.png).
 Several GPUs: `train.nproc_per_node: N` re-launches this module under torchrun.
 The GPU profile for real datasets is params.gpu.yaml (see its header).
 The pieces live in `tasks/training/`: the epoch loop of both phases
@@ -30,6 +31,7 @@ from __future__ import annotations
 import logging
 import os
 import sys
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -37,6 +39,7 @@ import torch
 from tasks.lib.cli import StageError, stage_main
 from tasks.lib.config import Params
 from tasks.lib.data import labels_of, read_classes, read_rows, train_preprocessing
+from tasks.lib.figures import training_curves
 from tasks.lib.image_cache import training_images
 from tasks.lib.images import BadImage
 from tasks.lib.io import write_json
@@ -65,7 +68,7 @@ def run(params: Params) -> dict[str, Any]:
 
 
 def train(params: Params, hooks: Hooks | None = None, cache_features: bool | None = None) -> dict[str, Any]:
-    """Train both phases and write model.pt, metrics.json and plots; returns the metrics.
+    """Train both phases and write model.pt, the metrics (reports.dir/train.json) and curves; returns the metrics.
 
     cache_features None caches what the frozen part of the network computes
     when a phase does not augment (backbone features in phase 1, the frozen
@@ -98,7 +101,8 @@ def _train(params: Params, rt: Runtime, hooks: Hooks, cache_features: bool | Non
     progress, resume_state = restore(cfg.out_dir / "resume" / "last.pt", fingerprint, model, cfg.resume == "auto")
     ckpt = Checkpointer(cfg.out_dir, arch, classes, prep, record, fingerprint,
                         training_data_sha256(params.data.prepared_dir))
-    live = Plots(cfg.out_dir, progress.history) if rt.main else None
+    reports = params.report_paths(Path("."))
+    live = Plots(reports["train_plots"], progress.history) if rt.main else None
     steps = PhaseRunner(cfg, rt, data, model, Record(progress, ckpt, live), hooks, backbone_state is not None)
 
     if progress.phase == "head":
@@ -113,7 +117,8 @@ def _train(params: Params, rt: Runtime, hooks: Hooks, cache_features: bool | Non
     if rt.main:
         live.close()
         ckpt.save_resume(model, None, None, None, progress, finished=True)
-        write_json(cfg.out_dir / "metrics.json", metrics)
+        training_curves(progress.history, reports["train_plots"] / "curves.png")
+        write_json(reports["train_metrics"], metrics)
     log.info("best val macro-F1 %.4f (accuracy %.4f) at epoch %d; model: %s", progress.best_metric,
              metrics["val_accuracy"], progress.best_epoch, cfg.out_dir / "model.pt")
     return metrics

@@ -34,7 +34,7 @@ os.environ["PATH"] = f"{VENV_BIN}{os.pathsep}{os.environ['PATH']}"
 
 
 # What the pipeline writes inside a project: tests work in temporary folders and must leave these alone.
-CHECKOUT_OUTPUTS = (".cache", ".prefect", "artifacts", "registry", "data/prepared", "dvclive")
+CHECKOUT_OUTPUTS = (".cache", ".prefect", "artifacts", "registry", "data/prepared", "dvclive", "metrics")
 _OUTPUTS_BEFORE = pytest.StashKey[set]()
 
 

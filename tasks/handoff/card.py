@@ -47,7 +47,8 @@ LIMITATIONS = (
 
 def build_card(*, params: Params, version: str, url: str, class_names: list[str], lineage: dict[str, Any],
                metrics: dict[str, Any], export_report: dict[str, Any], decision: dict[str, Any],
-               train_metrics: dict[str, Any] | None, data_report: dict[str, Any] | None) -> dict[str, Any]:
+               train_metrics: dict[str, Any] | None, data_report: dict[str, Any] | None,
+               figures: list[str] | None = None) -> dict[str, Any]:
     """Every fact of the card as one JSON-ready dict."""
     return {
         "model": params.project.name,
@@ -81,6 +82,7 @@ def build_card(*, params: Params, version: str, url: str, class_names: list[str]
         "lineage": {k: lineage.get(k) for k in ("data_hash", "git_commit", "git_dirty", "params_sha256",
                                                  "weights_sha256", "onnx_sha256", "flow_run_id")},
         "limitations": [*LIMITATIONS, *_weak_classes(metrics)],
+        "figures": list(figures or []),
         "usage": {"predict": "predict model.onnx IMAGE_OR_FOLDER [...] --top-k 3 [--json]", "snippet": SNIPPET},
     }
 
@@ -118,6 +120,7 @@ def render_readme(card: dict[str, Any]) -> str:
                                        [[n, *(_num(s.get(k)) for k in ("precision", "recall", "f1", "support"))]
                                         for n, s in card["per_class"].items()]), "",
              "## Calibration", *_calibration_lines(card["calibration"]), "",
+             *_figure_lines(card.get("figures") or []),
              "## Export and parity", *_table(["", ""], [[k, _num(v)] for k, v in card["export"].items()]), "",
              "## Latency (onnxruntime, CPU)", *_table(["", ""], [[k, _num(v)] for k, v in card["latency"].items()]), "",
              "## Promotion gate", f"Passed: {card['gate']['passed']}. Reason: {_md(card['gate']['reason'])}", "",
@@ -142,6 +145,22 @@ def _test_lines(card: dict[str, Any]) -> list[str]:
         lift = f", lift {baseline['lift']:+.4f}" if isinstance(baseline.get("lift"), float) else ""
         lines += ["", f"Against the built-in baseline ({_md(baseline['model'] or 'pixel logistic regression')}, "
                       f"the same train and test images): accuracy {_num(baseline['accuracy'])}{lift}."]
+    return lines
+
+
+FIGURE_TITLES = {"curves.png": "Training curves", "confusion.png": "Confusion matrix (test split)",
+                 "per_class_f1.png": "F1 per class (test split)", "reliability.png": "Reliability (test split)",
+                 "worst_mistakes.png": "The most confident mistakes (test split)"}
+
+
+def _figure_lines(names: list[str]) -> list[str]:
+    """The run's PNGs, stored beside this card in the version: they show offline in any Markdown viewer."""
+    shown = [name for name in FIGURE_TITLES if name in names]
+    if not shown:
+        return []
+    lines = ["## Figures", ""]
+    for name in shown:
+        lines += [f"### {FIGURE_TITLES[name]}", f"![{FIGURE_TITLES[name]}]({name})", ""]
     return lines
 
 

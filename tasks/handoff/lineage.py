@@ -70,19 +70,24 @@ def _lock_dep_hash(lock: Path, raw_dir: Path) -> str | None:
     return None
 
 
-def git_state(root: Path) -> tuple[str | None, bool, list[str]]:
-    """(HEAD commit or None outside a repo, dirty?, changed tracked files that count as dirty)."""
+def git_state(root: Path, reports_dir: Path | None = None) -> tuple[str | None, bool, list[str]]:
+    """(HEAD commit or None outside a repo, dirty?, changed tracked files that count as dirty).
+
+    Files under reports_dir (the stages' metrics and plots, which a run rewrites) never count.
+    """
     head = _git(root, "rev-parse", "HEAD")
     if head is None:
         return None, True, []
     status = _git(root, "status", "--porcelain", "--untracked-files=no") or ""
     changed = [line[3:].split(" -> ")[-1] for line in status.splitlines() if line.strip()]
-    dirty = [path for path in changed if not _is_pipeline_state(path)]
+    dirty = [path for path in changed if not _is_pipeline_state(path, reports_dir)]
     return head.strip(), bool(dirty), dirty
 
 
-def _is_pipeline_state(path: str) -> bool:
+def _is_pipeline_state(path: str, reports_dir: Path | None = None) -> bool:
     name = Path(path).name
+    if reports_dir is not None and Path(path).is_relative_to(reports_dir):
+        return True
     return name in PIPELINE_STATE or name.endswith(".dvc")
 
 
@@ -113,7 +118,7 @@ def build_lineage(params: Params, root: Path, *, onnx_sha256: str, test_split_sh
     weights_sha256 comes from the caller (tasks.lib.weights.weights_sha256): that module
     imports torch, and this one is read by the registry, which predict uses without torch.
     """
-    commit, dirty, dirty_files = git_state(root)
+    commit, dirty, dirty_files = git_state(root, params.reports.dir)
     if dirty and not params.registry.allow_dirty:
         what = ", ".join(dirty_files[:10]) if commit else f"{root} is not a git repository"
         raise LineageError(f"refusing to publish from a dirty git tree ({what}); commit the changes, "

@@ -54,6 +54,7 @@ class Candidate:
     checkpoint_sha256: str | None
     train_metrics: dict[str, Any] | None
     data_report: dict[str, Any] | None
+    figures: dict[str, bytes]            # PNGs of the run that the model card shows, by file name
 
 
 def publish_candidate(params: Params, root: Path, flow_run_id: str | None) -> dict[str, Any]:
@@ -85,7 +86,8 @@ def _publish_new(params: Params, root: Path, registry: Registry, candidate: Cand
     version = new_version_id(candidate.onnx_sha256)
     card = build_card(params=params, version=version, url=registry.url(version), class_names=candidate.class_names,
                       lineage=lineage, metrics=candidate.metrics, export_report=candidate.export_report,
-                      decision=decision, train_metrics=candidate.train_metrics, data_report=candidate.data_report)
+                      decision=decision, train_metrics=candidate.train_metrics, data_report=candidate.data_report,
+                      figures=sorted(candidate.figures))
     registry.write_version(version, {
         "model.onnx": candidate.onnx_path.read_bytes(),
         "README.md": render_readme(card).encode(),
@@ -95,6 +97,7 @@ def _publish_new(params: Params, root: Path, registry: Registry, candidate: Cand
         "export_report.json": candidate.export_report_bytes,
         "lineage.json": _json_bytes(lineage),
         "decision.json": _json_bytes(decision),
+        **candidate.figures,
     })
     promoted = _move_pointer(registry, version, production, decision)
     return _result(registry, version, promoted, decision)
@@ -258,6 +261,7 @@ def read_candidate(params: Params, root: Path) -> Candidate:
         checkpoint_sha256=sha256_file(checkpoint) if checkpoint.exists() else None,
         train_metrics=_optional_json(paths["train_metrics"]),
         data_report=_optional_json(paths["data_report"]),
+        figures=_figures(paths),
     )
 
 
@@ -306,6 +310,14 @@ def _weights_sha256(record: dict[str, Any]) -> str | None:
     from tasks.lib.weights import weights_sha256  # local: it imports torch, which `registry list` does not need
 
     return weights_sha256(record)
+
+
+def _figures(paths: dict[str, Path]) -> dict[str, bytes]:
+    """The run's PNG figures that exist (a machine without matplotlib draws none)."""
+    found = {"curves.png": paths["train_plots"] / "curves.png", "worst_mistakes.png": paths["worst_mistakes"],
+             **{name: paths["evaluate_plots"] / name for name in ("confusion.png", "per_class_f1.png",
+                                                                  "reliability.png")}}
+    return {name: path.read_bytes() for name, path in found.items() if path.is_file()}
 
 
 def _optional_json(path: Path) -> dict[str, Any] | None:

@@ -192,7 +192,8 @@ class FinetunePhaseParams(Section):
 
 
 class TrainParams(Section):
-    out_dir: Path = Field(Path("artifacts/train"), description="Best checkpoint, resume checkpoint and training logs.")
+    out_dir: Path = Field(Path("artifacts/train"), description="Best checkpoint and resume checkpoint; metrics and "
+                          "training curves go to reports.dir.")
     image_size: int = Field(96, ge=16, le=1024, description="Side of the square network input, in pixels.")
     batch_size: int = Field(64, ge=1)
     optimizer: Literal["adamw", "sgd"] = "adamw"
@@ -223,7 +224,8 @@ class TrainParams(Section):
 
 
 class EvaluateParams(Section):
-    out_dir: Path = Field(Path("artifacts/evaluate"), description="Metrics JSON and plot data.")
+    out_dir: Path = Field(Path("artifacts/evaluate"), description="Each test image's prediction (predictions.json, "
+                          "for the gate's paired test) and the worst-mistakes grid; metrics and plots go to reports.dir.")
     top_k: int = Field(3, ge=1, description="k of the top-k accuracy.")
     calibration_bins: int = Field(15, ge=2, le=100, description="Bins of the expected calibration error.")
     worst_mistakes: int = Field(16, ge=0, le=256, description="Images in the grid of the most confident mistakes.")
@@ -239,7 +241,8 @@ class QuantizeParams(Section):
 
 
 class ExportParams(Section):
-    out_dir: Path = Field(Path("artifacts/export"), description="model.onnx and the export report.")
+    out_dir: Path = Field(Path("artifacts/export"), description="model.onnx (and model.int8.onnx); the export "
+                          "report goes to reports.dir.")
     opset: int = Field(18, ge=18, le=21, description="ONNX opset; 18 is the dynamo exporter's native opset "
                        "(lower ones fail its down-conversion, 21 is the highest tested).")
     atol: float = Field(1e-4, gt=0, le=1e-2, description="Max |logit difference| between onnxruntime and PyTorch (fp32).")
@@ -247,6 +250,16 @@ class ExportParams(Section):
         [1, 3, 8], min_length=1, description="Batch sizes at which onnxruntime must match PyTorch.")
     latency_runs: int = Field(50, ge=5, description="Timed runs for the latency percentiles.")
     quantize: QuantizeParams = QuantizeParams()
+
+
+class ReportsParams(Section):
+    dir: Path = Field(Path("metrics"), description="Metrics and plots of train, evaluate and export: small files "
+                      "that git tracks (not ignored), so `dvc exp show`, `dvc metrics diff` and `dvc plots diff` "
+                      "compare experiments and commits.")
+
+    def file(self, name: str) -> Path:
+        """train.json, evaluate.json, export.json; the plots of each stage in train/ and evaluate/."""
+        return self.dir / name
 
 
 # --------------------------------------------------------------------------- handoff
@@ -317,6 +330,7 @@ class Params(Section):
     train: TrainParams = TrainParams()
     evaluate: EvaluateParams = EvaluateParams()
     export: ExportParams = ExportParams()
+    reports: ReportsParams = ReportsParams()
     gate: GateParams = GateParams()
     registry: RegistryParams = RegistryParams()
     schedule: ScheduleParams = ScheduleParams()
@@ -327,11 +341,14 @@ class Params(Section):
         return {
             "data_report": root / self.data.prepared_dir / "report.json",
             "weights": root / self.model.out_dir / "weights.json",
-            "train_metrics": root / self.train.out_dir / "metrics.json",
-            "test_metrics": root / self.evaluate.out_dir / "metrics.json",
+            "train_metrics": root / self.reports.file("train.json"),
+            "test_metrics": root / self.reports.file("evaluate.json"),
             "test_predictions": root / self.evaluate.out_dir / "predictions.json",
+            "worst_mistakes": root / self.evaluate.out_dir / "worst_mistakes.png",
             "onnx": root / self.export.out_dir / "model.onnx",
-            "export_report": root / self.export.out_dir / "report.json",
+            "export_report": root / self.reports.file("export.json"),
+            "train_plots": root / self.reports.file("train"),
+            "evaluate_plots": root / self.reports.file("evaluate"),
         }
 
     def digest(self) -> str:

@@ -13,8 +13,8 @@ log = logging.getLogger("train")
 class Plots:
     """Per-epoch metrics through dvclive into <out_dir>/plots/metrics/<name>.tsv, x = step (as dvc.yaml declares).
 
-    dvclive's running summary goes to <out_dir>/plots/summary.json, so
-    <out_dir>/metrics.json exists only once a run has finished.
+    dvclive's running summary goes to <out_dir>/plots/summary.json: the stage's own
+    metrics file (reports.dir/train.json) is written only once a run has finished.
     """
 
     KEYS = ("train_loss", "train_img_per_s", "val_loss", "val_accuracy", "val_macro_f1", "lr")
@@ -37,7 +37,7 @@ class Plots:
                 self._studio_events_to_skip.update({"start", "data", "done"})
 
             @property
-            def metrics_file(self) -> str:   # dvclive would write <dir>/metrics.json, the stage's own output
+            def metrics_file(self) -> str:   # dvclive would write <dir>/metrics.json; keep the folder to the plots
                 return os.path.join(self.plots_dir, "summary.json")
 
         # No git/DVC experiment side effects; a resumed run rewrites the log from its saved history.

@@ -18,6 +18,7 @@ import os
 import random
 import subprocess
 import sys
+from pathlib import Path
 from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import Any
@@ -121,7 +122,7 @@ def launch_ddp(params: Params) -> dict[str, Any]:
     code = subprocess.call(cmd)
     if code != 0:
         raise StageError(f"a DDP training process failed (exit {code}); its error is in the log above")
-    return read_json(cfg.out_dir / "metrics.json")
+    return read_json(params.report_paths(Path("."))["train_metrics"])
 
 
 def teardown_runtime(rt: Runtime) -> None:

@@ -40,7 +40,7 @@ stages:
     deps: [tiny_stage.py, out/train.txt]
     outs: [out/evaluate.txt]
     metrics:
-      - artifacts/evaluate/metrics.json:
+      - metrics/evaluate.json:
           cache: false
   export:
     cmd: python tiny_stage.py export
@@ -66,10 +66,10 @@ if stage == "train":
         sys.exit("error: train.head.epochs is 0, so there is nothing to train; set it to 1 or more")
     time.sleep(params["train"]["seed"])
 if stage == "evaluate":
-    pathlib.Path("artifacts/evaluate").mkdir(parents=True, exist_ok=True)
+    pathlib.Path("metrics").mkdir(parents=True, exist_ok=True)
     json.dump({"accuracy": 0.75, "macro_f1": 0.7, "ece": 0.05, "n_test": 4,
                "per_class": {"class_0": {"precision": 1.0, "recall": 0.5, "f1": 0.67, "support": 2}}},
-              open("artifacts/evaluate/metrics.json", "w"))
+              open("metrics/evaluate.json", "w"))
 pathlib.Path("out").mkdir(exist_ok=True)
 pathlib.Path(f"out/{stage}.txt").write_text(digest.hexdigest())
 '''

@@ -43,6 +43,6 @@ def test_summary_names_every_missing_output(tmp_path: Path) -> None:
     result = {"stages": [], "stages_run": [], "stages_skipped": [], "publish": None, "flow_run_id": "x"}
     with pytest.raises(DemoError) as err:
         build_summary(tmp_path, params, result, 1.0)
-    for path in ("data/prepared/report.json", "artifacts/weights/weights.json", "artifacts/train/metrics.json",
-                 "artifacts/evaluate/metrics.json", "artifacts/export/report.json"):
+    for path in ("data/prepared/report.json", "artifacts/weights/weights.json", "metrics/train.json",
+                 "metrics/evaluate.json", "metrics/export.json"):
         assert path in str(err.value)

@@ -71,3 +71,25 @@ def test_real_stages_then_demo_on_unchanged_data_skips_all_and_does_not_promote(
     assert summary["flow_state"] == "Completed" and summary["arch"] == "mobilenet_v3_small"
     assert sum(summary["n_images"].values()) == 30 and summary["rejected"] == 0
     assert summary["onnx_max_abs_diff"] <= 1e-4
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(900)
+def test_an_experiment_at_a_desk_shows_its_numbers_and_never_leaves_params_changed(project: Path) -> None:
+    # What `make exp ARGS='-S ...'` runs: the experiment in DVC's temporary copy of the workspace.
+    params_before = (project / "params.yaml").read_bytes()
+    run(["dvc", "exp", "run", "--temp", "-S", "train.head.epochs=2", "--name", "two-epochs"], project)
+    assert (project / "params.yaml").read_bytes() == params_before
+    shown = json.loads(run(["dvc", "exp", "show", "--json"], project).stdout)
+    experiments = [exp for commit in shown for exp in commit.get("experiments") or []]
+    revs = [rev for exp in experiments for rev in exp.get("revs", [])]
+    found = [rev for rev in revs if rev.get("name") == "two-epochs"]
+    assert found, shown
+    metrics = found[0]["data"]["metrics"]["metrics/evaluate.json"]["data"]
+    assert isinstance(metrics["accuracy"], float) and isinstance(metrics["macro_f1"], float)
+    assert found[0]["data"]["params"]["params.yaml"]["data"]["train"]["head"]["epochs"] == 2
+
+    # A failing experiment (nothing to train) leaves params.yaml as it was, too.
+    failed = run(["dvc", "exp", "run", "--temp", "-S", "train.head.epochs=0"], project, check=False)
+    assert failed.returncode != 0 and "no epoch was trained" in failed.stdout + failed.stderr
+    assert (project / "params.yaml").read_bytes() == params_before

@@ -42,6 +42,7 @@ def make_project(root: Path, arch: str = "resnet18", size: int = 32, per_class: 
         "data": {"raw_dir": str(raw), "prepared_dir": str(prepared)},
         "train": {"out_dir": str(root / "artifacts" / "train")},
         "evaluate": {"out_dir": str(root / "artifacts" / "evaluate"), "device": "cpu", "batch_size": 5},
+        "reports": {"dir": str(root / "metrics")},
         "export": {"out_dir": str(root / "artifacts" / "export"), "latency_runs": 5},
     })
 
@@ -136,26 +137,33 @@ def test_worst_mistakes_are_most_confident_first() -> None:
 def test_evaluate_writes_metrics_and_plots_deterministically(tmp_path: Path) -> None:
     params = make_project(tmp_path)
     first = evaluate(params)
-    out = Path(params.evaluate.out_dir)
-    text = (out / "metrics.json").read_text()
+    reports = tmp_path / "metrics"
+    text = (reports / "evaluate.json").read_text()
     assert set(json.loads(text)) >= {"accuracy", "balanced_accuracy", "macro_f1", "weighted_f1", "top_k_accuracy",
                                      "top_k", "log_loss", "ece", "n_test", "test_split_sha256", "per_class"}
     assert first["n_test"] == 12
     assert first["test_split_sha256"] == sha256_file(Path(params.data.prepared_dir) / "test.csv")
-    confusion = json.loads((out / "plots" / "confusion.json").read_text())
+    plots = reports / "evaluate"
+    confusion = json.loads((plots / "confusion.json").read_text())
     assert len(confusion) == 12 and set(confusion[0]) == {"actual", "predicted"}
-    assert [r["class"] for r in json.loads((out / "plots" / "per_class_f1.json").read_text())] == CLASSES
-    assert sum(b["count"] for b in json.loads((out / "plots" / "reliability.json").read_text())) == 12
-    with Image.open(out / "plots" / "worst_mistakes.png") as grid:
+    assert [r["class"] for r in json.loads((plots / "per_class_f1.json").read_text())] == CLASSES
+    assert sum(b["count"] for b in json.loads((plots / "reliability.json").read_text())) == 12
+    pngs = {name: (plots / name).read_bytes() for name in ("confusion.png", "per_class_f1.png", "reliability.png")}
+    for name, data in pngs.items():     # static pictures: they open offline, and travel in the model card
+        with Image.open(plots / name) as image:
+            assert image.format == "PNG" and image.width >= 300, name
+    with Image.open(Path(params.evaluate.out_dir) / "worst_mistakes.png") as grid:
         assert grid.format == "PNG" and grid.width >= 128
     evaluate(params)
-    assert (out / "metrics.json").read_text() == text  # same checkpoint and data -> identical metrics
+    assert (reports / "evaluate.json").read_text() == text  # same checkpoint and data -> identical metrics
+    assert {name: (plots / name).read_bytes() for name in pngs} == pngs     # and identical pictures
 
 
 def test_evaluate_reports_intervals_calibration_and_the_pixel_baseline(tmp_path: Path) -> None:
     params = make_project(tmp_path, temperature=3.0)
     metrics = evaluate(params)
     out = Path(params.evaluate.out_dir)
+    plots = tmp_path / "metrics" / "evaluate"
     # 95% intervals around the point estimates.
     assert metrics["accuracy_ci_low"] <= metrics["accuracy"] <= metrics["accuracy_ci_high"]
     assert metrics["macro_f1_ci_low"] <= metrics["macro_f1"] <= metrics["macro_f1_ci_high"]
@@ -165,7 +173,7 @@ def test_evaluate_reports_intervals_calibration_and_the_pixel_baseline(tmp_path:
     assert metrics["temperature"] == 3.0 and plain["temperature"] == 1.0
     assert metrics["ece_uncalibrated"] == plain["ece"] and metrics["log_loss_uncalibrated"] == plain["log_loss"]
     assert metrics["log_loss"] != plain["log_loss"] and metrics["accuracy"] == plain["accuracy"]
-    uncalibrated = json.loads((out / "plots" / "reliability_uncalibrated.json").read_text())
+    uncalibrated = json.loads((plots / "reliability_uncalibrated.json").read_text())
     assert sum(b["count"] for b in uncalibrated) == 12
     # The baseline: fitted on the one train image per class, scored on the same 12 test images.
     assert 0 <= metrics["baseline_accuracy"] <= 1 and metrics["lift"] == pytest.approx(
@@ -183,4 +191,4 @@ def test_evaluate_refuses_a_checkpoint_trained_on_other_classes(tmp_path: Path) 
     write_json(Path(params.data.prepared_dir) / "classes.json", ["a", "b", "c"])
     with pytest.raises(StageError, match="classes.json"):
         evaluate(params)
-    assert not (Path(params.evaluate.out_dir) / "metrics.json").exists()
+    assert not (tmp_path / "metrics" / "evaluate.json").exists()

@@ -39,7 +39,7 @@ def test_export_is_validated_and_self_describing(tmp_path: Path, arch: str) -> N
     report = export.run(params)
     out = Path(params.export.out_dir)
     model_path = out / "model.onnx"
-    assert json.loads((out / "report.json").read_text()) == report
+    assert json.loads((tmp_path / "metrics" / "export.json").read_text()) == report
     assert report["parity_passed"] and report["argmax_agree"]
     assert 0 <= report["max_abs_diff"] <= params.export.atol
     assert report["parity_batch_sizes"] == [1, 3, 8] and report["parity_images"] == 8
@@ -48,7 +48,7 @@ def test_export_is_validated_and_self_describing(tmp_path: Path, arch: str) -> N
     assert report["ort_latency_ms_p50"] > 0 and report["ort_latency_ms_p95"] >= report["ort_latency_ms_p50"]
     assert report["ort_throughput_img_per_s_b32"] > 0
     assert sorted(p.name for p in out.iterdir()) == sorted(
-        ["model.onnx", "report.json"] + (["model.int8.onnx"] if report["quantized"]["enabled"] else []))
+        ["model.onnx"] + (["model.int8.onnx"] if report["quantized"]["enabled"] else []))
 
     graph = onnx.load(str(model_path)).graph
     assert graph.input[0].type.tensor_type.shape.dim[0].dim_param == "batch"

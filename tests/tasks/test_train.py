@@ -76,7 +76,8 @@ def tiny_overrides(root: Path, **extra: Any) -> dict[str, Any]:
 def cache_overrides(root: Path) -> dict[str, str]:
     """Every cache under the test's own folder: a shared one would hand a later test features it did not compute."""
     return {"cache.dir": str(root / "artifacts" / "decoded"), "cache.store_dir": str(root / "cache" / "decoded"),
-            "cache.features_dir": str(root / "cache" / "features"), "prepare.cache_dir": str(root / "cache" / "prepare")}
+            "cache.features_dir": str(root / "cache" / "features"), "prepare.cache_dir": str(root / "cache" / "prepare"),
+            "reports.dir": str(root / "metrics")}
 
 
 def tiny_params(root: Path, **extra: Any) -> Params:
@@ -151,7 +152,7 @@ def test_precision_choice_and_bad_devices() -> None:
 def test_train_writes_the_documented_outputs(project: Path) -> None:
     metrics = train(tiny_params(project))
     out = project / "artifacts" / "train"
-    on_disk = json.loads((out / "metrics.json").read_text())
+    on_disk = json.loads((project / "metrics" / "train.json").read_text())
     assert on_disk == pytest.approx(metrics)
     for key in ("val_accuracy", "epochs", "best_epoch", "train_img_per_s", "device"):
         assert key in on_disk
@@ -161,7 +162,7 @@ def test_train_writes_the_documented_outputs(project: Path) -> None:
     assert meta["class_names"] == ["class_0", "class_1", "class_2"]
     assert meta["weights"]["file_sha256"] == sha256_file(project / "artifacts" / "weights" / "backbone.pt")
     assert meta["preprocessing"].crop_size == 32 and meta["epoch"] == on_disk["best_epoch"]
-    steps = (out / "plots" / "metrics" / "val_accuracy.tsv").read_text().splitlines()
+    steps = (project / "metrics" / "train" / "plots" / "metrics" / "val_accuracy.tsv").read_text().splitlines()
     assert steps[0].split("\t") == ["step", "val_accuracy"] and len(steps) == 1 + 4
     assert not (out / "dvc.yaml").exists() and not (project / "dvc.yaml").exists()   # dvclive left DVC alone
     assert not (project / "data" / "prepared" / "test.csv").exists()   # never needed
@@ -203,7 +204,7 @@ def test_a_non_finite_loss_stops_with_a_clear_error_and_keeps_the_last_checkpoin
         train(tiny_params(project), Hooks(on_loss=poison, on_epoch_end=remember))
     assert last.read_bytes() == saved["last"]
     assert (project / "artifacts" / "train" / "model.pt").read_bytes() == saved["best"]
-    assert not (project / "artifacts" / "train" / "metrics.json").exists()
+    assert not (project / "metrics" / "train.json").exists()
     state = torch.load(last, weights_only=True)
     assert all(torch.isfinite(v).all() for v in state["model"].values() if v.is_floating_point())
 
@@ -253,8 +254,10 @@ def test_resume_after_sigkill_gives_the_same_parameters_as_a_straight_run(projec
     script.write_text(KILLER)
     extra = {"train.head.epochs": 2, "train.finetune.epochs": 4, "train.device": device,
              "train.channels_last": device == "cuda"}
-    straight = write_params_file(project, "straight.yaml", **{"train.out_dir": str(project / "straight"), **extra})
-    killed = write_params_file(project, "killed.yaml", **{"train.out_dir": str(project / "killed"), **extra})
+    straight = write_params_file(project, "straight.yaml", **{"train.out_dir": str(project / "straight"),
+                                                               "reports.dir": str(project / "straight"), **extra})
+    killed = write_params_file(project, "killed.yaml", **{"train.out_dir": str(project / "killed"),
+                                                           "reports.dir": str(project / "killed"), **extra})
     run([sys.executable, str(script), str(straight), "0"], cwd=REPO_ROOT)
     proc = run([sys.executable, str(script), str(killed), "4"], cwd=REPO_ROOT, check=False)
     assert proc.returncode == -signal.SIGKILL, proc.stderr
@@ -270,15 +273,15 @@ def test_resume_after_sigkill_gives_the_same_parameters_as_a_straight_run(projec
     best_a = torch.load(project / "straight" / "model.pt", weights_only=True)["state_dict"]
     best_b = torch.load(project / "killed" / "model.pt", weights_only=True)["state_dict"]
     assert all(torch.equal(best_a[k], best_b[k]) for k in best_a)
-    assert json.loads((project / "straight" / "metrics.json").read_text())["val_accuracy"] == \
-        json.loads((project / "killed" / "metrics.json").read_text())["val_accuracy"]
+    assert json.loads((project / "straight" / "train.json").read_text())["val_accuracy"] == \
+        json.loads((project / "killed" / "train.json").read_text())["val_accuracy"]
 
 
 @pytest.mark.slow
 def test_ddp_with_two_gloo_processes(project: Path) -> None:
     params_file = write_params_file(project, **{"train.nproc_per_node": 2})
     proc = run([sys.executable, "-m", "tasks.train", "--params", str(params_file)], cwd=REPO_ROOT)
-    metrics = json.loads((project / "artifacts" / "train" / "metrics.json").read_text())
+    metrics = json.loads((project / "metrics" / "train.json").read_text())
     assert metrics["world_size"] == 2 and metrics["epochs"] == 4
     assert metrics["val_accuracy"] > 0.6, proc.stderr
     load_checkpoint(project / "artifacts" / "train" / "model.pt")
@@ -308,9 +311,10 @@ def test_dvc_repro_train(tmp_path: Path) -> None:
     write_split(repo / "data" / "prepared" / "test.csv", [])  # decode_cache wants all three splits
     run(["dvc", "repro", "-s", "decode_cache"], repo)
     run(["dvc", "repro", "-s", "train"], repo)
-    metrics = json.loads((repo / "artifacts" / "train" / "metrics.json").read_text())
+    metrics = json.loads((repo / "metrics" / "train.json").read_text())
     assert metrics["epochs"] == 4
-    assert (repo / "artifacts" / "train" / "plots" / "metrics" / "val_accuracy.tsv").exists()
+    assert (repo / "metrics" / "train" / "plots" / "metrics" / "val_accuracy.tsv").exists()
+    assert (repo / "metrics" / "train" / "curves.png").stat().st_size > 1000
     lock = yaml.safe_load((repo / "dvc.lock").read_text())
     assert "train" in lock["stages"]
     shown = run(["dvc", "metrics", "show", "--json"], repo).stdout
@@ -378,7 +382,7 @@ def test_trains_on_cuda_with_mixed_precision_and_channels_last(project: Path, ca
     params = tiny_params(project, **{"train.device": "auto", "train.channels_last": True, "train.precision": "auto",
                                      "train.head.epochs": 3})
     train(params)
-    metrics = json.loads((project / "artifacts" / "train" / "metrics.json").read_text())
+    metrics = json.loads((project / "metrics" / "train.json").read_text())
     assert metrics["device"] == "cuda"
     assert metrics["precision"] == ("bfloat16" if torch.cuda.is_bf16_supported() else "float16")
     assert metrics["val_accuracy"] > 0.6

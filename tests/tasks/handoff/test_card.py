@@ -28,7 +28,7 @@ SECTIONS = ["## Intended use", "## Classes", "## Data", "## Training recipe", "#
 def test_card_has_every_section_filled_from_the_artifacts(tmp_path: Path):
     params = make_params()
     root = make_project(tmp_path / "proj", params)
-    write_json(root / "artifacts/train/metrics.json", {"val_accuracy": 0.97, "epochs": 7, "best_epoch": 5,
+    write_json(root / "metrics/train.json", {"val_accuracy": 0.97, "epochs": 7, "best_epoch": 5,
                                                        "train_img_per_s": 900.0, "device": "cpu"})
     set_candidate(root, macro_f1=0.875, recalls=(0.95, 0.5, 0.9))
     result = publish_candidate(params, root, "run-7")
@@ -52,6 +52,27 @@ def test_card_has_every_section_filled_from_the_artifacts(tmp_path: Path):
     assert "Weakest classes on the test split: class_1 (recall 0.500)" in readme
     assert "predict model.onnx" in readme and SNIPPET.rstrip() in readme
     assert card["gate"]["passed"] is True and "bootstrap" in card["gate"]["reason"]
+
+
+def test_the_runs_figures_travel_with_the_version_and_show_in_the_card(tmp_path: Path):
+    from tasks.lib import figures
+
+    params = make_params()
+    root = make_project(tmp_path / "proj", params)
+    set_candidate(root, macro_f1=0.875)
+    history = [{"epoch": e, "phase": "head" if e < 3 else "finetune", "train_loss": 1 / e, "val_loss": 1.2 / e,
+                "val_accuracy": 0.5 + e / 10, "val_macro_f1": 0.45 + e / 10} for e in range(1, 5)]
+    assert figures.training_curves(history, root / "metrics/train/curves.png")
+    assert figures.confusion(np.array([[3, 1, 0], [0, 4, 0], [1, 0, 3]]), ["a", "b$", "c"],
+                             root / "metrics/evaluate/confusion.png")
+    version = publish_candidate(params, root, None)["registry_version"]
+    registry = open_registry(params, root)
+    assert registry.read_bytes(version, "curves.png") == (root / "metrics/train/curves.png").read_bytes()
+    assert registry.verify(version) == []                     # the figures are in the version's manifest
+    readme = registry.read_bytes(version, "README.md").decode()
+    assert "![Training curves](curves.png)" in readme and "![Confusion matrix (test split)](confusion.png)" in readme
+    assert "reliability.png" not in readme                    # only the figures that exist
+    assert registry.read_json(version, "card.json")["figures"] == ["confusion.png", "curves.png"]
 
 
 def test_the_snippet_is_ten_lines_and_matches_onnxruntime_top1(tmp_path: Path):

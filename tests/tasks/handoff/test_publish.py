@@ -105,7 +105,7 @@ def set_candidate(root: Path, *, weight: np.ndarray = GOOD, tag: str = "a", macr
     """Write a candidate's model.onnx, export report and metrics (synthetic numbers, or real when macro_f1 is None)."""
     onnx_path = make_onnx(root / "artifacts/export/model.onnx", weight, tag=tag)
     onnx_sha = sha256_file(onnx_path)
-    write_json(root / "artifacts/export/report.json",
+    write_json(root / "metrics/export.json",
                {"onnx": str(onnx_path), "onnx_sha256": onnx_sha, "opset": 17, "exporter": "onnx.helper",
                 "parity_passed": parity, "max_abs_diff": 1e-6, "argmax_agree": 1.0, "ort_latency_ms_p50": 0.1,
                 "ort_latency_ms_p95": 0.2, "ort_throughput_img_per_s_b32": 5000.0, "quantized": {"enabled": False}})
@@ -122,8 +122,8 @@ def set_candidate(root: Path, *, weight: np.ndarray = GOOD, tag: str = "a", macr
         metrics = synthetic_metrics(macro_f1, split, recalls)
         right = round(macro_f1 * len(rows)) if math.isfinite(macro_f1) else 0   # the first `right` images
         predicted = [label if i < right else (label + 1) % 3 for i, label in enumerate(labels)]
-    (root / "artifacts/evaluate").mkdir(parents=True, exist_ok=True)
-    (root / "artifacts/evaluate/metrics.json").write_text(json.dumps(metrics))  # json.dumps: NaN allowed here
+    (root / "metrics").mkdir(parents=True, exist_ok=True)
+    (root / "metrics/evaluate.json").write_text(json.dumps(metrics))  # json.dumps: NaN allowed here
     write_json(root / "artifacts/evaluate/predictions.json", {"test_split_sha256": split, "label": labels,
                                                                "sha256": [r.sha256 for r in rows],
                                                                "predicted": predicted})
@@ -261,9 +261,9 @@ def test_dirty_tree_refuses_unless_allowed_and_pipeline_state_is_not_dirt(projec
 def test_stale_metrics_are_refused_with_the_stage_to_rerun(project):
     root, params = project
     set_candidate(root, macro_f1=0.8)
-    metrics_path = root / "artifacts/evaluate/metrics.json"
+    metrics_path = root / "metrics/evaluate.json"
     metrics_path.write_text(json.dumps({**json.loads(metrics_path.read_text()), "test_split_sha256": "0" * 64}))
-    with pytest.raises(StageError, match="evaluate/metrics.json was computed on another test split.*dvc repro evaluate"):
+    with pytest.raises(StageError, match="metrics/evaluate.json was computed on another test split.*dvc repro evaluate"):
         publish_candidate(params, root, None)
 
 

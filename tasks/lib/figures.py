@@ -1,0 +1,138 @@
+"""Static pictures of a run (matplotlib, PNG): they open anywhere, offline, and travel in the model card.
+
+DVC's own plots (`dvc plots show`) draw the JSON/TSV data with JavaScript
+fetched from a CDN; these PNGs need nothing. The train stage draws the
+training curves, evaluate the confusion matrix, per-class F1 and the
+reliability diagram; publish copies them into the registry version, where
+the model card shows them. A machine without matplotlib (a bare GPU image)
+skips them with a warning: no stage depends on a picture.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from tasks.lib.io import atomic_path
+
+log = logging.getLogger(__name__)
+
+PNG_NAMES = ("curves.png", "confusion.png", "per_class_f1.png", "reliability.png")
+DPI = 100
+
+
+def _pyplot() -> Any | None:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")   # no display: files only
+        import matplotlib.pyplot as plt
+    except ImportError:
+        log.warning("matplotlib is not installed: no PNG figures (the DVC plot data is still written)")
+        return None
+    return plt
+
+
+def _save(fig: Any, path: Path) -> bool:
+    """Lay out, write atomically and close the figure; True (the figure was drawn)."""
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_path(path) as tmp:
+        # No timestamps or software tags: the same numbers give the same bytes.
+        fig.savefig(tmp, format="png", dpi=DPI, metadata={"Software": None})
+    _pyplot().close(fig)
+    return True
+
+
+def training_curves(history: list[dict[str, Any]], path: Path) -> bool:
+    """Loss and validation accuracy / macro-F1 per epoch, the phases told apart."""
+    plt = _pyplot()
+    if plt is None or not history:
+        return False
+    epochs = [row["epoch"] for row in history]
+    fig, (loss_ax, score_ax) = plt.subplots(1, 2, figsize=(10, 3.8))
+    loss_ax.plot(epochs, [r["train_loss"] for r in history], marker="o", label="train loss")
+    loss_ax.plot(epochs, [r["val_loss"] for r in history], marker="o", label="val loss")
+    score_ax.plot(epochs, [r["val_accuracy"] for r in history], marker="o", label="val accuracy")
+    score_ax.plot(epochs, [r["val_macro_f1"] for r in history], marker="o", label="val macro-F1")
+    for ax, title in ((loss_ax, "loss"), (score_ax, "validation")):
+        _shade_phases(ax, history)
+        ax.set_xlabel("epoch")
+        ax.set_title(title)
+        ax.grid(alpha=0.3)
+        ax.legend(loc="best", fontsize=8)
+    return _save(fig, path)
+
+
+def _shade_phases(ax: Any, history: list[dict[str, Any]]) -> None:
+    finetune = [row["epoch"] for row in history if row["phase"] == "finetune"]
+    if finetune:
+        ax.axvspan(min(finetune) - 0.5, max(finetune) + 0.5, color="0.9", zorder=0, label="phase 2 (fine-tune)")
+
+
+def confusion(matrix: np.ndarray, class_names: Sequence[str], path: Path) -> bool:
+    """Counts, actual class down, predicted across; each cell shaded by its share of the row."""
+    plt = _pyplot()
+    if plt is None:
+        return False
+    k = len(class_names)
+    rows = matrix.sum(axis=1, keepdims=True)
+    share = np.divide(matrix, rows, out=np.zeros(matrix.shape, dtype=float), where=rows > 0)
+    side = min(14, 2.5 + 0.55 * k)
+    fig, ax = plt.subplots(figsize=(side, side * 0.85))
+    ax.imshow(share, cmap="Blues", vmin=0, vmax=1)
+    if k <= 30:
+        for i in range(k):
+            for j in range(k):
+                ax.text(j, i, str(int(matrix[i, j])), ha="center", va="center", fontsize=8,
+                        color="white" if share[i, j] > 0.5 else "black")
+    labels = [_short(name) for name in class_names]
+    ax.set_xticks(range(k), labels, rotation=60, ha="right", fontsize=8)
+    ax.set_yticks(range(k), labels, fontsize=8)
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("actual")
+    ax.set_title(f"confusion matrix (test split, {int(matrix.sum())} images)")
+    return _save(fig, path)
+
+
+def per_class_f1(class_names: Sequence[str], f1: Sequence[float], path: Path) -> bool:
+    plt = _pyplot()
+    if plt is None:
+        return False
+    order = np.argsort(f1)
+    fig, ax = plt.subplots(figsize=(7, min(14, 1 + 0.3 * len(class_names))))
+    ax.barh([_short(class_names[i]) for i in order], [f1[i] for i in order], color="tab:blue")
+    ax.set_xlim(0, 1)
+    ax.set_xlabel("F1 on the test split")
+    ax.grid(axis="x", alpha=0.3)
+    return _save(fig, path)
+
+
+def reliability(curves: dict[str, list[dict[str, Any]]], path: Path) -> bool:
+    """Accuracy against mean confidence per bin (tasks.lib.metrics.reliability_bins), one line per curve."""
+    plt = _pyplot()
+    if plt is None:
+        return False
+    fig, ax = plt.subplots(figsize=(5, 5))
+    ax.plot([0, 1], [0, 1], color="0.6", linestyle="--", label="perfect calibration")
+    for name, bins in curves.items():
+        ax.plot([b["confidence"] for b in bins], [b["accuracy"] for b in bins], marker="o", label=name)
+    ax.set_xlim(0, 1)
+    ax.set_ylim(0, 1)
+    ax.set_xlabel("mean confidence in bin")
+    ax.set_ylabel("accuracy in bin")
+    ax.set_title("reliability (test split)")
+    ax.grid(alpha=0.3)
+    ax.legend(loc="upper left", fontsize=8)
+    return _save(fig, path)
+
+
+def _short(name: str, width: int = 24) -> str:
+    """Class names on an axis: printable, at most `width` characters (the table in the card has them whole)."""
+    text = "".join(ch if ch.isprintable() else "?" for ch in str(name))
+    text = text if len(text) <= width else text[: width - 1] + "…"
+    return text.replace("$", r"\$")    # matplotlib would read $...$ as mathematics
