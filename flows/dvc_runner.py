@@ -33,9 +33,12 @@ DVC_STAGE_LINE = re.compile(r"^(Running stage '|Stage ')")
 DVC_HINT_LINES = re.compile(r"^(To track the changes with git, run:|To enable auto staging, run:|"
                             r"dvc config core\.autostage true|git add \S+)")
 # Words of a failure that may pass on a retry (network, remote storage); anything else fails the same way again.
+# HTTP codes count only beside the words that make them one ("HTTP 503", "status 500"), so that
+# "500 files missing" is not a network error.
 TRANSIENT = re.compile(r"timed? ?out|timeout|connection (reset|refused|aborted|error)|temporar|unreachable|"
-                       r"name resolution|too many requests|\b(429|500|502|503|504)\b|ssl|broken pipe|"
-                       r"reset by peer|throttl|slow ?down|service unavailable", re.IGNORECASE)
+                       r"name resolution|too many requests|\b(http|status|code)\W{0,3}(429|50[0234])\b|"
+                       r"\b(429|50[0234]) (too many|internal server|bad gateway|service|gateway)|"
+                       r"\bssl\b|broken pipe|reset by peer|throttl|slow ?down|service unavailable", re.IGNORECASE)
 
 StageOutcome = Literal["ran", "skipped"]
 
@@ -179,13 +182,20 @@ def error_summary(result: CommandResult, max_lines: int = 6) -> str:
     return " | ".join(dict.fromkeys(chosen)) or "(no output)"
 
 
-def dvc_error(lines: list[str], max_lines: int = 12) -> list[str]:
-    """DVC's last 'ERROR:' with the lines that continue it (the targets a checkout missed, its advice)."""
+def dvc_error(lines: list[str], max_lines: int = 30) -> list[str]:
+    """DVC's last 'ERROR:' whole: the WARNING lines just before it (which files are missing), the error
+    and the lines that continue it (the targets a checkout missed, DVC's advice)."""
     starts = [i for i, line in enumerate(lines) if line.startswith("ERROR:")]
     if not starts:
         return []
-    block = lines[starts[-1]:]
-    return [line for line in block[:max_lines] if not DVC_HINT_LINES.match(line)]
+    first = starts[-1]
+    for i in range(starts[-1] - 1, max(-1, starts[-1] - 20), -1):   # the earliest WARNING since the last error
+        if lines[i].startswith("ERROR:"):
+            break
+        if lines[i].startswith("WARNING:"):
+            first = i
+    block = [line for line in lines[first:] if not DVC_HINT_LINES.match(line)]
+    return block[:max_lines]
 
 
 def stage_outcome(stage: str, lines: list[str]) -> StageOutcome:

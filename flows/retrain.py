@@ -114,7 +114,7 @@ def repro_stage(workdir: Path, stage: str, timeout_s: float | None = None) -> st
 
 
 @task(name="dvc push", retries=IO_RETRIES, retry_delay_seconds=IO_BACKOFF, retry_jitter_factor=0.5,
-      cache_policy=NO_CACHE)
+      retry_condition_fn=transient_only, cache_policy=NO_CACHE)
 def push_outputs(workdir: Path, remote: str | None = None) -> None:
     """Send the data and every stage output to the DVC remote."""
     cmd = ["dvc", "push"] + (["-r", remote] if remote else [])
@@ -122,11 +122,11 @@ def push_outputs(workdir: Path, remote: str | None = None) -> None:
 
 
 @task(name="gate and publish", cache_policy=NO_CACHE)
-def gate_and_publish(params: Params, workdir: Path, flow_run_id: str) -> dict[str, Any]:
+def gate_and_publish(params: Params, workdir: Path, flow_run_id: str, registry_root: Path) -> dict[str, Any]:
     """Compare the candidate with production on the same test split; publish (and maybe promote) it."""
     from tasks.handoff.publish import publish_candidate  # the registry side; imported late so the flow loads without it
 
-    result = publish_candidate(params, workdir, flow_run_id)
+    result = publish_candidate(params, workdir, flow_run_id, registry_root=registry_root)
     get_run_logger().info("Registry version %s: promoted=%s (%s)", result.get("registry_version"),
                           result.get("promoted"), result.get("reason"))
     return result
@@ -182,7 +182,7 @@ def run_pipeline(project: Path, workdir: Path, data_rev: str | None, params: Par
     if push:
         push_outputs(workdir, remote)
     if publish:
-        published = gate_and_publish(with_project_registry(params, project, workdir), workdir, run_id)
+        published = gate_and_publish(params, workdir, run_id, registry_root=project)
     else:
         published = None
     summary = summarize(project, workdir, data_rev, data_md5, params, outcomes, published, run_id, push)
@@ -230,18 +230,13 @@ def stage_task(stage: str) -> Any:
     """repro_stage named after its stage; retried with backoff only when the stage is I/O."""
     options: dict[str, Any] = {"name": f"dvc repro {stage}"}
     if stage in IO_STAGES:
-        options.update(retries=IO_RETRIES, retry_delay_seconds=IO_BACKOFF, retry_jitter_factor=0.5)
+        options.update(retries=IO_RETRIES, retry_delay_seconds=IO_BACKOFF, retry_jitter_factor=0.5,
+                       retry_condition_fn=transient_only)
     return repro_stage.with_options(**options)
 
 
 def stage_timeout_s(stage: str, params: Params) -> float | None:
     return params.train.timeout_minutes * 60 if stage in TIMED_STAGES else None
-
-
-def with_project_registry(params: Params, project: Path, workdir: Path) -> Params:
-    """In an isolated copy, publish to the project's registry, not to one inside the temporary copy."""
-    registry = params.registry.model_copy(update={"uri": params.registry.location(project)})
-    return params.model_copy(update={"registry": registry})
 
 
 def summarize(project: Path, workdir: Path, data_rev: str | None, data_md5: str, params: Params,
@@ -253,8 +248,7 @@ def summarize(project: Path, workdir: Path, data_rev: str | None, data_md5: str,
     return {
         "flow_run_id": run_id,
         "project": str(project),
-        "workdir": str(workdir),
-        "isolated": workdir != project,
+        "isolated": workdir != project,   # the paths below were in a temporary copy, removed after the run
         "data_rev": data_rev,
         "data_md5": data_md5,
         "stages": list(outcomes),
@@ -328,7 +322,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     root = Path.cwd()
     try:  # a bad params.yaml or -S fails here, in a second, before any server starts
-        load_params(root / "params.yaml", args.set)
+        load_params(root / "params.yaml", args.set, check_arch=True)
     except ParamsError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

@@ -33,6 +33,7 @@ from flows.server import (
     ServerError,
     advertise,
     port_in_use,
+    project_setting,
     running_server,
     start_server,
     startup_timeout_s,
@@ -110,7 +111,7 @@ def the_server(root: Path, port: int) -> tuple[Server, bool]:
     if port_in_use(port):
         raise ServerError(f"port {port} on 127.0.0.1 is taken by another program; "
                           f"choose another with `python -m flows.serve --port N` (make serve PORT=N)")
-    return start_server(root, port, startup_timeout_s(), say=lambda text: print(text, file=sys.stderr)), True
+    return start_server(root, port, startup_timeout_s(root), say=lambda text: print(text, file=sys.stderr)), True
 
 
 def supervise(root: Path, args: argparse.Namespace) -> int:
@@ -122,7 +123,7 @@ def supervise(root: Path, args: argparse.Namespace) -> int:
         server, started = the_server(root, args.port)
         if started:
             advertise(root, server)
-        cmd = [sys.executable, "-m", "flows.serve", "--runner", "--params", str(args.params)]
+        cmd = [sys.executable, "-m", "flows.serve", "--runner", "--params", str(args.params.resolve())]
         runner = spawn(cmd + (["--paused"] if args.paused else []), root,
                        {**os.environ, "PREFECT_API_URL": server.url})
         print(f"Serving retrain/scheduled and watch/data-change against {server.url}\n"
@@ -150,19 +151,28 @@ def supervise(root: Path, args: argparse.Namespace) -> int:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m flows.serve", description=__doc__.split("\n\n")[0])
     parser.add_argument("--params", type=Path, default=Path("params.yaml"))
-    parser.add_argument("--port", type=int, default=int(os.environ.get("PREFECT_SERVER_API_PORT", "4200")),
-                        help="port of the server this command starts on 127.0.0.1 (default 4200)")
+    parser.add_argument("--port", type=int, default=None,
+                        help="port of the server this command starts on 127.0.0.1 (default: Prefect's "
+                             "server.api.port: PREFECT_SERVER_API_PORT, then prefect.toml, then 4200)")
     parser.add_argument("--paused", action="store_true",
                         help="register the schedules paused: runs start only when triggered (UI, CLI, API)")
     parser.add_argument("--runner", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     try:  # bad params fail here, before any server starts
-        load_params(args.params)
+        load_params(args.params, check_arch=not args.runner)
     except ParamsError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     if args.runner:
         return serve_deployments(args.params, args.paused)
+    root = args.params.resolve().parent
+    if args.port is None:
+        try:
+            args.port = int(project_setting(root, "PREFECT_SERVER_API_PORT", ("server", "api", "port"), "4200"))
+        except (ServerError, ValueError) as err:
+            print(f"error: the Prefect server port (PREFECT_SERVER_API_PORT or prefect.toml server.api.port): "
+                  f"{err}", file=sys.stderr)
+            return 2
     return supervise(args.params.resolve().parent, args)
 
 

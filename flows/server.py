@@ -22,6 +22,7 @@ import socket
 import subprocess
 import sys
 import time
+import tomllib
 import urllib.request
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -57,9 +58,25 @@ class Server:
             stop_process_group(self.process, STOP_GRACE_S)
 
 
+def project_setting(root: Path, env: str, keys: tuple[str, ...], default: str) -> str:
+    """A Prefect setting as Prefect resolves it: the environment variable, then the project's
+    prefect.toml (keys: its table path), then Prefect's default."""
+    if value := os.environ.get(env):
+        return value
+    try:
+        table: object = tomllib.loads((root / "prefect.toml").read_text())
+    except FileNotFoundError:
+        return default
+    except (OSError, tomllib.TOMLDecodeError) as err:
+        raise ServerError(f"{root / 'prefect.toml'} cannot be read ({err}); fix it or delete it") from None
+    for key in keys:
+        table = table.get(key) if isinstance(table, dict) else None
+    return default if table is None else str(table)
+
+
 def prefect_home(root: Path) -> Path:
-    """The Prefect home the project's settings name (PREFECT_HOME wins, as in Prefect itself)."""
-    home = Path(os.environ.get("PREFECT_HOME") or ".prefect").expanduser()
+    """The Prefect home the project's settings name (PREFECT_HOME, then prefect.toml's `home`)."""
+    home = Path(project_setting(root, "PREFECT_HOME", ("home",), "~/.prefect")).expanduser()
     return home if home.is_absolute() else root / home
 
 
@@ -123,8 +140,15 @@ def start_server(root: Path, port: int, timeout_s: float, say: Callable[[str], N
     return server
 
 
-def startup_timeout_s() -> float:
-    return float(os.environ.get("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "90"))
+def startup_timeout_s(root: Path) -> float:
+    """How long a starting server may take: Prefect's own setting (environment, then prefect.toml)."""
+    value = project_setting(root, "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS",
+                            ("server", "ephemeral", "startup_timeout_seconds"), "90")
+    try:
+        return float(value)
+    except ValueError:
+        raise ServerError(f"server.ephemeral.startup_timeout_seconds (prefect.toml) or "
+                          f"PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS is {value!r}: give seconds") from None
 
 
 @contextmanager
@@ -137,7 +161,7 @@ def project_server(root: Path, say: Callable[[str], None] = lambda _: None) -> I
         say(f"Using the project's running Prefect server {url.removesuffix('/api')}")
         yield url
         return
-    server = start_server(root, free_port(), startup_timeout_s(), say)
+    server = start_server(root, free_port(), startup_timeout_s(root), say)
     try:
         yield server.url
     finally:

@@ -24,9 +24,11 @@ from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
 from flows.data_version import DataVersionError, check_rev, md5_at
+from flows.processes import sigterm_as_interrupt
 from flows.retrain import retrain
+from flows.server import ServerError, prefect_api
 from tasks.handoff.registry import open_registry
-from tasks.lib.config import Params, load_params
+from tasks.lib.config import Params, ParamsError, load_params
 from tasks.lib.io import read_json, write_json
 
 STATE_NAME = "watch-state.json"
@@ -110,7 +112,25 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--branch", type=_branch, help="git branch holding the data version "
                         "(default: schedule.data_branch)")
     args = parser.parse_args(argv)
-    print(json.dumps(watch(branch=args.branch), default=str))
+    root = Path.cwd()
+    try:  # a bad params.yaml fails here, in a second, before any server starts
+        load_params(root / "params.yaml", check_arch=True)
+    except ParamsError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    try:   # the project's server (or the one PREFECT_API_URL names), as retrain and serve use
+        with sigterm_as_interrupt(), prefect_api(root, say=lambda text: print(text, file=sys.stderr)):
+            state = watch(branch=args.branch, root=str(root), return_state=True)
+    except ServerError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("watch interrupted; the retrain it started (if any) is stopped", file=sys.stderr)
+        return 130
+    if not state.is_completed():
+        print(f"watch {state.name}: {state.message}", file=sys.stderr)
+        return 1
+    print(json.dumps(state.result(), default=str))
     return 0
 
 

@@ -57,8 +57,13 @@ class Candidate:
     figures: dict[str, bytes]            # PNGs of the run that the model card shows, by file name
 
 
-def publish_candidate(params: Params, root: Path, flow_run_id: str | None) -> dict[str, Any]:
-    """Gate and publish the artifacts under `root`; returns registry_version, promoted, reason, model_card, decision."""
+def publish_candidate(params: Params, root: Path, flow_run_id: str | None,
+                      registry_root: Path | None = None) -> dict[str, Any]:
+    """Gate and publish the artifacts under `root`; returns registry_version, promoted, reason, model_card, decision.
+
+    registry_root: where a relative registry.uri starts (default `root`); an isolated working
+    copy passes its project, so that the lineage keeps params as written (a relative uri).
+    """
     root = Path(root)
     try:
         candidate = read_candidate(params, root)
@@ -67,7 +72,7 @@ def publish_candidate(params: Params, root: Path, flow_run_id: str | None) -> di
                                 weights_record=candidate.weights_record,
                                 weights_sha256=_weights_sha256(candidate.weights_record),
                                 checkpoint_sha256=candidate.checkpoint_sha256, flow_run_id=flow_run_id)
-        registry = open_registry(params, root)
+        registry = open_registry(params, Path(registry_root or root))
         existing = registry.find_by_onnx(candidate.onnx_sha256)
         if existing:
             return _regate_existing(params, root, registry, existing, candidate)

@@ -9,7 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from flows.dvc_runner import CommandFailed, error_summary, run_checked, run_streamed, stage_outcome
+from flows.dvc_runner import (CommandFailed, CommandResult, TransientFailure, dvc_error, error_summary, is_transient,
+                              run_checked, run_streamed, stage_outcome)
 
 
 class Recorder(logging.Handler):
@@ -124,3 +125,49 @@ def test_the_guard_passes_sigterm_on_and_exits_as_soon_as_its_group_is_gone(tmp_
     assert time.monotonic() - started < 3      # not after the SIGKILL grace: the child died at once
     _, alive = psutil.wait_procs(family, timeout=5)
     assert alive == []
+
+
+# What `dvc pull` prints on a fresh clone whose remote lies in the (git-ignored) workspace.
+MISSING_CACHE = [
+    "Collecting",
+    "WARNING: Some of the cache files do not exist neither locally nor on remote. Missing cache files:",
+    "name: data/raw, md5: 0123456789abcdef0123456789abcdef.dir",
+    "ERROR: failed to pull data from the cloud - Checkout failed for following targets:",
+    "data/raw",
+    "Is your cache up to date?",
+    "<https://error.dvc.org/missing-files>",
+]
+
+
+def test_dvc_error_keeps_the_warning_that_names_the_missing_files_and_the_whole_error() -> None:
+    assert dvc_error(MISSING_CACHE) == MISSING_CACHE[1:]
+    assert dvc_error(["ERROR: first", "WARNING: about the second", "ERROR: second"]) == [
+        "WARNING: about the second", "ERROR: second"]
+    assert dvc_error(["nothing went wrong"]) == []
+
+
+@pytest.mark.parametrize("line, transient", [
+    ("ERROR: failed to push data to the cloud - Read timed out.", True),
+    ("ConnectionResetError: [Errno 104] Connection reset by peer", True),
+    ("botocore.exceptions.ClientError: An error occurred (503) ... HTTP 503 Service Unavailable", True),
+    ("aiohttp.client_exceptions.ClientResponseError: 502, message='Bad Gateway', status 502", True),
+    ("Temporary failure in name resolution", True),
+    ("ssl.SSLError: [SSL: UNEXPECTED_EOF_WHILE_READING]", True),
+    ("ERROR: 500 files failed to download", False),          # a count, not an HTTP status
+    ("error: train.head.epochs is 0, so there is nothing to train", False),
+    ("ERROR: failed to pull data from the cloud - Checkout failed for following targets:", False),
+    ("ValueError: classes differ: dressl", False),
+])
+def test_only_words_of_a_passing_failure_count_as_transient(line: str, transient: bool) -> None:
+    assert is_transient(CommandResult(returncode=1, stderr_tail=[line])) is transient
+
+
+def test_a_hopeless_dvc_failure_is_not_retried_and_its_whole_message_is_shown(log, tmp_path: Path) -> None:
+    logger, _ = log
+    code = "import sys; print(*%r, sep='\\n', file=sys.stderr); sys.exit(1)" % (MISSING_CACHE,)
+    with pytest.raises(CommandFailed) as failed:
+        run_checked(python(code), tmp_path, logger, "dvc pull data/raw.dvc")
+    assert not isinstance(failed.value, TransientFailure)
+    message = str(failed.value)
+    assert "Missing cache files" in message and "name: data/raw" in message
+    assert "Is your cache up to date?" in message and "error.dvc.org/missing-files" in message

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import threading
+from typing import Any
 from pathlib import Path
 
 import pytest
@@ -75,7 +76,7 @@ def test_older_data_rev_trains_in_an_isolated_copy_and_leaves_the_workspace_unto
     assert result["isolated"] and result["data_md5"] == v1_md5
     assert result["stages_run"] + result["stages_skipped"] == STAGES
     assert snapshot(tiny_project) == before
-    assert not Path(result["workdir"]).exists()
+    assert "workdir" not in result   # a temporary folder that no longer exists is not reported
     worktrees = run(["git", "worktree", "list", "--porcelain"], tiny_project).stdout
     assert worktrees.count("worktree ") == 1
 
@@ -180,3 +181,27 @@ def test_a_signal_during_a_stage_leaves_params_and_no_process_behind(tiny_projec
     assert (tiny_project / "params.yaml").read_bytes() == params_bytes
     after = snapshot(tiny_project)
     assert after == before
+
+
+def test_io_tasks_retry_only_a_failure_that_may_pass(tmp_path: Path) -> None:
+    """`dvc push` outside a DVC project fails the same way every time: one attempt, not four."""
+    from prefect import flow
+    from prefect.client.orchestration import get_client
+
+    from flows.retrain import push_outputs, stage_task
+
+    assert stage_task("fetch_weights").retry_condition_fn is not None   # the I/O stage retries, conditionally
+    assert stage_task("train").retries == 0                              # train never retries
+
+    states: list[Any] = []
+
+    @flow
+    def push_once() -> None:
+        states.append(push_outputs.with_options(retry_delay_seconds=0)(tmp_path, return_state=True))
+
+    push_once(return_state=True)
+    task_state = states[0]
+    assert task_state.is_failed()
+    assert "not inside of a DVC repository" in str(task_state.result(raise_on_failure=False))
+    with get_client(sync_client=True) as client:
+        assert client.read_task_run(task_state.state_details.task_run_id).run_count == 1

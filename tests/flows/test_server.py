@@ -130,7 +130,7 @@ def test_serve_schedules_then_worker_runs_a_triggered_retrain(server: Server, ti
     assert list(lock["stages"]) == STAGES  # the worker ran in the project directory
 
     worker.terminate()
-    assert worker.wait(timeout=60) is not None
+    worker.wait(timeout=60)   # a worker that ignores SIGTERM raises TimeoutExpired here and fails the test
 
 
 def _deployments(server: Server, names: set[str]) -> dict[str, dict] | None:
@@ -155,3 +155,28 @@ def test_prefect_yaml_schedule_matches_params() -> None:
     assert by_name["data-change"]["schedules"][0]["interval"] == params.schedule.watch_interval_minutes * 60
     assert by_name["data-change"]["parameters"]["branch"] == params.schedule.data_branch
     assert run(["git", "check-ignore", "-q", "prefect.yaml"], REPO_ROOT, check=False).returncode == 1
+
+
+def test_server_settings_come_from_the_environment_then_the_projects_prefect_toml(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from flows.server import ServerError, prefect_home, project_setting, startup_timeout_s
+
+    for name in ("PREFECT_HOME", "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "PREFECT_SERVER_API_PORT"):
+        monkeypatch.delenv(name, raising=False)
+    assert prefect_home(tmp_path) == Path("~/.prefect").expanduser()   # no prefect.toml: Prefect's default
+    assert startup_timeout_s(tmp_path) == 90
+
+    (tmp_path / "prefect.toml").write_text('home = "state/prefect"\n[server.ephemeral]\n'
+                                           'startup_timeout_seconds = 240\n[server.api]\nport = 4321\n')
+    assert prefect_home(tmp_path) == tmp_path / "state" / "prefect"
+    assert startup_timeout_s(tmp_path) == 240
+    assert project_setting(tmp_path, "PREFECT_SERVER_API_PORT", ("server", "api", "port"), "4200") == "4321"
+
+    monkeypatch.setenv("PREFECT_HOME", str(tmp_path / "elsewhere"))
+    monkeypatch.setenv("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "12")
+    assert prefect_home(tmp_path) == tmp_path / "elsewhere" and startup_timeout_s(tmp_path) == 12
+
+    (tmp_path / "prefect.toml").write_text("home = \n")
+    monkeypatch.delenv("PREFECT_HOME")
+    with pytest.raises(ServerError, match="prefect.toml cannot be read"):
+        prefect_home(tmp_path)

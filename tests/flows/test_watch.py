@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import hashlib
 import json
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -62,3 +65,15 @@ def test_watch_names_a_missing_branch(tiny_project: Path) -> None:
     state = watch(root=str(tiny_project), branch="data-updates", publish=False, return_state=True)
     assert state.is_failed()
     assert "data/raw.dvc does not exist at revision 'data-updates'" in state.message
+
+
+def test_the_watch_command_rejects_bad_params_in_seconds_before_any_server_starts(tiny_project: Path) -> None:
+    params = tiny_project / "params.yaml"
+    params.write_text(params.read_text() + "\nscheduel: {}\n")
+    started = time.monotonic()
+    proc = subprocess.run([sys.executable, "-m", "flows.watch"], cwd=tiny_project, capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 2, proc.stderr
+    assert "scheduel: unknown key" in proc.stderr and "params.yaml" in proc.stderr
+    assert "Prefect" not in proc.stderr and "Traceback" not in proc.stderr
+    assert time.monotonic() - started < 60
