@@ -205,3 +205,24 @@ def test_io_tasks_retry_only_a_failure_that_may_pass(tmp_path: Path) -> None:
     assert "not inside of a DVC repository" in str(task_state.result(raise_on_failure=False))
     with get_client(sync_client=True) as client:
         assert client.read_task_run(task_state.state_details.task_run_id).run_count == 1
+
+
+@pytest.mark.slow
+def test_a_hung_train_stage_is_stopped_at_its_timeout_and_not_retried(tiny_project: Path) -> None:
+    import time
+
+    import psutil
+
+    before = snapshot(tiny_project)
+    started = time.monotonic()   # the tiny train sleeps train.seed seconds: 300 s, against a 6 s timeout
+    state = retrain(root=str(tiny_project), overrides=["train.seed=300", "train.timeout_minutes=0.1"],
+                    publish=False, return_state=True)
+    name, message, _ = state_of(state)
+    assert name == "Failed"
+    assert "stage train timed out after 6 s and was stopped" in message
+    assert time.monotonic() - started < 120
+    assert not any("tiny_stage.py" in " ".join(p.info["cmdline"] or [])
+                   for p in psutil.process_iter(["cmdline"]))   # the sleeping stage is gone, not orphaned
+    logs = run_logs(str(state.state_details.flow_run_id))
+    assert sum("$ dvc repro train" in line for line in logs) == 1     # one attempt: train never retries
+    assert snapshot(tiny_project) == before
