@@ -19,11 +19,12 @@ PORT ?= 4200
 # pip's index here lists locations that do not exist; its warnings about them say nothing useful.
 QUIET_PIP := { grep --line-buffered -v "is ignored: it is neither a file nor a directory" || true; }
 
-.PHONY: demo test install demo-data serve repro exp bench bench-data quality clean help
+.PHONY: demo test test-fast install demo-data serve repro exp bench bench-data quality clean help
 
 help:
 	@echo "make demo   - install, fetch the demo data, run the whole pipeline, print a summary"
 	@echo "make test   - run the test suite (installs first if needed)"
+	@echo "make test-fast - the suite without the tests marked slow (pipelines, servers)"
 	@echo "make serve  - Prefect server + UI on 127.0.0.1:$(PORT), scheduled retrain and data watch (Ctrl-C stops)"
 	@echo "make repro  - dvc repro with the project's interpreter (ARGS=... for dvc's options)"
 	@echo "make exp    - dvc exp run --temp, e.g. make exp ARGS='-S train.head.epochs=10'"
@@ -65,6 +66,10 @@ demo: install demo-data
 
 test: install demo-data
 	$(PY) -m pytest
+
+# Daily work: everything but the tests marked slow (whole pipelines, real servers); CI runs them all.
+test-fast: install demo-data
+	$(PY) -m pytest -m "not slow"
 
 serve: install
 	$(PY) -m flows.serve --port $(PORT)

@@ -22,6 +22,7 @@ import yaml
 
 from flows.processes import pid_alive
 from tasks.handoff.lineage import dvc_pointer_hash
+from tasks.lib.config_support import yaml_error_text
 
 COPY_PREFIX = "retrain-"         # tempfile.mkdtemp(prefix=...): where isolated copies live
 OWNER_FILE = "owner.pid"         # beside the copy: the process that made it, so a killed run's copy can go
@@ -67,7 +68,8 @@ def pointer_md5(text: str, where: str) -> str:
     try:
         found = dvc_pointer_hash(text)
     except yaml.YAMLError as err:
-        raise DataVersionError(f"{where}: not valid YAML ({err})") from None
+        raise DataVersionError(f"{yaml_error_text(where, err)}: not valid YAML; re-track the data with "
+                               f"`dvc add`") from None
     if not found:
         raise DataVersionError(f"{where}: has no outs[0].md5; re-track the data with `dvc add`")
     return found

@@ -15,6 +15,7 @@ from typing import Any
 import yaml
 
 from tasks.lib.config import Params
+from tasks.lib.config_support import yaml_error_text
 
 LINEAGE_FORMAT = 1
 # Packages whose versions can change a model's numbers or its file format.
@@ -63,7 +64,8 @@ def _lock_dep_hash(lock: Path, raw_dir: Path) -> str | None:
     try:
         stages = (yaml.safe_load(lock.read_text()) or {}).get("stages") or {}
     except yaml.YAMLError as err:
-        raise LineageError(f"{lock}: not valid YAML ({err}); re-run `dvc repro` to rewrite it") from None
+        raise LineageError(f"{yaml_error_text(str(lock), err)}: not valid YAML; "
+                           f"re-run `dvc repro` to rewrite it") from None
     for dep in (stages.get("prepare") or {}).get("deps") or []:
         if Path(dep.get("path", "")) == Path(raw_dir):
             return dep.get("md5") or dep.get("etag")

@@ -49,6 +49,11 @@ def read_yaml(path: Path) -> dict[str, Any]:
     return raw
 
 
+def yaml_error_text(name: str, err: yaml.YAMLError) -> str:
+    """One line for a YAML error: the file, line and column, and what the parser found there."""
+    return f"{_where(name, err)}: {_yaml_problem(err)}"
+
+
 def _where(name: str, err: yaml.YAMLError) -> str:
     mark = getattr(err, "problem_mark", None) or getattr(err, "context_mark", None)
     return f"{name}, line {mark.line + 1}, column {mark.column + 1}" if mark is not None else name

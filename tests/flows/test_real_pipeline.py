@@ -32,9 +32,10 @@ SUMMARY_KEYS = {"stages", "stages_run", "stages_skipped", "data_md5", "n_images"
 pytestmark = pytest.mark.usefixtures("prefect_harness")
 
 
-@pytest.fixture
-def project(tmp_path: Path) -> Path:
-    root = init_dvc_repo(tmp_path / "project")
+@pytest.fixture(scope="module")
+def project(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """One project for the module: the experiment test reuses the stages the flow test ran (DVC's run cache)."""
+    root = init_dvc_repo(tmp_path_factory.mktemp("real") / "project")
     apply_overrides_to_file(root / "params.yaml", TINY_MODEL)  # committed, as a user sets their params
     write_image_folder(root / "data" / "raw", classes=3, per_class=10, size=32)
     (root / ".gitignore").write_text("__pycache__/\n")
@@ -77,6 +78,7 @@ def test_real_stages_then_demo_on_unchanged_data_skips_all_and_does_not_promote(
 @pytest.mark.timeout(900)
 def test_an_experiment_at_a_desk_shows_its_numbers_and_never_leaves_params_changed(project: Path) -> None:
     # What `make exp ARGS='-S ...'` runs: the experiment in DVC's temporary copy of the workspace.
+    # After the test above, the stages before train come from DVC's run cache.
     params_before = (project / "params.yaml").read_bytes()
     run(["dvc", "exp", "run", "--temp", "-S", "train.head.epochs=2", "--name", "two-epochs"], project)
     assert (project / "params.yaml").read_bytes() == params_before
