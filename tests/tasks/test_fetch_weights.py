@@ -16,7 +16,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from tasks.fetch_weights import PACKAGED_SHA256, ensure_cached, fetch_weights, map_by_position
+from tasks.fetch_weights import PACKAGED_SHA256, fetch_weights, map_by_position
+from tasks.lib.download import ensure_cached
 from tasks.lib.cli import StageError
 from tasks.lib.config import ModelParams
 from tasks.lib.io import sha256_file
