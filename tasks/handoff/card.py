@@ -40,7 +40,7 @@ LIMITATIONS = (
     "Judged only on the held-out test split of the data version above; images unlike it "
     "(other cameras, backgrounds, resolutions, classes not listed) may be classified confidently and wrongly.",
     "Always answers with one of the listed classes: there is no 'unknown' output, so screen out-of-scope inputs upstream.",
-    "The `probabilities` output is calibrated on the validation split (temperature scaling); it is only as "
+    "The probabilities output is calibrated on the validation split (temperature scaling); it is only as "
     "calibrated as the ECE above says, and less so on images unlike the training data.",
 )
 
