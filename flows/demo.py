@@ -115,19 +115,12 @@ def main() -> int:
         print(f"error: {err}", file=sys.stderr)
         return 1
     from flows.retrain import retrain  # imports Prefect (~3 s): after the cheap checks
-    from flows.server import ServerError, prefect_api
+    from flows.server import run_flow_command
 
-    from flows.processes import sigterm_as_interrupt
-
-    try:
-        with sigterm_as_interrupt(), prefect_api(root, say=lambda text: print(text, file=sys.stderr)):
-            state = retrain(root=str(root), return_state=True)
-    except ServerError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        print("demo interrupted; its stage, lock and temporary server are stopped", file=sys.stderr)
-        return 130
+    state = run_flow_command(root, lambda: retrain(root=str(root), return_state=True),
+                             "demo interrupted; its stage, lock and temporary server are stopped")
+    if isinstance(state, int):
+        return state
     run_id = str(state.state_details.flow_run_id)
     if not state.is_completed():
         print(f"error: the retrain flow ended {state.name}: {state.message}", file=sys.stderr)

@@ -36,8 +36,7 @@ from prefect.tasks import exponential_backoff
 from flows.data_version import dvc_file, is_workspace_version, isolated_copy, md5_in_workspace, raw_has_files
 from flows.dvc_runner import TransientFailure, run_checked, run_streamed, stage_outcome
 from flows.lock import describe_holder, retrain_lock
-from flows.processes import sigterm_as_interrupt
-from flows.server import ServerError, prefect_api
+from flows.server import run_flow_command
 from tasks.lib.config import Params, ParamsError, apply_overrides_to_file, load_params
 from tasks.lib.io import read_json
 
@@ -326,18 +325,12 @@ def main(argv: list[str] | None = None) -> int:
     except ParamsError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    try:
-        with sigterm_as_interrupt(), prefect_api(root, say=lambda text: print(text, file=sys.stderr)):
-            state = retrain(data_rev=args.data_rev, overrides=args.set, push=args.push,
-                            publish=not args.no_publish, root=str(root),
-                            lock_wait_minutes=args.lock_wait_minutes, return_state=True)
-    except ServerError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:   # Ctrl-C or SIGTERM: the copy, the lock and the server are already cleaned up
-        print("retrain interrupted; its stage, lock, working copy and temporary server are stopped or removed",
-              file=sys.stderr)
-        return 130
+    state = run_flow_command(root, lambda: retrain(
+        data_rev=args.data_rev, overrides=args.set, push=args.push, publish=not args.no_publish, root=str(root),
+        lock_wait_minutes=args.lock_wait_minutes, return_state=True),
+        "retrain interrupted; its stage, lock, working copy and temporary server are stopped or removed")
+    if isinstance(state, int):
+        return state
     result = state.result(raise_on_failure=False)
     if state.is_completed():
         print(json.dumps(result_line(result), default=str))

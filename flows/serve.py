@@ -173,7 +173,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"error: the Prefect server port (PREFECT_SERVER_API_PORT or prefect.toml server.api.port): "
                   f"{err}", file=sys.stderr)
             return 2
-    return supervise(args.params.resolve().parent, args)
+    return supervise(root, args)
 
 
 if __name__ == "__main__":

@@ -28,9 +28,9 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable
 
-from flows.processes import spawn, stop_process_group
+from flows.processes import sigterm_as_interrupt, spawn, stop_process_group
 
 STATE_NAME = "server.json"
 STOP_GRACE_S = 8.0
@@ -201,6 +201,21 @@ def prefect_api(root: Path, say: Callable[[str], None] = lambda _: None) -> Iter
             else:
                 os.environ["PREFECT_API_URL"] = previous
             refresh_global_settings_context()
+
+
+def run_flow_command(root: Path, start: Callable[[], Any], interrupted: str) -> Any | int:
+    """What a flow's command line does around its flow: `start()` against the project's server, with
+    SIGTERM unwinding like Ctrl-C. Its final state, or the exit code after saying why on stderr:
+    1 when no server could be had, 130 when interrupted (`interrupted` says what was stopped)."""
+    try:
+        with sigterm_as_interrupt(), prefect_api(root, say=lambda text: print(text, file=sys.stderr)):
+            return start()
+    except ServerError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:   # the copy, the lock and the server are already cleaned up by their `finally`s
+        print(interrupted, file=sys.stderr)
+        return 130
 
 
 def drain_prefect_workers(timeout_s: float = 10.0) -> None:

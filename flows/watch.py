@@ -24,9 +24,8 @@ from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
 from flows.data_version import DataVersionError, check_rev, md5_at
-from flows.processes import sigterm_as_interrupt
 from flows.retrain import retrain
-from flows.server import ServerError, prefect_api
+from flows.server import run_flow_command
 from tasks.handoff.registry import open_registry
 from tasks.lib.config import Params, ParamsError, load_params
 from tasks.lib.io import read_json, write_json
@@ -118,15 +117,11 @@ def main(argv: list[str] | None = None) -> int:
     except ParamsError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    try:   # the project's server (or the one PREFECT_API_URL names), as retrain and serve use
-        with sigterm_as_interrupt(), prefect_api(root, say=lambda text: print(text, file=sys.stderr)):
-            state = watch(branch=args.branch, root=str(root), return_state=True)
-    except ServerError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        print("watch interrupted; the retrain it started (if any) is stopped", file=sys.stderr)
-        return 130
+    # The project's server (or the one PREFECT_API_URL names), as retrain and serve use.
+    state = run_flow_command(root, lambda: watch(branch=args.branch, root=str(root), return_state=True),
+                             "watch interrupted; the retrain it started (if any) is stopped")
+    if isinstance(state, int):
+        return state
     if not state.is_completed():
         print(f"watch {state.name}: {state.message}", file=sys.stderr)
         return 1

@@ -58,17 +58,17 @@ def run(params: Params) -> dict[str, Any]:
     logits = predict_logits(model, rows, params.data.raw_dir, meta["preprocessing"], cfg.batch_size, device)
     labels = np.array([row.label for row in rows], dtype=np.int64)
     temperature = float(meta.get("temperature") or 1.0)
-    probs = softmax(logits / temperature)
+    probs, raw_probs = softmax(logits / temperature), softmax(logits)
     metrics = compute_metrics(probs, labels, class_names, cfg.top_k, cfg.calibration_bins)
     metrics.update(intervals(probs.argmax(axis=1), labels, len(class_names)))
-    metrics.update(calibration_metrics(softmax(logits), labels, class_names, cfg.calibration_bins, temperature))
+    metrics.update(calibration_metrics(raw_probs, labels, class_names, cfg.calibration_bins, temperature))
     metrics.update(baseline_metrics(params, rows, labels, metrics["accuracy"], len(class_names)))
     metrics["test_split_sha256"] = split_digest(Path(params.data.prepared_dir) / "test.csv")
     reports = params.report_paths(Path("."))
-    write_plots(reports["evaluate_plots"], probs, labels, class_names, bins=cfg.calibration_bins,
-                uncalibrated=softmax(logits))
-    write_mistakes_grid(Path(cfg.out_dir) / "worst_mistakes.png", probs, labels, class_names, rows,
-                        params.data.raw_dir, cfg.worst_mistakes)
+    write_plots(reports["evaluate_plots"], probs, labels, class_names, metrics["per_class"],
+                bins=cfg.calibration_bins, uncalibrated=raw_probs)
+    write_mistakes_grid(reports["worst_mistakes"], probs, labels, class_names, rows, params.data.raw_dir,
+                        cfg.worst_mistakes)
     write_json(reports["test_predictions"], predictions_record(rows, probs, metrics["test_split_sha256"]))
     write_json(reports["test_metrics"], metrics)
     log.info("test accuracy %.4f %s, macro F1 %.4f, ECE %.4f (%.4f before calibration, T=%.3f) on %d images; "
@@ -164,8 +164,8 @@ def predict_probs(model: torch.nn.Module, rows: list[SplitRow], raw_dir: Path, p
 # --------------------------------------------------------------------------- plots
 
 
-def write_plots(out: Path, probs: np.ndarray, labels: np.ndarray, class_names: list[str], *, bins: int,
-                uncalibrated: np.ndarray | None = None) -> None:
+def write_plots(out: Path, probs: np.ndarray, labels: np.ndarray, class_names: list[str],
+                per_class: dict[str, dict[str, Any]], *, bins: int, uncalibrated: np.ndarray | None = None) -> None:
     """The data files of the DVC plots declared in dvc.yaml, and the same as PNG figures (tasks.lib.figures).
 
     reliability.json holds the bins of the calibrated probabilities (what the model
@@ -180,10 +180,10 @@ def write_plots(out: Path, probs: np.ndarray, labels: np.ndarray, class_names: l
         curves["raw softmax"] = reliability_bins(uncalibrated, labels, bins)
     for name, rows in zip(("reliability.json", "reliability_uncalibrated.json"), curves.values()):
         write_json(out / name, [{**row, "perfect": row["confidence"]} for row in rows])
-    f1 = compute_metrics(probs, labels, class_names, 1, bins)["per_class"]
-    write_json(out / "per_class_f1.json", [{"class": name, "f1": f1[name]["f1"]} for name in class_names])
+    f1 = [per_class[name]["f1"] for name in class_names]   # compute_metrics' per-class table
+    write_json(out / "per_class_f1.json", [{"class": name, "f1": value} for name, value in zip(class_names, f1)])
     figures.confusion(confusion_matrix(probs, labels, class_names), class_names, out / "confusion.png")
-    figures.per_class_f1(class_names, [f1[name]["f1"] for name in class_names], out / "per_class_f1.png")
+    figures.per_class_f1(class_names, f1, out / "per_class_f1.png")
     figures.reliability(curves, out / "reliability.png")
 
 
