@@ -18,7 +18,7 @@ second apart.
 All-or-nothing: on a local disk a version is written into a hidden `.tmp-*` folder and
 renamed into place; on object stores (no rename) its files are written under the final
 name and `COMPLETE` (a manifest of every file's sha256) is written last. Either way
-readers see only versions that have COMPLETE; a crash leaves nothing visible.
+readers see only versions that have COMPLETE; a crash leaves nothing visible (`registry_files`).
 
 Nothing read from a registry is trusted: every version is verified (hashes against its
 manifest and lineage) before the pointer is moved onto it, a damaged JSON file is
@@ -35,11 +35,8 @@ from __future__ import annotations
 
 import datetime as dt
 import json
-import os
-import shutil
 import time
 import uuid
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -47,6 +44,7 @@ import fsspec
 from fsspec.implementations.local import LocalFileSystem
 
 from tasks.handoff.lineage import missing_fields
+from tasks.handoff.registry_files import MARKER, write_local, write_object_store
 from tasks.handoff.registry_pointer import (
     POINTER,
     REPAIR_HINT,
@@ -63,19 +61,10 @@ from tasks.lib.io import StorageError, atomic_write_bytes, explained_storage_err
 __all__ = ["ANY", "MARKER", "POINTER", "VERSION_FILES", "Registry", "RegistryError", "new_version_id",
            "open_registry"]
 
-MARKER = "COMPLETE"
 PROMOTIONS = "promotions"   # create-only records of pointer moves: they survive a lost pointer, on any store
 VERSION_FILES = ("model.onnx", "README.md", "card.json", "metrics.json", "export_report.json", "lineage.json",
                  "decision.json")
-# Test hook: called with a stage name ("version_files_written", "version_committed") so a
-# test can kill the process or raise exactly there and prove a crash leaves no half state.
-CRASH_HOOK: Callable[[str], None] | None = None
 ANY = object()  # promote(expected=ANY): move the pointer whatever production is now
-
-
-def _crash_point(stage: str) -> None:
-    if CRASH_HOOK is not None:
-        CRASH_HOOK(stage)
 
 
 def new_version_id(onnx_sha256: str, now: dt.datetime | None = None) -> str:
@@ -273,41 +262,12 @@ class Registry:
         try:
             with explained_storage_errors(self.url(version)):
                 if self.local:
-                    self._write_local(version, files, marker)
+                    write_local(Path(self.root), self._path(version), files, marker)
                 else:
-                    self._write_object_store(version, files, marker)
+                    write_object_store(self.fs, self._path(version), files, marker)
         except StorageError as err:
             raise RegistryError(str(err)) from None
         return self.url(version)
-
-    def _write_local(self, version: str, files: dict[str, bytes], marker: bytes) -> None:
-        self._sweep_stale_tmp()
-        tmp = Path(self._path(f".tmp-{version}-{uuid.uuid4().hex[:8]}"))
-        tmp.mkdir(parents=True)
-        try:
-            for name, data in files.items():
-                _write_synced(tmp / name, data)
-            _crash_point("version_files_written")
-            _write_synced(tmp / MARKER, marker)
-            # rename(2) of a directory is atomic and fails if the target exists and is non-empty.
-            os.rename(tmp, self._path(version))
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
-        _crash_point("version_committed")
-
-    def _sweep_stale_tmp(self, max_age_s: float = 3600) -> None:
-        """Remove temp folders a killed writer left behind (old enough that no writer still owns them)."""
-        for tmp in Path(self.root).glob(".tmp-*"):
-            if time.time() - tmp.stat().st_mtime > max_age_s:
-                shutil.rmtree(tmp, ignore_errors=True)
-
-    def _write_object_store(self, version: str, files: dict[str, bytes], marker: bytes) -> None:
-        for name, data in files.items():
-            self.fs.pipe_file(self._path(version, name), data)
-        _crash_point("version_files_written")
-        self.fs.pipe_file(self._path(version, MARKER), marker)  # last: readers check it
-        _crash_point("version_committed")
 
     # ----------------------------------------------------------------- pointer moves
 
@@ -450,13 +410,6 @@ class Registry:
         if lineage["onnx_sha256"] != _sha256_fs(self.fs, self._path(version, "model.onnx")):
             return ["model.onnx sha256 does not match lineage.onnx_sha256"]
         return []
-
-
-def _write_synced(path: Path, data: bytes) -> None:
-    with open(path, "wb") as handle:
-        handle.write(data)
-        handle.flush()
-        os.fsync(handle.fileno())
 
 
 def _sha256_fs(fs: Any, path: str) -> str:

@@ -31,8 +31,10 @@ from tasks.lib.config_support import (
     has_bool,
     numeric,
     parse_override,
+    parse_overrides,
     read_yaml,
     schema_rows,
+    set_dotted,
 )
 from tasks.lib.console import quiet_broken_pipe
 
@@ -367,9 +369,9 @@ def load_params(path: Path | str = DEFAULT_PARAMS, overrides: dict[str, Any] | l
     """
     path = Path(path)
     raw = read_yaml(path)
-    parsed = _parse_overrides(overrides)
+    parsed = parse_overrides(overrides)
     for key, value in parsed.items():
-        _set_dotted(raw, key, value)
+        set_dotted(raw, key, value)
     count_values(raw, f"{path} with its overrides")
     try:
         return Params.model_validate(raw, context={"check_arch": check_arch})
@@ -382,31 +384,12 @@ def apply_overrides_to_file(path: Path | str, overrides: dict[str, Any] | list[s
     path = Path(path)
     params = load_params(path, overrides, check_arch=True)
     raw = read_yaml(path)
-    for key, value in _parse_overrides(overrides).items():
-        _set_dotted(raw, key, value)
+    for key, value in parse_overrides(overrides).items():
+        set_dotted(raw, key, value)
     from tasks.lib.io import atomic_write_text  # local: io imports nothing from here
 
     atomic_write_text(path, yaml.safe_dump(raw, sort_keys=False))
     return params
-
-
-def _parse_overrides(overrides: dict[str, Any] | list[str] | None) -> dict[str, Any]:
-    if not overrides:
-        return {}
-    if isinstance(overrides, dict):
-        return dict(overrides)
-    return dict(parse_override(item) for item in overrides)
-
-
-def _set_dotted(raw: dict[str, Any], dotted: str, value: Any) -> None:
-    node = raw
-    parts = dotted.split(".")
-    for part in parts[:-1]:
-        child = node.setdefault(part, {})
-        if not isinstance(child, dict):
-            raise ParamsError(f"override -S {dotted}: {part} is a value, not a section")
-        node = child
-    node[parts[-1]] = value
 
 
 def schema_keys(model: type[BaseModel] = Params, prefix: str = "") -> set[str]:

@@ -119,6 +119,27 @@ def parse_override(text: str) -> tuple[str, Any]:
     return key, parsed
 
 
+def parse_overrides(overrides: dict[str, Any] | list[str] | None) -> dict[str, Any]:
+    """Overrides as {dotted key: value}, from a dict or `key=value` strings (values parsed as YAML)."""
+    if not overrides:
+        return {}
+    if isinstance(overrides, dict):
+        return dict(overrides)
+    return dict(parse_override(item) for item in overrides)
+
+
+def set_dotted(raw: dict[str, Any], dotted: str, value: Any) -> None:
+    """Set raw[a][b][c] = value for dotted "a.b.c", creating sections on the way."""
+    node = raw
+    parts = dotted.split(".")
+    for part in parts[:-1]:
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise ParamsError(f"override -S {dotted}: {part} is a value, not a section")
+        node = child
+    node[parts[-1]] = value
+
+
 # --------------------------------------------------------------------------- checks that need another library
 
 

@@ -18,7 +18,8 @@ from tasks.lib.cli import StageError
 from tasks.lib.config import PrepareParams
 from tasks.lib.images import BadImage, load_rgb
 from tasks.lib.io import read_split
-from tasks.prepare import Counts, prepare, split_fraction
+from tasks.lib.splits import split_fraction
+from tasks.prepare import Counts, prepare
 from tests.conftest import init_dvc_repo, run, write_image_folder
 
 

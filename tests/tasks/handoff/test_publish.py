@@ -280,12 +280,12 @@ def test_missing_lineage_blocks_promotion(project):
 CRASH_SCRIPT = """
 import os, signal, sys
 from pathlib import Path
-import tasks.handoff.registry as registry
+import tasks.handoff.registry_files as registry_files
 from tasks.lib.config import load_params
 from tasks.handoff.publish import publish_candidate
 
 stage = sys.argv[1]
-registry.CRASH_HOOK = lambda at: os.kill(os.getpid(), signal.SIGKILL) if at == stage else None
+registry_files.CRASH_HOOK = lambda at: os.kill(os.getpid(), signal.SIGKILL) if at == stage else None
 publish_candidate(load_params(Path("params.yaml")), Path.cwd(), None)
 """
 

@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 
 import tasks.handoff.registry as registry_module
+import tasks.handoff.registry_files as registry_files
 from tasks.handoff.publish import publish_candidate
 from tasks.handoff.registry import Registry, RegistryError, new_version_id, open_registry
 from tests.conftest import VENV_BIN, run
@@ -54,7 +55,7 @@ def test_versions_are_immutable_and_half_written_ones_invisible(tmp_path: Path, 
         if stage == "version_files_written":
             raise OSError("disk full")
 
-    monkeypatch.setattr(registry_module, "CRASH_HOOK", explode)
+    monkeypatch.setattr(registry_files, "CRASH_HOOK", explode)
     with pytest.raises(OSError, match="disk full"):
         reg.write_version(new_version_id("34" * 32), FILES)
     assert reg.versions() == [version]
@@ -239,12 +240,12 @@ def test_the_same_registry_on_s3(tmp_path: Path, s3_endpoint: str, monkeypatch):
 
     # A crash before COMPLETE leaves the objects there but the version invisible.
     set_candidate(root, tag="v3", macro_f1=0.95)
-    monkeypatch.setattr(registry_module, "CRASH_HOOK",
+    monkeypatch.setattr(registry_files, "CRASH_HOOK",
                         lambda stage: (_ for _ in ()).throw(OSError("lost connection"))
                         if stage == "version_files_written" else None)
     with pytest.raises(OSError, match="lost connection"):
         publish_candidate(params, root, "run-3")
-    monkeypatch.setattr(registry_module, "CRASH_HOOK", None)
+    monkeypatch.setattr(registry_files, "CRASH_HOOK", None)
     assert reg.versions() == [v1, v2] and reg.production() == v2
 
     reg.rollback()
