@@ -64,12 +64,18 @@ demo-data:
 demo: install demo-data
 	$(PY) -m flows.demo
 
+# The suite runs on TEST_WORKERS processes (pytest-xdist), one more than the cores: much of it waits on
+# servers and subprocesses. One test at a time per worker, the longest first (tests/conftest.py),
+# so no long test is left running alone at the end. TEST_WORKERS=0 runs it in this process.
+TEST_WORKERS ?= $(shell echo $$(( $$(nproc) + 1 )))
+PYTEST_WORKERS = $(if $(filter 0,$(TEST_WORKERS)),,-n $(TEST_WORKERS) --dist load --maxschedchunk 1)
+
 test: install demo-data
-	$(PY) -m pytest
+	$(PY) -m pytest $(PYTEST_WORKERS)
 
 # Daily work: everything but the tests marked slow (whole pipelines, real servers); CI runs them all.
 test-fast: install demo-data
-	$(PY) -m pytest -m "not slow"
+	$(PY) -m pytest $(PYTEST_WORKERS) -m "not slow"
 
 serve: install
 	$(PY) -m flows.serve --port $(PORT)

@@ -60,6 +60,19 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
 
 
 
+def expected_seconds(item: pytest.Item) -> float:
+    """How long a test takes on 2 busy cores: `@pytest.mark.slow(seconds=N)`, 30 for a bare `slow`, else 0."""
+    marker = item.get_closest_marker("slow")
+    return 0.0 if marker is None else float(marker.kwargs.get("seconds", 30))
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Longest tests first: with several workers (`make test` runs pytest-xdist) the short ones then
+    fill in around them instead of one long test running alone at the end. A stable sort: the
+    order within equal weights stays the collection order."""
+    items.sort(key=lambda item: -expected_seconds(item))
+
+
 FASHION_MNIST = Path(os.environ.get("FASHION_MNIST_DIR", "/usr/share/datasets/fashion-mnist"))
 
 

@@ -105,7 +105,7 @@ def fresh_clone(dest: Path) -> Path:
     return dest
 
 
-@pytest.mark.slow
+@pytest.mark.slow(seconds=240)
 @pytest.mark.timeout(1800)
 @pytest.mark.skipif(not DEMO_SOURCE.is_dir(), reason="Debian's dataset-fashion-mnist is not installed "
                                                      "(make test installs it)")

@@ -10,7 +10,7 @@ import pytest
 from tests.conftest import REPO_ROOT, run
 
 
-@pytest.mark.slow
+@pytest.mark.slow(seconds=35)
 def test_data_scale_prints_a_table_and_ends_with_the_json_report(tmp_path) -> None:
     proc = run([sys.executable, "benchmarks/data_scale.py", "--n", "20", "--classes", "2", "--added", "0.1",
                 "--workers", "2", "--work", str(tmp_path / "work")], REPO_ROOT, env={"OMP_NUM_THREADS": "1"})

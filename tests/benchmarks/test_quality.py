@@ -15,7 +15,7 @@ TINY = ["model.arch=mobilenet_v3_small", "model.weights=none", "train.image_size
         "train.head.epochs=1", "train.finetune.epochs=1", "train.num_workers=0", "evaluate.worst_mistakes=0"]
 
 
-@pytest.mark.slow
+@pytest.mark.slow(seconds=50)
 def test_cpu_run_on_digits_scores_baselines_tutorial_and_project_on_the_same_images(tmp_path: Path) -> None:
     out = tmp_path / "out"
     cmd = [sys.executable, "benchmarks/quality.py", "--dataset", "digits", "--device", "cpu", "--tutorial-epochs",

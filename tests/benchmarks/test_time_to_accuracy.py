@@ -34,7 +34,7 @@ def test_splits_are_55k_train_5k_stratified_val_and_exactly_the_official_test_se
     assert [len(small[s][1]) for s in ("train", "val", "test")] == [30, 30, 30]
 
 
-@pytest.mark.slow
+@pytest.mark.slow(seconds=50)
 @needs_fashion
 def test_a_tiny_run_goes_through_every_stage_and_reports_the_curve(tmp_path: Path) -> None:
     work, out = tmp_path / "work", tmp_path / "out"

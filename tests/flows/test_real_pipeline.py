@@ -33,7 +33,7 @@ def project(tmp_path: Path) -> Path:
     return root
 
 
-@pytest.mark.slow
+@pytest.mark.slow(seconds=75)
 @pytest.mark.timeout(900)
 def test_an_experiment_at_a_desk_shows_its_numbers_and_never_leaves_params_changed(project: Path) -> None:
     # What `make exp ARGS='-S ...'` runs: the experiment in DVC's temporary copy of the workspace.

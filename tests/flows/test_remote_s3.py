@@ -60,7 +60,7 @@ def pull_only(root: str) -> str:
     return pull_data(Path(root), Path("data/raw"))
 
 
-@pytest.mark.slow
+@pytest.mark.slow(seconds=70)
 def test_push_to_s3_then_a_fresh_clone_pulls_data_and_outputs(tiny_project: Path, s3_endpoint: str,
                                                               tmp_path: Path) -> None:
     run(["dvc", "remote", "add", "-d", "s3", f"s3://{BUCKET}/store"], tiny_project)

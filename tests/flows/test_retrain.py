@@ -126,7 +126,7 @@ def test_a_busy_project_exits_with_a_clear_message_when_told_not_to_wait(tiny_pr
     assert str(lock_path(tiny_project)) in message
 
 
-@pytest.mark.slow
+@pytest.mark.slow(seconds=45)
 @pytest.mark.timeout(300)
 @pytest.mark.parametrize("sig", ["SIGTERM", "SIGKILL"])
 def test_a_signal_during_a_stage_leaves_params_and_no_process_behind(tiny_project: Path, tmp_path: Path,

@@ -43,7 +43,7 @@ def wait_for(check, timeout: float, what: str, proc: subprocess.Popen, log: Path
     raise AssertionError(f"{what}; serve's output:\n{log.read_text(errors='replace')[-4000:]}")
 
 
-@pytest.mark.slow
+@pytest.mark.slow(seconds=90)
 @pytest.mark.timeout(600)
 def test_serve_starts_a_server_whose_schedule_fires_and_one_sigint_stops_everything(
         tiny_project: Path, tmp_path: Path) -> None:

@@ -90,7 +90,7 @@ def wait_for(check, timeout: float, describe, proc: subprocess.Popen | None = No
     raise AssertionError(describe())
 
 
-@pytest.mark.slow
+@pytest.mark.slow(seconds=55)
 @pytest.mark.timeout(600)
 def test_serve_schedules_then_worker_runs_a_triggered_retrain(server: Server, tiny_project: Path) -> None:
     spec = yaml.safe_load((REPO_ROOT / "prefect.yaml").read_text())

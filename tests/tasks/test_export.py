@@ -147,7 +147,7 @@ def _upstream_outputs(repo: Path) -> None:
     run(["dvc", "add", "-q", "data/raw"], repo)
 
 
-@pytest.mark.slow
+@pytest.mark.slow(seconds=75)
 def test_dvc_repro_evaluate_and_export(tmp_path: Path) -> None:
     repo = init_dvc_repo(tmp_path / "repo")
     _upstream_outputs(repo)

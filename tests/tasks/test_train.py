@@ -245,7 +245,7 @@ ON_CUDA = pytest.param("cuda", marks=[pytest.mark.gpu, pytest.mark.skipif(not to
                                                                            reason="needs a CUDA device")])
 
 
-@pytest.mark.slow
+@pytest.mark.slow(seconds=35)
 @pytest.mark.parametrize("device", ["cpu", ON_CUDA])
 def test_resume_after_sigkill_gives_the_same_parameters_as_a_straight_run(project: Path, device: str) -> None:
     # 6 epochs: 2 head (cached features), 4 fine-tuning with augmentation and dropout (RNG state matters).
@@ -277,7 +277,7 @@ def test_resume_after_sigkill_gives_the_same_parameters_as_a_straight_run(projec
         json.loads((project / "killed" / "train.json").read_text())["val_accuracy"]
 
 
-@pytest.mark.slow
+@pytest.mark.slow(seconds=30)
 def test_ddp_with_two_gloo_processes(project: Path) -> None:
     params_file = write_params_file(project, **{"train.nproc_per_node": 2})
     proc = run([sys.executable, "-m", "tasks.train", "--params", str(params_file)], cwd=REPO_ROOT)
