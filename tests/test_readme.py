@@ -134,6 +134,27 @@ def test_every_readme_command_runs_as_written(tmp_path: Path) -> None:
     assert len(ran) >= 4
     check_what_the_pipeline_commands_said(clone, blocks_running(clone, "make demo", outputs),
                                           blocks_running(clone, "python -m flows.retrain", outputs))
+    check_the_experiments(clone)
+
+
+def check_the_experiments(clone: Path) -> None:
+    """`make exp ARGS='-S train.head.epochs=10'` (the README's) ran in DVC's temporary copy: `dvc exp show`
+    has its numbers and params, params.yaml is as committed; a failing experiment leaves it so too."""
+    committed = run(["git", "show", "HEAD:params.yaml"], clone).stdout
+    assert (clone / "params.yaml").read_text() == committed
+    env = {"PATH": f"{clone / '.venv' / 'bin'}{os.pathsep}{os.environ['PATH']}"}
+    shown = json.loads(run([".venv/bin/dvc", "exp", "show", "--json"], clone, env=env).stdout)
+    revs = [rev for commit in shown for exp in commit.get("experiments") or [] for rev in exp.get("revs", [])]
+    ours = [rev["data"] for rev in revs
+            if (((rev.get("data") or {}).get("params") or {}).get("params.yaml") or {}).get("data", {})
+            .get("train", {}).get("head", {}).get("epochs") == 10]
+    assert ours, shown
+    metrics = ours[0]["metrics"]["metrics/evaluate.json"]["data"]
+    assert isinstance(metrics["accuracy"], float) and isinstance(metrics["macro_f1"], float)
+
+    failed = run([".venv/bin/dvc", "exp", "run", "--temp", "-S", "train.head.epochs=0"], clone, check=False, env=env)
+    assert failed.returncode != 0 and "no epoch was trained" in failed.stdout + failed.stderr
+    assert (clone / "params.yaml").read_text() == committed
 
 
 SUMMARY_KEYS = {"stages", "stages_run", "stages_skipped", "data_md5", "n_images", "rejected", "wall_s", "arch",
@@ -154,17 +175,21 @@ def blocks_running(clone: Path, command: str, outputs: dict[int, str]) -> list[d
 
 
 def check_what_the_pipeline_commands_said(clone: Path, demo: list[dict], retrains: list[dict]) -> None:
-    """The first `make demo` runs every real stage and promotes the first model; the plain retrain after
-    it skips every stage and promotes nothing (the same model); the override run goes through every
-    stage in its own copy."""
+    """The first `make demo` runs every real stage and promotes the first model; the second finds
+    nothing to do without the flow; the plain retrain after them skips every stage and promotes
+    nothing (the same model); the override run goes through every stage in its own copy."""
     stages = list(yaml.safe_load((clone / "dvc.yaml").read_text())["stages"])
-    (summary,) = demo
+    summary, again = demo
     assert set(summary) == SUMMARY_KEYS
     assert summary["stages_run"] == stages and summary["flow_state"] == "Completed"
     assert summary["promoted"] is True and "bootstrap" in summary["reason"]
     assert Path(summary["model_card"]).exists() and (clone / summary["onnx"]).exists()
     assert summary["arch"] == "mobilenet_v3_small" and summary["rejected"] == 0
     assert summary["onnx_max_abs_diff"] <= 1e-4
+    assert set(again) == SUMMARY_KEYS and again["flow_state"] == "Up to date" and again["flow_run_id"] is None
+    assert again["stages_run"] == [] and again["stages_skipped"] == stages and again["promoted"] is False
+    assert again["registry_version"] == summary["registry_version"]
+    assert again["test_accuracy"] == summary["test_accuracy"] and again["model_card"] == summary["model_card"]
     unchanged, override = retrains
     assert unchanged["stages_run"] == [] and unchanged["promoted"] is False
     assert unchanged["reason"] == "no improvement"

@@ -1,4 +1,5 @@
-"""flows.demo: the demo data step keeps the committed data/raw.dvc; missing outputs are named."""
+"""flows.demo: the demo data step keeps the committed data/raw.dvc; missing outputs are named; a run that
+could change nothing is answered without the flow."""
 
 from __future__ import annotations
 
@@ -8,9 +9,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from flows.demo import DemoError, build_summary, ensure_demo_data
+from flows.demo import DemoError, build_summary, ensure_demo_data, up_to_date_result
 from tasks.lib.config import load_params
-from tests.conftest import REPO_ROOT, run
+from tests.conftest import REPO_ROOT, run, write_image_folder
 
 
 @pytest.mark.slow
@@ -46,3 +47,39 @@ def test_summary_names_every_missing_output(tmp_path: Path) -> None:
     for path in ("data/prepared/report.json", "artifacts/weights/weights.json", "metrics/train.json",
                  "metrics/evaluate.json", "metrics/export.json"):
         assert path in str(err.value)
+
+
+def test_a_run_that_could_change_nothing_is_answered_without_the_flow(tmp_path: Path) -> None:
+    """Up to date = no retrain running, `dvc status` clean and production already this ONNX file;
+    each of those failing sends `make demo` through the flow."""
+    from flows.lock import retrain_lock
+    from tasks.handoff.publish import publish_candidate
+    from tests.tasks.handoff.test_publish import GOOD, make_params, make_project, set_candidate
+
+    params = make_params()
+    root = make_project(tmp_path / "proj", params)
+    set_candidate(root)
+    (root / "dvc.yaml").write_text("stages:\n  prepare:\n    cmd: 'true'\n    deps: [data/raw]\n")
+    run(["dvc", "init", "-q"], root)
+    run(["dvc", "repro", "-q"], root)
+    run(["git", "add", "-A"], root)
+    run(["git", "commit", "-q", "-m", "a one-stage pipeline"], root)
+    assert up_to_date_result(root, params) is None   # nothing published yet: the gate has a decision to make
+
+    version = publish_candidate(params, root, "run-1")["registry_version"]
+    current = up_to_date_result(root, params)
+    assert current is not None and current["flow_run_id"] is None
+    assert current["stages_run"] == [] and current["stages_skipped"] == ["prepare"]
+    assert current["publish"]["registry_version"] == version and current["publish"]["promoted"] is False
+    assert Path(current["publish"]["model_card"]).exists()
+
+    with retrain_lock(root, 0, {"flow_run_id": "another"}):   # a retrain under way decides for itself
+        assert up_to_date_result(root, params) is None
+
+    set_candidate(root, weight=GOOD * 2, tag="b")   # a model that is not production yet
+    assert up_to_date_result(root, params) is None
+    set_candidate(root)
+    assert up_to_date_result(root, params) is not None
+
+    write_image_folder(root / "data/raw", classes=3, per_class=5, size=32)   # one more image per class
+    assert up_to_date_result(root, params) is None   # dvc status: prepare's deps changed
