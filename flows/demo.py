@@ -75,12 +75,12 @@ def _result_if_current(root: Path, params: Params) -> dict[str, Any] | None:
     onnx = params.report_paths(root)["onnx"]
     if not stages or not onnx.exists():
         return None
-    status = subprocess.run(["dvc", "status", "--json"], cwd=root, capture_output=True, text=True,
-                            env=subprocess_env())
     try:
+        status = subprocess.run(["dvc", "status", "--json"], cwd=root, capture_output=True, text=True,
+                                env=subprocess_env())
         if status.returncode != 0 or json.loads(status.stdout or "{}"):
             return None   # something is stale (or DVC has a complaint the flow will report)
-    except ValueError:
+    except (OSError, ValueError):   # no dvc, or output that is not JSON: the flow reports it
         return None
     from tasks.handoff.registry import RegistryError, open_registry  # the registry side: only when needed
     from tasks.lib.io import StorageError
