@@ -23,7 +23,7 @@ from typing import Any
 import yaml
 
 from flows.data_version import dvc_file, md5_in_workspace, raw_has_files
-from flows.dvc_runner import subprocess_env
+from flows.dvc_runner import read_stages, subprocess_env
 from flows.lock import RetrainBusy, retrain_lock
 from tasks.lib.cli import StageError
 from tasks.lib.config import Params, ParamsError, load_params
@@ -71,9 +71,12 @@ def up_to_date_result(root: Path, params: Params) -> dict[str, Any] | None:
 
 
 def _result_if_current(root: Path, params: Params) -> dict[str, Any] | None:
-    stages = list((yaml.safe_load((root / "dvc.yaml").read_text()) or {}).get("stages") or {})
     onnx = params.report_paths(root)["onnx"]
-    if not stages or not onnx.exists():
+    if not onnx.exists():
+        return None
+    try:
+        stages = read_stages(root)
+    except (OSError, ValueError, yaml.YAMLError):   # no or bad dvc.yaml: the flow reports it
         return None
     try:
         status = subprocess.run(["dvc", "status", "--json"], cwd=root, capture_output=True, text=True,

@@ -4,6 +4,7 @@ The retrain flow runs every DVC stage through `run_streamed`: each line the
 stage prints reaches the Prefect run log as it is printed (not after the stage
 ends), the last lines are kept for the error message, and a timeout kills the
 whole process group (dvc and the stage's python under it), not just dvc.
+`read_stages` lists dvc.yaml's stages; nothing here imports Prefect.
 """
 
 from __future__ import annotations
@@ -21,6 +22,8 @@ from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Literal
+
+import yaml
 
 from flows.processes import guarded, spawn
 
@@ -60,6 +63,17 @@ class CommandResult:
     stderr_tail: list[str] = field(default_factory=list)
     timed_out: bool = False
     dvc_stage_lines: list[str] = field(default_factory=list)
+
+
+def read_stages(workdir: Path) -> list[str]:
+    """Stage names in dvc.yaml's order (the order they depend on each other)."""
+    path = workdir / "dvc.yaml"
+    if not path.exists():
+        raise FileNotFoundError(f"{path} not found: the retrain flow runs the stages of a DVC project")
+    stages = list((yaml.safe_load(path.read_text()) or {}).get("stages") or {})
+    if not stages:
+        raise ValueError(f"{path} defines no stages")
+    return stages
 
 
 def subprocess_env(extra: dict[str, str] | None = None) -> dict[str, str]:

@@ -26,7 +26,6 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-import yaml
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import NO_CACHE
@@ -34,7 +33,7 @@ from prefect.runtime import flow_run
 from prefect.tasks import exponential_backoff
 
 from flows.data_version import dvc_file, is_workspace_version, isolated_copy, md5_in_workspace, raw_has_files
-from flows.dvc_runner import TransientFailure, run_checked, run_streamed, stage_outcome
+from flows.dvc_runner import TransientFailure, read_stages, run_checked, run_streamed, stage_outcome
 from flows.lock import describe_holder, retrain_lock
 from flows.server import run_flow_command
 from tasks.lib.config import Params, ParamsError, apply_overrides_to_file, load_params
@@ -212,17 +211,6 @@ def working_copy(project: Path, data_rev: str | None, overrides: list[str], raw_
         return
     with isolated_copy(project, data_rev, log) as workdir:
         yield workdir
-
-
-def read_stages(workdir: Path) -> list[str]:
-    """Stage names in dvc.yaml's order (the order they depend on each other)."""
-    path = workdir / "dvc.yaml"
-    if not path.exists():
-        raise FileNotFoundError(f"{path} not found: the retrain flow runs the stages of a DVC project")
-    stages = list((yaml.safe_load(path.read_text()) or {}).get("stages") or {})
-    if not stages:
-        raise ValueError(f"{path} defines no stages")
-    return stages
 
 
 def stage_task(stage: str) -> Any:

@@ -146,8 +146,7 @@ def check_the_experiments(clone: Path) -> None:
     shown = json.loads(run([".venv/bin/dvc", "exp", "show", "--json"], clone, env=env).stdout)
     revs = [rev for commit in shown for exp in commit.get("experiments") or [] for rev in exp.get("revs", [])]
     ours = [rev["data"] for rev in revs
-            if (((rev.get("data") or {}).get("params") or {}).get("params.yaml") or {}).get("data", {})
-            .get("train", {}).get("head", {}).get("epochs") == 10]
+            if dig(rev, "data", "params", "params.yaml", "data", "train", "head", "epochs") == 10]
     assert ours, shown
     metrics = ours[0]["metrics"]["metrics/evaluate.json"]["data"]
     assert isinstance(metrics["accuracy"], float) and isinstance(metrics["macro_f1"], float)
@@ -155,6 +154,13 @@ def check_the_experiments(clone: Path) -> None:
     failed = run([".venv/bin/dvc", "exp", "run", "--temp", "-S", "train.head.epochs=0"], clone, check=False, env=env)
     assert failed.returncode != 0 and "no epoch was trained" in failed.stdout + failed.stderr
     assert (clone / "params.yaml").read_text() == committed
+
+
+def dig(obj: object, *keys: str) -> object:
+    """obj[k1][k2]..., or None where a level is missing (`dvc exp show` leaves out what a rev lacks)."""
+    for key in keys:
+        obj = obj.get(key) if isinstance(obj, dict) else None
+    return obj
 
 
 SUMMARY_KEYS = {"stages", "stages_run", "stages_skipped", "data_md5", "n_images", "rejected", "wall_s", "arch",
