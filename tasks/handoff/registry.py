@@ -65,6 +65,7 @@ PROMOTIONS = "promotions"   # create-only records of pointer moves: they survive
 VERSION_FILES = ("model.onnx", "README.md", "card.json", "metrics.json", "export_report.json", "lineage.json",
                  "decision.json")
 ANY = object()  # promote(expected=ANY): move the pointer whatever production is now
+POINTER_RETRY_PAUSES_S = (0.0, 0.05, 0.1, 0.2, 0.4)  # before a missing pointer counts as lost (~0.75 s)
 
 
 def new_version_id(onnx_sha256: str, now: dt.datetime | None = None) -> str:
@@ -147,11 +148,28 @@ class Registry:
         if raw is not None:
             return parse_pointer(raw, self.pointer_file.url)
         promoted, unreadable = (([v for v in found if v != candidate]) for found in self.promoted_versions())
+        if (promoted or unreadable) and (raw := self._pointer_written_meanwhile()) is not None:
+            return parse_pointer(raw, self.pointer_file.url)
         if promoted or unreadable:
             which = f"{', '.join(promoted[-3:])} were promoted" if promoted else \
                 f"the decision records of {', '.join(unreadable[:3])} cannot be read"
             raise RegistryError(f"{self.pointer_file.url}: the production pointer is missing, but {which}; "
                                 f"refusing to treat the next model as the first one. {REPAIR_HINT}")
+        return None
+
+    def _pointer_written_meanwhile(self) -> bytes | None:
+        """The pointer, read again while the evidence of a promotion was being gathered without a lock.
+
+        Every writer writes the pointer first and its promotion record after, so a record found
+        after the pointer was seen missing usually means the first promotion landed in between;
+        a gated publish renames its version (decision: promoted) into place just before it moves
+        the pointer. Only a pointer still missing after these retries is really lost.
+        """
+        for pause in POINTER_RETRY_PAUSES_S:
+            raw = self.pointer_file.read()
+            if raw is not None:
+                return raw
+            time.sleep(pause)
         return None
 
     def production(self) -> str | None:

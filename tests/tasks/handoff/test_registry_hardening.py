@@ -255,6 +255,36 @@ def test_ten_concurrent_promotes_are_all_recorded(tmp_path: Path):
     assert len(pointer["previous"]) == 9 and set([*pointer["previous"], pointer["version"]]) == set(versions)
 
 
+def test_a_reader_racing_the_first_promote_sees_the_new_pointer(tmp_path: Path):
+    """The reader finds the pointer missing, then the first promote lands before it looks for promotions."""
+    writer, reader = Registry(str(tmp_path / "reg"), "m"), Registry(str(tmp_path / "reg"), "m")
+    v1 = fake_version(writer, 1)
+    gather = reader.promoted_versions
+
+    def promote_first_then_gather():
+        writer.promote(v1, "first")   # pointer written, then its promotion record
+        return gather()
+
+    reader.promoted_versions = promote_first_then_gather
+    assert reader.pointer()["version"] == v1
+
+
+def test_a_reader_in_a_gated_publish_window_waits_for_the_pointer(tmp_path: Path):
+    """A gated publish renames its version (decision: promoted) into place, then moves the pointer."""
+    writer, reader = Registry(str(tmp_path / "reg"), "m"), Registry(str(tmp_path / "reg"), "m")
+    v1 = fake_version(writer, 1, promoted=True)
+    reads, read = [], reader.pointer_file.read
+
+    def pointer_lands_on_the_third_read():
+        reads.append(1)
+        if len(reads) == 3:
+            writer.promote(v1, "bootstrap", expected=None)
+        return read()
+
+    reader.pointer_file.read = pointer_lands_on_the_third_read
+    assert reader.pointer()["version"] == v1
+
+
 # --------------------------------------------------------------------------- the command line's output
 
 
