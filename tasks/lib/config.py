@@ -132,8 +132,9 @@ class CacheParams(Section):
                           "train.image_size, the room random resized crops take from.")
     num_workers: int = Field(0, ge=0, description="Processes decoding images; 0 means one per CPU core.")
     jpeg_draft: bool = Field(True, description="Decode JPEGs at 1/2, 1/4 or 1/8 scale (Pillow's draft) when the "
-                             "stored size is that much smaller: several times faster on large photos; the pixels "
-                             "differ slightly from a full decode (see benchmarks/README.md).")
+                             "stored size is that much smaller, and resample only what the center crop keeps: "
+                             "several times faster on large photos; the pixels differ slightly from evaluate's "
+                             "(see benchmarks/README.md); false makes them identical.")
     store_dir: Path = Field(Path(".cache/decoded"), description="The last build's arrays with each row's content "
                             "hash, so the next build copies unchanged images instead of decoding them again; "
                             "git-ignored, not a DVC output, safe to delete.")

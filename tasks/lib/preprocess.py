@@ -80,12 +80,17 @@ def train_preprocessing(prep: Preprocessing, margin: float = TRAIN_MARGIN) -> Pr
 WHOLE_RESIZE_MAX_ASPECT = 4.0
 
 
-def resize_and_crop(img: Image.Image, prep: Preprocessing) -> Image.Image:
+def resize_and_crop(img: Image.Image, prep: Preprocessing, *, resample_crop_only: bool = False) -> Image.Image:
     """Shorter side to resize_size (aspect kept), then the central crop_size square.
 
-    Images up to WHOLE_RESIZE_MAX_ASPECT:1 are resized whole, then cropped;
-    longer ones resample only the crop's source region (Pillow's resize box),
-    which matches the whole resize to within 1 gray level (float32 box edges).
+    Images up to WHOLE_RESIZE_MAX_ASPECT:1 are resized whole, then cropped
+    (the pixels of torchvision's Resize + CenterCrop on PIL images); longer
+    ones resample only the crop's source region (Pillow's resize box), which
+    matches the whole resize to within 1 gray level (float32 box edges).
+    resample_crop_only takes that path for every image: it skips the rows and
+    columns the crop throws away (a third less resampling at 4:3), for the
+    decoded cache's JPEG draft mode, whose pixels are approximate anyway
+    (not for nearest, whose box-relative sampling picks other pixels).
     """
     width, height = img.size
     scale = prep.resize_size / min(width, height)
@@ -94,7 +99,8 @@ def resize_and_crop(img: Image.Image, prep: Preprocessing) -> Image.Image:
     top = (new_size[1] - prep.crop_size) // 2
     if new_size == img.size:
         return img.crop((left, top, left + prep.crop_size, top + prep.crop_size))
-    if max(new_size) > WHOLE_RESIZE_MAX_ASPECT * prep.resize_size:
+    crop_only = resample_crop_only and prep.interpolation != "nearest"   # nearest picks other pixels in a box
+    if crop_only or max(new_size) > WHOLE_RESIZE_MAX_ASPECT * prep.resize_size:
         sx, sy = width / new_size[0], height / new_size[1]
         box = (left * sx, top * sy, (left + prep.crop_size) * sx, (top + prep.crop_size) * sy)
         return img.resize((prep.crop_size, prep.crop_size), INTERPOLATIONS[prep.interpolation], box=box)

@@ -39,7 +39,7 @@ KEEP_VARIANTS = 4
 def variant_key(prep: Preprocessing, draft_size: int | None) -> str:
     """What the stored pixels depend on; mean/std are not among them (applied later, on the device)."""
     recipe = (f"rows{ROW_FORMAT}/pillow{PIL.__version__}/crop{prep.crop_size}/resize{prep.resize_size}/"
-              f"{prep.interpolation}/draft{draft_size or 0}")
+              f"{prep.interpolation}/draft{draft_size or 0}" + ("/cropbox" if draft_size else ""))
     return hashlib.sha256(recipe.encode()).hexdigest()[:16]
 
 

@@ -266,14 +266,23 @@ def test_the_store_shares_its_disk_blocks_with_the_outputs_and_survives_their_de
     assert len(list(store.rglob("*.keys.npy"))) == 4          # eval x 3 splits + augment x train: nothing piles up
 
 
-def test_draft_decoding_is_close_to_a_full_decode(tmp_path: Path) -> None:
+def test_draft_rows_are_the_crop_only_resample_of_the_draft_decode_and_close_to_evaluate(tmp_path: Path) -> None:
     rows = [photo(tmp_path / "raw" / f"p{i}.jpg", i, size=(400, 300)) for i in range(4)]
+    prepared = tmp_path / "prepared"
+    prepared.mkdir()
+    for split in SPLITS:
+        write_split(prepared / f"{split}.csv", rows)
     prep = Preprocessing(crop_size=48, resize_size=48)
-    for row in rows:
-        full = np.asarray(resize_and_crop(load_rgb(tmp_path / "raw" / row.path), prep), np.int16)
-        draft = np.asarray(resize_and_crop(load_rgb(tmp_path / "raw" / row.path, draft_size=48), prep), np.int16)
-        assert not np.array_equal(full, draft)                    # it did decode at a reduced scale
-        assert np.abs(full - draft).mean() < 3                     # and stays close on a smooth photo
+    build_cache(prepared, tmp_path / "raw", tmp_path / "c", {EVAL: prep}, workers=1, draft=True)
+    images, _ = open_split(tmp_path / "c", "val")
+    for got, row in zip(images, rows):
+        drafted = load_rgb(tmp_path / "raw" / row.path, draft_size=48)
+        np.testing.assert_array_equal(got, np.asarray(resize_and_crop(drafted, prep, resample_crop_only=True)))
+        whole = np.asarray(resize_and_crop(drafted, prep), np.int16)       # the same decode, resized whole
+        assert np.abs(whole - got).max() <= 1                               # only the crop was resampled
+        evaluate = np.asarray(resize_and_crop(load_rgb(tmp_path / "raw" / row.path), prep), np.int16)
+        assert not np.array_equal(evaluate, got)                  # it did decode at a reduced scale
+        assert np.abs(evaluate - got).mean() < 3                  # and stays close on a smooth photo
 
 
 def test_a_failing_image_is_named_whatever_the_error(built: tuple[Path, Path, dict], tmp_path: Path) -> None:

@@ -78,6 +78,19 @@ def test_resize_and_crop_is_unchanged_on_normal_images() -> None:
                                       np.asarray(reference_resize_and_crop(img, prep)), err_msg=f"{img.size} {prep}")
 
 
+def test_resampling_only_the_crop_is_within_one_gray_level_and_exact_when_nothing_is_cropped() -> None:
+    rng = np.random.default_rng(2)
+    for trial in range(60):
+        width, height = int(rng.integers(40, 500)), int(rng.integers(40, 500))
+        prep = Preprocessing(32, 32 + int(rng.integers(0, 12)), ("bilinear", "bicubic", "lanczos")[trial % 3])
+        img = Image.fromarray(rng.integers(0, 256, (height, width, 3), dtype=np.uint8))
+        got = np.asarray(resize_and_crop(img, prep, resample_crop_only=True), np.int16)
+        assert np.abs(got - np.asarray(reference_resize_and_crop(img, prep))).max() <= 1, f"{img.size} {prep}"
+    square = Image.fromarray(rng.integers(0, 256, (28, 28, 3), dtype=np.uint8))   # Fashion-MNIST's shape
+    np.testing.assert_array_equal(np.asarray(resize_and_crop(square, Preprocessing(96, 96), resample_crop_only=True)),
+                                  np.asarray(reference_resize_and_crop(square, Preprocessing(96, 96))))
+
+
 def test_resize_of_a_very_long_image_is_bounded_by_the_output_and_close_to_the_whole_resize() -> None:
     code = ("from PIL import Image\nfrom tasks.lib.preprocess import Preprocessing, resize_and_crop\n"
             "out = resize_and_crop(Image.new('RGB', (1, 300000), 'red'), Preprocessing(96, 110))\n"

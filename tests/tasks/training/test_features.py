@@ -67,8 +67,9 @@ def test_features_are_reused_for_unchanged_images_and_equal_recomputed_ones(
     scratch, _ = features(tmp_path, tmp_path / "fresh")
     assert new_keys[:18] == keys and incremental.shape == scratch.shape == (21, first.shape[1])
     # A batch of 3 rounds differently from a batch of 21 in float32 (as the no-cache test in test_train notes):
-    # measured 2.3e-4 at a largest feature of 30, i.e. 8e-6 of the scale.
-    assert (incremental - scratch).abs().max() <= 1e-5 * scratch.abs().max()
+    # measured 2.3e-4 and 3.0e-4 at a largest feature of 30, i.e. up to 1e-5 of the scale; a wrong image's
+    # features would be off by the scale itself.
+    assert (incremental - scratch).abs().max() <= 1e-4 * scratch.abs().max()
     assert torch.equal(incremental[:18], first)
 
 
