@@ -148,9 +148,9 @@ class Registry:
         if raw is not None:
             return parse_pointer(raw, self.pointer_file.url)
         promoted, unreadable = (([v for v in found if v != candidate]) for found in self.promoted_versions())
-        if (promoted or unreadable) and (raw := self._pointer_written_meanwhile()) is not None:
-            return parse_pointer(raw, self.pointer_file.url)
         if promoted or unreadable:
+            if (raw := self._pointer_written_meanwhile()) is not None:
+                return parse_pointer(raw, self.pointer_file.url)
             which = f"{', '.join(promoted[-3:])} were promoted" if promoted else \
                 f"the decision records of {', '.join(unreadable[:3])} cannot be read"
             raise RegistryError(f"{self.pointer_file.url}: the production pointer is missing, but {which}; "
