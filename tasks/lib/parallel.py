@@ -27,13 +27,17 @@ def imap_unordered(fn: Callable[[T], R], items: Iterable[T], workers: int, per_w
     """fn over items in `workers` processes, results as they finish; at most workers*per_worker items pending.
 
     Executor.map submits everything up front (one future per item, all held
-    until the end); this pulls items lazily. With one worker it runs inline.
+    until the end); this pulls items lazily. With one worker, or one item, it
+    runs inline: a pool's start and shutdown cost more wall time than a small
+    incremental run's work (a retrain that brings a few images is one item).
     The first exception cancels what has not started and is raised.
     """
-    if workers <= 1:
-        yield from map(fn, items)
-        return
     iterator = iter(items)
+    first = list(itertools.islice(iterator, 2))
+    if workers <= 1 or len(first) < 2:
+        yield from map(fn, itertools.chain(first, iterator))
+        return
+    iterator = itertools.chain(first, iterator)
     with ProcessPoolExecutor(max_workers=workers) as pool:
         pending: set[Future[R]] = set()
         try:
