@@ -18,6 +18,7 @@ JSON object as the last line. Nothing here asserts a speed.
     python benchmarks/data_scale.py                  # a few minutes on 2 cores
     python benchmarks/data_scale.py --n 200000       # on a bigger box
     python benchmarks/data_scale.py --only dvc --n 20000 --dvc-config cache.type=hardlink
+    python benchmarks/data_scale.py --only memory --n 200000   # peak RSS at N/10 and N, tiny PNGs
 """
 
 from __future__ import annotations
@@ -79,10 +80,27 @@ def generate(raw: Path, n: int, classes: int, start: int, workers: int, file_kb:
         return sum(pool.map(write_jpeg, zip(paths, range(start, start + n)), chunksize=64))
 
 
+def write_tiny_pngs(args: tuple[Path, int, int, int]) -> int:
+    """count 8x8 noise PNGs from index start on (--only memory: the per-image bookkeeping, not decoding, shows)."""
+    raw, classes, start, count = args
+    rng = np.random.default_rng(start)
+    for i in range(start, start + count):
+        path = raw / f"class_{i % classes:02d}" / f"img_{i:07d}.png"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(rng.integers(0, 256, (8, 8, 3), dtype=np.uint8)).save(path)
+    return count
+
+
+def generate_tiny(raw: Path, n: int, classes: int, workers: int) -> None:
+    block = 2000
+    with ProcessPoolExecutor(workers) as pool:
+        list(pool.map(write_tiny_pngs, [(raw, classes, s, min(block, n - s)) for s in range(0, n, block)]))
+
+
 def subset(raw: Path, target: Path, every: int) -> None:
     """Every `every`-th file of raw (all classes), copied into target (a hard link would change the
     originals' ctime, and prepare would rightly hash them again)."""
-    files = sorted(raw.rglob("*.jpg"))[::every]
+    files = sorted(f for f in raw.rglob("*") if f.suffix in (".jpg", ".png"))[::every]
     for f in files:
         dest = target / f.relative_to(raw)
         dest.parent.mkdir(parents=True, exist_ok=True)
@@ -106,7 +124,7 @@ def usage() -> dict[str, float]:
             "rss_mb": me.ru_maxrss / 1024, "worker_rss_mb": kids.ru_maxrss / 1024}
 
 
-def step(name: str, work: Path, raw: Path, workers: int) -> dict[str, Any]:
+def step(name: str, work: Path, raw: Path, workers: int, image_size: int = IMAGE_SIZE) -> dict[str, Any]:
     """Runs in a child process: one project step over the work folder's data.
 
     `seconds` and `cpu_s` cover the step's work only, after its imports (and,
@@ -132,7 +150,7 @@ def step(name: str, work: Path, raw: Path, workers: int) -> dict[str, Any]:
         prepare(raw, work / "prepared", PrepareParams(num_workers=workers, cache_dir=work / "cache" / "prepare"), c)
         counts = {"decoded": c.decoded, "hashed": c.hashed, "unchanged": c.unchanged}
     elif name == "decode_cache":
-        params = load_params(REPO_ROOT / "params.yaml", {"train.image_size": IMAGE_SIZE})
+        params = load_params(REPO_ROOT / "params.yaml", {"train.image_size": image_size})
         summary = build_cache(work / "prepared", raw, work / "decoded", cache_preprocessings(params),
                               workers=workers, store_dir=work / "cache" / "decoded", draft=params.cache.jpeg_draft,
                               limits=params.prepare.limits())
@@ -191,8 +209,9 @@ def prepare_features(work: Path, raw: Path, workers: int) -> tuple[Any, Any]:
 # --------------------------------------------------------------------------- orchestration
 
 
-def measure(name: str, work: Path, raw: Path, workers: int) -> dict[str, Any]:
-    cmd = [sys.executable, __file__, "--step", name, "--work", str(work), "--raw", str(raw), "--workers", str(workers)]
+def measure(name: str, work: Path, raw: Path, workers: int, image_size: int = IMAGE_SIZE) -> dict[str, Any]:
+    cmd = [sys.executable, __file__, "--step", name, "--work", str(work), "--raw", str(raw), "--workers", str(workers),
+           "--image-size", str(image_size)]
     proc = subprocess.run(cmd, cwd=REPO_ROOT, capture_output=True, text=True)
     if proc.returncode != 0:
         raise SystemExit(f"step {name} failed:\n{proc.stderr[-4000:]}")
@@ -234,7 +253,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--classes", type=int, default=10)
     parser.add_argument("--added", type=float, default=0.01, help="fraction of new images for the incremental run")
     parser.add_argument("--workers", type=int, default=os.cpu_count() or 1)
-    parser.add_argument("--only", choices=["all", "dvc"], default="all", help="dvc: only dvc add / status")
+    parser.add_argument("--only", choices=["all", "dvc", "memory"], default="all",
+                        help="dvc: only dvc add / status; memory: peak RSS of prepare and decode_cache at N/10 and N "
+                             "on tiny PNGs (fast to make at N = 200000)")
+    parser.add_argument("--image-size", type=int, default=IMAGE_SIZE,
+                        help=f"train.image_size for decode_cache (default {IMAGE_SIZE}; --only memory: 32)")
     parser.add_argument("--no-features", action="store_true", help="skip feature extraction")
     parser.add_argument("--file-kb", type=int, default=0,
                         help="with --only dvc: files of this many random bytes instead of JPEGs (fast to make)")
@@ -245,15 +268,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--raw", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.step:
-        print(json.dumps(step(args.step, args.work, args.raw, args.workers)))
+        print(json.dumps(step(args.step, args.work, args.raw, args.workers, args.image_size)))
         return 0
     work = args.work or Path(tempfile.mkdtemp(prefix="data-scale-"))
     try:
-        report = run(args, work)
+        report = run_memory(args, work) if args.only == "memory" else run(args, work)
     finally:
         if not args.work:
             shutil.rmtree(work, ignore_errors=True)
-    print_table(report)
+    (print_memory_table if args.only == "memory" else print_table)(report)
     print(json.dumps(report))
     return 0
 
@@ -285,6 +308,40 @@ def run(args: argparse.Namespace, work: Path) -> dict[str, Any]:
     report["incremental"] = dvc_steps(work) | project_steps(work, raw, args.workers, features)
     summarize(report, features)
     return report
+
+
+MEMORY_IMAGE_SIZE = 32      # --only memory: rows of a few KB, so 200k images fit a small disk
+
+
+def run_memory(args: argparse.Namespace, work: Path) -> dict[str, Any]:
+    """Peak RSS of prepare and decode_cache at N/10 and N: a first build, then a rebuild from the caches.
+
+    Tiny PNGs decode in microseconds, so what the peaks show is what grows with
+    the number of images: the split tables and the caches' indexes.
+    """
+    size = args.image_size if args.image_size != IMAGE_SIZE else MEMORY_IMAGE_SIZE
+    raw = work / "data" / "raw"
+    started = time.perf_counter()
+    generate_tiny(raw, args.n, args.classes, args.workers)
+    small = work / "small"
+    subset(raw, small / "data" / "raw", 10)
+    report: dict[str, Any] = {"n": args.n, "image_size": size, "workers": args.workers,
+                              "generate_s": time.perf_counter() - started}
+    for label, folder in (("tenth", small), ("full", work)):
+        report[label] = {f"{name}{run}": measure(name, folder, folder / "data" / "raw", args.workers, size)
+                         for run in ("", "_rerun") for name in ("prepare", "decode_cache")}
+    peak = lambda r: max(r["rss_mb"], r["worker_rss_mb"])  # noqa: E731
+    report["rss_vs_tenth"] = {key: peak(report["full"][key]) / peak(report["tenth"][key]) for key in report["full"]}
+    return report
+
+
+def print_memory_table(report: dict[str, Any]) -> None:
+    n = report["n"]
+    print(f"{n} tiny PNGs, decode_cache at {report['image_size']} px, {report['workers']} workers")
+    print(f"{'step':<20}{f'N/10 = {n // 10}':>16}{f'N = {n}':>16}{'N vs N/10':>11}")
+    for key, ratio in report["rss_vs_tenth"].items():
+        peaks = [max(report[size][key]["rss_mb"], report[size][key]["worker_rss_mb"]) for size in ("tenth", "full")]
+        print(f"{key:<20}{peaks[0]:>13.1f} MB{peaks[1]:>13.1f} MB{ratio:>10.2f}x")
 
 
 def summarize(report: dict[str, Any], features: bool) -> None:

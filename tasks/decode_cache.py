@@ -38,7 +38,7 @@ from tasks.lib.cli import StageError, progress, stage_main
 from tasks.lib.config import Params
 from tasks.lib.image_cache import AUGMENT, CACHE_FORMAT, EVAL, geometry, rows_digest, split_variants
 from tasks.lib.images import BadImage, ImageLimits, load_rgb
-from tasks.lib.io import SPLITS, SplitRow, read_split, sha256_file, storage_error, write_json
+from tasks.lib.io import SPLITS, SplitColumns, read_split_columns, sha256_file, storage_error, write_json
 from tasks.lib.parallel import batched, imap_unordered, worker_count
 from tasks.lib.preprocess import Preprocessing, imagenet_preprocessing, resize_and_crop, train_preprocessing
 from tasks.lib.row_store import RowWriter, link_or_copy, prune_variants, stored_rows, variant_key
@@ -131,10 +131,9 @@ def build_split(split_file: Path, raw_dir: Path, split_dir: Path, preps: dict[st
     Rows whose content the store has for every array are copied from it;
     only the others are decoded.
     """
-    rows = read_split(split_file)
+    rows = read_split_columns(split_file)      # columns: memory must not grow by an object per image
     split_dir.mkdir(parents=True)
-    n = len(rows)
-    shas = np.asarray([r.sha256 for r in rows], dtype="S64")
+    n, shas = len(rows), rows.sha256
     stored = {name: stored_rows(Path(store_dir) / variant_key(prep, draft_size)) for name, prep in preps.items()}
     found = {name: index.find(shas) for name, index in stored.items()}
     reusable = np.logical_and.reduce([f[0] for f in found.values()])     # a row is copied only if every array has it
@@ -146,7 +145,7 @@ def build_split(split_file: Path, raw_dir: Path, split_dir: Path, preps: dict[st
                 writer.copy_rows(stored[name].files[source], source_start, start, count)
         to_decode = np.flatnonzero(~reusable)
         targets = tuple(Target(w.path, w.offset, w.row_bytes, preps[name]) for name, w in writers.items())
-        jobs = (Job(raw_dir, tuple((int(i), rows[i].path) for i in chunk), targets, limits, draft_size)
+        jobs = (Job(raw_dir, tuple((int(i), rows.paths[i]) for i in chunk), targets, limits, draft_size)
                 for chunk in batched(to_decode, CHUNK))
         for _ in progress(_images_done(jobs, workers), desc=desc, total=len(to_decode), unit="img"):
             pass
@@ -156,14 +155,14 @@ def build_split(split_file: Path, raw_dir: Path, split_dir: Path, preps: dict[st
         for writer in writers.values():
             writer.discard()
         raise
-    np.save(split_dir / "labels.npy", np.asarray([r.label for r in rows], dtype=np.int64))
+    np.save(split_dir / "labels.npy", rows.labels)
     write_meta(split_dir, split_file, raw_dir, rows, preps, draft_size)
     log.info("%s: %d images, %d decoded, %d copied from %s", split_dir.name, n, len(to_decode), n - len(to_decode),
              store_dir)
     return {"n_images": n, "arrays": list(preps), "decoded": len(to_decode), "reused": n - len(to_decode)}
 
 
-def write_meta(split_dir: Path, split_file: Path, raw_dir: Path, rows: list[SplitRow],
+def write_meta(split_dir: Path, split_file: Path, raw_dir: Path, rows: SplitColumns,
                preps: dict[str, Preprocessing], draft_size: int | None) -> None:
     """meta.json, written last: what each array holds and which split rows built it (readers check both)."""
     n = len(rows)

@@ -29,7 +29,6 @@ import time
 from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from operator import attrgetter
 from pathlib import Path
 from typing import Any
 
@@ -43,7 +42,8 @@ from tasks.lib.images import BadImage, ImageLimits, decode, open_checked, read_f
 from tasks.lib.io import SplitRow, write_json, write_split
 from tasks.lib.parallel import batched, imap_unordered, worker_count
 from tasks.lib.scan import Candidate, FolderScan
-from tasks.lib.splits import Checked, assign_splits, check_leakage, dedupe, per_class, predefined_splits
+from tasks.lib.splits import (Checked, ImageTable, Splits, assign_splits, check_leakage, dedupe, per_class,
+                              predefined_splits)
 
 log = logging.getLogger("prepare")
 
@@ -211,21 +211,21 @@ def prepare(raw_dir: Path, out_dir: Path, cfg: PrepareParams, counts: Counts | N
     with CheckStore(cfg.cache_dir, raw_dir, cfg.limits()) as store:
         checker = Checker(raw_dir, cfg, store, counts or Counts())
         checked = progress(checker.run(scan.candidates()), desc="checking images", unit="img")
-        good: list[Checked] = []
+        table = ImageTable()
         rejected: list[dict[str, str]] = []
         for item in checked:
             if item.reason:
                 rejected.append({"path": item.path, "reason": item.reason, "detail": item.detail})
             else:
-                good.append(item)
+                table.add(item)
+        table.freeze()
         rejected = sorted(rejected + [p.as_dict() for p in scan.problems], key=lambda r: r["path"])
         store.prune()
     log.info("cache: %d unchanged, %d hashed only, %d decoded", checker.counts.unchanged, checker.counts.hashed,
              checker.counts.decoded)
-    kept, duplicates, conflicts = dedupe(good)
-    del good
-    classes = _classes_or_fail(scan.classes, kept, raw_dir)
-    splits = predefined_splits(kept) if scan.layout == "predefined" else assign_splits(kept, cfg)
+    kept, duplicates, conflicts = dedupe(table)
+    classes = _classes_or_fail(scan.classes, table, kept, raw_dir)
+    splits = predefined_splits(table, kept) if scan.layout == "predefined" else assign_splits(table, kept, cfg)
     report = {
         "layout": scan.layout,
         "policy": cfg.bad_files,
@@ -237,10 +237,10 @@ def prepare(raw_dir: Path, out_dir: Path, cfg: PrepareParams, counts: Counts | N
         "rejected_by_reason": dict(sorted(Counter(r["reason"] for r in rejected).items())),
         "duplicates": duplicates,
         "label_conflicts": conflicts,
-        "leakage": check_leakage(splits, cfg),
-        "n_images": {s: len(items) for s, items in splits.items()},
-        "per_class": per_class(classes, splits),
-        **image_size_report(raw_dir, kept, cfg.limits(), input_size),
+        "leakage": check_leakage(table, splits, cfg),
+        "n_images": {s: len(rows) for s, rows in splits.items()},
+        "per_class": per_class(classes, table, splits),
+        **image_size_report(raw_dir, table, kept, cfg.limits(), input_size),
     }
     if rejected and cfg.bad_files == "fail":
         write_json(out_dir / FAILED_REPORT, report)
@@ -248,7 +248,7 @@ def prepare(raw_dir: Path, out_dir: Path, cfg: PrepareParams, counts: Counts | N
         raise StageError(f"{len(rejected)} bad file(s) in {raw_dir} and prepare.bad_files is 'fail': {listing}. "
                          f"Fix or remove them, or set prepare.bad_files: skip (details in {out_dir / FAILED_REPORT}; "
                          f"the previous outputs are untouched)")
-    write_outputs(out_dir, classes, splits, report)
+    write_outputs(out_dir, classes, table, splits, report)
     return report
 
 
@@ -256,18 +256,18 @@ SIZE_SAMPLE = 64          # images whose size is read for the report (headers on
 MAX_UPSCALE = 4           # beyond this, the network sees mostly interpolation
 
 
-def image_size_report(raw_dir: Path, kept: list[Checked], limits: ImageLimits, input_size: int | None
-                      ) -> dict[str, Any]:
+def image_size_report(raw_dir: Path, table: ImageTable, kept: np.ndarray, limits: ImageLimits,
+                      input_size: int | None) -> dict[str, Any]:
     """The median short side of a sample of images, and a warning when the network's input is far larger.
 
     An 8x8 image scaled to 96 px gives the pretrained features almost nothing they
     were trained to see: a linear model on the pixels may then do as well (evaluate
     measures that lift), and a smaller train.image_size costs much less.
     """
-    sample = sorted(kept, key=attrgetter("path"))[:: max(1, len(kept) // SIZE_SAMPLE)][:SIZE_SAMPLE]
+    sample = table.paths.sort_order(kept)[:: max(1, len(kept) // SIZE_SAMPLE)][:SIZE_SAMPLE]
     sides = []
-    for item in sample:
-        path = os.path.join(raw_dir, item.path)
+    for row in sample.tolist():
+        path = os.path.join(raw_dir, table.paths[row])
         try:
             sides.append(min(open_checked(read_file(path, limits.max_file_bytes)[0], path, limits).size))
         except (BadImage, OSError):   # changed since it was checked: the next run reports it
@@ -284,10 +284,11 @@ def image_size_report(raw_dir: Path, kept: list[Checked], limits: ImageLimits, i
     return {"median_short_side": median, "warnings": warnings}
 
 
-def _classes_or_fail(class_names: set[str], kept: list[Checked], raw_dir: Path) -> list[str]:
+def _classes_or_fail(class_names: set[str], table: ImageTable, kept: np.ndarray, raw_dir: Path) -> list[str]:
     """Class names in sorted order; a class left empty, or fewer than two, stops the stage."""
     all_classes = sorted(class_names)
-    usable = Counter(k.label_name for k in kept)
+    counts = np.bincount(table.labels[kept], minlength=len(table.label_names))
+    usable = Counter({name: int(count) for name, count in zip(table.label_names, counts)})
     empty = [name for name in all_classes if usable[name] == 0]
     if empty:
         raise StageError(f"class folder(s) with no usable image in {raw_dir}: {', '.join(empty)}; "
@@ -304,7 +305,8 @@ OUTPUTS = ("train.csv", "val.csv", "test.csv", "classes.json", "report.json")
 FAILED_REPORT = "report.failed.json"
 
 
-def write_outputs(out_dir: Path, classes: list[str], splits: dict[str, list[Checked]], report: dict[str, Any]) -> None:
+def write_outputs(out_dir: Path, classes: list[str], table: ImageTable, splits: Splits, report: dict[str, Any]
+                  ) -> None:
     """Write every output into a staging folder beside them, then move them in; nothing changes on a failure.
 
     DVC declares the files (not the folder) as outputs and keeps a .gitignore
@@ -316,9 +318,10 @@ def write_outputs(out_dir: Path, classes: list[str], splits: dict[str, list[Chec
     shutil.rmtree(staging, ignore_errors=True)
     try:
         index = {name: i for i, name in enumerate(classes)}
-        for split, items in splits.items():
-            rows = (SplitRow(i.path, index[i.label_name], i.sha256) for i in sorted(items, key=attrgetter("path")))
-            write_split(staging / f"{split}.csv", rows)     # streamed: no list of rows
+        for split, rows in splits.items():
+            write_split(staging / f"{split}.csv", (      # streamed: no list of rows
+                SplitRow(table.paths[row], index[table.label(row)], table.sha256(row))
+                for row in table.paths.sort_order(rows).tolist()))
         write_json(staging / "classes.json", classes)
         write_json(staging / "report.json", report)
         for name in OUTPUTS:

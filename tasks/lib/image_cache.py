@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -50,7 +50,7 @@ def split_variants(split: str, preps: dict[str, Preprocessing]) -> dict[str, Pre
     return {name: p for name, p in preps.items() if name == EVAL or split == "train"}
 
 
-def rows_digest(rows: Sequence[SplitRow]) -> str:
+def rows_digest(rows: Iterable[SplitRow]) -> str:
     """Hash of a split's rows in order: a cache built from other rows is stale."""
     digest = hashlib.sha256()
     for row in rows:

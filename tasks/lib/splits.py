@@ -1,22 +1,28 @@
-"""The prepare stage's split tables: one flat record per checked image, deduplicated by content
-and assigned to train/val/test by content hash and seed.
+"""The prepare stage's split tables: the good images as columns (`ImageTable`), deduplicated by
+content and assigned to train/val/test by content hash and seed.
 
 Splits depend only on each image's content hash and the seed, never on its
 position or name: adding images never moves an existing image to another split
 (except in classes too small to fill every split), so test sets stay comparable
 across retrains.
+
+Memory: the table holds about 80 bytes per image plus its path (numpy columns
+and one packed buffer of paths, `tasks.lib.columns`), and every step below
+works on arrays of row numbers; a Python object per image would be 500 bytes,
+and peak memory would grow with the data set well past the decoder's.
 """
 
 from __future__ import annotations
 
 import hashlib
-import itertools
-from collections import Counter, defaultdict
+from array import array
 from dataclasses import dataclass
-from operator import attrgetter
 from typing import Any
 
+import numpy as np
+
 from tasks.lib.check_store import CheckResult
+from tasks.lib.columns import PackedStrings
 from tasks.lib.config import PrepareParams
 from tasks.lib.io import SPLITS
 from tasks.lib.scan import Candidate
@@ -26,7 +32,7 @@ SPLIT_ORDER = {name: i for i, name in enumerate(SPLITS)}
 
 @dataclass(frozen=True, slots=True)
 class Checked:
-    """The outcome of checking one candidate (one flat object per image: these make up the split tables)."""
+    """The outcome of checking one candidate, on its way into an ImageTable (or the rejected list)."""
 
     path: str             # relative to raw_dir, POSIX separators
     label_name: str
@@ -41,28 +47,80 @@ class Checked:
         return cls(c.path, c.label_name, c.split, sha256, check.dhash, check.reason, check.detail)
 
 
-def dedupe(good: list[Checked]) -> tuple[list[Checked], dict[str, Any], list[dict[str, Any]]]:
-    """One copy per content hash; content under two classes is a label conflict and excluded.
+NO_SPLIT = -1
 
-    Sorts `good` in place by content (grouping without a dict of lists keeps memory flat).
+
+class ImageTable:
+    """The good images of one run, as columns; rows are numbered in the order they were added."""
+
+    def __init__(self) -> None:
+        self.paths = PackedStrings()
+        self.label_names: list[str] = []          # label ids index this; first-seen order
+        self._label_ids: dict[str, int] = {}
+        self._digests = bytearray()               # sha256, 32 raw bytes per image
+        self._labels, self._splits = array("i"), array("b")
+        self._dhashes, self._has_dhash = array("Q"), array("b")
+
+    def add(self, item: Checked) -> None:
+        self.paths.append(item.path)
+        self._labels.append(self._label_ids.setdefault(item.label_name, len(self._label_ids)))
+        if self._labels[-1] == len(self.label_names):
+            self.label_names.append(item.label_name)
+        self._digests += bytes.fromhex(item.sha256)
+        self._splits.append(SPLIT_ORDER[item.split] if item.split else NO_SPLIT)
+        self._dhashes.append(item.dhash or 0)
+        self._has_dhash.append(item.dhash is not None)
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def freeze(self) -> ImageTable:
+        """Numpy views of the columns (call once every image was added)."""
+        self.digests = np.frombuffer(bytes(self._digests), dtype="S32")    # sorts as the hex strings would
+        self._digests = bytearray()
+        self.labels = np.asarray(self._labels, dtype=np.int32)
+        self.splits = np.asarray(self._splits, dtype=np.int8)
+        self.dhashes = np.asarray(self._dhashes, dtype=np.uint64)
+        self.has_dhash = np.asarray(self._has_dhash, dtype=bool)
+        return self
+
+    def sha256(self, row: int) -> str:
+        # Through the raw bytes: numpy drops trailing zero bytes when it hands out an S32 element.
+        return self.digests.view(np.uint8)[32 * row:32 * row + 32].tobytes().hex()
+
+    def label(self, row: int) -> str:
+        return self.label_names[self.labels[row]]
+
+
+def dedupe(table: ImageTable) -> tuple[np.ndarray, dict[str, Any], list[dict[str, Any]]]:
+    """One copy per content hash (rows, in content order); content under two classes is a label conflict.
+
+    Of copies, the first by (split, path) is kept. Only groups of copies are
+    looked at in Python; unique content stays in arrays.
     """
-    # Three stable sorts with keys that are existing objects: no per-image key tuples (memory stays flat).
-    good.sort(key=attrgetter("path"))
-    good.sort(key=lambda c: SPLIT_ORDER.get(c.split, 0))
-    good.sort(key=attrgetter("sha256"))
-    kept: list[Checked] = []
+    order = np.argsort(table.digests, kind="stable")
+    ordered = table.digests[order]
+    starts = np.flatnonzero(np.concatenate([[True], ordered[1:] != ordered[:-1]])[:len(order)])
+    sizes = np.diff(np.concatenate([starts, [len(order)]]))
+    keep = order[starts]
     conflicts: list[dict[str, Any]] = []
     removed: list[dict[str, Any]] = []
-    for sha, group in itertools.groupby(good, key=lambda c: c.sha256):
-        first = next(group)
-        copies = list(group)
-        labels = sorted({first.label_name, *(c.label_name for c in copies)})
-        if len(labels) > 1:
-            conflicts.append({"sha256": sha, "classes": labels,
-                              "paths": [first.path, *(c.path for c in copies)]})
+    dropped = []
+    for group, start in enumerate(starts.tolist()):
+        if sizes[group] == 1:
             continue
-        kept.append(first)
-        removed += [{"path": c.path, "same_as": first.path} for c in copies]
+        members = sorted(order[start:start + sizes[group]].tolist(),
+                         key=lambda row: (max(int(table.splits[row]), 0), table.paths[row]))
+        first, copies = members[0], members[1:]
+        labels = sorted({table.label(row) for row in members})
+        keep[group] = first
+        if len(labels) > 1:
+            conflicts.append({"sha256": table.sha256(first), "classes": labels,
+                              "paths": [table.paths[row] for row in members]})
+            dropped.append(group)
+            continue
+        removed += [{"path": table.paths[row], "same_as": table.paths[first]} for row in copies]
+    kept = np.delete(keep, dropped)
     removed.sort(key=lambda r: r["path"])
     conflicts.sort(key=lambda c: c["paths"][0])
     duplicates = {"n_removed": len(removed), "removed": removed}
@@ -75,76 +133,82 @@ def split_fraction(sha256: str, seed: int) -> float:
     return int.from_bytes(digest[:8], "big") / 2**64
 
 
-def assign_splits(items: list[Checked], cfg: PrepareParams) -> dict[str, list[Checked]]:
+Splits = dict[str, np.ndarray]      # split name -> table rows
+
+
+def assign_splits(table: ImageTable, kept: np.ndarray, cfg: PrepareParams) -> Splits:
     """Stable, stratified split: each image's split depends only on its hash and the seed.
 
     Thresholds are applied per class, so each class gets about the requested
     fractions. A class with at least three images that would leave a split
     empty gets that split's closest image instead; only such tiny classes ever
-    see an image move when new data arrives.
+    see an image move when new data arrives. Rows are listed class by class
+    (in the order classes first appear in `kept`), each class by its fraction.
     """
-    by_class: dict[str, list[Checked]] = defaultdict(list)
-    for item in items:
-        by_class[item.label_name].append(item)
-    splits: dict[str, list[Checked]] = {s: [] for s in SPLITS}
-    for members in by_class.values():
-        members.sort(key=lambda c: split_fraction(c.sha256, cfg.seed))
-        for split, chosen in _split_class(members, cfg).items():
-            splits[split] += chosen
-    return splits
+    fractions = np.fromiter((split_fraction(table.sha256(row), cfg.seed) for row in kept.tolist()),
+                            dtype=np.float64, count=len(kept))
+    labels = table.labels[kept]
+    classes, first_seen = np.unique(labels, return_index=True)
+    rank = np.empty(int(classes.max(initial=0)) + 1, dtype=np.int64)
+    rank[classes[np.argsort(first_seen)]] = np.arange(len(classes))
+    order = np.lexsort((fractions, rank[labels]))      # by class, then fraction; ties keep kept's order
+    ranks = rank[labels][order]
+    bounds = np.flatnonzero(np.concatenate([[True], ranks[1:] != ranks[:-1], [True]])) if len(ranks) else []
+    parts: dict[str, list[np.ndarray]] = {s: [] for s in SPLITS}
+    for start, stop in zip(bounds[:-1], bounds[1:]):
+        for split, chosen in _split_class(kept[order[start:stop]], fractions[order[start:stop]], cfg).items():
+            parts[split].append(chosen)
+    return {s: np.concatenate(chunks) if chunks else np.zeros(0, np.int64) for s, chunks in parts.items()}
 
 
-def _split_class(members: list[Checked], cfg: PrepareParams) -> dict[str, list[Checked]]:
-    bounds = (cfg.train, cfg.train + cfg.val)
-    parts: dict[str, list[Checked]] = {s: [] for s in SPLITS}
-    for item in members:  # sorted by fraction
-        u = split_fraction(item.sha256, cfg.seed)
-        parts["train" if u < bounds[0] else "val" if u < bounds[1] else "test"].append(item)
-    if len(members) >= len(SPLITS):
+def _split_class(members: np.ndarray, fractions: np.ndarray, cfg: PrepareParams) -> dict[str, np.ndarray]:
+    """One class's rows (sorted by fraction) cut at the split thresholds; a tiny class's empty split gets a donor."""
+    cuts = np.searchsorted(fractions, (cfg.train, cfg.train + cfg.val), side="left")
+    parts = dict(zip(SPLITS, np.split(members, cuts)))
+    if len(members) >= len(SPLITS) and any(len(p) == 0 for p in parts.values()):
+        lists = {s: p.tolist() for s, p in parts.items()}
         for split in SPLITS:
-            if not parts[split]:
-                donor = max(parts, key=lambda s: len(parts[s]))
+            if not lists[split]:
+                donor = max(lists, key=lambda s: len(lists[s]))
                 # test takes from the top of the order, the others from the bottom: the nearest neighbour.
-                parts[split].append(parts[donor].pop(-1 if split == "test" or donor == "train" else 0))
+                lists[split].append(lists[donor].pop(-1 if split == "test" or donor == "train" else 0))
+        parts = {s: np.asarray(rows, dtype=np.int64) for s, rows in lists.items()}
     return parts
 
 
-def check_leakage(splits: dict[str, list[Checked]], cfg: PrepareParams) -> dict[str, Any]:
+def check_leakage(table: ImageTable, splits: Splits, cfg: PrepareParams) -> dict[str, Any]:
     """No content hash in two splits (asserted); optionally near-duplicates by dHash, reported."""
-    seen: set[str] = set()
-    for split, items in splits.items():
-        for item in items:
-            if item.sha256 in seen:
-                raise AssertionError(f"leakage: {item.path} ({split}) has the content of an image in another split")
-            seen.add(item.sha256)
-    del seen
+    rows = np.concatenate([splits[s] for s in SPLITS])
+    digests = np.sort(table.digests[rows])
+    if len(digests) > 1 and (same := np.flatnonzero(digests[1:] == digests[:-1])).size:
+        row = rows[np.flatnonzero(table.digests[rows] == digests[same[0]])[-1]]
+        raise AssertionError(f"leakage: {table.paths[row]} has the content of an image in another split")
     report: dict[str, Any] = {"exact_cross_split": 0, "checked_near_duplicates": cfg.near_duplicates}
     if cfg.near_duplicates:
-        report["near_duplicates"] = find_near_duplicates(splits, cfg.near_duplicate_distance)
+        report["near_duplicates"] = find_near_duplicates(table, splits, cfg.near_duplicate_distance)
     return report
 
 
-def find_near_duplicates(splits: dict[str, list[Checked]], max_distance: int) -> list[dict[str, Any]]:
+def find_near_duplicates(table: ImageTable, splits: Splits, max_distance: int) -> list[dict[str, Any]]:
     """Pairs of images in different splits whose dHashes differ in at most max_distance bits."""
-    train = [(i.dhash, i.path) for i in splits["train"] if i.dhash is not None]
+    train = splits["train"][table.has_dhash[splits["train"]]]
+    train_hashes = table.dhashes[train]
     pairs = []
     for split in ("val", "test"):
-        for item in splits[split]:
-            for other_hash, other_path in train:
-                distance = bin(item.dhash ^ other_hash).count("1")
-                if distance <= max_distance:
-                    pairs.append({"path": item.path, "split": split, "train_path": other_path,
-                                  "distance": distance})
+        for row in splits[split][table.has_dhash[splits[split]]].tolist():
+            distances = np.bitwise_count(train_hashes ^ table.dhashes[row])
+            for hit in np.flatnonzero(distances <= max_distance).tolist():
+                pairs.append({"path": table.paths[row], "split": split, "train_path": table.paths[train[hit]],
+                              "distance": int(distances[hit])})
     return pairs
 
 
-def per_class(classes: list[str], splits: dict[str, list[Checked]]) -> dict[str, dict[str, int]]:
-    counts = {split: Counter(i.label_name for i in items) for split, items in splits.items()}
-    return {name: {split: counts[split][name] for split in SPLITS} for name in classes}
+def per_class(classes: list[str], table: ImageTable, splits: Splits) -> dict[str, dict[str, int]]:
+    ids = {name: i for i, name in enumerate(table.label_names)}
+    counts = {split: np.bincount(table.labels[rows], minlength=len(table.label_names)) for split, rows in splits.items()}
+    return {name: {split: int(counts[split][ids[name]]) if name in ids else 0 for split in SPLITS} for name in classes}
 
 
-def predefined_splits(kept: list[Checked]) -> dict[str, list[Checked]]:
-    splits: dict[str, list[Checked]] = {s: [] for s in SPLITS}
-    for item in kept:
-        splits[item.split or "train"].append(item)
-    return splits
+def predefined_splits(table: ImageTable, kept: np.ndarray) -> Splits:
+    codes = np.maximum(table.splits[kept], 0)       # an image outside the split folders counts as train
+    return {split: kept[codes == SPLIT_ORDER[split]] for split in SPLITS}
