@@ -121,7 +121,19 @@ def usage() -> dict[str, float]:
     """CPU seconds of this process and its finished children (the workers), and their peak RSS."""
     me, kids = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
     return {"cpu_s": me.ru_utime + me.ru_stime + kids.ru_utime + kids.ru_stime,
-            "rss_mb": me.ru_maxrss / 1024, "worker_rss_mb": kids.ru_maxrss / 1024}
+            "rss_mb": own_peak_rss_kb(me.ru_maxrss) / 1024, "worker_rss_mb": kids.ru_maxrss / 1024}
+
+
+def own_peak_rss_kb(maxrss_kb: int) -> int:
+    """This program's peak RSS. Linux carries ru_maxrss across exec, so a step started by a large parent
+    would report the parent's peak; VmHWM belongs to this program's own memory only."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1])
+    except OSError:
+        pass
+    return maxrss_kb
 
 
 def step(name: str, work: Path, raw: Path, workers: int, image_size: int = IMAGE_SIZE) -> dict[str, Any]:

@@ -48,6 +48,7 @@ from tasks.lib.splits import (Checked, ImageTable, Splits, assign_splits, check_
 log = logging.getLogger("prepare")
 
 LOOKUP_BLOCK = 2048      # candidates stat-ed and looked up in the cache at a time
+WINDOW = 16 * LOOKUP_BLOCK   # candidates looked up before their misses are checked (what a run holds at most)
 CHUNK = 32               # files per task sent to a worker
 STAGING_PREFIX = ".prepare-staging-"
 
@@ -132,7 +133,7 @@ def dhash(img: Any) -> int:
 
 @dataclass
 class Checker:
-    """Streams candidates through the cache and a process pool; never holds more than a block of them."""
+    """Streams candidates through the cache and a process pool; never holds more than a window of them."""
 
     raw_dir: Path
     cfg: PrepareParams
@@ -140,36 +141,33 @@ class Checker:
     counts: Counts = field(default_factory=Counts)
 
     def run(self, candidates: Iterator[Candidate]) -> Iterator[Checked]:
-        hits: list[Checked] = []
-        labels: dict[str, Candidate] = {}
-        jobs = self._jobs(candidates, hits, labels)
+        """A window of candidates at a time: what the cache answers from their stat is yielded at once, the rest
+        is read and checked by the pool. Memory stays flat whether every file is new or none is."""
+        for window in batched(candidates, WINDOW):
+            misses: list[Candidate] = []
+            for block in batched(window, LOOKUP_BLOCK):
+                yield from self._lookup(block, misses)
+            yield from self._check(misses)
+
+    def _check(self, misses: list[Candidate]) -> Iterator[Checked]:
+        labels = {c.path: c for c in misses}
+        limits = self.cfg.limits()
+        jobs = (Job(self.raw_dir, tuple(c.path for c in chunk), limits, self.cfg.near_duplicates,
+                    self.store.path, self.store.settings) for chunk in batched(misses, CHUNK))
         pending: list[Fresh] = []
         for fresh in imap_unordered(check_chunk, jobs, worker_count(self.cfg.num_workers)):
             pending += [f for f in fresh if f.signature is not None]
             if len(pending) >= 1024:
                 self.store.record(_records(pending))
                 pending.clear()
-            yield from hits
-            hits.clear()
             for item in fresh:
                 self.counts.decoded += item.decoded
                 self.counts.hashed += not item.decoded and item.signature is not None
                 yield Checked.of(labels.pop(item.path), item.sha256, item.check)
         self.store.record(_records(pending))
-        yield from hits
 
-    def _jobs(self, candidates: Iterator[Candidate], hits: list[Checked], labels: dict[str, Candidate]
-              ) -> Iterator[Job]:
-        """Chunks of the files the cache cannot answer from their stat; the answered ones go to hits."""
-        limits = self.cfg.limits()
-        for block in batched(candidates, LOOKUP_BLOCK):
-            misses = self._lookup(block, hits)
-            for chunk in batched(misses, CHUNK):
-                labels.update((c.path, c) for c in chunk)
-                yield Job(self.raw_dir, tuple(c.path for c in chunk), limits, self.cfg.near_duplicates,
-                          self.store.path, self.store.settings)
-
-    def _lookup(self, block: list[Candidate], hits: list[Checked]) -> list[Candidate]:
+    def _lookup(self, block: list[Candidate], misses: list[Candidate]) -> list[Checked]:
+        """The block's files the cache can answer from their stat; the others go to misses."""
         signatures, root = [], str(self.raw_dir)
         for c in block:
             try:
@@ -178,7 +176,7 @@ class Checker:
                 pass   # the worker reports it
         hashes = self.store.hashes(signatures)
         checks = self.store.checks(hashes.values())
-        misses = []
+        hits = []
         for c in block:
             check = checks.get(hashes.get(c.path, ""))
             if check is None or (self.cfg.near_duplicates and not check.reason and check.dhash is None):
@@ -186,7 +184,7 @@ class Checker:
                 continue
             self.counts.unchanged += 1
             hits.append(Checked.of(c, hashes[c.path], check))
-        return misses
+        return hits
 
 
 def _records(items: list[Fresh]) -> Iterator[tuple[str, Signature, int, str, CheckResult]]:

@@ -14,6 +14,8 @@ from PIL import Image
 
 from tasks import prepare as prepare_module
 from tasks.lib import check_store
+from tasks.lib.check_store import CheckStore
+from tasks.lib.scan import FolderScan
 from tasks.lib.cli import StageError
 from tasks.lib.config import PrepareParams
 from tasks.lib.images import BadImage, load_rgb
@@ -312,6 +314,34 @@ def test_incremental_runs_equal_runs_from_scratch(tmp_path: Path, monkeypatch: p
     assert changed.decoded == 6 + 1 + 1 and changed.hashed == 1 and changed.unchanged == 60 - 3
     prepare(root, tmp_path / "scratch", cfg(**settings, cache_dir=str(tmp_path / "fresh-cache")))
     assert outputs(tmp_path / "inc") == outputs(tmp_path / "scratch")
+
+
+@pytest.mark.parametrize("unchanged", [True, False])
+def test_checking_streams_a_window_at_a_time_whether_files_are_new_or_not(tmp_path: Path,
+                                                                          monkeypatch: pytest.MonkeyPatch,
+                                                                          unchanged: bool):
+    """The first results come before the walk has gone past one window: nothing collects every file (a rerun
+    over unchanged files once held all of them until the end)."""
+    monkeypatch.setattr(check_store, "RACY_SECONDS", 0.0)
+    monkeypatch.setattr(prepare_module, "LOOKUP_BLOCK", 2)
+    monkeypatch.setattr(prepare_module, "WINDOW", 4)
+    root = write_image_folder(tmp_path / "raw", classes=2, per_class=10, size=12)
+    if unchanged:
+        prepare(root, tmp_path / "out", cfg())
+    walked = []
+
+    def candidates():
+        for c in FolderScan(root).candidates():
+            walked.append(c.path)
+            yield c
+
+    with CheckStore(cfg().cache_dir, root, cfg().limits()) as store:
+        checker = prepare_module.Checker(root, cfg(), store)
+        stream = checker.run(candidates())
+        next(stream)
+        assert len(walked) <= 4
+        assert len([next(stream) for _ in range(19)]) == 19 and len(walked) == 20
+    assert (checker.counts.unchanged, checker.counts.decoded) == ((20, 0) if unchanged else (0, 20))
 
 
 def test_a_rewrite_that_keeps_size_and_mtime_is_still_seen(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
