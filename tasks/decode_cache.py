@@ -41,7 +41,7 @@ from tasks.lib.images import BadImage, ImageLimits, load_rgb
 from tasks.lib.io import SPLITS, SplitColumns, read_split_columns, sha256_file, storage_error, write_json
 from tasks.lib.parallel import batched, imap_unordered, worker_count
 from tasks.lib.preprocess import Preprocessing, imagenet_preprocessing, resize_and_crop, train_preprocessing
-from tasks.lib.row_store import RowWriter, link_or_copy, prune_variants, stored_rows, variant_key
+from tasks.lib.row_store import RowWriter, index_keys, link_or_copy, prune_variants, stored_rows, variant_key
 
 log = logging.getLogger("decode_cache")
 
@@ -134,15 +134,19 @@ def build_split(split_file: Path, raw_dir: Path, split_dir: Path, preps: dict[st
     rows = read_split_columns(split_file)      # columns: memory must not grow by an object per image
     split_dir.mkdir(parents=True)
     n, shas = len(rows), rows.sha256
-    stored = {name: stored_rows(Path(store_dir) / variant_key(prep, draft_size)) for name, prep in preps.items()}
-    found = {name: index.find(shas) for name, index in stored.items()}
+    wanted, found, sources = index_keys(shas), {}, {}
+    for name, prep in preps.items():      # one variant's index in memory at a time
+        index = stored_rows(Path(store_dir) / variant_key(prep, draft_size))
+        found[name], sources[name] = index.find(wanted), index.files
+        del index
+    del wanted
     reusable = np.logical_and.reduce([f[0] for f in found.values()])     # a row is copied only if every array has it
     writers = {name: RowWriter(store_dir, split_dir.name, prep, draft_size, n) for name, prep in preps.items()}
     try:
         for name, writer in writers.items():
             _, file_index, row = found[name]
             for source, source_start, start, count in reuse_runs(reusable, file_index, row):
-                writer.copy_rows(stored[name].files[source], source_start, start, count)
+                writer.copy_rows(sources[name][source], source_start, start, count)
         to_decode = np.flatnonzero(~reusable)
         targets = tuple(Target(w.path, w.offset, w.row_bytes, preps[name]) for name, w in writers.items())
         jobs = (Job(raw_dir, tuple((int(i), rows.paths[i]) for i in chunk), targets, limits, draft_size)

@@ -48,7 +48,7 @@ from tasks.lib.splits import (Checked, ImageTable, Splits, assign_splits, check_
 log = logging.getLogger("prepare")
 
 LOOKUP_BLOCK = 2048      # candidates stat-ed and looked up in the cache at a time
-WINDOW = 16 * LOOKUP_BLOCK   # candidates looked up before their misses are checked (what a run holds at most)
+WINDOW = 8 * LOOKUP_BLOCK    # candidates looked up before their misses are checked (what a run holds at most)
 CHUNK = 32               # files per task sent to a worker
 STAGING_PREFIX = ".prepare-staging-"
 

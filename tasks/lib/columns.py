@@ -15,6 +15,7 @@ from collections.abc import Iterable, Iterator
 import numpy as np
 
 SORT_KEY_MIN_BYTES = 16 * 2**20    # a sort may use this much for its fixed-width keys, or twice the strings' size
+SPAN_CHUNK = 65536                 # rows whose offsets are worked out at a time
 
 
 class PackedStrings:
@@ -50,23 +51,45 @@ class PackedStrings:
         order, so fixed-width byte keys sort them in numpy. The keys are cut at
         a width that keeps them within SORT_KEY_MIN_BYTES (or twice the
         strings' size); strings that only the cut made equal are then ordered
-        in Python, among themselves.
+        in Python, among themselves. The keys are built SPAN_CHUNK rows at a
+        time: beside the result they are the only array of the rows' size.
         """
         rows = np.arange(len(self), dtype=np.int64) if rows is None else np.asarray(rows, dtype=np.int64)
         if len(rows) < 2:
             return rows
-        ends = np.asarray(self._ends, dtype=np.int64)
-        starts = np.concatenate([[0], ends[:-1]])[rows]
-        lengths = ends[rows] - starts
-        budget = max(SORT_KEY_MIN_BYTES, 2 * int(lengths.sum()))
-        width = max(1, min(int(lengths.max()), budget // len(rows)))
-        keys = np.empty(len(rows), dtype=f"S{width}")
-        for j, (start, length) in enumerate(zip(starts.tolist(), lengths.tolist())):
-            keys[j] = bytes(self._data[start:start + min(length, width)])
+        longest, total = 0, 0
+        for _, lengths in self._spans(rows):
+            longest, total = max(longest, int(lengths.max())), total + int(lengths.sum())
+        width = max(1, min(longest, max(SORT_KEY_MIN_BYTES, 2 * total) // len(rows)))
+        keys = np.zeros((len(rows), width), dtype=np.uint8)
+        cut = np.zeros(len(rows), dtype=bool)
+        data = np.frombuffer(self._data, dtype=np.uint8)
+        try:
+            for at, (starts, lengths) in zip(range(0, len(rows), SPAN_CHUNK), self._spans(rows)):
+                block = keys[at:at + len(starts)]
+                for col in range(min(width, int(lengths.max()))):
+                    longer = np.flatnonzero(lengths > col)
+                    block[longer, col] = data[starts[longer] + col]
+                cut[at:at + len(starts)] = lengths > width
+        finally:
+            del data          # the buffer may grow again once no view of it is left
+        keys = keys.view(f"S{width}").ravel()
         order = np.argsort(keys, kind="stable")
-        if lengths.max() > width:
-            self._order_cut_ties(order, keys[order], lengths[order] > width, rows)
+        if cut.any():
+            self._order_cut_ties(order, keys[order], cut[order], rows)
         return rows[order]
+
+    def _spans(self, rows: np.ndarray) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        """(start offsets, lengths) of the rows' strings, SPAN_CHUNK rows at a time."""
+        ends = np.frombuffer(self._ends, dtype=np.int64)
+        try:
+            for at in range(0, len(rows), SPAN_CHUNK):
+                chunk = rows[at:at + SPAN_CHUNK]
+                stops = ends[chunk]
+                starts = np.where(chunk > 0, ends[np.maximum(chunk - 1, 0)], 0)
+                yield starts, stops - starts
+        finally:
+            del ends
 
     def _order_cut_ties(self, order: np.ndarray, sorted_keys: np.ndarray, cut: np.ndarray, rows: np.ndarray) -> None:
         """In place: within each run of equal keys that holds a cut string, order by the whole strings."""

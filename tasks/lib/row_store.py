@@ -43,22 +43,54 @@ def variant_key(prep: Preprocessing, draft_size: int | None) -> str:
     return hashlib.sha256(recipe.encode()).hexdigest()[:16]
 
 
+KEY_BYTES = 16           # the index keeps each sha256's first 128 bits: odds of a false match are about 1e-27
+INDEX_CHUNK = 65536      # keys converted at a time
+
+
 @dataclass(frozen=True)
 class StoredRows:
-    """Every stored row of one variant, sorted by content hash: numpy arrays, about 80 bytes a row."""
+    """Every stored row of one variant, sorted by content hash: numpy arrays, 24 bytes a row."""
 
     files: list[Path]        # the builds' data files
-    keys: np.ndarray         # S64 sha256, sorted
-    file_index: np.ndarray   # into files
-    row: np.ndarray          # row within that file
+    keys: np.ndarray         # S16: the first KEY_BYTES of each sha256, raw, sorted
+    file_index: np.ndarray   # int32, into files
+    row: np.ndarray          # int32, row within that file
 
-    def find(self, shas: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """(found, file index, row) for each wanted sha256 (an S64 array); a binary search, no dict."""
+    def find(self, wanted: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(found, file index, row) for each wanted key (`index_keys` of the sha256s); a binary search, no dict."""
         if not len(self.keys):
-            nowhere = np.zeros(len(shas), dtype=np.int64)
-            return np.zeros(len(shas), dtype=bool), nowhere, nowhere
-        at = np.minimum(np.searchsorted(self.keys, shas), len(self.keys) - 1)
-        return self.keys[at] == shas, self.file_index[at], self.row[at]
+            nowhere = np.zeros(len(wanted), dtype=np.int32)
+            return np.zeros(len(wanted), dtype=bool), nowhere, nowhere
+        at = np.minimum(np.searchsorted(self.keys, wanted), len(self.keys) - 1)
+        return self.keys[at] == wanted, self.file_index[at], self.row[at]
+
+
+_NIBBLE = np.zeros(256, dtype=np.uint8)
+_NIBBLE[np.frombuffer(b"0123456789abcdef", np.uint8)] = np.arange(16, dtype=np.uint8)
+_NIBBLE[np.frombuffer(b"ABCDEF", np.uint8)] = np.arange(10, 16, dtype=np.uint8)
+
+
+def index_keys(hex_shas: np.ndarray) -> np.ndarray:
+    """S64 hex sha256s -> S16 index keys (their first KEY_BYTES, raw: they sort as the hex does)."""
+    keys = np.empty(len(hex_shas), dtype=f"S{KEY_BYTES}")
+    raw = keys.view(np.uint8).reshape(-1, KEY_BYTES)
+    for at in range(0, len(hex_shas), INDEX_CHUNK):
+        nibbles = _NIBBLE[np.asarray(hex_shas[at:at + INDEX_CHUNK]).view(np.uint8).reshape(-1, 64)[:, :2 * KEY_BYTES]]
+        raw[at:at + len(nibbles)] = (nibbles[:, 0::2] << 4) | nibbles[:, 1::2]
+    return keys
+
+
+def _read_index_keys(path: Path) -> np.ndarray:
+    """A build's keys file as index keys, read a chunk at a time (never the 64-byte hex of every row at once)."""
+    with open(path, "rb") as handle:
+        version = np.lib.format.read_magic(handle)
+        read_header = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+        shape, _, dtype = read_header(handle)
+        if dtype != np.dtype("S64") or len(shape) != 1:
+            raise ValueError(f"{path}: not a keys file")
+        parts = [index_keys(np.fromfile(handle, dtype="S64", count=min(INDEX_CHUNK, shape[0] - at)))
+                 for at in range(0, shape[0], INDEX_CHUNK)]
+    return np.concatenate(parts) if parts else np.empty(0, dtype=f"S{KEY_BYTES}")
 
 
 def stored_rows(variant_dir: Path) -> StoredRows:
@@ -69,14 +101,17 @@ def stored_rows(variant_dir: Path) -> StoredRows:
     files, parts = [], []
     for keys in newest.values():
         try:
-            parts.append(np.load(keys))
+            parts.append(_read_index_keys(keys))
         except (OSError, ValueError):     # deleted or replaced by a concurrent build: decode instead
             continue
         files.append(keys.with_name(keys.name.removesuffix(".keys.npy") + ".npy"))
-    all_keys = np.concatenate(parts) if parts else np.empty(0, dtype="S64")
-    file_index = np.concatenate([np.full(len(k), i, dtype=np.int32) for i, k in enumerate(parts)]) \
-        if parts else np.empty(0, dtype=np.int32)
-    row = np.concatenate([np.arange(len(k)) for k in parts]) if parts else np.empty(0, dtype=np.int64)
+    if not parts:
+        empty = np.empty(0, dtype=np.int32)
+        return StoredRows(files, np.empty(0, dtype=f"S{KEY_BYTES}"), empty, empty)
+    all_keys = np.concatenate(parts)
+    file_index = np.concatenate([np.full(len(k), i, dtype=np.int32) for i, k in enumerate(parts)])
+    row = np.concatenate([np.arange(len(k), dtype=np.int32) for k in parts])
+    del parts
     order = np.argsort(all_keys, kind="stable")
     return StoredRows(files, all_keys[order], file_index[order], row[order])
 

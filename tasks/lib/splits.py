@@ -76,8 +76,7 @@ class ImageTable:
 
     def freeze(self) -> ImageTable:
         """Numpy views of the columns (call once every image was added)."""
-        self.digests = np.frombuffer(bytes(self._digests), dtype="S32")    # sorts as the hex strings would
-        self._digests = bytearray()
+        self.digests = np.frombuffer(self._digests, dtype="S32")    # a view, no copy; sorts as the hex strings would
         self.labels = np.asarray(self._labels, dtype=np.int32)
         self.splits = np.asarray(self._splits, dtype=np.int8)
         self.dhashes = np.asarray(self._dhashes, dtype=np.uint64)
@@ -99,9 +98,8 @@ def dedupe(table: ImageTable) -> tuple[np.ndarray, dict[str, Any], list[dict[str
     looked at in Python; unique content stays in arrays.
     """
     order = np.argsort(table.digests, kind="stable")
-    ordered = table.digests[order]
-    starts = np.flatnonzero(np.concatenate([[True], ordered[1:] != ordered[:-1]])[:len(order)])
-    sizes = np.diff(np.concatenate([starts, [len(order)]]))
+    starts = np.flatnonzero(_new_content(table.digests, order))
+    sizes = np.diff(starts, append=len(order))
     keep = order[starts]
     conflicts: list[dict[str, Any]] = []
     removed: list[dict[str, Any]] = []
@@ -125,6 +123,19 @@ def dedupe(table: ImageTable) -> tuple[np.ndarray, dict[str, Any], list[dict[str
     conflicts.sort(key=lambda c: c["paths"][0])
     duplicates = {"n_removed": len(removed), "removed": removed}
     return kept, duplicates, conflicts
+
+
+COMPARE_CHUNK = 65536
+
+
+def _new_content(digests: np.ndarray, order: np.ndarray) -> np.ndarray:
+    """flags[i]: the row at order[i] holds other content than the row before it. In chunks: the digests are
+    never copied whole (6.4 MB at 200,000 images)."""
+    flags = np.ones(len(order), dtype=bool)
+    for start in range(1, len(order), COMPARE_CHUNK):
+        stop = min(start + COMPARE_CHUNK, len(order))
+        flags[start:stop] = digests[order[start:stop]] != digests[order[start - 1:stop - 1]]
+    return flags
 
 
 def split_fraction(sha256: str, seed: int) -> float:
@@ -179,14 +190,24 @@ def _split_class(members: np.ndarray, fractions: np.ndarray, cfg: PrepareParams)
 def check_leakage(table: ImageTable, splits: Splits, cfg: PrepareParams) -> dict[str, Any]:
     """No content hash in two splits (asserted); optionally near-duplicates by dHash, reported."""
     rows = np.concatenate([splits[s] for s in SPLITS])
-    digests = np.sort(table.digests[rows])
-    if len(digests) > 1 and (same := np.flatnonzero(digests[1:] == digests[:-1])).size:
-        row = rows[np.flatnonzero(table.digests[rows] == digests[same[0]])[-1]]
-        raise AssertionError(f"leakage: {table.paths[row]} has the content of an image in another split")
+    prefixes = _prefixes(table, rows)           # 8 bytes a row instead of 32: sorting them needs no copy of the hashes
+    order = np.argsort(prefixes, kind="stable")
+    starts = np.flatnonzero(_new_content(prefixes, order))
+    for start, stop in zip(starts, np.append(starts[1:], len(order))):
+        if stop - start > 1:          # same first 8 bytes: compare the whole hashes (almost never needed)
+            group = rows[order[start:stop]]
+            if len({table.sha256(row) for row in group}) < len(group):
+                raise AssertionError(f"leakage: {table.paths[group[-1]]} has the content of an image "
+                                     "in another split")
     report: dict[str, Any] = {"exact_cross_split": 0, "checked_near_duplicates": cfg.near_duplicates}
     if cfg.near_duplicates:
         report["near_duplicates"] = find_near_duplicates(table, splits, cfg.near_duplicate_distance)
     return report
+
+
+def _prefixes(table: ImageTable, rows: np.ndarray) -> np.ndarray:
+    """The first 8 bytes of each row's sha256 as one number (big-endian: they sort as the hashes do)."""
+    return table.digests.view(np.uint8).reshape(-1, 32)[rows, :8].copy().view(">u8").ravel()
 
 
 def find_near_duplicates(table: ImageTable, splits: Splits, max_distance: int) -> list[dict[str, Any]]:

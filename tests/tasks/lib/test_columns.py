@@ -25,11 +25,13 @@ def test_packed_strings_give_back_what_went_in() -> None:
     assert len(packed) == len(names) and list(packed) == names and packed[3] == "a-b"
 
 
-@pytest.mark.parametrize("key_budget", [columns.SORT_KEY_MIN_BYTES, 0])
-def test_sort_order_is_pythons_order_for_all_rows_and_for_a_subset(monkeypatch, key_budget: int) -> None:
+@pytest.mark.parametrize(("key_budget", "span_chunk"), [(columns.SORT_KEY_MIN_BYTES, columns.SPAN_CHUNK), (0, 7)])
+def test_sort_order_is_pythons_order_for_all_rows_and_for_a_subset(monkeypatch, key_budget: int,
+                                                                   span_chunk: int) -> None:
     """key_budget 0: keys are cut at twice the mean length, so the long names can only be told apart by the
-    whole-string pass over the runs the cut left equal."""
+    whole-string pass over the runs the cut left equal; span_chunk 7: the keys are built in many chunks."""
     monkeypatch.setattr(columns, "SORT_KEY_MIN_BYTES", key_budget)
+    monkeypatch.setattr(columns, "SPAN_CHUNK", span_chunk)
     names = awkward_names(3000)
     packed = PackedStrings(names)
     assert [names[i] for i in packed.sort_order()] == sorted(names)

@@ -137,3 +137,14 @@ def test_the_table_costs_far_less_than_an_object_per_image() -> None:
     finally:
         tracemalloc.stop()
     assert per_image < 120, per_image
+
+
+def test_hashes_that_share_their_first_bytes_are_told_apart() -> None:
+    """Leakage is found by 8-byte prefixes first; equal prefixes are compared in full, across the whole run."""
+    same_start = ["ab" * 8 + "00" * 24, "ab" * 8 + "11" * 24, "ab" * 8 + "00" * 24]
+    items = [Checked.of(Candidate(f"c/{i}.png", "c"), sha, CheckResult("", "", None)) for i, sha in enumerate(same_start)]
+    table = table_of(items)
+    distinct = {"train": np.array([0]), "val": np.array([1]), "test": np.array([], np.int64)}
+    assert check_leakage(table, distinct, PrepareParams())["exact_cross_split"] == 0
+    with pytest.raises(AssertionError, match="leakage"):   # rows 0 and 2 are one content, row 1 sorts between
+        check_leakage(table, {"train": np.array([0]), "val": np.array([1]), "test": np.array([2])}, PrepareParams())
