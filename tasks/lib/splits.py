@@ -104,9 +104,8 @@ def dedupe(table: ImageTable) -> tuple[np.ndarray, dict[str, Any], list[dict[str
     conflicts: list[dict[str, Any]] = []
     removed: list[dict[str, Any]] = []
     dropped = []
-    for group, start in enumerate(starts.tolist()):
-        if sizes[group] == 1:
-            continue
+    for group in np.flatnonzero(sizes > 1).tolist():
+        start = int(starts[group])
         members = sorted(order[start:start + sizes[group]].tolist(),
                          key=lambda row: (max(int(table.splits[row]), 0), table.paths[row]))
         first, copies = members[0], members[1:]
