@@ -9,12 +9,16 @@ The format and its readers live in `tasks.lib.image_cache`.
 The split files list every image's sha256, so they (with the preprocessing
 params) key the cache: dvc.yaml declares them as deps.
 
-Incremental: the rows of the last build stay in `cache.store_dir`
+Incremental: decoded rows stay in `cache.store_dir` as immutable segments
 (`tasks.lib.row_store`, keyed by content hash and by everything that changes
-the pixels); a build copies the rows of unchanged images from there and
-decodes only the new ones, with the same bytes as a build from scratch. Memory
-stays flat: rows are written at their offsets (pwrite, copy_file_range), not
-through a memory map, and work is handed to the workers a few chunks at a time.
+the pixels). A build hard-links the segments that hold the unchanged images
+into its outputs, decodes only the new images into one new segment, and
+writes each array's rows file (split row -> place in its segments); what it
+copies is bounded by what changed, amortised, and DVC finds the kept
+segments' hashes in its state instead of reading them again. The arrays read
+back identical to a build from scratch. Memory stays flat: rows are written
+at their offsets (pwrite, copy_file_range), not through a memory map, and
+work is handed to the workers a few chunks at a time.
 With `cache.jpeg_draft`, JPEGs decode at a reduced scale (Pillow's draft) when
 the largest stored size allows it, and only the part of each image that
 survives the center crop is resampled; one draft size serves every split.
@@ -41,7 +45,8 @@ from tasks.lib.images import BadImage, ImageLimits, load_rgb
 from tasks.lib.io import SPLITS, SplitColumns, read_split_columns, sha256_file, storage_error, write_json
 from tasks.lib.parallel import batched, imap_unordered, worker_count
 from tasks.lib.preprocess import Preprocessing, imagenet_preprocessing, resize_and_crop, train_preprocessing
-from tasks.lib.row_store import RowWriter, index_keys, link_or_copy, prune_variants, stored_rows, variant_key
+from tasks.lib.row_store import (SegmentWriter, SplitPlan, copy_runs, index_keys, link_or_copy, plan_split,
+                                 prune_segments, prune_variants, read_uses, stored_rows, variant_key, write_uses)
 
 log = logging.getLogger("decode_cache")
 
@@ -62,10 +67,10 @@ class Target:
 
 @dataclass(frozen=True)
 class Job:
-    """A chunk of one split for one worker: decode these (row index, path) pairs into every target."""
+    """A chunk of one split for one worker: decode these files, each into its row (slot) of every target."""
 
     raw_dir: Path
-    rows: tuple[tuple[int, str], ...]
+    rows: tuple[tuple[str, tuple[int, ...]], ...]     # (path, its row in each target)
     targets: tuple[Target, ...]
     limits: ImageLimits
     draft_size: int | None
@@ -119,7 +124,10 @@ def build_cache(prepared_dir: Path, raw_dir: Path, out_dir: Path, preps: dict[st
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     if store_dir:
-        prune_variants(store, [variant_key(p, draft_size) for p in preps.values()])
+        keys = [variant_key(p, draft_size) for p in preps.values()]
+        for key in keys:
+            prune_segments(store / key)
+        prune_variants(store, keys)
     return summary
 
 
@@ -128,46 +136,88 @@ def build_split(split_file: Path, raw_dir: Path, split_dir: Path, preps: dict[st
                 ) -> dict[str, Any]:
     """One split's arrays, labels and meta.json in split_dir; meta.json is written last.
 
-    Rows whose content the store has for every array are copied from it;
-    only the others are decoded.
+    Each array is the stored segments that hold the split's unchanged images (hard-linked, not copied) plus
+    one new segment with the images decoded now and any rows merged from other segments
+    (`tasks.lib.row_store.plan_split`), and a rows file mapping each split row to its place in them.
     """
     rows = read_split_columns(split_file)      # columns: memory must not grow by an object per image
     split_dir.mkdir(parents=True)
-    n, shas = len(rows), rows.sha256
-    wanted, found, sources = index_keys(shas), {}, {}
-    for name, prep in preps.items():      # one variant's index in memory at a time
-        index = stored_rows(Path(store_dir) / variant_key(prep, draft_size))
-        found[name], sources[name] = index.find(wanted), index.files
-        del index
-    del wanted
-    reusable = np.logical_and.reduce([f[0] for f in found.values()])     # a row is copied only if every array has it
-    writers = {name: RowWriter(store_dir, split_dir.name, prep, draft_size, n) for name, prep in preps.items()}
+    split = split_dir.name
+    reusable, plans, stored = plan_arrays(rows.sha256, preps, store_dir, draft_size, split)
+    to_decode = np.flatnonzero(~reusable)
+    writers = {name: SegmentWriter(store_dir, split, preps[name], draft_size, plan.new_size)
+               for name, plan in plans.items() if plan.new_size}
     try:
         for name, writer in writers.items():
-            _, file_index, row = found[name]
-            for source, source_start, start, count in reuse_runs(reusable, file_index, row):
-                writer.copy_rows(sources[name][source], source_start, start, count)
-        to_decode = np.flatnonzero(~reusable)
-        targets = tuple(Target(w.path, w.offset, w.row_bytes, preps[name]) for name, w in writers.items())
-        jobs = (Job(raw_dir, tuple((int(i), rows.paths[i]) for i in chunk), targets, limits, draft_size)
-                for chunk in batched(to_decode, CHUNK))
-        for _ in progress(_images_done(jobs, workers), desc=desc, total=len(to_decode), unit="img"):
-            pass
-        for name, writer in writers.items():
-            link_or_copy(writer.publish(shas), split_dir / f"{name}.npy")
+            for source, source_start, start, count in copy_runs(plans[name]):
+                writer.copy_rows(stored[name][source], source_start, start, count)
+        decode_rows(raw_dir, rows, to_decode, {name: (w, preps[name], plans[name]) for name, w in writers.items()},
+                    limits=limits, draft_size=draft_size, workers=workers, desc=desc)
+        new = {name: [writer.publish(rows.sha256[plans[name].new_rows])] for name, writer in writers.items()}
     except BaseException:
         for writer in writers.values():
             writer.discard()
         raise
+    arrays = {}
+    for name, prep in preps.items():
+        segments = [stored[name][i] for i in plans[name].kept] + new.get(name, [])
+        arrays[name] = link_segments(split_dir, name, segments, plans[name].position)
+        write_uses(Path(store_dir) / variant_key(prep, draft_size), split, segments)
     np.save(split_dir / "labels.npy", rows.labels)
-    write_meta(split_dir, split_file, raw_dir, rows, preps, draft_size)
-    log.info("%s: %d images, %d decoded, %d copied from %s", split_dir.name, n, len(to_decode), n - len(to_decode),
-             store_dir)
-    return {"n_images": n, "arrays": list(preps), "decoded": len(to_decode), "reused": n - len(to_decode)}
+    write_meta(split_dir, split_file, raw_dir, rows, preps, draft_size, arrays)
+    n, copied = len(rows), max(int((~plan.decode).sum()) for plan in plans.values())
+    log.info("%s: %d images, %d decoded, %d read from %s (%d of them copied into the new segment)", split, n,
+             len(to_decode), n - len(to_decode), store_dir, copied)
+    return {"n_images": n, "arrays": list(preps), "decoded": len(to_decode), "reused": n - len(to_decode),
+            "copied": copied, "segments": {name: len(files) for name, files in arrays.items()}}
+
+
+def plan_arrays(shas: np.ndarray, preps: dict[str, Preprocessing], store_dir: Path, draft_size: int | None,
+                split: str) -> tuple[np.ndarray, dict[str, SplitPlan], dict[str, list[Path]]]:
+    """(per row: stored in every array?, each array's plan, each array's stored segment files).
+
+    A row is reused only if every array has it: decoding makes all of them at once."""
+    wanted, found, stored = index_keys(shas), {}, {}
+    for name, prep in preps.items():      # one variant's index in memory at a time
+        variant_dir = Path(store_dir) / variant_key(prep, draft_size)
+        index = stored_rows(variant_dir, prefer=read_uses(variant_dir, split))
+        found[name], stored[name] = index.find(wanted), (index.files, index.sizes)
+        del index
+    reusable = np.logical_and.reduce([f[0] for f in found.values()])
+    plans = {name: plan_split(stored[name][1], reusable, *found[name][1:]) for name in preps}
+    return reusable, plans, {name: files for name, (files, _) in stored.items()}
+
+
+def decode_rows(raw_dir: Path, rows: SplitColumns, to_decode: np.ndarray,
+                targets: dict[str, tuple[SegmentWriter, Preprocessing, SplitPlan]], *, limits: ImageLimits,
+                draft_size: int | None, workers: int, desc: str) -> None:
+    """Decode the split rows to_decode into their places in the new segments, a chunk per worker task."""
+    writes = tuple(Target(w.path, w.offset, w.row_bytes, prep) for w, prep, _ in targets.values())
+    slots = [np.searchsorted(plan.new_rows, to_decode) for _, _, plan in targets.values()]  # to_decode[k] -> row
+    jobs = (Job(raw_dir, tuple((rows.paths[to_decode[k]], tuple(int(s[k]) for s in slots)) for k in chunk), writes,
+                limits, draft_size)
+            for chunk in batched(range(len(to_decode)), CHUNK))
+    for _ in progress(_images_done(jobs, workers), desc=desc, total=len(to_decode), unit="img"):
+        pass
+
+
+def link_segments(split_dir: Path, name: str, segments: list[Path], position: np.ndarray) -> list[str]:
+    """Hard-link an array's segments into the split's folder and write its rows file; the segments' file names."""
+    names = []
+    for k, segment in enumerate(segments):
+        target = split_dir / f"{name}.{k}.npy"
+        try:
+            link_or_copy(segment, target)
+        except FileNotFoundError:
+            raise StageError(f"{segment}: removed while this build used it (another decode_cache build pruned "
+                             f"the store {segment.parent.parent}?); run the stage again") from None
+        names.append(target.name)
+    np.save(split_dir / f"{name}.rows.npy", position)
+    return names
 
 
 def write_meta(split_dir: Path, split_file: Path, raw_dir: Path, rows: SplitColumns,
-               preps: dict[str, Preprocessing], draft_size: int | None) -> None:
+               preps: dict[str, Preprocessing], draft_size: int | None, segments: dict[str, list[str]]) -> None:
     """meta.json, written last: what each array holds and which split rows built it (readers check both)."""
     n = len(rows)
     write_json(split_dir / "meta.json", {
@@ -177,22 +227,12 @@ def write_meta(split_dir: Path, split_file: Path, raw_dir: Path, rows: SplitColu
         "split_sha256": sha256_file(split_file),
         "rows_sha256": rows_digest(rows),
         "raw_dir": str(raw_dir),
-        "arrays": {name: {"file": f"{name}.npy", "shape": [n, p.crop_size, p.crop_size, 3], **geometry(p),
+        "arrays": {name: {"segments": segments[name], "rows": f"{name}.rows.npy",
+                          "shape": [n, p.crop_size, p.crop_size, 3], **geometry(p),
                           "jpeg_draft_size": draft_size, "pixels": variant_key(p, draft_size)}
                    for name, p in preps.items()},
         "labels": "labels.npy",
     })
-
-
-def reuse_runs(reusable: np.ndarray, file_index: np.ndarray, row: np.ndarray) -> Iterator[tuple[int, int, int, int]]:
-    """(source file index, source row, row, count): consecutive rows stored consecutively, copied in one call."""
-    rows = np.flatnonzero(reusable)
-    if not len(rows):
-        return
-    files, sources = file_index[rows], row[rows]
-    breaks = np.flatnonzero((np.diff(rows) != 1) | (np.diff(sources) != 1) | (np.diff(files) != 0)) + 1
-    for start, end in zip(np.concatenate([[0], breaks]), np.concatenate([breaks, [len(rows)]])):
-        yield int(files[start]), int(sources[start]), int(rows[start]), int(end - start)
 
 
 def _images_done(jobs: Iterator[Job], workers: int) -> Iterator[None]:
@@ -214,7 +254,7 @@ def decode_chunk(job: Job) -> tuple[int, str, bool]:
     draft = job.draft_size is not None
     fds = [os.open(t.path, os.O_WRONLY) for t in job.targets]
     try:
-        for index, rel in job.rows:
+        for rel, slots in job.rows:
             path = os.path.join(job.raw_dir, rel)     # a str: pathlib would intern every file name
             try:
                 img = load_rgb(path, job.limits.max_pixels, max_aspect_ratio=job.limits.max_aspect_ratio,
@@ -225,9 +265,9 @@ def decode_chunk(job: Job) -> tuple[int, str, bool]:
                 return 0, str(err), False
             except Exception as err:    # MemoryError included: name the file instead of a bare traceback
                 return 0, f"{path}: {type(err).__name__}: {err}", False
-            for fd, target, row in zip(fds, job.targets, pixels):
+            for fd, target, row, slot in zip(fds, job.targets, pixels, slots):
                 try:
-                    os.pwrite(fd, row.tobytes(), target.offset + index * target.row_bytes)
+                    os.pwrite(fd, row.tobytes(), target.offset + slot * target.row_bytes)
                 except OSError as err:
                     return 0, str(storage_error(err, target.path)), True
     finally:

@@ -135,8 +135,8 @@ class CacheParams(Section):
                              "stored size is that much smaller, and resample only what the center crop keeps: "
                              "several times faster on large photos; the pixels differ slightly from evaluate's "
                              "(see benchmarks/README.md); false makes them identical.")
-    store_dir: Path = Field(Path(".cache/decoded"), description="The last build's arrays with each row's content "
-                            "hash, so the next build copies unchanged images instead of decoding them again; "
+    store_dir: Path = Field(Path(".cache/decoded"), description="Decoded rows with each row's content hash, in "
+                            "segments the outputs hard-link, so the next build decodes and writes only new images; "
                             "git-ignored, not a DVC output, safe to delete.")
     features_dir: Path = Field(Path(".cache/features"), description="Backbone features of the frozen head phase, "
                                "per image, weights and preprocessing, reused by the next training run; git-ignored, "

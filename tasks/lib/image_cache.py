@@ -3,19 +3,29 @@
 `python -m tasks.decode_cache` (the stage) writes it; the train stage reads it
 through `training_images`. Layout of cache.dir, one folder per split:
 
-    <split>/eval.npy      uint8 (N, S, S, 3): the evaluation preprocessing at
-                          train.image_size (tasks.lib.preprocess.resize_and_crop),
-                          i.e. exactly EvalDataset's pixels before normalising
-    train/augment.npy     uint8 (N, M, M, 3), M = round(S * cache.margin): the
-                          source of random resized crops (tasks.lib.augment)
+    <split>/eval.<k>.npy  uint8 (n_k, S, S, 3) segments: the evaluation
+                          preprocessing at train.image_size
+                          (tasks.lib.preprocess.resize_and_crop), i.e. exactly
+                          EvalDataset's pixels before normalising
+    <split>/eval.rows.npy int64 (N,): where split row i lies in the segments,
+                          counted through them in order
+    train/augment.*       the same for uint8 (M, M, 3) rows, M = round(S *
+                          cache.margin): the source of random resized crops
+                          (tasks.lib.augment)
     <split>/labels.npy    int64 (N,)
-    <split>/meta.json     each array's preprocessing, the split file's sha256
-                          and a digest of its rows (checked by every reader)
+    <split>/meta.json     each array's segments and preprocessing, the split
+                          file's sha256 and a digest of its rows (checked by
+                          every reader)
+
+The segments are hard links into the stage's row store (tasks.lib.row_store):
+a retrain that adds images adds a segment instead of rewriting the array. A
+build from scratch has one segment in split order.
 
 Readers: `training_images` (the cache when it matches, else decoding),
-`load_arrays` / `open_split` (checked memory maps) and `MappedImages` (batches
-out of a memory map, fast). Torch is imported only where a batch is made, so
-the stage's decoding workers never import it.
+`load_arrays` / `open_split` (checked memory maps: a plain one for a single
+segment in split order, else `SegmentedRows`) and `MappedImages` (batches out
+of either, fast). Torch is imported only where a batch is made, so the stage's
+decoding workers never import it.
 """
 
 from __future__ import annotations
@@ -39,7 +49,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("decode_cache")
 
-CACHE_FORMAT = 1
+CACHE_FORMAT = 2         # 2: segments and a rows file per array
 EVAL, AUGMENT = "eval", "augment"
 # Only these fields change the stored pixels; mean/std are applied on the device.
 GEOMETRY = ("crop_size", "resize_size", "interpolation")
@@ -78,27 +88,89 @@ def read_meta(cache_dir: Path | str, split: str) -> dict[str, Any]:
 
 
 def open_split(cache_dir: Path | str, split: str, variant: str = EVAL,
-               mmap_mode: str = "r") -> tuple[np.ndarray, np.ndarray]:
+               mmap_mode: str = "r") -> tuple[np.ndarray | SegmentedRows, np.ndarray]:
     """(uint8 NHWC images, int64 labels) of one split, memory-mapped: pages load as batches touch them.
 
-    mmap_mode "c" (copy-on-write) gives a writable view, which torch.from_numpy
-    accepts without a warning; the file itself is never changed.
+    The images are a plain memory map when the array is one segment in split order (a build from scratch),
+    else a `SegmentedRows` over its segments. mmap_mode "c" (copy-on-write) gives a writable view, which
+    torch.from_numpy accepts without a warning; the files themselves are never changed.
     """
     meta = read_meta(cache_dir, split)
     split_dir = Path(cache_dir) / split
     if variant not in meta["arrays"]:
         raise StageError(f"{split_dir}: no {variant!r} array (has {sorted(meta['arrays'])}); "
                          f"rebuild with `dvc repro decode_cache`")
-    images = np.load(split_dir / meta["arrays"][variant]["file"], mmap_mode=mmap_mode)
+    info = meta["arrays"][variant]
+    broken = (f"{split_dir}: the {variant} arrays do not match meta.json (a partial copy?); "
+              f"rebuild with `dvc repro decode_cache`")
+    try:
+        segments = [np.load(split_dir / name, mmap_mode=mmap_mode) for name in info["segments"]]
+        position = np.load(split_dir / info["rows"])
+    except (OSError, ValueError) as err:
+        raise StageError(f"{broken} ({err})") from None
     labels = np.load(split_dir / meta["labels"])
-    if images.shape != tuple(meta["arrays"][variant]["shape"]) or len(labels) != meta["n_images"]:
-        raise StageError(f"{split_dir}: arrays do not match meta.json (a partial copy?); "
-                         f"rebuild with `dvc repro decode_cache`")
-    return images, labels
+    shape = tuple(info["shape"])
+    if (any(s.shape[1:] != shape[1:] or s.dtype != np.uint8 for s in segments) or position.shape != shape[:1]
+            or len(labels) != meta["n_images"] or shape[0] != meta["n_images"]):
+        raise StageError(broken)
+    images = SegmentedRows(segments, position)
+    if len(position) and (position.min() < 0 or position.max() >= images.stored):
+        raise StageError(broken)
+    plain = images.plain()
+    return (images if plain is None else plain), labels
+
+
+class SegmentedRows:
+    """An array whose rows lie in several segment arrays: row i is row position[i] of their concatenation.
+
+    What a decoded-cache array is after incremental builds. Indexing (an int, a slice or an index array)
+    returns a numpy array; `take` gathers into a given buffer, segment by segment.
+    """
+
+    def __init__(self, segments: Sequence[np.ndarray], position: np.ndarray) -> None:
+        self.segments, self.position = list(segments), np.asarray(position, dtype=np.int64)
+        self.starts = np.cumsum([0] + [len(s) for s in self.segments])
+        self.stored = int(self.starts[-1])
+        row_shape = self.segments[0].shape[1:] if self.segments else ()
+        self.shape, self.dtype = (len(self.position), *row_shape), np.dtype(np.uint8)
+
+    def __len__(self) -> int:
+        return len(self.position)
+
+    def plain(self) -> np.ndarray | None:
+        """The one segment itself when it holds exactly the rows in order, else None."""
+        if (len(self.segments) == 1 and len(self.segments[0]) == len(self.position)
+                and np.array_equal(self.position, np.arange(len(self.position)))):
+            return self.segments[0]
+        return None
+
+    def take(self, rows: np.ndarray, out: np.ndarray) -> np.ndarray:
+        """Rows (checked by the caller) into out, a segment at a time; whole rows copied, no per-pixel work."""
+        at = self.position[rows]
+        segment = np.searchsorted(self.starts, at, side="right") - 1
+        if len(self.segments) == 1:
+            return np.take(self.segments[0], at, axis=0, out=out, mode="clip")
+        for s in np.unique(segment):
+            mine = np.flatnonzero(segment == s)
+            out[mine] = np.take(self.segments[s], at[mine] - self.starts[s], axis=0)
+        return out
+
+    def __getitem__(self, index: Any) -> np.ndarray:
+        if isinstance(index, (int, np.integer)):
+            return self[np.asarray([index])][0]
+        rows = np.arange(len(self))[index] if isinstance(index, slice) else np.asarray(index, dtype=np.int64)
+        if rows.size and (rows.min() < -len(self) or rows.max() >= len(self)):
+            raise IndexError(f"image index out of range 0..{len(self) - 1}")
+        rows = np.where(rows < 0, rows + len(self), rows)
+        return self.take(rows, np.empty((len(rows), *self.shape[1:]), dtype=np.uint8))
+
+    def __array__(self, dtype: Any = None, copy: Any = None) -> np.ndarray:
+        whole = self[:]
+        return whole if dtype is None else whole.astype(dtype)
 
 
 def load_arrays(cache_dir: Path | str, split: str, rows: Sequence[SplitRow], preps: Sequence[Preprocessing],
-                mmap_mode: str = "r") -> list[np.ndarray]:
+                mmap_mode: str = "r") -> list[np.ndarray | SegmentedRows]:
     """Drop-in for tasks.lib.data.decode_arrays: one memory-mapped array per preprocessing, checked against rows."""
     meta = read_meta(cache_dir, split)
     if meta["rows_sha256"] != rows_digest(rows):
@@ -120,7 +192,7 @@ def find_variant(meta: dict[str, Any], prep: Preprocessing, where: Path) -> str:
 
 
 class MappedImages:
-    """A memory-mapped uint8 NHWC array that hands out batches as torch tensors, fast.
+    """A memory-mapped uint8 NHWC array (or SegmentedRows) that hands out batches as torch tensors, fast.
 
     torch's indexing copies a uint8 batch element by element (about 90 ms for
     256 images of 258 px on one thread: the GPU waited on it); np.take copies
@@ -130,8 +202,8 @@ class MappedImages:
     [index tensor | slice].
     """
 
-    def __init__(self, array: np.ndarray, pin: bool = False, keys: Sequence[str] | None = None, pixels: str = "",
-                 features_dir: Path | None = None) -> None:
+    def __init__(self, array: np.ndarray | SegmentedRows, pin: bool = False, keys: Sequence[str] | None = None,
+                 pixels: str = "", features_dir: Path | None = None) -> None:
         self.array, self.pin = array, pin
         self.shape = tuple(array.shape)
         # What tasks.training.features keys stored backbone features by: each row's content hash, how the
@@ -148,8 +220,10 @@ class MappedImages:
         if rows.size and (rows.min() < 0 or rows.max() >= len(self)):
             raise IndexError(f"image index out of range 0..{len(self) - 1}")
         out = torch.empty((len(rows), *self.shape[1:]), dtype=torch.uint8, pin_memory=self.pin)
-        # mode="clip" (indices are checked above) lets np.take write straight into out, unbuffered.
-        np.take(self.array, rows, axis=0, out=out.numpy(), mode="clip")
+        if isinstance(self.array, SegmentedRows):
+            self.array.take(rows, out.numpy())
+        else:   # mode="clip" (indices are checked above) lets np.take write straight into out, unbuffered
+            np.take(self.array, rows, axis=0, out=out.numpy(), mode="clip")
         return out
 
 

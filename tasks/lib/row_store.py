@@ -1,28 +1,39 @@
-"""Decoded rows kept between builds of the decoded cache, keyed by content hash, so a build decodes only new images.
+"""Decoded rows kept between builds of the decoded cache as immutable segments, so a build costs what changed.
 
 DVC deletes a stage's outputs before it runs the stage, so the decode_cache
 stage cannot reuse its own previous arrays. It keeps them here instead
-(`cache.store_dir`, git-ignored, not a DVC output) and hard-links the
-finished arrays into its outputs, so the store costs no extra disk space.
+(`cache.store_dir`, git-ignored, not a DVC output) and hard-links them into
+its outputs, so the store costs no extra disk space.
 
 Layout: one folder per variant (`variant_key`: the geometry, the JPEG draft
-size, Pillow's version and ROW_FORMAT: anything that changes the pixels), and
-in it, per split and build, `<split>.<build>.npy` (uint8 rows) and
-`<split>.<build>.keys.npy` (each row's sha256). The keys file is written
-last: a build without one is incomplete and never read. A finished build
-replaces the split's older builds, which are then deleted (a reader that has
-them open keeps reading them). So the store holds the images of the last
-build of each split and variant; variants not built for a while are pruned
-(KEEP_VARIANTS newest kept).
+size, Pillow's version and ROW_FORMAT: anything that changes the pixels). In
+it, segments: `<split>.<build>.npy` (uint8 rows) and `<split>.<build>.keys.npy`
+(each row's sha256), never changed once written. The keys file is written
+last: a segment without one is incomplete and never read. `<split>.uses.json`
+lists the segments the split's last build reads its rows from, in order.
+
+A build of a split (`plan_split`) keeps the segments that hold its unchanged
+images, and writes one new segment with the new images only: adding 1% of
+images writes 1% of the rows, and DVC, which hashes the stage's outputs, finds
+the old segments' hashes in its state (same inode, same mtime). Segments are
+merged so reads stay cheap and garbage stays bounded: a segment of which the
+split uses less than 1/GARBAGE_FACTOR of the rows (its images were removed or
+changed) has those rows copied into the new segment and is dropped, and when
+a split would read more than MAX_SEGMENTS, all but the largest are. So a
+split's segments hold at most GARBAGE_FACTOR times the rows it uses, and the
+copying a retrain does is proportional to what changed, amortised. Segments
+no split uses any more are deleted after each build (`prune_segments`);
+variants not built for a while are pruned (KEEP_VARIANTS newest kept).
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import shutil
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -34,6 +45,9 @@ from tasks.lib.preprocess import Preprocessing
 
 ROW_FORMAT = 1            # bump when the decoding itself changes
 KEEP_VARIANTS = 4
+MAX_SEGMENTS = 8          # segments one split reads from; beyond it the small ones are merged
+GARBAGE_FACTOR = 2.0      # rows stored in a split's segments / rows it uses, beyond which all is rewritten
+STALE_INCOMPLETE_S = 86400   # an incomplete segment this old belongs to no running build
 
 
 def variant_key(prep: Preprocessing, draft_size: int | None) -> str:
@@ -47,17 +61,23 @@ KEY_BYTES = 16           # the index keeps each sha256's first 128 bits: odds of
 INDEX_CHUNK = 65536      # keys converted at a time
 
 
+# --------------------------------------------------------------------------- finding stored rows
+
+
 @dataclass(frozen=True)
 class StoredRows:
     """Every stored row of one variant, sorted by content hash: numpy arrays, 24 bytes a row."""
 
-    files: list[Path]        # the builds' data files
+    files: list[Path]        # the segments' data files
+    sizes: list[int]         # rows in each
     keys: np.ndarray         # S16: the first KEY_BYTES of each sha256, raw, sorted
     file_index: np.ndarray   # int32, into files
     row: np.ndarray          # int32, row within that file
 
     def find(self, wanted: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """(found, file index, row) for each wanted key (`index_keys` of the sha256s); a binary search, no dict."""
+        """(found, file index, row) for each wanted key (`index_keys` of the sha256s); a binary search, no dict.
+
+        A key stored in several segments is found in the first of them in `files` order."""
         if not len(self.keys):
             nowhere = np.zeros(len(wanted), dtype=np.int32)
             return np.zeros(len(wanted), dtype=bool), nowhere, nowhere
@@ -81,7 +101,7 @@ def index_keys(hex_shas: np.ndarray) -> np.ndarray:
 
 
 def _read_index_keys(path: Path) -> np.ndarray:
-    """A build's keys file as index keys, read a chunk at a time (never the 64-byte hex of every row at once)."""
+    """A segment's keys file as index keys, read a chunk at a time (never the 64-byte hex of every row at once)."""
     with open(path, "rb") as handle:
         version = np.lib.format.read_magic(handle)
         read_header = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
@@ -93,78 +113,184 @@ def _read_index_keys(path: Path) -> np.ndarray:
     return np.concatenate(parts) if parts else np.empty(0, dtype=f"S{KEY_BYTES}")
 
 
-def stored_rows(variant_dir: Path) -> StoredRows:
-    """The newest finished build of every split in a variant folder, as one sorted index."""
-    newest: dict[str, Path] = {}
-    for keys in sorted(variant_dir.glob("*.keys.npy"), key=lambda p: p.stat().st_mtime_ns):
-        newest[keys.name.split(".")[0]] = keys
-    files, parts = [], []
-    for keys in newest.values():
+def segment_name(keys_path: Path) -> str:
+    return keys_path.name.removesuffix(".keys.npy")
+
+
+def complete_segments(variant_dir: Path) -> list[str]:
+    """Names of the segments whose keys file exists (finished), oldest first."""
+    keys = sorted(variant_dir.glob("*.keys.npy"), key=lambda p: (p.stat().st_mtime_ns, p.name))
+    return [segment_name(p) for p in keys]
+
+
+def stored_rows(variant_dir: Path, prefer: Sequence[str] = ()) -> StoredRows:
+    """Every finished segment of a variant folder as one sorted index; the `prefer` segments are searched first,
+    so a build keeps reading the segments it read before when an image is stored twice."""
+    names = complete_segments(variant_dir) if variant_dir.is_dir() else []
+    ordered = [n for n in prefer if n in names] + [n for n in reversed(names) if n not in prefer]
+    files, sizes, parts = [], [], []
+    for name in ordered:
         try:
-            parts.append(_read_index_keys(keys))
-        except (OSError, ValueError):     # deleted or replaced by a concurrent build: decode instead
+            part = _read_index_keys(variant_dir / f"{name}.keys.npy")
+        except (OSError, ValueError):     # deleted by a concurrent build's pruning: decode instead
             continue
-        files.append(keys.with_name(keys.name.removesuffix(".keys.npy") + ".npy"))
+        files.append(variant_dir / f"{name}.npy")
+        sizes.append(len(part))
+        parts.append(part)
     if not parts:
         empty = np.empty(0, dtype=np.int32)
-        return StoredRows(files, np.empty(0, dtype=f"S{KEY_BYTES}"), empty, empty)
+        return StoredRows(files, sizes, np.empty(0, dtype=f"S{KEY_BYTES}"), empty, empty)
     all_keys = np.concatenate(parts)
     file_index = np.concatenate([np.full(len(k), i, dtype=np.int32) for i, k in enumerate(parts)])
     row = np.concatenate([np.arange(len(k), dtype=np.int32) for k in parts])
     del parts
-    order = np.argsort(all_keys, kind="stable")
-    return StoredRows(files, all_keys[order], file_index[order], row[order])
+    order = np.argsort(all_keys, kind="stable")     # stable: among equal keys the preferred segment comes first
+    return StoredRows(files, sizes, all_keys[order], file_index[order], row[order])
 
 
-class RowWriter:
-    """A new build of one split's rows for one variant: preallocated, filled by position, then published."""
+# --------------------------------------------------------------------------- planning one split's build
+
+
+@dataclass(frozen=True)
+class SplitPlan:
+    """How one variant of one split is laid out: stored segments kept as they are, then one new segment.
+
+    The new segment holds, in split order, the images to decode and the rows copied from the segments that
+    are merged. `position` maps each split row to its place in the concatenation of the kept segments and
+    the new one: what the output's rows file stores.
+    """
+
+    kept: list[int]               # indexes into StoredRows.files, in output order
+    new_rows: np.ndarray          # split rows in the new segment, in order
+    decode: np.ndarray            # bool per new row: decoded now (else copied from copy_from / copy_row)
+    copy_from: np.ndarray         # int32 per new row: index into StoredRows.files (where decode is False)
+    copy_row: np.ndarray          # int32 per new row: row in that file (where decode is False)
+    position: np.ndarray          # int64 per split row
+
+    @property
+    def new_size(self) -> int:
+        return len(self.new_rows)
+
+    def decode_slots(self) -> np.ndarray:
+        """Rows of the new segment that are decoded."""
+        return np.flatnonzero(self.decode)
+
+
+def plan_split(sizes: Sequence[int], reusable: np.ndarray, file_index: np.ndarray, row: np.ndarray) -> SplitPlan:
+    """Which segments a split keeps reading and which rows go into its new segment (see the module docstring).
+
+    sizes: rows in each stored segment (StoredRows.sizes); reusable: per split row, whether it is stored (in
+    every variant the split needs); file_index / row: where. Rows not reusable are decoded into the new segment.
+    """
+    n_files = len(sizes)
+    source = np.where(reusable, file_index, 0)
+    used = np.bincount(source[reusable], minlength=n_files)
+    sources = [int(i) for i in np.flatnonzero(used)]
+    kept = [i for i in sources if used[i] * GARBAGE_FACTOR >= sizes[i]]   # mostly removed images: merge it
+    has_new = bool((~reusable).any()) or len(kept) < len(sources)
+    if len(kept) + has_new > MAX_SEGMENTS:
+        kept = [max(kept, key=lambda i: int(used[i]))]      # too many: keep the largest, merge the others
+    is_kept = np.zeros(max(n_files, 1), dtype=bool)
+    is_kept[kept] = True
+    from_kept = reusable & is_kept[source]
+    new_rows = np.flatnonzero(~from_kept)
+    starts = np.cumsum([0] + [sizes[i] for i in kept])
+    slot = np.full(max(n_files, 1), -1, dtype=np.int64)
+    slot[kept] = np.arange(len(kept))
+    position = np.empty(len(reusable), dtype=np.int64)
+    position[from_kept] = starts[slot[source[from_kept]]] + row[from_kept]
+    position[new_rows] = starts[-1] + np.arange(len(new_rows))
+    return SplitPlan(kept, new_rows, ~reusable[new_rows], source[new_rows].astype(np.int32),
+                     np.where(reusable, row, 0)[new_rows].astype(np.int32), position)
+
+
+def copy_runs(plan: SplitPlan) -> Iterator[tuple[int, int, int, int]]:
+    """(source file index, source row, row in the new segment, count): rows stored consecutively and copied
+    consecutively, in one call each."""
+    slots = np.flatnonzero(~plan.decode)
+    if not len(slots):
+        return
+    files, sources = plan.copy_from[slots], plan.copy_row[slots]
+    breaks = np.flatnonzero((np.diff(slots) != 1) | (np.diff(sources) != 1) | (np.diff(files) != 0)) + 1
+    for start, end in zip(np.concatenate([[0], breaks]), np.concatenate([breaks, [len(slots)]])):
+        yield int(files[start]), int(sources[start]), int(slots[start]), int(end - start)
+
+
+# --------------------------------------------------------------------------- writing a segment
+
+
+class SegmentWriter:
+    """A new segment of one split's rows for one variant: preallocated, filled by position, then published."""
 
     def __init__(self, store_dir: Path, split: str, prep: Preprocessing, draft_size: int | None, n: int) -> None:
         self.variant_dir = Path(store_dir) / variant_key(prep, draft_size)
         self.variant_dir.mkdir(parents=True, exist_ok=True)
-        self.split, self.build = split, f"{time.time_ns()}-{os.getpid()}"
-        self.path = self.variant_dir / f"{split}.{self.build}.npy"
+        self.name = f"{split}.{time.time_ns()}-{os.getpid()}"
+        self.path = self.variant_dir / f"{self.name}.npy"
         self.row_bytes = prep.crop_size * prep.crop_size * 3
         array = open_memmap(self.path, mode="w+", dtype=np.uint8, shape=(n, prep.crop_size, prep.crop_size, 3))
         self.offset = array.offset
         del array
 
     def copy_rows(self, source: Path, source_start: int, start: int, count: int) -> None:
-        """Rows [source_start, +count) of a stored build into rows [start, +count) here, inside the kernel."""
+        """Rows [source_start, +count) of a stored segment into rows [start, +count) here, inside the kernel."""
         src_offset = _data_offset(source) + source_start * self.row_bytes
         dst_offset = self.offset + start * self.row_bytes
         with open(source, "rb") as src, open(self.path, "rb+") as dst:
             _copy_range(src.fileno(), dst.fileno(), src_offset, dst_offset, count * self.row_bytes)
 
     def publish(self, keys: np.ndarray) -> Path:
-        """fsync the rows, write the keys (the mark of a finished build), delete this split's older builds."""
+        """fsync the rows, then write the keys: the mark of a finished segment."""
         with open(self.path, "rb+") as handle:
             os.fsync(handle.fileno())
-        keys_path = self.variant_dir / f"{self.split}.{self.build}.keys.npy"
-        tmp = keys_path.with_name(f".{keys_path.name}.tmp")
-        with open(tmp, "wb") as handle:
-            np.save(handle, keys.astype("S64"))
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, keys_path)
-        self._remove_older_builds()
+        _write_atomically(self.variant_dir / f"{self.name}.keys.npy", lambda h: np.save(h, keys.astype("S64")))
         return self.path
-
-    def _remove_older_builds(self) -> None:
-        """Finished builds of this split other than this one; unfinished ones only once they are a day old
-        (a concurrent build may still be writing them)."""
-        stale_before = time.time() - 86400
-        for data in self.variant_dir.glob(f"{self.split}.*.npy"):
-            build = data.name.split(".")[1]
-            if build == self.build or data.name.endswith(".keys.npy"):
-                continue
-            keys = self.variant_dir / f"{self.split}.{build}.keys.npy"
-            if keys.exists() or data.stat().st_mtime < stale_before:
-                keys.unlink(missing_ok=True)
-                data.unlink(missing_ok=True)
 
     def discard(self) -> None:
         self.path.unlink(missing_ok=True)
+
+
+def write_uses(variant_dir: Path, split: str, segments: Sequence[Path]) -> None:
+    """Record which segments the split's last build reads: what pruning keeps."""
+    names = [p.name.removesuffix(".npy") for p in segments]
+    _write_atomically(variant_dir / f"{split}.uses.json", lambda h: h.write(json.dumps(names).encode()))
+
+
+def read_uses(variant_dir: Path, split: str) -> list[str]:
+    try:
+        names = json.loads((variant_dir / f"{split}.uses.json").read_text())
+    except (OSError, ValueError):
+        return []
+    return [n for n in names if isinstance(n, str)] if isinstance(names, list) else []
+
+
+def prune_segments(variant_dir: Path) -> None:
+    """Delete finished segments no split uses, and unfinished ones old enough that no build is writing them.
+    A reader that has a deleted segment open (or linked into an output) keeps its rows."""
+    if not variant_dir.is_dir():
+        return
+    splits = {uses.name.removesuffix(".uses.json") for uses in variant_dir.glob("*.uses.json")}
+    live = {name for split in splits for name in read_uses(variant_dir, split)}
+    stale_before = time.time() - STALE_INCOMPLETE_S
+    for data in variant_dir.glob("*.npy"):
+        if data.name.endswith(".keys.npy"):
+            continue
+        name = data.name.removesuffix(".npy")
+        keys = variant_dir / f"{name}.keys.npy"
+        if name in live:
+            continue
+        if keys.exists() or data.stat().st_mtime < stale_before:
+            keys.unlink(missing_ok=True)
+            data.unlink(missing_ok=True)
+
+
+def _write_atomically(path: Path, write: object) -> None:
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    with open(tmp, "wb") as handle:
+        write(handle)  # type: ignore[operator]
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.replace(tmp, path)
 
 
 def _data_offset(path: Path) -> int:

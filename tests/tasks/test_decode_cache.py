@@ -6,6 +6,7 @@ import json
 import shutil
 import sys
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -18,7 +19,9 @@ from tasks.lib.augment import device_batch
 from tasks.lib.cli import StageError
 from tasks.lib.config import load_params
 from tasks.lib.data import EvalDataset, decode_arrays, train_preprocessing
-from tasks.lib.image_cache import AUGMENT, EVAL, MappedImages, load_arrays, open_split, read_meta, training_images
+from tasks.lib import row_store
+from tasks.lib.image_cache import (AUGMENT, EVAL, MappedImages, SegmentedRows, load_arrays, open_split, read_meta,
+                                   training_images)
 from tasks.lib.images import load_rgb
 from tasks.lib.io import SPLITS, SplitRow, sha256_file, write_split
 from tasks.lib.preprocess import Preprocessing, resize_and_crop
@@ -166,7 +169,7 @@ def test_training_reads_the_cache_when_it_matches_and_decodes_when_it_does_not(
     params = load_params(REPO_ROOT / "params.yaml", {"cache.dir": str(decoded), "data.raw_dir": str(raw),
                                                       "cache.num_workers": 1,
                                                       "cache.store_dir": str(decoded.parent / "store")})
-    marked = np.load(decoded / "train" / "eval.npy", mmap_mode="r+")
+    marked = np.load(decoded / "train" / "eval.0.npy", mmap_mode="r+")
     marked[0] = 7                       # only the cache has this pixel value: proves it was read
     marked.flush()
     (images,) = training_images(params, "train", splits["train"], [PREP])
@@ -192,16 +195,29 @@ def test_the_train_stage_reads_its_images_from_the_cache(built: tuple[Path, Path
     for images, variant, split in ((data.train_eval, EVAL, "train"), (data.train_big, AUGMENT, "train"),
                                    (data.val_x, EVAL, "val")):
         assert isinstance(images.array, np.memmap)
-        assert Path(images.array.filename) == decoded / split / f"{variant}.npy"
+        assert Path(images.array.filename) == decoded / split / f"{variant}.0.npy"    # built from scratch: one segment
     assert "decoding" not in caplog.text
 
 
 # --------------------------------------------------------------------------- incremental builds
 
 
-def arrays_of(decoded: Path) -> dict[str, bytes]:
-    """Every file of a built cache, by relative path (meta.json included)."""
-    return {str(p.relative_to(decoded)): p.read_bytes() for p in sorted(decoded.rglob("*")) if p.is_file()}
+def arrays_of(decoded: Path) -> dict[str, Any]:
+    """What a built cache holds, as a reader sees it: each split's arrays row by row, labels and meta.json
+    (its segment lists aside: how rows are laid out in files is the store's business)."""
+    content: dict[str, Any] = {}
+    for split in SPLITS:
+        meta = read_meta(decoded, split)
+        for name, info in meta["arrays"].items():
+            content[f"{split}/{name}"] = np.asarray(open_split(decoded, split, name)[0]).tobytes()
+            info.pop("segments")
+        content[f"{split}/labels"] = open_split(decoded, split)[1].tolist()
+        content[f"{split}/meta"] = meta
+    return content
+
+
+def segments_of(decoded: Path, split: str, name: str = EVAL) -> list[Path]:
+    return [decoded / split / f for f in read_meta(decoded, split)["arrays"][name]["segments"]]
 
 
 def photo(path: Path, seed: int, size: tuple[int, int] = (160, 120)) -> SplitRow:
@@ -240,6 +256,80 @@ def test_incremental_builds_equal_builds_from_scratch(tmp_path: Path, draft: boo
     assert arrays_of(tmp_path / "inc") == arrays_of(tmp_path / "scratch")
 
 
+def build_splits(tmp_path: Path, splits: dict[str, list[SplitRow]], out: str, store: bool = True) -> dict:
+    for name, split_rows in splits.items():
+        write_split(tmp_path / "prepared" / f"{name}.csv", sorted(split_rows, key=lambda r: r.path))
+    return build_cache(tmp_path / "prepared", tmp_path / "raw", tmp_path / out, PREPS, workers=2,
+                       store_dir=tmp_path / "store" if store else None)
+
+
+def test_adding_images_decodes_and_writes_only_them_and_links_the_stored_segment_unchanged(tmp_path: Path) -> None:
+    raw = tmp_path / "raw"
+    rows = [photo(raw / f"img_{i:02d}.jpg", i) for i in range(10)]
+    base = {"train": rows[:6], "val": rows[6:8], "test": rows[8:]}
+    build_splits(tmp_path, base, "out")
+    (old,) = segments_of(tmp_path / "out", "train")
+    before = old.stat()
+
+    added = [photo(raw / f"img_{i:02d}a.jpg", 100 + i) for i in (1, 4)]      # sort between the stored ones
+    summary = build_splits(tmp_path, {**base, "train": rows[:6] + added}, "out")
+    assert summary["train"]["decoded"] == 2 and summary["train"]["copied"] == 0
+    assert summary["val"]["decoded"] == summary["test"]["decoded"] == 0
+    kept, new = segments_of(tmp_path / "out", "train")
+    # the same file (inode and mtime), so DVC finds its hash in its state instead of reading it again
+    assert (kept.stat().st_ino, kept.stat().st_mtime_ns) == (before.st_ino, before.st_mtime_ns)
+    assert np.load(new, mmap_mode="r").shape[0] == 2                          # the new images only
+    assert isinstance(open_split(tmp_path / "out", "train")[0], SegmentedRows)
+    build_splits(tmp_path, {**base, "train": rows[:6] + added}, "scratch", store=False)
+    assert arrays_of(tmp_path / "out") == arrays_of(tmp_path / "scratch")
+
+
+def test_segments_stay_few_and_the_store_holds_only_what_splits_use(tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.setattr(row_store, "MAX_SEGMENTS", 3)
+    raw = tmp_path / "raw"
+    rows = [photo(raw / f"img_{i:02d}.jpg", i) for i in range(12)]
+    splits = {"train": rows[:8], "val": rows[8:10], "test": rows[10:]}
+    build_splits(tmp_path, splits, "out")
+    for k in range(4):                                       # four retrains, one new image each
+        splits["train"] = splits["train"] + [photo(raw / f"new_{k}.jpg", 200 + k)]
+        summary = build_splits(tmp_path, splits, "out")
+        assert summary["train"]["decoded"] == 1 and len(segments_of(tmp_path / "out", "train")) <= 3
+    sizes = [np.load(f, mmap_mode="r").shape[0] for f in segments_of(tmp_path / "out", "train")]
+    assert summary["train"]["copied"] == 0 and sizes[0] == 8 and len(sizes) == 3
+    merged = build_splits(tmp_path, {**splits, "train": splits["train"] + [photo(raw / "new_9.jpg", 209)]}, "out")
+    assert merged["train"]["copied"] == sum(sizes[1:])       # the small segments; the first 8 rows stay put
+    assert merged["train"]["segments"] == {EVAL: 2, AUGMENT: 2}
+    splits["train"] = splits["train"][6:] + [photo(raw / "new_9.jpg", 209)]   # 6 of the first 8 removed
+    first = segments_of(tmp_path / "out", "train")[0].stat().st_ino
+    trimmed = build_splits(tmp_path, splits, "out")
+    assert trimmed["train"]["copied"] == 2 and trimmed["train"]["decoded"] == 0      # their 2 rows moved
+    assert first not in {f.stat().st_ino for f in segments_of(tmp_path / "out", "train")}
+    assert first not in {f.stat().st_ino for f in (tmp_path / "store").rglob("*.npy")}     # and it was deleted
+    uses = {name for f in (tmp_path / "store").rglob("*.uses.json") for name in json.loads(f.read_text())}
+    assert {f.name.removesuffix(".keys.npy") for f in (tmp_path / "store").rglob("*.keys.npy")} == uses
+    assert len(list((tmp_path / "store").rglob("*.npy"))) == 2 * len(uses)     # no data file without its keys
+    build_splits(tmp_path, splits, "scratch", store=False)
+    assert arrays_of(tmp_path / "out") == arrays_of(tmp_path / "scratch")
+
+
+def test_segmented_rows_index_like_an_array(tmp_path: Path) -> None:
+    rng = np.random.default_rng(0)
+    whole = rng.integers(0, 256, (7, 2, 2, 3), dtype=np.uint8)
+    order = np.array([5, 0, 6, 2, 1, 3, 4])               # where each row lies in the two segments below
+    stored = np.empty_like(whole)
+    stored[order] = whole
+    images = SegmentedRows([stored[:4], stored[4:]], order)
+    assert len(images) == 7 and images.shape == whole.shape
+    np.testing.assert_array_equal(np.asarray(images), whole)
+    np.testing.assert_array_equal(images[3], whole[3])
+    np.testing.assert_array_equal(images[-1], whole[-1])
+    np.testing.assert_array_equal(images[2:6], whole[2:6])
+    np.testing.assert_array_equal(images[[6, 0, 6]], whole[[6, 0, 6]])
+    assert torch.equal(MappedImages(images)[torch.tensor([4, 1])], torch.from_numpy(whole[[4, 1]]))
+    with pytest.raises(IndexError, match="out of range"):
+        images[[7]]
+
+
 def test_rows_are_never_reused_across_preprocessing_or_draft_changes(built: tuple[Path, Path, dict],
                                                                       tmp_path: Path) -> None:
     raw, _, _ = built
@@ -259,7 +349,7 @@ def test_the_store_shares_its_disk_blocks_with_the_outputs_and_survives_their_de
     raw, _, _ = built
     store = tmp_path / "store"
     build_cache(tmp_path / "prepared", raw, tmp_path / "out", PREPS, workers=1, store_dir=store)
-    assert (tmp_path / "out" / "train" / "eval.npy").stat().st_nlink == 2      # a hard link, not a copy
+    assert (tmp_path / "out" / "train" / "eval.0.npy").stat().st_nlink == 2    # a hard link, not a copy
     shutil.rmtree(tmp_path / "out")                                           # what `dvc repro` does first
     summary = build_cache(tmp_path / "prepared", raw, tmp_path / "out", PREPS, workers=1, store_dir=store)
     assert all(info["decoded"] == 0 for info in summary.values())

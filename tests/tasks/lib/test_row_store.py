@@ -1,4 +1,5 @@
-"""The decoded-row store's index: 16 raw bytes of each content hash, read from the keys files a chunk at a time."""
+"""The decoded-row store: its index (16 raw bytes of each content hash, read a chunk at a time) and how a build
+lays out a split's rows over kept segments and one new segment."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ import hashlib
 import numpy as np
 
 from tasks.lib import row_store
-from tasks.lib.row_store import StoredRows, _read_index_keys, index_keys
+from tasks.lib.row_store import StoredRows, _read_index_keys, copy_runs, index_keys, plan_split
 
 
 def hex_digests(n: int, salt: str = "") -> np.ndarray:
@@ -36,6 +37,62 @@ def test_a_keys_file_reads_back_in_chunks_as_its_index_keys(tmp_path, monkeypatc
 def test_find_tells_stored_rows_from_new_ones() -> None:
     stored, new = hex_digests(30), hex_digests(5, salt="new")
     order = np.argsort(index_keys(stored), kind="stable")
-    index = StoredRows([], index_keys(stored)[order], np.zeros(30, np.int32), np.arange(30, dtype=np.int32)[order])
+    index = StoredRows([], [30], index_keys(stored)[order], np.zeros(30, np.int32),
+                       np.arange(30, dtype=np.int32)[order])
     found, _, row = index.find(index_keys(np.concatenate([stored[[4, 17]], new])))
     assert found.tolist() == [True, True] + [False] * 5 and row[:2].tolist() == [4, 17]
+
+
+def test_a_stored_key_is_found_in_the_first_segment_that_has_it(tmp_path) -> None:
+    shas = hex_digests(6)
+    for name, part in (("old", shas[:4]), ("new", shas[2:])):
+        np.save(tmp_path / f"{name}.npy", np.zeros((len(part), 1, 1, 3), np.uint8))
+        np.save(tmp_path / f"{name}.keys.npy", part)
+    (tmp_path / "half.npy").write_bytes(b"")        # no keys file: unfinished, never read
+    for prefer, owner in ((["old"], "old"), (["new"], "new")):
+        index = row_store.stored_rows(tmp_path, prefer=prefer)
+        assert sorted(p.name for p in index.files) == ["new.npy", "old.npy"]
+        found, file_index, _ = index.find(index_keys(shas[2:4]))      # stored in both
+        assert found.all() and {index.files[i].stem for i in file_index} == {owner}
+
+
+def where(file_index: list[int], row: list[int]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    found = np.array([f >= 0 for f in file_index])
+    return found, np.array([max(f, 0) for f in file_index], np.int32), np.array(row, np.int32)
+
+
+def test_a_build_from_scratch_is_one_new_segment_in_split_order() -> None:
+    plan = plan_split([], *where([-1] * 5, [0] * 5))
+    assert plan.kept == [] and plan.new_rows.tolist() == [0, 1, 2, 3, 4] and plan.decode.all()
+    assert plan.position.tolist() == [0, 1, 2, 3, 4]
+
+
+def test_added_images_go_into_a_new_segment_and_the_stored_ones_stay_where_they_are() -> None:
+    # rows 0, 2, 3 are stored in segment 0 (of 3 rows) at 2, 0, 1; rows 1 and 4 are new
+    plan = plan_split([3], *where([0, -1, 0, 0, -1], [2, 0, 0, 1, 0]))
+    assert plan.kept == [0] and plan.new_rows.tolist() == [1, 4] and plan.decode.tolist() == [True, True]
+    assert plan.position.tolist() == [2, 3, 0, 1, 4]
+    assert list(copy_runs(plan)) == []
+
+
+def test_too_many_segments_keep_the_largest_and_merge_the_rest(monkeypatch) -> None:
+    monkeypatch.setattr(row_store, "MAX_SEGMENTS", 3)
+    # segment 0 holds rows 0-3 (4 rows), segments 1 and 2 one row each; row 6 is new
+    plan = plan_split([4, 1, 1], *where([0, 0, 0, 0, 1, 2, -1], [0, 1, 2, 3, 0, 0, 0]))
+    assert plan.kept == [0] and plan.new_rows.tolist() == [4, 5, 6]
+    assert plan.decode.tolist() == [False, False, True] and plan.position.tolist() == [0, 1, 2, 3, 4, 5, 6]
+    assert list(copy_runs(plan)) == [(1, 0, 0, 1), (2, 0, 1, 1)]
+    kept_all = plan_split([4, 1], *where([0, 0, 0, 0, 1, -1], [0, 1, 2, 3, 0, 0]))   # 3 segments: still allowed
+    assert kept_all.kept == [0, 1] and kept_all.new_rows.tolist() == [5]
+
+
+def test_a_segment_mostly_of_removed_images_is_merged_into_the_new_one() -> None:
+    # 2 of segment 0's 10 rows are still used: they are copied into one new segment, in split order
+    plan = plan_split([10], *where([0, -1, 0], [7, 0, 8]))
+    assert plan.kept == [] and plan.new_rows.tolist() == [0, 1, 2] and plan.decode.tolist() == [False, True, False]
+    assert plan.position.tolist() == [0, 1, 2]
+    assert list(copy_runs(plan)) == [(0, 7, 0, 1), (0, 8, 2, 1)]
+    adjacent = plan_split([10], *where([0, 0, 0], [7, 8, 9]))
+    assert list(copy_runs(adjacent)) == [(0, 7, 0, 3)]          # consecutive rows: one copy
+    half = plan_split([10, 4], *where([0] * 5 + [1], [0, 1, 2, 3, 4, 0]))      # half of 0 used: kept; 1 of 4 not
+    assert half.kept == [0] and half.new_rows.tolist() == [5] and half.position.tolist() == [0, 1, 2, 3, 4, 10]
