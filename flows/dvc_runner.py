@@ -66,14 +66,45 @@ class CommandResult:
 
 
 def read_stages(workdir: Path) -> list[str]:
-    """Stage names in dvc.yaml's order (the order they depend on each other)."""
+    """Stage names in dvc.yaml's order, which must be the order they run in: the retrain flow runs each with
+    `dvc repro --single-item`, from the first stale one on, so a stage listed before one whose output it reads
+    is refused here."""
     path = workdir / "dvc.yaml"
     if not path.exists():
         raise FileNotFoundError(f"{path} not found: the retrain flow runs the stages of a DVC project")
-    stages = list((yaml.safe_load(path.read_text()) or {}).get("stages") or {})
+    stages = (yaml.safe_load(path.read_text()) or {}).get("stages") or {}
     if not stages:
         raise ValueError(f"{path} defines no stages")
-    return stages
+    params_file = workdir / "params.yaml"
+    check_stage_order(path, stages, (yaml.safe_load(params_file.read_text()) if params_file.exists() else {}) or {})
+    return list(stages)
+
+
+def check_stage_order(path: Path, stages: dict, params: dict) -> None:
+    """ValueError when a stage depends on a path that a stage listed after it writes."""
+    writers: list[tuple[str, int, str]] = []     # (path, stage index, stage name)
+    for i, (name, spec) in enumerate(stages.items()):
+        for key in ("outs", "metrics", "plots"):
+            writers += [(out, i, name) for out in _stage_paths((spec or {}).get(key), params)]
+    for i, (name, spec) in enumerate(stages.items()):
+        for dep in _stage_paths((spec or {}).get("deps"), params):
+            for out, j, writer in writers:
+                if j > i and (dep == out or dep.startswith(out + "/") or out.startswith(dep + "/")):
+                    raise ValueError(f"{path}: stage {name!r} depends on {dep}, which stage {writer!r}, listed "
+                                     f"after it, writes; list the stages in the order they run (the retrain flow "
+                                     f"runs them in dvc.yaml's order)")
+
+
+def _stage_paths(entries: object, params: dict) -> list[str]:
+    """The paths of a deps/outs/metrics/plots list (plain strings or one-key mappings), ${...} filled in."""
+    def fill(match: re.Match[str]) -> str:
+        value: object = params
+        for key in match.group(1).split("."):
+            value = value.get(key) if isinstance(value, dict) else None
+        return match.group(0) if value is None else str(value)
+
+    names = [next(iter(e)) if isinstance(e, dict) else e for e in entries or [] if isinstance(e, (str, dict)) and e]
+    return [os.path.normpath(re.sub(r"\$\{([^}]+)\}", fill, str(name))) for name in names]
 
 
 def subprocess_env(extra: dict[str, str] | None = None) -> dict[str, str]:

@@ -2,10 +2,12 @@
 
 DVC owns the stage graph and decides what is stale; this flow decides when and
 where. Each stage of dvc.yaml runs as its own Prefect task through
-`dvc repro <stage>`, so unchanged stages are skipped and dvc.lock is updated,
-and every line a stage prints is streamed into the run log as it is printed.
-One `dvc status` first finds the stale stages, so a run on unchanged data and
-code costs one DVC process, not one per stage.
+`dvc repro --single-item <stage>`, so unchanged stages are skipped and dvc.lock
+is updated, and every line a stage prints is streamed into the run log as it
+is printed. One `dvc status` first finds the stale stages, so a run on
+unchanged data and code costs one DVC process, not one per stage; the stale
+ones run in dvc.yaml's order (checked to be the order they depend on each
+other), so no `dvc repro` checks the stages before its own again.
 
 Overrides (-S) and other data versions run in an isolated git worktree: the
 user's params.yaml, dvc.lock and outputs are never written, whatever happens
@@ -103,9 +105,14 @@ def stale_stages(workdir: Path, stages: list[str], raw_dir: Path) -> list[str]:
 
 @task(name="dvc repro", cache_policy=NO_CACHE)
 def repro_stage(workdir: Path, stage: str, timeout_s: float | None = None) -> str:
-    """`dvc repro <stage>`: 'ran' or 'skipped' (unchanged, or restored from the DVC run cache)."""
+    """`dvc repro --single-item <stage>`: 'ran' or 'skipped' (unchanged, or restored from the DVC run cache).
+
+    The flow runs the stages in order from the first stale one, so the stages upstream of this one are
+    current: --single-item spares DVC checking them again (hashing the data folder once per stage).
+    """
     log = get_run_logger()
-    result = run_checked(["dvc", "repro", stage], workdir, log, f"stage {stage}", timeout_s=timeout_s)
+    result = run_checked(["dvc", "repro", "--single-item", stage], workdir, log, f"stage {stage}",
+                         timeout_s=timeout_s)
     outcome = stage_outcome(stage, result.dvc_stage_lines)
     log.info("Stage %s %s", stage, outcome)
     return outcome

@@ -9,8 +9,11 @@ from pathlib import Path
 
 import pytest
 
+import yaml
+
 from flows.dvc_runner import (CommandFailed, CommandResult, TransientFailure, dvc_error, error_summary, is_transient,
-                              run_checked, run_streamed, stage_outcome)
+                              read_stages, run_checked, run_streamed, stage_outcome)
+from tests.conftest import REPO_ROOT
 
 
 class Recorder(logging.Handler):
@@ -171,3 +174,26 @@ def test_a_hopeless_dvc_failure_is_not_retried_and_its_whole_message_is_shown(lo
     message = str(failed.value)
     assert "Missing cache files" in message and "name: data/raw" in message
     assert "Is your cache up to date?" in message and "error.dvc.org/missing-files" in message
+
+
+def test_the_projects_stages_are_listed_in_the_order_they_run() -> None:
+    assert read_stages(REPO_ROOT) == ["prepare", "decode_cache", "fetch_weights", "train", "evaluate", "export"]
+
+
+@pytest.mark.parametrize("first, second, dep", [
+    ("evaluate", "export", "metrics/evaluate.json"),       # a metrics file, named through ${reports.dir}
+    ("train", "evaluate", "artifacts/train/model.pt"),
+    ("prepare", "decode_cache", "data/prepared/train.csv"),
+])
+def test_a_stage_listed_before_one_it_reads_from_is_refused(tmp_path: Path, first: str, second: str,
+                                                            dep: str) -> None:
+    """The flow runs stages in dvc.yaml's order with --single-item: a wrong order would read stale outputs."""
+    spec = yaml.safe_load((REPO_ROOT / "dvc.yaml").read_text())
+    names = list(spec["stages"])
+    i, j = names.index(first), names.index(second)
+    names[i], names[j] = names[j], names[i]
+    spec["stages"] = {name: spec["stages"][name] for name in names}
+    (tmp_path / "dvc.yaml").write_text(yaml.safe_dump(spec, sort_keys=False))
+    (tmp_path / "params.yaml").write_text((REPO_ROOT / "params.yaml").read_text())
+    with pytest.raises(ValueError, match=rf"stage '{second}' depends on {dep}, which stage '{first}'.*order"):
+        read_stages(tmp_path)

@@ -224,5 +224,5 @@ def test_a_hung_train_stage_is_stopped_at_its_timeout_and_not_retried(tiny_proje
     assert not any("tiny_stage.py" in " ".join(p.info["cmdline"] or [])
                    for p in psutil.process_iter(["cmdline"]))   # the sleeping stage is gone, not orphaned
     logs = run_logs(str(state.state_details.flow_run_id))
-    assert sum("$ dvc repro train" in line for line in logs) == 1     # one attempt: train never retries
+    assert sum("$ dvc repro --single-item train" in line for line in logs) == 1     # one attempt: no retry
     assert snapshot(tiny_project) == before
