@@ -43,7 +43,7 @@ from tasks.lib.config import Params
 from tasks.lib.image_cache import AUGMENT, CACHE_FORMAT, EVAL, geometry, rows_digest, split_variants
 from tasks.lib.images import BadImage, ImageLimits, load_rgb
 from tasks.lib.io import SPLITS, SplitColumns, read_split_columns, sha256_file, storage_error, write_json
-from tasks.lib.parallel import batched, imap_unordered, worker_count
+from tasks.lib.parallel import imap_unordered, worker_count
 from tasks.lib.preprocess import Preprocessing, imagenet_preprocessing, resize_and_crop, train_preprocessing
 from tasks.lib.row_store import (SegmentWriter, SplitPlan, copy_runs, index_keys, link_or_copy, plan_split,
                                  prune_segments, prune_variants, read_uses, stored_rows, variant_key, write_uses)
@@ -153,7 +153,7 @@ def build_split(split_file: Path, raw_dir: Path, split_dir: Path, preps: dict[st
                 writer.copy_rows(stored[name][source], source_start, start, count)
         decode_rows(raw_dir, rows, to_decode, {name: (w, preps[name], plans[name]) for name, w in writers.items()},
                     limits=limits, draft_size=draft_size, workers=workers, desc=desc)
-        new = {name: [writer.publish(rows.sha256[plans[name].new_rows])] for name, writer in writers.items()}
+        new = {name: [writer.publish(rows.sha256, plans[name].new_rows)] for name, writer in writers.items()}
     except BaseException:
         for writer in writers.values():
             writer.discard()
@@ -165,7 +165,7 @@ def build_split(split_file: Path, raw_dir: Path, split_dir: Path, preps: dict[st
         write_uses(Path(store_dir) / variant_key(prep, draft_size), split, segments)
     np.save(split_dir / "labels.npy", rows.labels)
     write_meta(split_dir, split_file, raw_dir, rows, preps, draft_size, arrays)
-    n, copied = len(rows), max(int((~plan.decode).sum()) for plan in plans.values())
+    n, copied = len(rows), max(len(plan.copies) for plan in plans.values())
     log.info("%s: %d images, %d decoded, %d read from %s (%d of them copied into the new segment)", split, n,
              len(to_decode), n - len(to_decode), store_dir, copied)
     return {"n_images": n, "arrays": list(preps), "decoded": len(to_decode), "reused": n - len(to_decode),
@@ -193,10 +193,14 @@ def decode_rows(raw_dir: Path, rows: SplitColumns, to_decode: np.ndarray,
                 draft_size: int | None, workers: int, desc: str) -> None:
     """Decode the split rows to_decode into their places in the new segments, a chunk per worker task."""
     writes = tuple(Target(w.path, w.offset, w.row_bytes, prep) for w, prep, _ in targets.values())
-    slots = [np.searchsorted(plan.new_rows, to_decode) for _, _, plan in targets.values()]  # to_decode[k] -> row
-    jobs = (Job(raw_dir, tuple((rows.paths[to_decode[k]], tuple(int(s[k]) for s in slots)) for k in chunk), writes,
-                limits, draft_size)
-            for chunk in batched(range(len(to_decode)), CHUNK))
+    plans = [plan for _, _, plan in targets.values()]
+
+    def job(part: np.ndarray) -> Job:
+        slots = np.stack([plan.slots(part) for plan in plans], axis=1).tolist()   # each row's place in each
+        return Job(raw_dir, tuple((rows.paths[i], tuple(s)) for i, s in zip(part, slots)), writes, limits,
+                   draft_size)
+
+    jobs = (job(to_decode[at:at + CHUNK]) for at in range(0, len(to_decode), CHUNK))
     for _ in progress(_images_done(jobs, workers), desc=desc, total=len(to_decode), unit="img"):
         pass
 

@@ -33,9 +33,10 @@ import json
 import os
 import shutil
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import BinaryIO
 
 import numpy as np
 import PIL
@@ -157,23 +158,24 @@ class SplitPlan:
 
     The new segment holds, in split order, the images to decode and the rows copied from the segments that
     are merged. `position` maps each split row to its place in the concatenation of the kept segments and
-    the new one: what the output's rows file stores.
+    the new one: what the output's rows file stores. Only copies are listed one by one (a first build
+    decodes everything and copies nothing: memory per image stays small).
     """
 
     kept: list[int]               # indexes into StoredRows.files, in output order
-    new_rows: np.ndarray          # split rows in the new segment, in order
-    decode: np.ndarray            # bool per new row: decoded now (else copied from copy_from / copy_row)
-    copy_from: np.ndarray         # int32 per new row: index into StoredRows.files (where decode is False)
-    copy_row: np.ndarray          # int32 per new row: row in that file (where decode is False)
+    new_rows: np.ndarray          # int32: split rows in the new segment, in order
+    copies: np.ndarray            # int32: rows of the new segment copied from a stored segment (others: decoded)
+    copy_from: np.ndarray         # int32 per copy: index into StoredRows.files
+    copy_row: np.ndarray          # int32 per copy: row in that file
     position: np.ndarray          # int64 per split row
 
     @property
     def new_size(self) -> int:
         return len(self.new_rows)
 
-    def decode_slots(self) -> np.ndarray:
-        """Rows of the new segment that are decoded."""
-        return np.flatnonzero(self.decode)
+    def slots(self, split_rows: np.ndarray) -> np.ndarray:
+        """Where the given split rows (all in the new segment) lie in it."""
+        return np.searchsorted(self.new_rows, split_rows)
 
 
 def plan_split(sizes: Sequence[int], reusable: np.ndarray, file_index: np.ndarray, row: np.ndarray) -> SplitPlan:
@@ -183,7 +185,7 @@ def plan_split(sizes: Sequence[int], reusable: np.ndarray, file_index: np.ndarra
     every variant the split needs); file_index / row: where. Rows not reusable are decoded into the new segment.
     """
     n_files = len(sizes)
-    source = np.where(reusable, file_index, 0)
+    source = np.where(reusable, file_index, 0).astype(np.int32)
     used = np.bincount(source[reusable], minlength=n_files)
     sources = [int(i) for i in np.flatnonzero(used)]
     kept = [i for i in sources if used[i] * GARBAGE_FACTOR >= sizes[i]]   # mostly removed images: merge it
@@ -193,24 +195,25 @@ def plan_split(sizes: Sequence[int], reusable: np.ndarray, file_index: np.ndarra
     is_kept = np.zeros(max(n_files, 1), dtype=bool)
     is_kept[kept] = True
     from_kept = reusable & is_kept[source]
-    new_rows = np.flatnonzero(~from_kept)
+    new_rows = np.flatnonzero(~from_kept).astype(np.int32)
+    copies = np.flatnonzero(reusable[new_rows]).astype(np.int32)
+    copied_rows = new_rows[copies]
     starts = np.cumsum([0] + [sizes[i] for i in kept])
     slot = np.full(max(n_files, 1), -1, dtype=np.int64)
     slot[kept] = np.arange(len(kept))
     position = np.empty(len(reusable), dtype=np.int64)
-    position[from_kept] = starts[slot[source[from_kept]]] + row[from_kept]
+    kept_rows = np.flatnonzero(from_kept)
+    position[kept_rows] = starts[slot[source[kept_rows]]] + row[kept_rows]
     position[new_rows] = starts[-1] + np.arange(len(new_rows))
-    return SplitPlan(kept, new_rows, ~reusable[new_rows], source[new_rows].astype(np.int32),
-                     np.where(reusable, row, 0)[new_rows].astype(np.int32), position)
+    return SplitPlan(kept, new_rows, copies, source[copied_rows], row[copied_rows].astype(np.int32), position)
 
 
 def copy_runs(plan: SplitPlan) -> Iterator[tuple[int, int, int, int]]:
     """(source file index, source row, row in the new segment, count): rows stored consecutively and copied
     consecutively, in one call each."""
-    slots = np.flatnonzero(~plan.decode)
-    if not len(slots):
+    if not len(plan.copies):
         return
-    files, sources = plan.copy_from[slots], plan.copy_row[slots]
+    slots, files, sources = plan.copies, plan.copy_from, plan.copy_row
     breaks = np.flatnonzero((np.diff(slots) != 1) | (np.diff(sources) != 1) | (np.diff(files) != 0)) + 1
     for start, end in zip(np.concatenate([[0], breaks]), np.concatenate([breaks, [len(slots)]])):
         yield int(files[start]), int(sources[start]), int(slots[start]), int(end - start)
@@ -239,11 +242,18 @@ class SegmentWriter:
         with open(source, "rb") as src, open(self.path, "rb+") as dst:
             _copy_range(src.fileno(), dst.fileno(), src_offset, dst_offset, count * self.row_bytes)
 
-    def publish(self, keys: np.ndarray) -> Path:
-        """fsync the rows, then write the keys: the mark of a finished segment."""
+    def publish(self, shas: np.ndarray, rows: np.ndarray) -> Path:
+        """fsync the rows, then write their keys (shas[rows], a chunk at a time): the mark of a finished segment."""
         with open(self.path, "rb+") as handle:
             os.fsync(handle.fileno())
-        _write_atomically(self.variant_dir / f"{self.name}.keys.npy", lambda h: np.save(h, keys.astype("S64")))
+
+        def write_keys(handle: BinaryIO) -> None:
+            np.lib.format.write_array_header_1_0(handle, {"descr": "|S64", "fortran_order": False,
+                                                          "shape": (len(rows),)})
+            for at in range(0, len(rows), INDEX_CHUNK):
+                handle.write(np.asarray(shas[rows[at:at + INDEX_CHUNK]], dtype="S64").tobytes())
+
+        _write_atomically(self.variant_dir / f"{self.name}.keys.npy", write_keys)
         return self.path
 
     def discard(self) -> None:
@@ -284,10 +294,10 @@ def prune_segments(variant_dir: Path) -> None:
             data.unlink(missing_ok=True)
 
 
-def _write_atomically(path: Path, write: object) -> None:
+def _write_atomically(path: Path, write: Callable[[BinaryIO], object]) -> None:
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     with open(tmp, "wb") as handle:
-        write(handle)  # type: ignore[operator]
+        write(handle)
         handle.flush()
         os.fsync(handle.fileno())
     os.replace(tmp, path)

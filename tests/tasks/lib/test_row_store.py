@@ -63,14 +63,15 @@ def where(file_index: list[int], row: list[int]) -> tuple[np.ndarray, np.ndarray
 
 def test_a_build_from_scratch_is_one_new_segment_in_split_order() -> None:
     plan = plan_split([], *where([-1] * 5, [0] * 5))
-    assert plan.kept == [] and plan.new_rows.tolist() == [0, 1, 2, 3, 4] and plan.decode.all()
+    assert plan.kept == [] and plan.new_rows.tolist() == [0, 1, 2, 3, 4] and len(plan.copies) == 0
     assert plan.position.tolist() == [0, 1, 2, 3, 4]
 
 
 def test_added_images_go_into_a_new_segment_and_the_stored_ones_stay_where_they_are() -> None:
     # rows 0, 2, 3 are stored in segment 0 (of 3 rows) at 2, 0, 1; rows 1 and 4 are new
     plan = plan_split([3], *where([0, -1, 0, 0, -1], [2, 0, 0, 1, 0]))
-    assert plan.kept == [0] and plan.new_rows.tolist() == [1, 4] and plan.decode.tolist() == [True, True]
+    assert plan.kept == [0] and plan.new_rows.tolist() == [1, 4] and len(plan.copies) == 0
+    assert plan.slots(np.array([4, 1])).tolist() == [1, 0]
     assert plan.position.tolist() == [2, 3, 0, 1, 4]
     assert list(copy_runs(plan)) == []
 
@@ -80,7 +81,7 @@ def test_too_many_segments_keep_the_largest_and_merge_the_rest(monkeypatch) -> N
     # segment 0 holds rows 0-3 (4 rows), segments 1 and 2 one row each; row 6 is new
     plan = plan_split([4, 1, 1], *where([0, 0, 0, 0, 1, 2, -1], [0, 1, 2, 3, 0, 0, 0]))
     assert plan.kept == [0] and plan.new_rows.tolist() == [4, 5, 6]
-    assert plan.decode.tolist() == [False, False, True] and plan.position.tolist() == [0, 1, 2, 3, 4, 5, 6]
+    assert plan.copies.tolist() == [0, 1] and plan.position.tolist() == [0, 1, 2, 3, 4, 5, 6]
     assert list(copy_runs(plan)) == [(1, 0, 0, 1), (2, 0, 1, 1)]
     kept_all = plan_split([4, 1], *where([0, 0, 0, 0, 1, -1], [0, 1, 2, 3, 0, 0]))   # 3 segments: still allowed
     assert kept_all.kept == [0, 1] and kept_all.new_rows.tolist() == [5]
@@ -89,7 +90,7 @@ def test_too_many_segments_keep_the_largest_and_merge_the_rest(monkeypatch) -> N
 def test_a_segment_mostly_of_removed_images_is_merged_into_the_new_one() -> None:
     # 2 of segment 0's 10 rows are still used: they are copied into one new segment, in split order
     plan = plan_split([10], *where([0, -1, 0], [7, 0, 8]))
-    assert plan.kept == [] and plan.new_rows.tolist() == [0, 1, 2] and plan.decode.tolist() == [False, True, False]
+    assert plan.kept == [] and plan.new_rows.tolist() == [0, 1, 2] and plan.copies.tolist() == [0, 2]
     assert plan.position.tolist() == [0, 1, 2]
     assert list(copy_runs(plan)) == [(0, 7, 0, 1), (0, 8, 2, 1)]
     adjacent = plan_split([10], *where([0, 0, 0], [7, 8, 9]))
