@@ -147,9 +147,9 @@ class SegmentedRows:
     def take(self, rows: np.ndarray, out: np.ndarray) -> np.ndarray:
         """Rows (checked by the caller) into out, a segment at a time; whole rows copied, no per-pixel work."""
         at = self.position[rows]
-        segment = np.searchsorted(self.starts, at, side="right") - 1
         if len(self.segments) == 1:
             return np.take(self.segments[0], at, axis=0, out=out, mode="clip")
+        segment = np.searchsorted(self.starts, at, side="right") - 1
         for s in np.unique(segment):
             mine = np.flatnonzero(segment == s)
             out[mine] = np.take(self.segments[s], at[mine] - self.starts[s], axis=0)

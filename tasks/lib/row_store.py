@@ -33,21 +33,21 @@ import json
 import os
 import shutil
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO
 
 import numpy as np
 import PIL
 from numpy.lib.format import open_memmap
 
+from tasks.lib.io import atomic_path, write_json
 from tasks.lib.preprocess import Preprocessing
 
 ROW_FORMAT = 1            # bump when the decoding itself changes
 KEEP_VARIANTS = 4
 MAX_SEGMENTS = 8          # segments one split reads from; beyond it the small ones are merged
-GARBAGE_FACTOR = 2.0      # rows stored in a split's segments / rows it uses, beyond which all is rewritten
+GARBAGE_FACTOR = 2.0      # a segment holding more than this times the rows a split uses from it is merged
 STALE_INCOMPLETE_S = 86400   # an incomplete segment this old belongs to no running build
 
 
@@ -247,13 +247,11 @@ class SegmentWriter:
         with open(self.path, "rb+") as handle:
             os.fsync(handle.fileno())
 
-        def write_keys(handle: BinaryIO) -> None:
+        with atomic_path(self.variant_dir / f"{self.name}.keys.npy") as tmp, open(tmp, "wb") as handle:
             np.lib.format.write_array_header_1_0(handle, {"descr": "|S64", "fortran_order": False,
                                                           "shape": (len(rows),)})
             for at in range(0, len(rows), INDEX_CHUNK):
                 handle.write(np.asarray(shas[rows[at:at + INDEX_CHUNK]], dtype="S64").tobytes())
-
-        _write_atomically(self.variant_dir / f"{self.name}.keys.npy", write_keys)
         return self.path
 
     def discard(self) -> None:
@@ -262,8 +260,7 @@ class SegmentWriter:
 
 def write_uses(variant_dir: Path, split: str, segments: Sequence[Path]) -> None:
     """Record which segments the split's last build reads: what pruning keeps."""
-    names = [p.name.removesuffix(".npy") for p in segments]
-    _write_atomically(variant_dir / f"{split}.uses.json", lambda h: h.write(json.dumps(names).encode()))
+    write_json(variant_dir / f"{split}.uses.json", [p.name.removesuffix(".npy") for p in segments])
 
 
 def read_uses(variant_dir: Path, split: str) -> list[str]:
@@ -286,21 +283,12 @@ def prune_segments(variant_dir: Path) -> None:
         if data.name.endswith(".keys.npy"):
             continue
         name = data.name.removesuffix(".npy")
-        keys = variant_dir / f"{name}.keys.npy"
         if name in live:
             continue
+        keys = variant_dir / f"{name}.keys.npy"
         if keys.exists() or data.stat().st_mtime < stale_before:
             keys.unlink(missing_ok=True)
             data.unlink(missing_ok=True)
-
-
-def _write_atomically(path: Path, write: Callable[[BinaryIO], object]) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "wb") as handle:
-        write(handle)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(tmp, path)
 
 
 def _data_offset(path: Path) -> int:
