@@ -70,7 +70,7 @@ class Job:
     """A chunk of one split for one worker: decode these files, each into its row (slot) of every target."""
 
     raw_dir: Path
-    rows: tuple[tuple[str, tuple[int, ...]], ...]     # (path, its row in each target)
+    rows: tuple[tuple[str, str, tuple[int, ...]], ...]     # (path, sha256 from the split file, its row in each target)
     targets: tuple[Target, ...]
     limits: ImageLimits
     draft_size: int | None
@@ -107,6 +107,7 @@ def build_cache(prepared_dir: Path, raw_dir: Path, out_dir: Path, preps: dict[st
     None keeps none (every image is decoded). draft: JPEG draft decoding.
     """
     out_dir = Path(out_dir)
+    remove_abandoned_builds(out_dir)
     tmp = out_dir.parent / f".{out_dir.name}.tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     limits = limits or ImageLimits(max_pixels=max_pixels)
@@ -152,7 +153,7 @@ def build_split(split_file: Path, raw_dir: Path, split_dir: Path, preps: dict[st
             for source, source_start, start, count in copy_runs(plans[name]):
                 writer.copy_rows(stored[name][source], source_start, start, count)
         decode_rows(raw_dir, rows, to_decode, {name: (w, preps[name], plans[name]) for name, w in writers.items()},
-                    limits=limits, draft_size=draft_size, workers=workers, desc=desc)
+                    limits=limits, draft_size=draft_size, workers=workers, desc=desc, split_file=split_file)
         new = {name: [writer.publish(rows.sha256, plans[name].new_rows)] for name, writer in writers.items()}
     except BaseException:
         for writer in writers.values():
@@ -190,18 +191,21 @@ def plan_arrays(shas: np.ndarray, preps: dict[str, Preprocessing], store_dir: Pa
 
 def decode_rows(raw_dir: Path, rows: SplitColumns, to_decode: np.ndarray,
                 targets: dict[str, tuple[SegmentWriter, Preprocessing, SplitPlan]], *, limits: ImageLimits,
-                draft_size: int | None, workers: int, desc: str) -> None:
-    """Decode the split rows to_decode into their places in the new segments, a chunk per worker task."""
+                draft_size: int | None, workers: int, desc: str, split_file: Path) -> None:
+    """Decode the split rows to_decode into their places in the new segments, a chunk per worker task.
+
+    Each file is hashed as it is decoded: rows are stored under the split file's sha256, so bytes that
+    changed since prepare hashed them would put another image's pixels under that hash for good."""
     writes = tuple(Target(w.path, w.offset, w.row_bytes, prep) for w, prep, _ in targets.values())
     plans = [plan for _, _, plan in targets.values()]
 
     def job(part: np.ndarray) -> Job:
         slots = np.stack([plan.slots(part) for plan in plans], axis=1).tolist()   # each row's place in each
-        return Job(raw_dir, tuple((rows.paths[i], tuple(s)) for i, s in zip(part, slots)), writes, limits,
-                   draft_size)
+        return Job(raw_dir, tuple((rows.paths[i], rows.sha256[i].decode(), tuple(s)) for i, s in zip(part, slots)),
+                   writes, limits, draft_size)
 
     jobs = (job(to_decode[at:at + CHUNK]) for at in range(0, len(to_decode), CHUNK))
-    for _ in progress(_images_done(jobs, workers), desc=desc, total=len(to_decode), unit="img"):
+    for _ in progress(_images_done(jobs, workers, split_file), desc=desc, total=len(to_decode), unit="img"):
         pass
 
 
@@ -239,13 +243,14 @@ def write_meta(split_dir: Path, split_file: Path, raw_dir: Path, rows: SplitColu
     })
 
 
-def _images_done(jobs: Iterator[Job], workers: int) -> Iterator[None]:
+def _images_done(jobs: Iterator[Job], workers: int, split_file: Path) -> Iterator[None]:
     """One item per decoded image, as chunks finish; the first bad image stops the build."""
     for done, error, storage in imap_unordered(decode_chunk, jobs, worker_count(workers)):
         if storage:    # the cache's disk, not the data: prepare cannot help
             raise StageError(error)
         if error:
-            raise StageError(f"{error}; the raw data changed since prepare ran: re-run it (dvc repro prepare)")
+            raise StageError(f"{error}; the raw data changed since prepare wrote {split_file}: re-run it "
+                             f"(dvc repro prepare)")
         yield from (None for _ in range(done))
 
 
@@ -258,11 +263,11 @@ def decode_chunk(job: Job) -> tuple[int, str, bool]:
     draft = job.draft_size is not None
     fds = [os.open(t.path, os.O_WRONLY) for t in job.targets]
     try:
-        for rel, slots in job.rows:
+        for rel, sha256, slots in job.rows:
             path = os.path.join(job.raw_dir, rel)     # a str: pathlib would intern every file name
             try:
                 img = load_rgb(path, job.limits.max_pixels, max_aspect_ratio=job.limits.max_aspect_ratio,
-                               max_file_bytes=job.limits.max_file_bytes, draft_size=job.draft_size)
+                               max_file_bytes=job.limits.max_file_bytes, draft_size=job.draft_size, sha256=sha256)
                 pixels = [np.asarray(resize_and_crop(img, target.prep, resample_crop_only=draft), dtype=np.uint8)
                           for target in job.targets]
             except BadImage as err:     # BadImage does not survive pickling back to the parent; its message does
@@ -279,6 +284,26 @@ def decode_chunk(job: Job) -> tuple[int, str, bool]:
             os.close(fd)
     # No fsync here: the parent fsyncs each file once, when every row is in.
     return len(job.rows), "", False
+
+
+def remove_abandoned_builds(out_dir: Path) -> None:
+    """Delete the temporary folders (`.<name>.tmp-<pid>`, `.<name>.old-<pid>`) of builds whose process is gone:
+    a killed build cannot clean up after itself, and each such folder holds a whole cache."""
+    for folder in out_dir.parent.glob(f".{out_dir.name}.*-*"):
+        kind, _, pid = folder.name.removeprefix(f".{out_dir.name}.").partition("-")
+        if kind in ("tmp", "old") and pid.isdigit() and not process_alive(int(pid)):
+            log.info("removing %s, left by a build that was stopped (process %s is gone)", folder, pid)
+            shutil.rmtree(folder, ignore_errors=True)
+
+
+def process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:      # another user's process
+        return True
+    return True
 
 
 def replace_dir(new: Path, target: Path) -> None:

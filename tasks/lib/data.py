@@ -67,7 +67,8 @@ def decode_arrays(rows: list[SplitRow], raw_dir: Path | str, preps: Sequence[Pre
                   desc: str = "decoding") -> list[np.ndarray]:
     """Decode each image once and resize it for every preprocessing: one uint8 (N, S, S, 3) array per prep.
 
-    Raises BadImage naming the file when an image no longer decodes. limits
+    Raises BadImage naming the file when an image no longer decodes or its bytes no longer hash to the
+    row's sha256 (the pixels are kept under that hash, in the feature cache). limits
     (all of prepare's limits) takes precedence over max_pixels.
     """
     raw_dir = Path(raw_dir)
@@ -76,7 +77,7 @@ def decode_arrays(rows: list[SplitRow], raw_dir: Path | str, preps: Sequence[Pre
 
     def fill(index: int) -> None:
         img = load_rgb(raw_dir / rows[index].path, limits.max_pixels, max_aspect_ratio=limits.max_aspect_ratio,
-                       max_file_bytes=limits.max_file_bytes)
+                       max_file_bytes=limits.max_file_bytes, sha256=rows[index].sha256)
         for array, prep in zip(arrays, preps):
             array[index] = np.asarray(resize_and_crop(img, prep), dtype=np.uint8)
 

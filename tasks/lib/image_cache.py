@@ -40,6 +40,7 @@ import numpy as np
 
 from tasks.lib.cli import StageError
 from tasks.lib.config import Params
+from tasks.lib.images import BadImage
 from tasks.lib.io import SplitRow, read_json
 from tasks.lib.preprocess import Preprocessing
 from tasks.lib.row_store import variant_key
@@ -242,8 +243,12 @@ def training_images(params: Params, split: str, rows: Sequence[SplitRow], preps:
         log.warning("%s; decoding the %s images in memory instead", err, split)
         from tasks.lib.data import decode_arrays
 
-        arrays = decode_arrays(list(rows), params.data.raw_dir, preps, limits=params.prepare.limits(),
-                               workers=params.train.num_workers, desc=f"decoding {split}")
+        try:
+            arrays = decode_arrays(list(rows), params.data.raw_dir, preps, limits=params.prepare.limits(),
+                                   workers=params.train.num_workers, desc=f"decoding {split}")
+        except BadImage as bad:
+            raise StageError(f"{bad}; the raw data changed since prepare ran: re-run it (dvc repro prepare)") \
+                from None
         pixels = [variant_key(p, None) for p in preps]
     keys = [row.sha256 for row in rows]
     return [MappedImages(array, pin, keys, key, params.cache.features_dir) if key else MappedImages(array, pin)

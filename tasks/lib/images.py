@@ -14,6 +14,7 @@ Every decode goes through here, with the same limits (`ImageLimits`):
 
 from __future__ import annotations
 
+import hashlib
 import io
 import os
 import stat
@@ -190,16 +191,29 @@ def decode_rgb(data: bytes, path: Path | str, limits: ImageLimits = ImageLimits(
 
 
 def load_rgb(path: Path | str, max_pixels: int | None = None, *, max_aspect_ratio: float | None = None,
-             max_file_bytes: int | None = None, draft_size: int | None = None) -> Image.Image:
+             max_file_bytes: int | None = None, draft_size: int | None = None,
+             sha256: str | None = None) -> Image.Image:
     """Read, check, fully decode, apply EXIF orientation and convert to 8-bit RGB.
 
     Raises BadImage with reason empty_file, not_a_regular_file, file_too_large,
     not_an_image, decompression_bomb, extreme_aspect_ratio or truncated.
     A limit left None is the process's (prepare's params in a stage, the defaults elsewhere).
+    sha256: the content hash the file must have (what prepare recorded); the bytes decoded are the bytes
+    hashed, so pixels stored under that hash are that file's, whatever happens to it meanwhile.
     """
     limits = ImageLimits(max_pixels or pixel_limit(), max_aspect_ratio or _process_limits.max_aspect_ratio,
                          max_file_bytes or _process_limits.max_file_bytes)
-    return decode_rgb(read_bytes(path, limits.max_file_bytes), path, limits, draft_size)
+    data = read_bytes(path, limits.max_file_bytes)
+    if sha256 is not None:
+        check_content(data, path, sha256)
+    return decode_rgb(data, path, limits, draft_size)
+
+
+def check_content(data: bytes, path: Path | str, sha256: str) -> None:
+    """BadImage changed_since_prepare unless the bytes hash to sha256 (hex, as the split files hold it)."""
+    actual = hashlib.sha256(data).hexdigest()
+    if actual != sha256.lower():
+        raise BadImage(path, "changed_since_prepare", f"its sha256 is {actual}, prepare recorded {sha256}")
 
 
 def to_rgb(img: Image.Image) -> Image.Image:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import subprocess
 import sys
 from pathlib import Path
 from typing import Any
@@ -379,6 +380,8 @@ def test_a_failing_image_is_named_whatever_the_error(built: tuple[Path, Path, di
     raw, decoded, splits = built
     thin = splits["val"][0].path
     Image.new("L", (1, 300000)).save(raw / thin, format="PNG")
+    # recorded as prepare would with other limits: the content hash matches, the decoder refuses
+    write_split(tmp_path / "prepared" / "val.csv", [SplitRow(thin, 0, sha256_file(raw / thin))] + splits["val"][1:])
     with pytest.raises(StageError, match=f"{thin}.*extreme_aspect_ratio"):
         build_cache(tmp_path / "prepared", raw, decoded, PREPS, workers=2)
 
@@ -393,3 +396,58 @@ def test_the_stage_never_imports_torch_and_stores_what_train_asks_for() -> None:
     for arch in ("efficientnet_lite0", "resnet18", "mobilenet_v3_small"):
         params = load_params(REPO_ROOT / "params.yaml", {"model.arch": arch, "train.image_size": 112})
         assert cache_preprocessings(params)[EVAL] == default_preprocessing(arch, 112)
+
+
+# --------------------------------------------------------------------------- what is stored is what was hashed
+
+
+def store_content(store: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(store)): p.read_bytes() for p in sorted(store.rglob("*")) if p.is_file()}
+
+
+def test_an_image_changed_between_prepare_and_the_build_is_refused_and_nothing_is_stored(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    raw = tmp_path / "raw"
+    rows = [photo(raw / f"img_{i:02d}.jpg", i) for i in range(8)]
+    splits = {"train": rows[:4], "val": rows[4:6], "test": rows[6:]}
+    build_splits(tmp_path, splits, "out")
+    stored, built = store_content(tmp_path / "store"), arrays_of(tmp_path / "out")
+
+    trouser = photo(raw / "trouser.jpg", 40)                  # prepare hashed this file...
+    build_splits(tmp_path, {**splits, "val": splits["val"] + [trouser]}, "unused", store=False)
+    shutil.copyfile(raw / rows[0].path, raw / trouser.path)   # ...then it was synced over with a bag's bytes
+    write_split(tmp_path / "prepared" / "val.csv", splits["val"] + [trouser])
+    with pytest.raises(StageError, match=f"trouser.jpg: changed_since_prepare .*{trouser.sha256}.*"
+                                         f"prepared/val.csv.*dvc repro prepare"):
+        build_cache(tmp_path / "prepared", raw, tmp_path / "out", PREPS, workers=2, store_dir=tmp_path / "store")
+    assert store_content(tmp_path / "store") == stored and arrays_of(tmp_path / "out") == built
+
+    # training's own decoding (no cache) refuses it the same way: its features would be kept under that hash
+    params = load_params(REPO_ROOT / "params.yaml", {"cache.dir": str(tmp_path / "nowhere"),
+                                                      "data.raw_dir": str(raw), "train.num_workers": 1})
+    with pytest.raises(StageError, match="trouser.jpg: changed_since_prepare.*dvc repro prepare"):
+        training_images(params, "val", splits["val"] + [trouser], [PREP])
+
+    fixed = SplitRow(trouser.path, trouser.label, sha256_file(raw / trouser.path))     # prepare ran again
+    build_splits(tmp_path, {**splits, "val": splits["val"] + [fixed]}, "out")
+    images, _ = open_split(tmp_path / "out", "val")
+    np.testing.assert_array_equal(images[2], np.asarray(resize_and_crop(load_rgb(raw / rows[0].path), PREP)))
+
+
+def test_a_killed_builds_temporary_folder_is_removed_by_the_next_build_and_a_running_ones_is_not(
+        built: tuple[Path, Path, dict], tmp_path: Path) -> None:
+    raw, decoded, _ = built
+    ended = subprocess.Popen([sys.executable, "-c", "pass"])
+    ended.wait()                                             # its pid is no process now, as after a SIGKILL
+    running = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"])
+    try:
+        for pid in (ended.pid, running.pid):
+            for kind in ("tmp", "old"):
+                (tmp_path / f".decoded.{kind}-{pid}" / "train").mkdir(parents=True)
+                (tmp_path / f".decoded.{kind}-{pid}" / "train" / "eval.0.npy").write_bytes(b"\0" * 1000)
+        build_cache(tmp_path / "prepared", raw, decoded, PREPS, workers=1)
+        assert sorted(p.name for p in tmp_path.glob(".decoded*")) == [f".decoded.old-{running.pid}",
+                                                                       f".decoded.tmp-{running.pid}"]
+    finally:
+        running.kill()
+        running.wait()
