@@ -16,7 +16,10 @@ into its outputs, decodes only the new images into one new segment, and
 writes each array's rows file (split row -> place in its segments); what it
 copies is bounded by what changed, amortised, and DVC finds the kept
 segments' hashes in its state instead of reading them again. The arrays read
-back identical to a build from scratch. Memory stays flat: rows are written
+back identical to a build from scratch. Nothing is reused unchecked: each
+image's bytes are hashed as they are decoded and must match the split file,
+and a stored segment's rows must match their checksums before it is linked
+or copied (one that fails is dropped and its images decoded again). Memory stays flat: rows are written
 at their offsets (pwrite, copy_file_range), not through a memory map, and
 work is handed to the workers a few chunks at a time.
 With `cache.jpeg_draft`, JPEGs decode at a reduced scale (Pillow's draft) when
@@ -45,8 +48,9 @@ from tasks.lib.images import BadImage, ImageLimits, load_rgb
 from tasks.lib.io import SPLITS, SplitColumns, read_split_columns, sha256_file, storage_error, write_json
 from tasks.lib.parallel import imap_unordered, worker_count
 from tasks.lib.preprocess import Preprocessing, imagenet_preprocessing, resize_and_crop, train_preprocessing
-from tasks.lib.row_store import (SegmentWriter, SplitPlan, copy_runs, index_keys, link_or_copy, plan_split,
-                                 prune_segments, prune_variants, read_uses, stored_rows, variant_key, write_uses)
+from tasks.lib.row_store import (SegmentWriter, SplitPlan, copy_runs, drop_segment, failing_segments, index_keys,
+                                 link_or_copy, plan_split, prune_segments, prune_variants, read_uses, stored_rows,
+                                 variant_key, write_uses)
 
 log = logging.getLogger("decode_cache")
 
@@ -114,12 +118,13 @@ def build_cache(prepared_dir: Path, raw_dir: Path, out_dir: Path, preps: dict[st
     store = Path(store_dir) if store_dir else tmp / ".rows"
     draft_size = draft_size_for(preps, draft)
     summary: dict[str, Any] = {}
+    verified: set[Path] = set()       # segments checked by this build (splits share segments)
     try:
         for split in splits:
             split_file = Path(prepared_dir) / f"{split}.csv"
             summary[split] = build_split(split_file, Path(raw_dir), tmp / split, split_variants(split, preps),
                                          limits=limits, draft_size=draft_size, store_dir=store, workers=workers,
-                                         desc=f"decoding {split}")
+                                         desc=f"decoding {split}", verified=verified)
         shutil.rmtree(tmp / ".rows", ignore_errors=True)
         replace_dir(tmp, out_dir)
     finally:
@@ -133,8 +138,8 @@ def build_cache(prepared_dir: Path, raw_dir: Path, out_dir: Path, preps: dict[st
 
 
 def build_split(split_file: Path, raw_dir: Path, split_dir: Path, preps: dict[str, Preprocessing], *,
-                limits: ImageLimits, draft_size: int | None, store_dir: Path, workers: int, desc: str
-                ) -> dict[str, Any]:
+                limits: ImageLimits, draft_size: int | None, store_dir: Path, workers: int, desc: str,
+                verified: set[Path]) -> dict[str, Any]:
     """One split's arrays, labels and meta.json in split_dir; meta.json is written last.
 
     Each array is the stored segments that hold the split's unchanged images (hard-linked, not copied) plus
@@ -144,7 +149,7 @@ def build_split(split_file: Path, raw_dir: Path, split_dir: Path, preps: dict[st
     rows = read_split_columns(split_file)      # columns: memory must not grow by an object per image
     split_dir.mkdir(parents=True)
     split = split_dir.name
-    reusable, plans, stored = plan_arrays(rows.sha256, preps, store_dir, draft_size, split)
+    reusable, plans, stored = plan_checked(rows.sha256, preps, store_dir, draft_size, split, workers, verified)
     to_decode = np.flatnonzero(~reusable)
     writers = {name: SegmentWriter(store_dir, split, preps[name], draft_size, plan.new_size)
                for name, plan in plans.items() if plan.new_size}
@@ -187,6 +192,22 @@ def plan_arrays(shas: np.ndarray, preps: dict[str, Preprocessing], store_dir: Pa
     reusable = np.logical_and.reduce([f[0] for f in found.values()])
     plans = {name: plan_split(stored[name][1], reusable, *found[name][1:]) for name in preps}
     return reusable, plans, {name: files for name, (files, _) in stored.items()}
+
+
+def plan_checked(shas: np.ndarray, preps: dict[str, Preprocessing], store_dir: Path, draft_size: int | None,
+                 split: str, workers: int, verified: set[Path]
+                 ) -> tuple[np.ndarray, dict[str, SplitPlan], dict[str, list[Path]]]:
+    """plan_arrays, over stored segments whose rows match their checksums: a segment the plan would link or
+    copy from that fails is dropped from the store (with a warning naming it), and the split planned again."""
+    while True:
+        reusable, plans, stored = plan_arrays(shas, preps, store_dir, draft_size, split)
+        read = {stored[name][int(i)] for name, plan in plans.items() for i in (*plan.kept, *np.unique(plan.copy_from))}
+        failing = failing_segments(sorted(read - verified), worker_count(workers))
+        verified |= read - set(failing)
+        if not failing:
+            return reusable, plans, stored
+        for segment, why in failing.items():
+            drop_segment(segment, why)
 
 
 def decode_rows(raw_dir: Path, rows: SplitColumns, to_decode: np.ndarray,

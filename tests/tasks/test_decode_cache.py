@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -451,3 +452,53 @@ def test_a_killed_builds_temporary_folder_is_removed_by_the_next_build_and_a_run
     finally:
         running.kill()
         running.wait()
+
+
+def store_segment(store: Path, split: str, name: str = EVAL) -> Path:
+    """The one stored segment of a split's array (the split's outputs link to it)."""
+    key = row_store.variant_key(PREPS[name], None)
+    (segment,) = [p for p in (store / key).glob(f"{split}.*.npy") if not p.name.endswith(".keys.npy")]
+    return segment
+
+
+def flip_byte(path: Path, at: int) -> None:
+    with open(path, "r+b") as handle:              # in place: same inode, as bit rot or a stray write
+        handle.seek(at)
+        value = handle.read(1)
+        handle.seek(at)
+        handle.write(bytes([value[0] ^ 0x5A]))
+
+
+@pytest.mark.parametrize("damage", ["flipped", "truncated", "swapped", "keys"])
+def test_a_damaged_segment_is_dropped_with_a_warning_and_rebuilt_equal_to_a_build_from_scratch(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture, damage: str) -> None:
+    raw, store = tmp_path / "raw", tmp_path / "store"
+    rows = [photo(raw / f"img_{i:02d}.jpg", i) for i in range(10)]
+    splits = {"train": rows[:6], "val": rows[6:8], "test": rows[8:]}
+    build_splits(tmp_path, splits, "out")
+    val, test, train = store_segment(store, "val"), store_segment(store, "test"), store_segment(store, "train")
+    kept = train.stat()
+    if damage == "flipped":
+        flip_byte(val, val.stat().st_size - 100)
+    elif damage == "truncated":
+        os.truncate(val, val.stat().st_size - 1000)
+    elif damage == "swapped":                      # the same size: test pixels would pass for validation's
+        os.replace(val, tmp_path / "aside.npy")
+        os.replace(test, val)
+        os.replace(tmp_path / "aside.npy", test)
+    else:                                          # its keys: two rows' hashes exchanged
+        keys = val.with_name(val.name.replace(".npy", ".keys.npy"))
+        np.save(keys, np.load(keys)[::-1])
+
+    summary = build_splits(tmp_path, splits, "out")
+    damaged = ["val", "test"] if damage == "swapped" else ["val"]
+    assert [summary[s]["decoded"] for s in SPLITS] == [0] + [2 if s in damaged else 0 for s in ("val", "test")]
+    warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert sorted(w.split(": ")[0] for w in warnings) == sorted([str(val), str(test)][:len(damaged)])
+    assert all("dropped from the row store, its images are decoded again" in w for w in warnings)
+    assert not val.exists()
+    # the unchanged segment is still linked as it was (same inode, same mtime): DVC need not read it again
+    assert (train.stat().st_ino, train.stat().st_mtime_ns) == (kept.st_ino, kept.st_mtime_ns)
+    assert segments_of(tmp_path / "out", "train")[0].stat().st_ino == kept.st_ino
+    build_splits(tmp_path, splits, "scratch", store=False)
+    assert arrays_of(tmp_path / "out") == arrays_of(tmp_path / "scratch")

@@ -48,7 +48,9 @@ def test_a_stored_key_is_found_in_the_first_segment_that_has_it(tmp_path) -> Non
     for name, part in (("old", shas[:4]), ("new", shas[2:])):
         np.save(tmp_path / f"{name}.npy", np.zeros((len(part), 1, 1, 3), np.uint8))
         np.save(tmp_path / f"{name}.keys.npy", part)
-    (tmp_path / "half.npy").write_bytes(b"")        # no keys file: unfinished, never read
+        row_store.seal_segment(tmp_path / f"{name}.npy")
+    (tmp_path / "half.npy").write_bytes(b"")        # no checksums: unfinished, never read
+    np.save(tmp_path / "half.keys.npy", shas)
     for prefer, owner in ((["old"], "old"), (["new"], "new")):
         index = row_store.stored_rows(tmp_path, prefer=prefer)
         assert sorted(p.name for p in index.files) == ["new.npy", "old.npy"]
