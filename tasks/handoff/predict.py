@@ -7,14 +7,16 @@ The model is a local ONNX file, or a version in a registry (default: its product
 version), which is verified (sha256 against its manifest and lineage) and fetched to
 a temporary file. The class names and the preprocessing (size, crop, interpolation,
 mean, std) come from the model's own metadata, written by `tasks.export`, and are
-checked against the network before any image is read. Each file gets its top-k
-labels with probabilities, or its own error (unreadable, not an image, missing); the
-other files are still predicted. Names from the model are printed with control
-characters escaped.
+checked against the network before any image is read (an input side over
+tasks.lib.onnx_classifier.MAX_CROP_SIZE is refused). Each file gets its top-k labels
+with probabilities, or its own error (unreadable, not an image, missing); the other
+files are still predicted. Inputs are streamed: read, predicted and printed
+--batch-size files at a time, so memory stays flat however many files there are.
+Names from the model are printed with control characters escaped.
 
 Exit status: 0 every input was predicted; 1 some or all inputs failed (or no image
 was found); 2 the model is unusable (missing, not ONNX, bad metadata, a registry
-version that does not verify).
+version that does not verify, probabilities that are NaN or of the wrong shape).
 This module must never import torch: production boxes do not have it.
 """
 
@@ -22,10 +24,13 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import itertools
 import json
+import os
 import sys
 import tempfile
-from collections.abc import Iterator
+import textwrap
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -36,42 +41,63 @@ from tasks.lib.console import printable, quiet_broken_pipe
 from tasks.lib.images import DEFAULT_MAX_ASPECT_RATIO, BadImage, ImageLimits, is_image_name
 from tasks.lib.io import sha256_file
 from tasks.lib.onnx_classifier import Classifier, ModelError, load_classifier
+from tasks.lib.parallel import batched
 
 EXIT_OK, EXIT_SOME_FAILED, EXIT_BAD_MODEL = 0, 1, 2
 
 
-def collect_inputs(inputs: list[Path]) -> list[Path]:
-    """Files as given; folders expanded to their image files (recursively, sorted, hidden ones skipped)."""
-    files: list[Path] = []
+def input_files(inputs: list[Path]) -> Iterator[Path]:
+    """Files as given; folders expanded to their image files (recursively, in sorted order, hidden ones skipped).
+
+    A generator that holds one folder's listing at a time, never the whole tree.
+    """
     for item in inputs:
         if item.is_dir():
-            files += sorted(p for p in item.rglob("*") if p.is_file() and is_image_name(p) and not _hidden(p, item))
+            yield from _image_files(item)
         else:
-            files.append(item)  # a missing or non-image file gets its own error below
-    return files
+            yield item  # a missing or non-image file gets its own error below
 
 
-def _hidden(path: Path, root: Path) -> bool:
-    return any(part.startswith(".") for part in path.relative_to(root).parts)
+def _image_files(folder: Path) -> Iterator[Path]:
+    """Depth first, each folder's entries sorted by name: the order of sorting the whole tree's paths."""
+    try:
+        entries = sorted(os.scandir(folder), key=lambda entry: entry.name)
+    except OSError:  # an unreadable sub-folder is skipped, as Path.rglob skips it
+        return
+    for entry in entries:
+        if entry.name.startswith("."):
+            continue
+        if entry.is_dir(follow_symlinks=False):
+            yield from _image_files(Path(entry.path))
+        elif entry.is_file() and is_image_name(Path(entry.name)):
+            yield Path(entry.path)
 
 
-def predict_files(classifier: Classifier, files: list[Path], top_k: int, batch_size: int = 16,
-                  max_aspect_ratio: float = DEFAULT_MAX_ASPECT_RATIO) -> list[dict[str, Any]]:
-    """One result per file, in input order: {"file", "predictions"} or {"file", "error"}."""
+def predict_batches(classifier: Classifier, files: Iterable[Path], top_k: int, batch_size: int = 16,
+                    max_aspect_ratio: float = DEFAULT_MAX_ASPECT_RATIO) -> Iterator[list[dict[str, Any]]]:
+    """One result per file, in input order, a batch of files at a time: {"file", "predictions"} or {"file", "error"}.
+
+    Only one batch's images are in memory, however many files there are.
+    """
+    limits = ImageLimits(max_aspect_ratio=max_aspect_ratio)
+    k = max(1, min(top_k, len(classifier.class_names)))
+    for chunk in batched(files, batch_size):
+        yield _predict_batch(classifier, chunk, k, limits)
+
+
+def _predict_batch(classifier: Classifier, files: list[Path], k: int, limits: ImageLimits) -> list[dict[str, Any]]:
     results: list[dict[str, Any]] = [{"file": str(path)} for path in files]
     ready: list[tuple[int, np.ndarray]] = []
     for i, path in enumerate(files):
         try:
-            ready.append((i, classifier.load(path, ImageLimits(max_aspect_ratio=max_aspect_ratio))))
+            ready.append((i, classifier.load(path, limits)))
         except BadImage as err:
             results[i]["error"] = f"{err.reason}: {err.detail}" if err.detail else err.reason
         except OSError as err:  # missing file, permission denied, a folder that vanished
             results[i]["error"] = f"{type(err).__name__}: {err.strerror or err}"
-    k = max(1, min(top_k, len(classifier.class_names)))
-    for start in range(0, len(ready), batch_size):
-        chunk = ready[start:start + batch_size]
-        probs = classifier.probabilities(np.stack([array for _, array in chunk]))
-        for (i, _), row in zip(chunk, probs, strict=True):
+    if ready:
+        probs = classifier.probabilities(np.stack([array for _, array in ready]))
+        for (i, _), row in zip(ready, probs, strict=True):
             best = np.argsort(-row, kind="stable")[:k]
             results[i]["predictions"] = [
                 {"label": classifier.class_names[j], "index": int(j), "probability": round(float(row[j]), 6)}
@@ -92,6 +118,24 @@ def format_table(results: list[dict[str, Any]]) -> str:
             lines.append(f"{r['file']:<{width}}  " + "  ".join(
                 f"{printable(p['label'], one_line=True)} {p['probability']:.4f}" for p in r["predictions"]))
     return "\n".join(lines)
+
+
+def print_results(batches: Iterable[list[dict[str, Any]]], as_json: bool) -> tuple[int, int]:
+    """Print each batch as soon as it is predicted (table lines, aligned within a batch, or the items of one
+    JSON array); (files, files that failed)."""
+    total = failed = 0
+    for results in batches:
+        if as_json:
+            items = ",\n".join(textwrap.indent(json.dumps(r, indent=2), "  ") for r in results)
+            sys.stdout.write(("[\n" if total == 0 else ",\n") + items)
+        else:
+            print(format_table(results))
+        sys.stdout.flush()
+        total += len(results)
+        failed += sum("predictions" not in r for r in results)
+    if as_json:
+        print("\n]" if total else "[]")
+    return total, failed
 
 
 @contextlib.contextmanager
@@ -157,15 +201,16 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _predict(classifier: Classifier, inputs: list[Path], args: argparse.Namespace) -> int:
-    files = collect_inputs(inputs)
-    if not files:
+    files = input_files(inputs)
+    first = next(files, None)
+    if first is None:
         print(f"error: no image files in {printable(', '.join(map(str, inputs)))}", file=sys.stderr)
         return EXIT_SOME_FAILED
-    results = predict_files(classifier, files, args.top_k, args.batch_size, args.max_aspect_ratio)
-    print(json.dumps(results, indent=2) if args.json else format_table(results))
-    failed = sum("predictions" not in r for r in results)
+    batches = predict_batches(classifier, itertools.chain([first], files), args.top_k, args.batch_size,
+                              args.max_aspect_ratio)
+    total, failed = print_results(batches, args.json)
     if failed:
-        print(f"{failed} of {len(results)} file(s) could not be predicted", file=sys.stderr)
+        print(f"{failed} of {total} file(s) could not be predicted", file=sys.stderr)
     return EXIT_SOME_FAILED if failed else EXIT_OK
 
 

@@ -23,6 +23,12 @@ INPUT_NAME, OUTPUT_NAME = "input", "logits"
 # Calibrated probabilities: softmax(logits / temperature), the temperature fitted on the validation split.
 # Models exported before calibration existed have only logits; their probabilities are the plain softmax.
 PROBABILITIES_NAME = "probabilities"
+# The largest crop_size (network input side) a model's metadata may ask for: train.image_size's own bound
+# (tasks.lib.config). One preprocessed image is 3 * side^2 float32 (12 MB at 1024 px); a 355-byte ONNX file
+# that claimed 8192 px made predict hold 3.4 GB for two images. resize_size may exceed it by
+# MAX_RESIZE_RATIO: timm's crop_pct is at least 0.5 for every model it knows (0.875 for most).
+MAX_CROP_SIZE = 1024
+MAX_RESIZE_RATIO = 2
 
 
 class ModelError(ValueError):
@@ -54,6 +60,7 @@ class Classifier:
     session: ort.InferenceSession
     class_names: list[str]
     prep: Preprocessing
+    source: str = "the model"   # named in errors: the file it was loaded from
     input_name: str = field(init=False)
     calibrated: bool = field(init=False)
 
@@ -66,12 +73,27 @@ class Classifier:
         return self.session.run([OUTPUT_NAME], {self.input_name: np.ascontiguousarray(batch)})[0]
 
     def probabilities(self, batch: np.ndarray) -> np.ndarray:
-        """Class probabilities (float64) of a preprocessed batch: the calibrated output when the model has one."""
+        """Class probabilities (float64) of a preprocessed batch: the calibrated output when the model has one.
+
+        Raises ModelError ("model unusable") when the output is not one row of finite, non-negative
+        numbers per image and class: a caller never prints or scores NaN as a prediction.
+        """
         if not self.calibrated:
-            return softmax(self.logits(batch))
+            return self._checked(softmax(self.logits(batch)), len(batch), "logits")
         probs = self.session.run([PROBABILITIES_NAME], {self.input_name: np.ascontiguousarray(batch)})[0]
-        probs = probs.astype(np.float64)
+        probs = self._checked(np.asarray(probs, dtype=np.float64), len(batch), PROBABILITIES_NAME)
         return probs / probs.sum(axis=1, keepdims=True)   # float32 rows sum to 1 only within ~1e-7
+
+    def _checked(self, probs: np.ndarray, n: int, output: str) -> np.ndarray:
+        expected = (n, len(self.class_names))
+        if probs.shape != expected:
+            raise ModelError(f"{self.source}: model unusable: its {output} output has shape {probs.shape} for "
+                             f"{n} image(s), not {expected} (one value per class); re-export the model")
+        bad = ~(np.isfinite(probs).all(axis=1) & (probs >= 0).all(axis=1) & (probs.sum(axis=1) > 0))
+        if bad.any():
+            raise ModelError(f"{self.source}: model unusable: its {output} output gives NaN, infinite or negative "
+                             f"probabilities for {int(bad.sum())} of {n} image(s); re-export the model")
+        return probs
 
     def load(self, path: Path | str, limits: ImageLimits | None = None) -> np.ndarray:
         """One image file as the network's input (raises BadImage / OSError naming the file).
@@ -109,7 +131,7 @@ def load_classifier(path: Path | str, threads: int = 0) -> Classifier:
     if OUTPUT_NAME not in [output.name for output in session.get_outputs()]:
         raise ModelError(f"{path}: the network has no output named {OUTPUT_NAME!r}; export it with `python -m tasks.export`")
     classifier = Classifier(session, _class_names(path, _json_value(path, meta, "class_names")),
-                            _preprocessing(path, _json_value(path, meta, "preprocessing")))
+                            _preprocessing(path, _json_value(path, meta, "preprocessing")), str(path))
     _check_output_size(path, classifier)
     return classifier
 
@@ -144,8 +166,10 @@ def _preprocessing(path: Path, value: object) -> Preprocessing:
 
 def _preprocessing_problem(prep: Preprocessing) -> str | None:
     """What Preprocessing itself does not check (interpolation and resize >= crop it does)."""
-    if not 1 <= prep.crop_size <= prep.resize_size <= 8192:
-        return f"needs 1 <= crop_size <= resize_size <= 8192, got {prep.crop_size} and {prep.resize_size}"
+    if not 1 <= prep.crop_size <= MAX_CROP_SIZE:
+        return f"crop_size {prep.crop_size} is not between 1 and {MAX_CROP_SIZE} px"
+    if prep.resize_size > MAX_RESIZE_RATIO * prep.crop_size:
+        return f"resize_size {prep.resize_size} is more than {MAX_RESIZE_RATIO} times crop_size {prep.crop_size}"
     if len(prep.mean) != 3 or len(prep.std) != 3:
         return "mean and std need three values (RGB)"
     if not all(np.isfinite(prep.mean)) or not all(np.isfinite(s) and s > 0 for s in prep.std):
@@ -154,13 +178,22 @@ def _preprocessing_problem(prep: Preprocessing) -> str | None:
 
 
 def _check_output_size(path: Path, classifier: Classifier) -> None:
-    """One forward pass of a blank image: the input fits the preprocessing and the output has one logit per class."""
+    """One forward pass of a blank image: the input fits the preprocessing, the output has one logit per class
+    and the probabilities are usable (probabilities() checks them again on every batch)."""
     size = classifier.prep.crop_size
+    blank = np.zeros((1, 3, size, size), dtype=np.float32)
     try:
-        logits = classifier.logits(np.zeros((1, 3, size, size), dtype=np.float32))
+        logits = classifier.logits(blank)
     except Exception as err:  # onnxruntime raises its own exception types for shape errors
         raise ModelError(f"{path}: the network does not accept a {size}x{size} image as its metadata says "
                          f"({str(err).splitlines()[0][:200]}); re-export the model") from None
     if logits.ndim != 2 or logits.shape[1] != len(classifier.class_names):
         raise ModelError(f"{path}: the network outputs {logits.shape[1:] if logits.ndim else ()} logits but its "
                          f"metadata names {len(classifier.class_names)} classes; re-export the model")
+    try:
+        classifier.probabilities(blank)
+    except ModelError:
+        raise
+    except Exception as err:  # a probabilities output that onnxruntime cannot compute
+        raise ModelError(f"{path}: model unusable: onnxruntime cannot compute its {PROBABILITIES_NAME} output "
+                         f"({str(err).splitlines()[0][:200]}); re-export the model") from None

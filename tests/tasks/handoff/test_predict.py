@@ -220,3 +220,141 @@ def test_predict_from_a_registry_without_torch(tmp_path: Path, images: list[Path
     assert proc.returncode == 2 and f"{v1} does not verify: model.onnx sha256" in proc.stderr
     proc = predict(["--registry", str(root / "registry"), "--name", "nobody", str(images[0])], tmp_path)
     assert proc.returncode == 2 and "no production version of nobody" in proc.stderr
+
+
+# --------------------------------------------------------------------------- hostile sizes and outputs, memory
+
+
+def probabilities_model(path: Path, crop: int = 32, probabilities: str = "softmax", **metadata: str) -> Path:
+    """A tiny classifier (average pool, then a linear layer: 3 classes) whose input side is free, so its metadata
+    may claim any size; its `probabilities` output is a softmax, or a broken one:
+    nan_on_images: NaN for any image that is not blank; wide: two values per class; nan: NaN for every input."""
+    from onnx import TensorProto, helper
+
+    nodes = [helper.make_node("GlobalAveragePool", ["input"], ["pooled"]),
+             helper.make_node("Flatten", ["pooled"], ["flat"], axis=1),
+             helper.make_node("Gemm", ["flat", "weight", "bias"], ["logits"]),
+             helper.make_node("Softmax", ["logits"], ["softmax"], axis=1)]
+    nodes += {
+        "softmax": [helper.make_node("Identity", ["softmax"], ["probabilities"])],
+        "wide": [helper.make_node("Concat", ["softmax", "softmax"], ["probabilities"], axis=1)],
+        "nan": [helper.make_node("Div", ["softmax", "zero"], ["inf"]),
+                helper.make_node("Sub", ["inf", "inf"], ["probabilities"])],
+        "nan_on_images": [helper.make_node("ReduceSumSquare", ["input"], ["energy"], axes=[1, 2, 3], keepdims=1),
+                          helper.make_node("Flatten", ["energy"], ["energy2"], axis=1),
+                          helper.make_node("Neg", ["energy2"], ["negative"]),
+                          helper.make_node("Sqrt", ["negative"], ["root"]),        # NaN unless the image is blank
+                          helper.make_node("Add", ["softmax", "root"], ["probabilities"])],
+    }[probabilities]
+    weight = np.eye(3, dtype=np.float32) * 4
+    graph = helper.make_graph(
+        nodes, "tiny",
+        [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["batch", 3, "height", "width"])],
+        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", 3]),
+         helper.make_tensor_value_info("probabilities", TensorProto.FLOAT, None)],
+        [helper.make_tensor("weight", TensorProto.FLOAT, [3, 3], weight.flatten().tolist()),
+         helper.make_tensor("bias", TensorProto.FLOAT, [3], [0.0] * 3),
+         helper.make_tensor("zero", TensorProto.FLOAT, [], [0.0])])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 9
+    prep = {"crop_size": crop, "resize_size": crop, "interpolation": "bilinear", "mean": [0.5] * 3, "std": [0.25] * 3}
+    helper.set_model_props(model, {"class_names": json.dumps(["red", "green", "blue"]),
+                                   "preprocessing": json.dumps(prep), **metadata})
+    onnx.save(model, str(path))
+    return path
+
+
+@pytest.mark.parametrize(("preprocessing", "message"), [
+    ({"crop_size": 8192, "resize_size": 8192}, "crop_size 8192 is not between 1 and 1024 px"),
+    ({"crop_size": 32, "resize_size": 8192}, "resize_size 8192 is more than 2 times crop_size 32"),
+])
+def test_a_model_claiming_a_huge_input_is_refused_before_any_image_is_read(
+        tmp_path: Path, images: list[Path], capsys, preprocessing: dict[str, int], message: str) -> None:
+    """A 355-byte ONNX file whose metadata claimed 8192 px once made two images take 3.4 GB."""
+    from tasks.handoff import predict as predict_module
+
+    prep = {"interpolation": "bilinear", "mean": [0.5] * 3, "std": [0.25] * 3, **preprocessing}
+    model = probabilities_model(tmp_path / "huge.onnx", preprocessing=json.dumps(prep))
+    assert model.stat().st_size < 1000
+    assert predict_module.main([str(model), *map(str, images)]) == 2
+    out, err = capsys.readouterr()
+    assert out == "" and err.startswith(f"error: {model}: metadata preprocessing is unusable ({message}")
+
+
+@pytest.mark.parametrize(("broken", "message"), [
+    ("wide", "its probabilities output has shape (1, 6) for 1 image(s), not (1, 3) (one value per class)"),
+    ("nan", "its probabilities output gives NaN, infinite or negative probabilities for 1 of 1 image(s)"),
+    ("nan_on_images", "its probabilities output gives NaN, infinite or negative probabilities for 3 of 3 image(s)"),
+])
+def test_probabilities_of_the_wrong_shape_or_nan_make_the_model_unusable(tmp_path: Path, images: list[Path],
+                                                                          capsys, broken: str, message: str) -> None:
+    from tasks.handoff import predict as predict_module
+
+    good = probabilities_model(tmp_path / "good.onnx")
+    assert predict_module.main([str(good), *map(str, images), "--json"]) == 0
+    assert len(json.loads(capsys.readouterr().out)) == 3
+
+    model = probabilities_model(tmp_path / f"{broken}.onnx", probabilities=broken)
+    assert predict_module.main([str(model), *map(str, images), "--json"]) == 2
+    out, err = capsys.readouterr()
+    assert err == f"error: {model}: model unusable: {message}; re-export the model\n"
+    assert "nan" not in out.lower() and "probability" not in out   # nothing was printed as a prediction
+
+
+def peak_rss_of_predict(model: Path, folder: Path, tmp_path: Path) -> int:
+    """Peak resident memory (bytes) of a real predict process over every image of folder.
+
+    VmHWM, not getrusage's ru_maxrss: Linux carries ru_maxrss over from the forking process (pytest's)."""
+    measure = ("import re, sys; from tasks.handoff.predict import main; code = main(sys.argv[1:]); "
+               "status = open('/proc/self/status').read(); "
+               "print('peak', re.search(r'VmHWM:\\s*(\\d+) kB', status).group(1), file=sys.stderr); sys.exit(code)")
+    proc = subprocess.run([sys.executable, "-c", measure, str(model), str(folder), "--threads", "1"], cwd=tmp_path,
+                          env={**os.environ, "PYTHONPATH": str(REPO_ROOT)}, stdout=subprocess.DEVNULL,
+                          stderr=subprocess.PIPE, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    return int(proc.stderr.split("peak ")[-1]) * 1024
+
+
+@pytest.mark.slow(seconds=15)
+def test_predict_memory_does_not_grow_with_the_number_of_inputs(tmp_path: Path) -> None:
+    """It held every preprocessed image until the end: 110 KB each at 96 px, 706 MB for 5,000 files."""
+    model = probabilities_model(tmp_path / "model.onnx", crop=96)
+    png = tmp_path / "one.png"
+    Image.new("RGB", (8, 8), "teal").save(png)
+    folders = {}
+    for n in (200, 2000):
+        folders[n] = tmp_path / f"inbox-{n}"
+        folders[n].mkdir()
+        for i in range(n):
+            (folders[n] / f"img_{i:05d}.png").write_bytes(png.read_bytes())
+    small, large = (peak_rss_of_predict(model, folders[n], tmp_path) for n in (200, 2000))
+    # Holding the 1,800 more images would take 1800 * 3 * 96 * 96 * 4 bytes = 199 MB more.
+    assert large - small < 20 * 2**20, f"peak RSS {small / 2**20:.0f} MB for 200 images, {large / 2**20:.0f} MB for 2000"
+
+
+@pytest.mark.parametrize("as_json", [False, True])
+def test_results_are_printed_a_batch_at_a_time_in_input_order(tmp_path: Path, images: list[Path],
+                                                              monkeypatch: pytest.MonkeyPatch, capsys,
+                                                              as_json: bool) -> None:
+    from tasks.handoff import predict as predict_module
+    from tasks.lib.onnx_classifier import Classifier
+
+    model = probabilities_model(tmp_path / "model.onnx")
+    folder = images[0].parent.parent
+    (folder / ".hidden").mkdir()
+    (folder / ".hidden" / "skip.png").write_bytes(images[0].read_bytes())
+    expected = [*map(str, images), str(tmp_path / "missing.png"), str(images[0])]
+    # Count the images read when the first result reaches stdout (the real loader still reads them).
+    loaded, read_before_output = [], []
+    real_load = Classifier.load
+    monkeypatch.setattr(Classifier, "load", lambda self, path, limits=None: (
+        loaded.append(path), real_load(self, path, limits))[1])
+    real_write = sys.stdout.write
+    monkeypatch.setattr(sys.stdout, "write", lambda text: (read_before_output.append(len(loaded)), real_write(text))[1])
+
+    args = [str(model), str(folder), expected[3], expected[4], "--batch-size", "2"]
+    assert predict_module.main(args + (["--json"] if as_json else [])) == 1
+    out = capsys.readouterr().out
+    shown = [r["file"] for r in json.loads(out)] if as_json else [line.split()[0] for line in out.splitlines()]
+    assert shown == expected
+    assert read_before_output[0] == 2      # the first batch was printed before the next image was read
