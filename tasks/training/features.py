@@ -12,16 +12,24 @@ image's content hash inside a context made of
 - the device type, the autocast dtype and the torch version.
 
 A stale entry is never used: any change gives another context. Storage:
-`cache.features_dir/<context>/<chunk>.npz`, each chunk (content hashes +
+`cache.features_dir/<context>/<digest>.npz`, each chunk (content hashes +
 float32 features) written to a temporary file and renamed, so readers never
 see half a chunk and concurrent writers never collide; more than MAX_CHUNKS
 chunks are merged into one. Bounded: a context keeps the features of every
 image it has seen (a removed image that comes back costs nothing); only the
 KEEP_CONTEXTS most recently used contexts are kept. Safe to delete any time.
+
+Verify before reuse: a chunk's name is the sha256 of its context and its
+bytes, checked whenever it is read; a chunk that fails (changed bytes,
+truncated, another chunk's or another context's file) is deleted with a
+warning naming it, and its images' features are computed again. The cache
+is optional: when it cannot be written (a full disk, permissions) training
+goes on without storing features, after one warning naming the folder.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 import os
@@ -35,6 +43,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from tasks.lib.io import CHUNK, storage_error
+
 if TYPE_CHECKING:
     from tasks.training.phases import PhaseRunner
 
@@ -42,6 +52,9 @@ log = logging.getLogger("train")
 
 MAX_CHUNKS = 8
 KEEP_CONTEXTS = 4
+FORMAT = 2               # 2: chunks named by their checksum
+
+_unwritable: set[Path] = set()   # feature caches this process could not write to: warned about once
 
 
 def cached_features(runner: PhaseRunner, extractor: nn.Module, images: Any, desc: str) -> torch.Tensor:
@@ -93,8 +106,8 @@ def context_key(runner: PhaseRunner, extractor: nn.Module, pixels: str) -> str:
         digest.update(name.encode())
         digest.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
     cfg, rt, data = runner.cfg, runner.rt, runner.data
-    recipe = (f"{type(extractor).__name__}/{pixels}/{data.mean.tolist()}/{data.std.tolist()}/{cfg.image_size}/"
-              f"{cfg.channels_last}/{rt.device.type}/{rt.amp_dtype}/{torch.__version__}")
+    recipe = (f"format{FORMAT}/{type(extractor).__name__}/{pixels}/{data.mean.tolist()}/{data.std.tolist()}/"
+              f"{cfg.image_size}/{cfg.channels_last}/{rt.device.type}/{rt.amp_dtype}/{torch.__version__}")
     digest.update(recipe.encode())
     return digest.hexdigest()[:24]
 
@@ -106,49 +119,83 @@ class FeatureStore:
         self.root, self.dir = root, root / context
 
     def load(self, keys: Sequence[str]) -> dict[str, np.ndarray]:
-        """key -> feature row for the wanted keys present in any chunk (a chunk deleted meanwhile is skipped)."""
+        """key -> feature row for the wanted keys present in any sound chunk."""
         wanted, found = set(keys), {}
         for chunk in sorted(self.dir.glob("*.npz")):
-            try:
-                with np.load(chunk) as data:
-                    chunk_keys, features = data["keys"], data["features"]
-            except (OSError, ValueError, KeyError):
+            content = self._read(chunk)
+            if content is None:
                 continue
-            for row, key in enumerate(chunk_keys):
+            for row, key in enumerate(content[0]):
                 text = key.decode()
                 if text in wanted:
-                    found[text] = features[row]
-        if self.dir.exists():
-            os.utime(self.dir)          # most recently used: pruned last
+                    found[text] = content[1][row]
+        with contextlib.suppress(OSError):     # a read-only cache is still read
+            os.utime(self.dir)                 # most recently used: pruned last
         return found
 
     def add(self, keys: Sequence[str], features: np.ndarray) -> None:
-        """One new chunk, atomically; merge when there are too many; drop old contexts."""
-        self.dir.mkdir(parents=True, exist_ok=True)
-        self._write(keys, features)
-        chunks = sorted(self.dir.glob("*.npz"))
-        if len(chunks) > MAX_CHUNKS:
-            self._merge(chunks)
-        self._prune_contexts()
+        """One new chunk, atomically; merge when there are too many; drop old contexts.
+
+        A cache that cannot be written is skipped, with one warning per process naming it."""
+        if self.root in _unwritable:
+            return
+        try:
+            self.dir.mkdir(parents=True, exist_ok=True)
+            self._write(keys, features)
+            chunks = sorted(self.dir.glob("*.npz"))
+            if len(chunks) > MAX_CHUNKS:
+                self._merge(chunks)
+            self._prune_contexts()
+        except OSError as err:
+            _unwritable.add(self.root)
+            log.warning("%s; training goes on without storing features in the cache %s (this run computes "
+                        "them all, and so will the next one unless it can write there)",
+                        storage_error(err, self.dir), self.root)
+
+    def _read(self, chunk: Path) -> tuple[np.ndarray, np.ndarray] | None:
+        """(keys, features) of a chunk whose bytes match its name; None for one that does not (deleted, with a
+        warning) and for one deleted meanwhile (merged by a concurrent run)."""
+        try:
+            if self._digest(chunk) != chunk.stem:
+                raise ValueError("its bytes do not match its checksum (the file name)")
+            with np.load(chunk) as data:
+                return data["keys"], data["features"]
+        except FileNotFoundError:
+            return None
+        except Exception as err:   # noqa: BLE001 (a damaged zip raises BadZipFile, EOFError, ...): never used
+            log.warning("%s: %s; dropped from the feature cache, its images' features are computed again",
+                        chunk, err)
+            with contextlib.suppress(OSError):
+                chunk.unlink()
+            return None
+
+    def _digest(self, path: Path) -> str:
+        """sha256 of the context and the file's bytes: a chunk moved from another context fails too."""
+        digest = hashlib.sha256(self.dir.name.encode())
+        with open(path, "rb") as handle:
+            while block := handle.read(CHUNK):
+                digest.update(block)
+        return digest.hexdigest()
 
     def _write(self, keys: Sequence[str], features: np.ndarray) -> None:
-        name = uuid.uuid4().hex
-        tmp = self.dir / f".{name}.tmp"
-        with open(tmp, "wb") as handle:
-            np.savez(handle, keys=np.asarray(keys, dtype="S64"), features=features.astype(np.float32))
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, self.dir / f"{name}.npz")
+        tmp = self.dir / f".{uuid.uuid4().hex}.tmp"
+        try:
+            with open(tmp, "wb") as handle:
+                np.savez(handle, keys=np.asarray(keys, dtype="S64"), features=features.astype(np.float32))
+                handle.flush()
+                os.fsync(handle.fileno())
+            os.replace(tmp, self.dir / f"{self._digest(tmp)}.npz")
+        finally:
+            tmp.unlink(missing_ok=True)
 
     def _merge(self, chunks: list[Path]) -> None:
         merged: dict[str, np.ndarray] = {}
         for chunk in chunks:
-            try:
-                with np.load(chunk) as data:
-                    merged.update((k.decode(), f) for k, f in zip(data["keys"], data["features"]))
-            except (OSError, ValueError, KeyError):
-                continue
-        self._write(list(merged), np.stack(list(merged.values())))
+            content = self._read(chunk)
+            if content is not None:
+                merged.update((k.decode(), f) for k, f in zip(*content))
+        if merged:
+            self._write(list(merged), np.stack(list(merged.values())))
         for chunk in chunks:
             chunk.unlink(missing_ok=True)
 

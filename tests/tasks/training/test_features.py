@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import shutil
 from pathlib import Path
 
@@ -19,6 +20,7 @@ from tasks.training.phases import PhaseRunner, Record
 from tasks.training.runtime import Runtime
 from tasks.training.state import Progress
 from tests.conftest import write_image_folder
+from tests.tasks.lib.test_io_errors import full_disk  # noqa: F401
 from tests.tasks.test_train import one_thread, tiny_params, write_project, write_weights  # noqa: F401
 
 CPU = Runtime(device=torch.device("cpu"), amp_dtype=None)
@@ -104,3 +106,55 @@ def test_chunks_are_merged_and_torn_writes_are_never_read(tmp_path: Path, caplog
     caplog.clear()
     features(tmp_path, store)
     assert f"{18 + MAX_CHUNKS} of {18 + MAX_CHUNKS} images from the feature cache" in caplog.text
+
+
+def contexts(store: Path) -> set[Path]:
+    return {p for p in store.iterdir() if p.is_dir()}
+
+
+@pytest.mark.parametrize("damage", ["flipped", "truncated", "swapped"])
+def test_a_damaged_chunk_is_dropped_with_a_warning_and_its_features_computed_again(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture, damage: str) -> None:
+    caplog.set_level(logging.INFO, logger="train")
+    write_project(tmp_path)
+    store = tmp_path / "features"
+    first, _ = features(tmp_path, store)
+    (context,) = contexts(store)
+    (chunk,) = context.glob("*.npz")
+    sound = (chunk.name, chunk.read_bytes())
+    if damage == "flipped":                        # in place, as bit rot or a stray write
+        data = bytearray(chunk.read_bytes())
+        data[len(data) // 2] ^= 0x5A
+        chunk.write_bytes(bytes(data))
+    elif damage == "truncated":
+        os.truncate(chunk, chunk.stat().st_size - 100)
+    else:                                          # the same images' features for another image size
+        features(tmp_path, store, **{"train.image_size": 40})
+        (other,) = contexts(store) - {context}
+        (foreign,) = other.glob("*.npz")
+        os.replace(foreign, context / foreign.name)
+        os.replace(chunk, other / chunk.name)
+        chunk = context / foreign.name
+    caplog.clear()
+    again, _ = features(tmp_path, store)
+    warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING" and r.name == "train"]
+    assert warnings == [f"{chunk}: its bytes do not match its checksum (the file name); dropped from the feature "
+                        f"cache, its images' features are computed again"]
+    assert "0 of 18 images from the feature cache" in caplog.text
+    assert torch.equal(again, first)
+    assert [(p.name, p.read_bytes()) for p in context.glob("*.npz")] == [sound]       # stored again, the same
+
+
+def test_a_full_disk_under_the_feature_cache_means_training_without_it_after_one_warning(
+        tmp_path: Path, full_disk: Path, caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO, logger="train")
+    write_project(tmp_path)
+    store = full_disk / "features"
+    first, _ = features(tmp_path, store)
+    again, _ = features(tmp_path, store)             # the val set of the same run, say
+    warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING" and r.name == "train"]
+    assert len(warnings) == 1 and warnings[0].startswith(f"{store}/") and "the disk is full" in warnings[0]
+    assert f"training goes on without storing features in the cache {store}" in warnings[0]
+    assert not [p for p in store.rglob("*") if p.is_file()]       # no chunk, no temporary file left
+    fresh, _ = features(tmp_path, tmp_path / "fresh")
+    assert torch.equal(first, fresh) and torch.equal(again, fresh)
