@@ -12,9 +12,11 @@ one, and the promotion gate uses it too); the best epoch is
 `<train.out_dir>/model.pt`, with the temperature that calibrates its
 probabilities, fitted on the validation split (`tasks.training.calibration`).
 After every epoch `<train.out_dir>/resume/last.pt` holds everything needed to
-continue exactly (`train.resume: auto`). The test split is never read here.
+continue exactly (`train.resume: auto`), and `resume/best.pt` the best epoch so
+far: `dvc repro` deletes model.pt before it re-runs an interrupted stage, so
+model.pt is written only at the end, from best.pt. The test split is never read here.
 
-Outputs: model.pt and resume/last.pt in train.out_dir; in reports.dir: train.json (the metrics) and
+Outputs: model.pt, resume/last.pt and resume/best.pt in train.out_dir; in reports.dir: train.json (the metrics) and
 train/ (per-epoch curves: plots/metrics/*.tsv through dvclive, and curves.png).
 Several GPUs: `train.nproc_per_node: N` re-launches this module under torchrun.
 The GPU profile for real datasets is params.gpu.yaml (see its header).
@@ -98,9 +100,11 @@ def _train(params: Params, rt: Runtime, hooks: Hooks, cache_features: bool | Non
         model = model.to(memory_format=torch.channels_last)
 
     fingerprint = run_fingerprint(params, record)
-    progress, resume_state = restore(cfg.out_dir / "resume" / "last.pt", fingerprint, model, cfg.resume == "auto")
+    progress, resume_state = restore(cfg.out_dir / "resume", fingerprint, model, cfg.resume == "auto")
     ckpt = Checkpointer(cfg.out_dir, arch, classes, prep, record, fingerprint,
                         training_data_sha256(params.data.prepared_dir))
+    if resume_state is not None and rt.main:
+        ckpt.keep_best(model, progress)
     reports = params.report_paths(Path("."))
     live = Plots(reports["train_plots"], progress.history) if rt.main else None
     steps = PhaseRunner(cfg, rt, data, model, Record(progress, ckpt, live), hooks, backbone_state is not None)
@@ -168,16 +172,17 @@ def load_data(params: Params, prep: Preprocessing, rt: Runtime, num_classes: int
 
 
 def calibrate(steps: PhaseRunner, model: torch.nn.Module, ckpt: Checkpointer, rt: Runtime) -> dict[str, float]:
-    """Fit the temperature on the best epoch's validation logits and store it in model.pt (tasks.training.calibration)."""
+    """Fit the temperature on the best epoch's validation logits; write model.pt, the best epoch with it
+    (tasks.training.calibration)."""
     if rt.world > 1:
-        torch.distributed.barrier()   # rank 0 wrote model.pt; every rank reads the same best epoch
-    best = torch.load(ckpt.out_dir / "model.pt", map_location="cpu", weights_only=True)
+        torch.distributed.barrier()   # rank 0 wrote best.pt; every rank reads the same best epoch
+    best = ckpt.load_best()
     unwrap(model).load_state_dict(best["state_dict"])
     logits = steps.predict(model, steps.data.val_x, "calibration")
     temperature = fit_temperature(logits, steps.data.val_y)
     report = calibration_report(logits, steps.data.val_y, temperature)
     if rt.main:
-        ckpt.save_calibration(best, report)
+        ckpt.save_model(best, report)
     log.info("temperature %.3f fitted on the validation split: val NLL %.4f -> %.4f", temperature,
              report["val_nll_before"], report["val_nll_after"])
     return report

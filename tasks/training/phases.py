@@ -364,17 +364,19 @@ class PhaseRunner:
         """Best model, early stopping, resume checkpoint and plots for the epoch just done."""
         prog, patience = self.progress, self.cfg.early_stopping_patience
         metric = self.agreed(row["val_macro_f1"])
-        if metric > prog.best_metric:
+        improved = metric > prog.best_metric
+        if improved:
             prog.best_metric, prog.best_epoch, prog.best_phase, prog.bad_epochs = metric, row["epoch"], phase, 0
-            if self.rt.main:
-                self.ckpt.save_best(self.model, row)
         else:
             prog.bad_epochs += 1
             if patience and prog.bad_epochs >= patience:
                 log.info("early stopping in phase %s: no better val macro-F1 for %d epochs", phase, patience)
                 prog.phase_stopped = True
         if self.rt.main:
+            # last.pt first: stopped between the two, last.pt holds the new best weights itself (state.restore).
             self.ckpt.save_resume(self.model, optimizer, scheduler, scaler, prog)
+            if improved:
+                self.ckpt.save_best(self.model, row)
             if self.live:
                 self.live.log(row)
         log.info("epoch %d (%s): train loss %.4f, val loss %.4f, val acc %.4f, val macro-F1 %.4f", row["epoch"],

@@ -1,12 +1,17 @@
-"""Resume state of the train stage: what `<train.out_dir>/resume/last.pt` holds and how it is checked.
+"""Resume state of the train stage: what `<train.out_dir>/resume/` holds and how it is checked.
 
 `Progress` is how far a run has got (phase, epochs, best metric, history).
-`Checkpointer` writes the best model (`model.pt`) and, after every epoch, the
-resume state: progress, model, optimizer, scheduler, scaler and every RNG
-state (`get_rng_state` / `set_rng_state`), so `train.resume: auto` continues
-exactly. `run_fingerprint` hashes what makes that state valid (train params,
-arch, weights, split files); `restore` loads it only when the fingerprint
-matches and the run did not finish, and starts fresh otherwise.
+`Checkpointer` writes, after every epoch, the resume state `resume/last.pt`:
+progress, model, optimizer, scheduler, scaler and every RNG state
+(`get_rng_state` / `set_rng_state`), so `train.resume: auto` continues exactly;
+and, after an epoch that improved, the best epoch's weights `resume/best.pt`.
+Both live outside the stage's DVC outputs because `dvc repro` deletes those
+(model.pt) before it re-runs an interrupted stage; model.pt is written once, at
+the end, from best.pt and the fitted temperature.
+`run_fingerprint` hashes what makes that state valid (train params, arch,
+weights, split files); `restore` loads it only when the fingerprint matches, the
+run did not finish and its best weights are there, and starts fresh otherwise:
+a resume state that cannot lead to a finished run never blocks the next one.
 """
 
 from __future__ import annotations
@@ -31,7 +36,7 @@ from tasks.lib.preprocess import Preprocessing
 
 log = logging.getLogger("train")
 
-RESUME_FORMAT = 1
+RESUME_FORMAT = 2        # 2: the best epoch's weights are resume/best.pt, no longer model.pt
 
 
 @dataclass
@@ -52,6 +57,7 @@ class Progress:
 
 
 TRAINING_FILES = ("train.csv", "val.csv", "classes.json")
+LAST, BEST = "last.pt", "best.pt"      # in <train.out_dir>/resume/
 
 
 def training_data_sha256(prepared_dir: Path) -> str:
@@ -70,8 +76,10 @@ def run_fingerprint(params: Params, record: dict[str, Any]) -> str:
     return hashlib.sha256(json.dumps(inputs, sort_keys=True).encode()).hexdigest()
 
 
-def restore(path: Path, fingerprint: str, model: nn.Module, enabled: bool) -> tuple[Progress, dict[str, Any] | None]:
-    """Progress and resume state from `path` when it belongs to this run; a fresh start otherwise."""
+def restore(resume_dir: Path, fingerprint: str, model: nn.Module,
+            enabled: bool) -> tuple[Progress, dict[str, Any] | None]:
+    """Progress and resume state from `resume_dir` when it belongs to this run; a fresh start otherwise."""
+    path = resume_dir / LAST
     if not enabled or not path.exists():
         return Progress(), None
     try:
@@ -79,36 +87,92 @@ def restore(path: Path, fingerprint: str, model: nn.Module, enabled: bool) -> tu
     except Exception as err:  # a torn or foreign file must not block training
         log.warning("ignoring %s: cannot be read (%s); starting fresh", path, err)
         return Progress(), None
-    if state.get("format") != RESUME_FORMAT or state.get("fingerprint") != fingerprint:
+    if not isinstance(state, dict) or state.get("format") != RESUME_FORMAT:
+        log.warning("ignoring %s: written by another version of this code; starting fresh", path)
+        return Progress(), None
+    if state.get("fingerprint") != fingerprint:
         log.warning("ignoring %s: it was made with other params or data; starting fresh", path)
         return Progress(), None
     if state.get("finished"):
         log.info("%s is from a finished run; starting fresh", path)
         return Progress(), None
-    progress = Progress(**state["progress"])
+    try:
+        progress = Progress(**state["progress"])
+        fits(state["model"], unwrap(model))
+    except (KeyError, TypeError, ValueError) as err:
+        log.warning("ignoring %s: it does not fit this model or code (%s); starting fresh", path, err)
+        return Progress(), None
+    missing = missing_best(resume_dir / BEST, progress, fingerprint)
+    if missing:
+        log.warning("ignoring %s: %s, and a resumed run could not write model.pt without it; starting fresh",
+                    path, missing)
+        return Progress(), None
     unwrap(model).load_state_dict(state["model"])
     log.info("resuming from %s: phase %s, %d epoch(s) done", path, progress.phase, progress.epochs_done)
     return progress, state
 
 
+def fits(state_dict: dict[str, torch.Tensor], model: nn.Module) -> None:
+    """Raise ValueError unless state_dict has exactly model's keys and shapes (load_state_dict would half-load)."""
+    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    got = {k: tuple(v.shape) for k, v in state_dict.items()}
+    if got != expected:
+        wrong = sorted(set(got.items()) ^ set(expected.items()))[:3]
+        raise ValueError(f"other weights: {wrong}")
+
+
+def missing_best(path: Path, progress: Progress, fingerprint: str) -> str | None:
+    """Why the best epoch's weights are not at hand for this resume state; None when they are.
+
+    last.pt is written before best.pt, so a state saved at its best epoch holds the
+    best weights itself (best.pt may not have been written yet); a later one needs
+    best.pt of that epoch, which this run wrote before any later last.pt.
+    """
+    if progress.best_epoch == progress.global_epoch:
+        return None
+    if not path.exists():
+        return f"{path} (the weights of its best epoch {progress.best_epoch}) is missing"
+    try:
+        best = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:
+        return f"{path} cannot be read ({err})"
+    if not isinstance(best, dict) or best.get("fingerprint") != fingerprint or best.get("epoch") != progress.best_epoch:
+        return f"{path} is not the weights of its best epoch {progress.best_epoch}"
+    return None
+
+
 class Checkpointer:
-    """Writes model.pt (best epoch) and resume/last.pt (every epoch), atomically, on the main process."""
+    """Writes resume/last.pt (every epoch), resume/best.pt (best epoch) and, at the end, model.pt, atomically,
+    on the main process."""
 
     def __init__(self, out_dir: Path, arch: str, classes: list[str], prep: Preprocessing, record: dict[str, Any],
                  fingerprint: str, data_sha256: str) -> None:
         self.out_dir, self.arch, self.classes, self.prep = out_dir, arch, classes, prep
         self.record, self.fingerprint, self.data_sha256 = record, fingerprint, data_sha256
-        self.resume_path = out_dir / "resume" / "last.pt"
+        self.resume_path = out_dir / "resume" / LAST
+        self.best_path = out_dir / "resume" / BEST
 
     def save_best(self, model: nn.Module, row: dict[str, Any]) -> None:
-        save_checkpoint(self.out_dir / "model.pt", model, arch=self.arch, class_names=self.classes,
+        """The best epoch so far as model.pt will hold it, plus the fingerprint of the run it belongs to."""
+        save_checkpoint(self.best_path, model, arch=self.arch, class_names=self.classes,
                         preprocessing=self.prep, weights=self.record,
                         extra={"epoch": row["epoch"], "phase": row["phase"], "val_accuracy": row["val_accuracy"],
-                               "val_macro_f1": row["val_macro_f1"], "data_sha256": self.data_sha256})
+                               "val_macro_f1": row["val_macro_f1"], "data_sha256": self.data_sha256,
+                               "fingerprint": self.fingerprint})
 
-    def save_calibration(self, best: dict[str, Any], report: dict[str, float]) -> None:
-        """model.pt again, with the fitted temperature (`best` is its loaded payload)."""
-        payload = {**best, "temperature": report["temperature"], "calibration": report}
+    def keep_best(self, model: nn.Module, progress: Progress) -> None:
+        """After a resume at the best epoch: best.pt from the weights last.pt held (the run may have stopped
+        before it wrote best.pt, and the next last.pt will no longer hold them)."""
+        if progress.best_epoch and progress.best_epoch == progress.global_epoch:
+            self.save_best(model, next(r for r in progress.history if r["epoch"] == progress.best_epoch))
+
+    def load_best(self) -> dict[str, Any]:
+        return torch.load(self.best_path, map_location="cpu", weights_only=True)
+
+    def save_model(self, best: dict[str, Any], report: dict[str, float]) -> None:
+        """model.pt, the stage's output: the best epoch (`best` is best.pt's payload) with the fitted temperature."""
+        payload = {**{k: v for k, v in best.items() if k != "fingerprint"},
+                   "temperature": report["temperature"], "calibration": report}
         with atomic_path(self.out_dir / "model.pt") as tmp, open(tmp, "wb") as handle:
             torch.save(payload, handle)
 
