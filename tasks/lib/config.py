@@ -28,7 +28,7 @@ from tasks.lib.config_support import (
     count_values,
     describe,
     format_schema_table,
-    has_bool,
+    number_problem,
     numeric,
     parse_override,
     parse_overrides,
@@ -46,17 +46,18 @@ MAX_SEED = 2**32 - 1  # numpy's and torch's seeds are unsigned 32-bit
 
 
 class Section(BaseModel):
-    """Base for every section: unknown keys are errors, not silently ignored; numbers are finite and
-    a boolean is never taken for a number (YAML's `true` is not the count 1)."""
+    """Base for every section: unknown keys are errors, not silently ignored; numbers are finite, and
+    neither a boolean nor a quoted number is taken for a number (YAML's `true` is not the count 1, and
+    `"3"` is text: quoted by mistake, or written by `dvc exp run -S 'key="3"'`)."""
 
     model_config = ConfigDict(extra="forbid", validate_default=True, protected_namespaces=(), allow_inf_nan=False)
 
     @field_validator("*", mode="before")
     @classmethod
-    def _no_bool_for_numbers(cls, value: Any, info: ValidationInfo) -> Any:
+    def _numbers_are_numbers(cls, value: Any, info: ValidationInfo) -> Any:
         field = cls.model_fields.get(info.field_name or "")
-        if field is not None and numeric(field.annotation) and has_bool(value):
-            raise ValueError("expected a number, got a boolean (true/false)")
+        if field is not None and numeric(field.annotation) and (problem := number_problem(value)):
+            raise ValueError(problem)
         return value
 
 

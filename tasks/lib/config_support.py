@@ -11,6 +11,7 @@ seconds and the registry and predict read params on boxes without it.
 from __future__ import annotations
 
 import importlib
+import re
 import types
 import typing
 from pathlib import Path
@@ -31,18 +32,82 @@ class ParamsError(ValueError):
 # --------------------------------------------------------------------------- reading YAML safely
 
 
+class ParamsLoader(yaml.SafeLoader):
+    """PyYAML's safe loader, with two differences that matter for params:
+
+    - `3e-4` is a number, as in YAML 1.2 and as DVC (ruamel) reads it; PyYAML (YAML 1.1)
+      reads a float without a dot or with an unsigned exponent as text.
+    - a key set twice in one mapping is an error (read_params_yaml): PyYAML keeps the
+      last silently, so a setting edited in one place stays overridden further down.
+    """
+
+
+ParamsLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:float", re.compile(r"^[-+]?(?:[0-9][0-9_]*(?:\.[0-9_]*)?|\.[0-9_]+)[eE][-+]?[0-9]+$"),
+    list("-+.0123456789"))
+
+
+def load_yaml(stream: Any, where: str, prefix: str = "") -> Any:
+    """One YAML document with ParamsLoader (None when it is empty); a key set twice raises ParamsError
+    naming it dotted (prefix: the dotted key the document is the value of, as in an override)."""
+    loader = ParamsLoader(stream)
+    try:
+        node = loader.get_single_node()
+        if node is None:
+            return None
+        _refuse_duplicate_keys(node, where, prefix)
+        return loader.construct_document(node)
+    finally:
+        loader.dispose()
+
+
+def _refuse_duplicate_keys(root: yaml.Node, where: str, prefix: str) -> None:
+    """Walk the composed document (each node once: an alias is one more reference to a node, so a
+    "billion laughs" document stays linear here) and name the first key set twice, dotted, with its lines."""
+    done: set[int] = set()
+    stack: list[tuple[yaml.Node, str]] = [(root, prefix)]
+    while stack:
+        node, prefix = stack.pop()
+        if id(node) in done:
+            continue
+        done.add(id(node))
+        if isinstance(node, yaml.SequenceNode):
+            stack += [(item, f"{prefix.removesuffix('.')}[{i}].") for i, item in enumerate(node.value)]
+        if not isinstance(node, yaml.MappingNode):
+            continue
+        lines: dict[str, int] = {}
+        for key, value in node.value:
+            if key.tag == "tag:yaml.org,2002:merge":   # `<<: *defaults`: keys set here override it, as meant
+                stack.append((value, prefix))
+                continue
+            name = key.value if isinstance(key, yaml.ScalarNode) else "(a non-text key)"
+            line = key.start_mark.line + 1
+            if name in lines:
+                raise ParamsError(f"{where}, line {line}: {prefix}{name} is set twice (first on line {lines[name]}); "
+                                  "YAML would silently keep only the last one: remove one of them")
+            lines[name] = line
+            stack.append((value, f"{prefix}{name}."))
+
+
 def read_yaml(path: Path) -> dict[str, Any]:
-    """The mapping in a params file; errors name the file and line, and oversized alias expansions are refused."""
+    """The mapping in a params file; errors name the file and line, and oversized alias expansions,
+    duplicate keys and an empty file are refused."""
     if not path.exists():
         raise ParamsError(f"{path}: not found; run from the project root or pass the path to params.yaml")
     try:
         with open(path, encoding="utf-8") as handle:
-            raw = yaml.safe_load(handle) or {}
+            raw = load_yaml(handle, str(path))
     except yaml.YAMLError as err:
         raise ParamsError(f"{_where(str(path), err)}: not valid YAML: {_yaml_problem(err)}") from None
     except (UnicodeDecodeError, RecursionError) as err:
         raise ParamsError(f"{path}: not readable as YAML ({type(err).__name__}: nested too deeply or not "
                           "UTF-8 text)") from None
+    except IsADirectoryError:
+        raise ParamsError(f"{path}: is a folder, not the params file") from None
+    if raw is None:
+        # A truncated or wrongly written file would otherwise train with every default, silently.
+        raise ParamsError(f"{path}: has no settings (it is empty or only comments); restore it (git checkout "
+                          f"{path.name}), or write {{}} in it to take every default on purpose")
     if not isinstance(raw, dict):
         raise ParamsError(f"{path}: the top level must be a mapping of sections, got {type(raw).__name__}")
     count_values(raw, str(path))
@@ -108,7 +173,7 @@ def parse_override(text: str) -> tuple[str, Any]:
         if any(isinstance(token, yaml.TagToken) for token in yaml.scan(value)):
             raise ParamsError(f"override -S {text}: YAML tags (!!type, !name) are not allowed in a value; "
                               f"write the plain value, quoted if it is a string (-S {key}='...')")
-        parsed = yaml.safe_load(value)
+        parsed = load_yaml(value, f"override -S {key}", f"{key}.")
     except yaml.YAMLError as err:
         raise ParamsError(f"override -S {text}: the value of {key} is not valid YAML ({_yaml_problem(err)}); "
                           f"quote a string value: -S {key}='...'") from None
@@ -189,8 +254,23 @@ def numeric(annotation: Any) -> bool:
     return False
 
 
-def has_bool(value: Any) -> bool:
-    return isinstance(value, bool) or (isinstance(value, list) and any(isinstance(v, bool) for v in value))
+def number_problem(value: Any) -> str | None:
+    """Why a value given for a number (or a list of numbers) is not one, where pydantic would convert it:
+    YAML's `true` is not the count 1, and a quoted "3" (what `dvc exp run -S 'key="3"'` writes) is text."""
+    for item in value if isinstance(value, list) else [value]:
+        if isinstance(item, bool):
+            return "expected a number, got a boolean (true/false)"
+        if isinstance(item, str) and _reads_as_number(item):
+            return f"expected a number, got the string {item!r}; remove the quotes"
+    return None
+
+
+def _reads_as_number(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True
 
 
 # --------------------------------------------------------------------------- messages

@@ -46,7 +46,7 @@ def test_split_fractions_must_sum_to_one(tmp_path: Path):
 
 
 def test_overrides_are_validated_and_typed(tmp_path: Path):
-    path = write(tmp_path, "")
+    path = write(tmp_path, "{}\n")
     assert load_params(path, ["train.head.epochs=3"]).train.head.epochs == 3
     with pytest.raises(ParamsError, match="train.head.epochs = -3"):
         load_params(path, ["train.head.epochs=-3"])
@@ -68,6 +68,69 @@ def test_missing_and_malformed_files(tmp_path: Path):
         load_params(tmp_path / "nope.yaml")
     with pytest.raises(ParamsError, match="not valid YAML"):
         load_params(write(tmp_path, "train: [unclosed\n"))
+
+
+@pytest.mark.parametrize("text", ["", "\n\n", "# every setting commented out\n# train:\n#   batch_size: 8\n", "---\n"])
+def test_a_file_without_settings_is_refused_not_taken_for_the_defaults(tmp_path: Path, text: str):
+    with pytest.raises(ParamsError) as err:
+        load_params(write(tmp_path, text))
+    assert str(err.value).startswith(f"{tmp_path / 'params.yaml'}: has no settings (it is empty or only comments)")
+    assert "write {} in it" in str(err.value)
+    assert load_params(write(tmp_path, "{}  # every default, on purpose\n")).train.head.epochs == 30
+
+
+@pytest.mark.parametrize(("text", "message"), [
+    ("train:\n  head:\n    epochs: 3\n    lr: 0.1\n    epochs: 5\n",
+     "line 5: train.head.epochs is set twice (first on line 3)"),
+    ("train:\n  batch_size: 8\nprepare:\n  seed: 1\ntrain:\n  seed: 2\n", "line 5: train is set twice (first on line 1)"),
+    ("base: &b {a: 1, a: 2}\n", "line 1: base.a is set twice (first on line 1)"),
+])
+def test_a_key_set_twice_is_refused_naming_the_key_and_lines(tmp_path: Path, text: str, message: str):
+    with pytest.raises(ParamsError) as err:
+        load_params(write(tmp_path, text))
+    assert str(err.value).startswith(f"{tmp_path / 'params.yaml'}, {message}; YAML would silently keep only the last")
+    with pytest.raises(ParamsError, match=r"override -S train.head, line 1: train.head.epochs is set twice"):
+        load_params(write(tmp_path, "{}\n"), ["train.head={epochs: 1, epochs: 2}"])
+    merged = "train:\n  head: &h {epochs: 3, lr: 0.1}\n  finetune:\n    <<: *h\n    epochs: 4\n"
+    assert load_params(write(tmp_path, merged)).train.finetune.epochs == 4   # overriding a merge key is meant
+
+
+@pytest.mark.parametrize(("text", "override", "key", "value"), [
+    ('train:\n  head:\n    epochs: "3"\n', [], "train.head.epochs", "'3'"),
+    ("train:\n  head:\n    lr: '0.01'\n", [], "train.head.lr", "'0.01'"),
+    ("{}\n", ['train.head.epochs="3"'], "train.head.epochs", "'3'"),
+    ("{}\n", ["export.parity_batch_sizes=[1, '8']"], "export.parity_batch_sizes", "[1, '8']"),
+])
+def test_a_quoted_number_is_refused_naming_the_key(tmp_path: Path, text: str, override: list[str], key: str,
+                                                    value: str):
+    with pytest.raises(ParamsError) as err:
+        load_params(write(tmp_path, text), override)
+    assert f"{key} = {value}: expected a number, got the string " in str(err.value)
+    assert "; remove the quotes" in str(err.value)
+
+
+def test_exponents_without_a_dot_are_numbers_as_dvc_reads_them(tmp_path: Path):
+    """PyYAML reads 3e-4 as text; once quoted numbers are refused, it must read it as DVC does: a number."""
+    params = load_params(write(tmp_path, "train:\n  weight_decay: 1e-4\n  head:\n    lr: 3E-4\n"),
+                         ["train.finetune.lr=5e-5", "export.atol=1.0e-3"])
+    assert (params.train.weight_decay, params.train.head.lr, params.train.finetune.lr, params.export.atol) == (
+        1e-4, 3e-4, 5e-5, 1e-3)
+    path = write(tmp_path, "{}\n")
+    apply_overrides_to_file(path, ["train.head.lr=3e-4"])     # what a flow writes for DVC: a number, not '3e-4'
+    assert yaml.safe_load(path.read_text()) == {"train": {"head": {"lr": 0.0003}}}
+
+
+@pytest.mark.slow(seconds=20)
+def test_dvc_exp_run_with_a_quoted_number_stops_at_the_first_stage(tmp_path: Path):
+    from tests.conftest import init_dvc_repo, write_image_folder
+
+    repo = init_dvc_repo(tmp_path / "repo")
+    write_image_folder(repo / "data" / "raw", classes=2, per_class=3, size=12)
+    run(["git", "add", "-A"], repo)
+    run(["git", "commit", "-qm", "project"], repo)
+    proc = run(["dvc", "exp", "run", "--temp", "-S", 'train.head.epochs="3"', "prepare"], repo, check=False)
+    assert proc.returncode != 0
+    assert "train.head.epochs = '3': expected a number, got the string '3'; remove the quotes" in proc.stderr
 
 
 def test_cli_exit_code_and_message(tmp_path: Path, capsys):
@@ -118,14 +181,14 @@ def test_every_dvc_template_variable_exists_in_schema():
 ])
 def test_bad_values_are_refused_naming_the_key_and_the_override(tmp_path: Path, override: str, message: str):
     with pytest.raises(ParamsError) as err:
-        load_params(write(tmp_path, ""), [override])
+        load_params(write(tmp_path, "{}\n"), [override])
     assert message in str(err.value)
     assert f"(from override -S {override.split('=')[0]}=" in str(err.value)
     assert "params.yaml" not in str(err.value)  # the file is not to blame
 
 
 def test_seed_bounds_accept_the_full_unsigned_range(tmp_path: Path):
-    params = load_params(write(tmp_path, ""), ["train.seed=4294967295", "prepare.seed=0"])
+    params = load_params(write(tmp_path, "{}\n"), ["train.seed=4294967295", "prepare.seed=0"])
     assert params.train.seed == 2**32 - 1 and params.prepare.seed == 0
 
 
@@ -148,7 +211,7 @@ def test_weights_none_with_a_pin_names_both_keys(tmp_path: Path):
 ])
 def test_override_values_that_are_not_plain_yaml_name_the_key(tmp_path: Path, value: str, message: str):
     with pytest.raises(ParamsError) as err:
-        load_params(write(tmp_path, ""), [f"train.head.epochs={value}"])
+        load_params(write(tmp_path, "{}\n"), [f"train.head.epochs={value}"])
     assert str(err.value).startswith(f"override -S train.head.epochs={value}: ") and message in str(err.value)
 
 
@@ -171,10 +234,10 @@ def test_a_billion_laughs_document_is_refused_at_once(tmp_path: Path):
     with pytest.raises(ParamsError, match="expands to more than 10000 values"):
         load_params(write(tmp_path, "\n".join(lines) + "\n"))
     with pytest.raises(ParamsError, match="override -S train.head.epochs: nested more than 50 levels"):
-        load_params(write(tmp_path, ""), ["train.head.epochs=" + "[" * 60 + "]" * 60])
+        load_params(write(tmp_path, "{}\n"), ["train.head.epochs=" + "[" * 60 + "]" * 60])
     # Deep enough to exhaust the YAML parser's recursion: still the key and what to do, no RecursionError.
     with pytest.raises(ParamsError, match="override -S train.head.epochs: the value nests too deeply"):
-        load_params(write(tmp_path, ""), ["train.head.epochs=" + "[" * 2000])
+        load_params(write(tmp_path, "{}\n"), ["train.head.epochs=" + "[" * 2000])
 
 
 def test_model_arch_is_checked_when_asked_and_the_schema_import_stays_torch_free(tmp_path: Path):

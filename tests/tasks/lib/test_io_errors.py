@@ -82,7 +82,7 @@ def test_other_errors_keep_their_own_type():
 
 @pytest.mark.slow
 def test_a_stage_reports_a_full_disk_in_one_line(full_disk: Path, tmp_path: Path):
-    (tmp_path / "params.yaml").write_text("")
+    (tmp_path / "params.yaml").write_text("{}\n")  # every default
     proc = run([sys.executable, "-m", "tasks.fetch_weights", "-S", "model.weights=none",
                 "-S", f"model.out_dir={full_disk}/weights"], tmp_path, check=False,
                env={"PYTHONPATH": str(REPO_ROOT)})
