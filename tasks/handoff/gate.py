@@ -3,7 +3,8 @@
 `decide()` is a pure function of the two models' test metrics (on the same test
 split), the candidate's export report and lineage, and the gate params; every
 check it makes is returned with the reason, so a "not promoted" is explained.
-Scoring models is not its business: publish hands it both sets of metrics.
+Scoring models is not its business: publish hands it both sets of metrics
+(production's from its verified ONNX file, scored on the candidate's test images).
 """
 
 from __future__ import annotations
@@ -22,15 +23,21 @@ NO_IMPROVEMENT = "no improvement"  # exact text: the demo's second run reports i
 
 def decide(candidate: dict[str, Any], production: dict[str, Any] | None, gate: GateParams, *,
            export_report: dict[str, Any], lineage: dict[str, Any] | None, model_name: str,
-           paired: dict[str, Any] | None = None) -> dict[str, Any]:
+           paired: dict[str, Any] | None = None, production_unscored: str | None = None) -> dict[str, Any]:
     """Gate decision: {"passed", "reason", "checks", "metric", "delta"}; production None means first model.
 
     paired is `paired_test()` of both models' predictions on the same test images
     (None when production's are unknown, which fails a significance check that is on).
+    production_unscored says why there is a production model but no metrics of it on this test
+    split: nothing can be compared, so nothing is promoted (and it is never a first model).
     """
     checks = [_check_lineage(lineage), _check_parity(export_report), _check_finite("candidate", candidate),
               _check_lift(candidate, gate)]
-    if production is None:
+    bootstrap = production is None and production_unscored is None
+    if production_unscored is not None:
+        checks.append(_check("production_scored", False, production_unscored))
+        delta = None
+    elif production is None:
         checks.append(_check_bootstrap(candidate, gate, model_name))
         delta = None
     else:
@@ -46,7 +53,7 @@ def decide(candidate: dict[str, Any], production: dict[str, Any] | None, gate: G
     passed = not failed
     reason = "; ".join(failed) if failed else _success_reason(production, delta, gate, model_name, paired)
     return {"passed": passed, "reason": reason, "checks": checks, "metric": gate.metric, "delta": delta,
-            "bootstrap": production is None, "paired_test": paired}
+            "bootstrap": bootstrap, "paired_test": paired}
 
 
 def _success_reason(production: dict[str, Any] | None, delta: float | None, gate: GateParams, name: str,

@@ -4,7 +4,9 @@
 1. read the candidate's artifacts under `root` and check they belong together
    (metrics on the current test split, export report of this ONNX file);
 2. build its lineage (a dirty git tree stops here unless registry.allow_dirty);
-3. score production on the same test split (re-evaluating its ONNX file if the split changed);
+3. verify production (every file's sha256 against its manifest) and score its ONNX file on the
+   candidate's test images: the gate compares with what production is, never with what its records
+   say it scored; a production version that fails verification stops the publish;
 4. run the gate, write the version (ONNX, card, metrics, reports, lineage, decision);
 5. move the production pointer only if the gate passed.
 
@@ -33,7 +35,7 @@ from tasks.handoff.lineage import LineageError, build_lineage
 from tasks.handoff.registry import Registry, RegistryError, new_version_id, open_registry
 from tasks.lib.cli import StageError
 from tasks.lib.config import Params
-from tasks.lib.io import read_json, sha256_file, split_digest
+from tasks.lib.io import read_json, sha256_bytes, sha256_file, split_digest
 
 
 @dataclass
@@ -84,8 +86,7 @@ def publish_candidate(params: Params, root: Path, flow_run_id: str | None,
 def _publish_new(params: Params, root: Path, registry: Registry, candidate: Candidate,
                  lineage: dict[str, Any]) -> dict[str, Any]:
     production = registry.production()
-    decision = _gate(params, root, registry, production, candidate.metrics, candidate.export_report, lineage,
-                     candidate.predictions)
+    decision = _gate(params, root, registry, production, candidate, lineage)
     # The version's own record of the promotion: what `registry repair` and the bootstrap check read.
     decision["promoted"] = decision["passed"]
     version = new_version_id(candidate.onnx_sha256)
@@ -117,66 +118,101 @@ def _regate_existing(params: Params, root: Path, registry: Registry, version: st
     """
     production = registry.production()
     lineage = registry.read_json(version, "lineage.json")
-    decision = _gate(params, root, registry, production, candidate.metrics, candidate.export_report, lineage,
-                     candidate.predictions)
+    decision = _gate(params, root, registry, production, candidate, lineage)
     decision["republished"] = f"this ONNX file is already version {version}; no new version was written"
     promoted = _move_pointer(registry, version, production, decision)
     return _result(registry, version, promoted, decision)
 
 
-def _gate(params: Params, root: Path, registry: Registry, production: str | None, metrics: dict[str, Any],
-          export_report: dict[str, Any], lineage: dict[str, Any], predictions: dict[str, Any]) -> dict[str, Any]:
-    """The gate decision, with both models' metrics (production's on the candidate's test split) and the
-    paired test of their predictions on the same images."""
-    prod_metrics, prod_predicted, re_evaluated = _production_on_split(params, root, registry, production, metrics)
+@dataclass
+class ProductionSide:
+    """Production's evidence for the gate: its metrics and per-image predictions on the candidate's test split,
+    the sha256 of the ONNX file they came from, or why that file could not be scored there."""
+
+    metrics: dict[str, Any] | None = None
+    predicted: list[int] | None = None
+    onnx_sha256: str | None = None
+    unscored: str | None = None
+
+
+def _gate(params: Params, root: Path, registry: Registry, production: str | None, candidate: Candidate,
+          lineage: dict[str, Any]) -> dict[str, Any]:
+    """The gate decision, with both models' metrics on the candidate's test split and the paired test of
+    their predictions on the same images."""
+    side = _production_side(params, root, registry, production, candidate)
     paired = None
-    if prod_predicted is not None:
-        paired = paired_test(predictions["label"], predictions["predicted"], prod_predicted)
-    decision = decide(metrics, prod_metrics, params.gate, export_report=export_report, lineage=lineage,
-                      model_name=params.project.name, paired=paired)
-    if isinstance(re_evaluated, str):  # say why the splits could not be made the same
-        decision["reason"] += f" ({re_evaluated})"
-    return {**decision, "production_version": production, "production_re_evaluated": re_evaluated,
-            "candidate_metrics": metrics, "production_metrics": prod_metrics,
+    if side.predicted is not None:
+        paired = paired_test(candidate.predictions["label"], candidate.predictions["predicted"], side.predicted)
+    decision = decide(candidate.metrics, side.metrics, params.gate, export_report=candidate.export_report,
+                      lineage=lineage, model_name=params.project.name, paired=paired,
+                      production_unscored=side.unscored)
+    return {**decision, "production_version": production, "production_onnx_sha256": side.onnx_sha256,
+            "candidate_metrics": candidate.metrics, "production_metrics": side.metrics,
             "gate_params": params.gate.model_dump(mode="json")}
 
 
-def _production_on_split(params: Params, root: Path, registry: Registry, production: str | None,
-                         candidate_metrics: dict[str, Any]) -> tuple[dict[str, Any] | None, list[int] | None, bool | str]:
-    """Production's metrics and per-image predictions on the candidate's test split.
+def _production_side(params: Params, root: Path, registry: Registry, production: str | None,
+                     candidate: Candidate) -> ProductionSide:
+    """Production's ONNX file, verified, scored on the candidate's test images (a second or two).
 
-    The stored ones when they are of this split, else production's ONNX file re-scored on it
-    (versions published before predictions were kept have only their metrics).
+    Production's stored metrics and predictions are never read: they describe what it scored once,
+    and a changed split, a changed image or an edited record would make them the wrong evidence.
     """
     if production is None:
-        return None, None, False
-    stored = registry.read_json(production, "metrics.json")
-    split = candidate_metrics.get("test_split_sha256")
-    stored_predictions = _stored_predictions(registry, production)
-    if stored.get("test_split_sha256") == split and (stored_predictions or {}).get("test_split_sha256") == split:
-        return stored, stored_predictions["predicted"], False
+        return ProductionSide()
+    onnx_bytes = verified_production_onnx(registry, production)
+    onnx_sha256 = sha256_bytes(onnx_bytes)
+    if onnx_sha256 == candidate.onnx_sha256:
+        # The candidate is production (a re-run): the same bytes on the same split score the same. Its own
+        # evaluation is that score; scoring it again would only add PyTorch-vs-onnxruntime rounding noise.
+        return ProductionSide(candidate.metrics, candidate.predictions["predicted"], onnx_sha256)
     prepared = root / params.data.prepared_dir
     with tempfile.TemporaryDirectory(prefix="registry-") as tmp:
-        onnx_path = registry.fetch(production, "model.onnx", Path(tmp) / "model.onnx")
+        onnx_path = Path(tmp) / "model.onnx"
+        onnx_path.write_bytes(onnx_bytes)
         try:
             metrics, probs = score_onnx(onnx_path, prepared, root / params.data.raw_dir, _class_names(prepared),
                                         top_k=params.evaluate.top_k, bins=params.evaluate.calibration_bins,
                                         limits=params.prepare.limits())
-        except ValueError as err:  # e.g. the class set changed: the gate then reports the split mismatch
+        except ValueError as err:  # e.g. the class set changed: no comparison is possible, so no promotion
             # name the registry file, not the temporary copy that is gone once this returns
             message = str(err).replace(str(onnx_path), registry.url(production, "model.onnx"))
-            return stored, None, f"re-evaluation impossible: {message}"
-    predicted = [int(p) for p in probs.argmax(axis=1)]
-    if stored.get("test_split_sha256") == split:   # only the predictions were missing: keep the stored metrics
-        return stored, predicted, False
-    return metrics, predicted, True
+            return ProductionSide(onnx_sha256=onnx_sha256, unscored=(
+                f"production {production} cannot be scored on this test split ({message}), so the candidate "
+                "cannot be compared with it: set project.name if it is a model for another dataset, or compare "
+                "by hand and `registry promote` it (--force when the classes differ)"))
+    return ProductionSide(metrics, [int(p) for p in probs.argmax(axis=1)], onnx_sha256)
 
 
-def _stored_predictions(registry: Registry, version: str) -> dict[str, Any] | None:
+def verified_production_onnx(registry: Registry, version: str) -> bytes:
+    """The bytes of production's model.onnx, after every file of the version matched its manifest.
+
+    The bytes returned are hashed again: an edit between the verification and the read is caught too.
+    A version that fails is never taken for "no production": RegistryError says what to do.
+    """
+    require_verified_production(registry, version)
+    onnx_bytes = registry.read_bytes(version, "model.onnx")
+    if sha256_bytes(onnx_bytes) != registry.manifest(version).get("model.onnx"):
+        raise RegistryError(damaged_production(registry, version, ["model.onnx changed after it was verified"]))
+    return onnx_bytes
+
+
+def require_verified_production(registry: Registry, version: str) -> None:
+    """RegistryError naming the files, and `registry verify` / `registry rollback`, unless every file of the
+    production version still has the sha256 its manifest recorded."""
     try:
-        return registry.read_json(version, "predictions.json")
-    except RegistryError:   # not kept by older versions, or damaged: re-scored instead
-        return None
+        problems = registry.verify(version)
+    except FileNotFoundError as err:   # a file gone between verify's listing and its reading
+        problems = [f"{Path(str(err.filename)).name} is missing"]
+    if problems:
+        raise RegistryError(damaged_production(registry, version, problems))
+
+
+def damaged_production(registry: Registry, version: str, problems: list[str]) -> str:
+    return (f"production version {version} of {registry.model_name} ({registry.url(version)}) does not verify: "
+            f"{'; '.join(problems)}. Nothing is compared with, or published over, a production model whose files "
+            f"changed after it was published: `registry verify {version}` lists what changed; restore those files "
+            f"from a backup, or `registry rollback` to make the previous production version current again")
 
 
 def score_onnx(onnx_path: Path, prepared_dir: Path, raw_dir: Path, class_names: list[str], *,

@@ -39,14 +39,14 @@ def test_card_has_every_section_filled_from_the_artifacts(tmp_path: Path):
     positions = [readme.index(section) for section in SECTIONS]
     assert positions == sorted(positions)
     assert card["classes"] == ["class_0", "class_1", "class_2"]
-    assert card["data"]["n_images"] == {"train": 30, "val": 6, "test": 12}
-    assert "images per split: train 30, val 6, test 12" in readme
+    assert card["data"]["n_images"] == {"train": 30, "val": 6, "test": 60}
+    assert "images per split: train 30, val 6, test 60" in readme
     assert card["data"]["version"] == "0123456789abcdef0123456789abcdef.dir"
     assert card["training"]["arch"] == params.model.arch and card["training"]["best_epoch"] == 5
     assert [p["phase"] for p in card["training"]["phases"]] == ["head", "finetune"]
     assert f"phase head: backbone frozen, {params.train.head.epochs} epoch(s)" in readme
     assert card["test_metrics"]["macro_f1"] == 0.875 and "| macro_f1 | 0.8750 |" in readme
-    assert "| class_1 | 0.9000 | 0.5000 | 0.9000 | 4 |" in readme
+    assert "| class_1 | 0.9000 | 0.5000 | 0.9000 | 20 |" in readme
     assert card["calibration"]["ece"] == 0.05 and card["export"]["parity_passed"] is True
     assert card["latency"]["ort_latency_ms_p50"] == 0.1 and card["lineage"]["flow_run_id"] == "run-7"
     assert "Weakest classes on the test split: class_1 (recall 0.500)" in readme

@@ -140,6 +140,14 @@ def test_first_model_follows_the_bootstrap_rule():
     assert nan_first["passed"] is False
 
 
+def test_a_production_model_that_could_not_be_scored_is_never_a_first_model():
+    decision = decide(synthetic_metrics(0.9, SPLIT), None, GATE, export_report=REPORT, lineage=LINEAGE,
+                      model_name="m", production_unscored="production v1 cannot be scored on this test split")
+    assert decision["passed"] is False and decision["bootstrap"] is False
+    assert failed(decision) == ["production_scored"]
+    assert decision["reason"] == "production v1 cannot be scored on this test split"
+
+
 def test_several_failures_are_all_reported():
     decision = gate(synthetic_metrics(0.7, SPLIT), synthetic_metrics(0.8, SPLIT), report={"parity_passed": False})
     assert decision["reason"].split("; ") == ["export parity failed (or the export report does not say it passed)",

@@ -12,6 +12,7 @@ import os
 import signal
 import subprocess
 import sys
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -39,16 +40,52 @@ def make_onnx(path: Path, weight: np.ndarray = GOOD, class_names: list[str] = CL
               prep: Preprocessing = PREP) -> Path:
     """A real classifier: global average pool of the RGB input, then a linear layer; metadata per the contract."""
     k = weight.shape[1]
+    nodes = [helper.make_node("GlobalAveragePool", ["input"], ["pooled"]),
+             helper.make_node("Flatten", ["pooled"], ["flat"], axis=1),
+             helper.make_node("Gemm", ["flat", "weight", "bias"], ["logits"])]
+    return _save_onnx(path, nodes, {"weight": weight, "bias": np.zeros(k)}, k, class_names, tag, prep)
+
+
+def make_memorising_onnx(path: Path, images: list[Path], answers: list[int], tag: str = "a",
+                         class_names: list[str] = CLASSES, prep: Preprocessing = PREP) -> Path:
+    """A real classifier that knows `images` by heart and gives each the class in `answers`.
+
+    It keeps the mean colour of every image as the network sees it (after preprocessing) and answers
+    an image of exactly that colour with its class; any other image gets GOOD's answer (its brightest
+    channel). So a test can make a model that is right on exactly the test images it chooses.
+    """
+    from tasks.lib.onnx_classifier import load_classifier
+
+    reader = load_classifier(make_onnx(path, GOOD, class_names, tag, prep))
+    means = np.stack([reader.load(image).astype(np.float64).mean(axis=(1, 2)) for image in images])
+    k = len(class_names)
+    nodes = [helper.make_node("GlobalAveragePool", ["input"], ["pooled"]),
+             helper.make_node("Flatten", ["pooled"], ["flat"], axis=1),                      # (N, 3)
+             helper.make_node("Gemm", ["flat", "weight", "bias"], ["brightest"]),            # GOOD's logits
+             helper.make_node("Unsqueeze", ["flat", "axis_1"], ["flat3"]),                   # (N, 1, 3)
+             helper.make_node("Sub", ["flat3", "means"], ["diff"]),                          # (N, M, 3)
+             helper.make_node("Mul", ["diff", "diff"], ["squared"]),
+             helper.make_node("ReduceSum", ["squared", "axis_2"], ["distance"], keepdims=0),  # (N, M)
+             helper.make_node("ArgMin", ["distance"], ["nearest"], axis=1, keepdims=0),
+             helper.make_node("ReduceMin", ["distance"], ["closest"], axes=[1], keepdims=1),  # (N, 1)
+             helper.make_node("Less", ["closest", "same"], ["known"]),
+             helper.make_node("Gather", ["answers", "nearest"], ["answered"], axis=0),        # (N, K)
+             helper.make_node("Where", ["known", "answered", "brightest"], ["logits"])]
+    # Distinct test images differ by more than 1e-6 in squared mean colour; one image from itself, by float noise.
+    return _save_onnx(path, nodes, {"weight": GOOD, "bias": np.zeros(k), "means": means,
+                                    "answers": np.eye(k)[answers] * 10, "same": np.array([1e-9]),
+                                    "axis_1": np.array([1], dtype=np.int64), "axis_2": np.array([2], dtype=np.int64)},
+                      k, class_names, tag, prep)
+
+
+def _save_onnx(path: Path, nodes: list[Any], initializers: dict[str, np.ndarray], k: int, class_names: list[str],
+               tag: str, prep: Preprocessing) -> Path:
+    tensors = [helper.make_tensor(name, TensorProto.INT64 if value.dtype == np.int64 else TensorProto.FLOAT,
+                                  value.shape, value.flatten().tolist()) for name, value in initializers.items()]
     graph = helper.make_graph(
-        [helper.make_node("GlobalAveragePool", ["input"], ["pooled"]),
-         helper.make_node("Flatten", ["pooled"], ["flat"], axis=1),
-         helper.make_node("Gemm", ["flat", "weight", "bias"], ["logits"])],
-        "tiny",
+        nodes, "tiny",
         [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["batch", 3, prep.crop_size, prep.crop_size])],
-        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", k])],
-        [helper.make_tensor("weight", TensorProto.FLOAT, [3, k], weight.astype(np.float32).flatten().tolist()),
-         helper.make_tensor("bias", TensorProto.FLOAT, [k], [0.0] * k)],
-    )
+        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", k])], tensors)
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
     model.ir_version = 9
     helper.set_model_props(model, {"class_names": json.dumps(class_names),
@@ -60,13 +97,26 @@ def make_onnx(path: Path, weight: np.ndarray = GOOD, class_names: list[str] = CL
     return path
 
 
+def answers_right_on(labels: list[int], share: float) -> list[int]:
+    """Right on the first round(share * n) images of each class, every other one taken for the next class:
+    each class's recall, precision and F1 are then that share (when it is a whole number of images)."""
+    seen = Counter()
+    counts = Counter(labels)
+    answers = []
+    for label in labels:
+        right = math.isfinite(share) and seen[label] < round(share * counts[label])
+        answers.append(label if right else (label + 1) % len(counts))
+        seen[label] += 1
+    return answers
+
+
 def synthetic_metrics(macro_f1: float, split_sha256: str, recalls: tuple[float, ...] = (0.9, 0.9, 0.9),
-                      classes: list[str] = CLASSES) -> dict[str, Any]:
+                      classes: list[str] = CLASSES, n_test: int = 60) -> dict[str, Any]:
     """A metrics.json per the evaluate contract, with chosen numbers."""
     return {"accuracy": macro_f1, "balanced_accuracy": macro_f1, "macro_f1": macro_f1, "weighted_f1": macro_f1,
-            "top_k_accuracy": 1.0, "top_k": 3, "log_loss": 0.3, "ece": 0.05, "n_test": 12, "baseline_accuracy": 0.05,
-            "test_split_sha256": split_sha256,
-            "per_class": {c: {"precision": 0.9, "recall": r, "f1": 0.9, "support": 4}
+            "top_k_accuracy": 1.0, "top_k": 3, "log_loss": 0.3, "ece": 0.05, "n_test": n_test,
+            "baseline_accuracy": 0.05, "test_split_sha256": split_sha256,
+            "per_class": {c: {"precision": 0.9, "recall": r, "f1": 0.9, "support": n_test // len(classes)}
                           for c, r in zip(classes, recalls, strict=True)}}
 
 
@@ -75,8 +125,11 @@ def make_params(significance: float | None = None, **registry: Any) -> Params:
     return Params.model_validate({"registry": {"uri": "registry", **registry}, "gate": {"significance": significance}})
 
 
-def make_project(root: Path, params: Params, per_class: int = 4) -> Path:
-    """A committed git repo with data, split files, dvc.lock and every artifact publish reads."""
+def make_project(root: Path, params: Params, per_class: int = 20) -> Path:
+    """A committed git repo with data, split files, dvc.lock and every artifact publish reads.
+
+    20 test images per class: a model right on 16 of each has recall, precision and F1 0.8 in every
+    class, so the gate's real scores of a model made for macro_f1 0.8 (set_candidate) are 0.8."""
     raw = write_image_folder(root / "data/raw", classes=3, per_class=per_class, size=32)
     prepared = root / "data/prepared"
     rows = [SplitRow(f"class_{c}/img_{i:03d}.png", c, sha256_file(raw / f"class_{c}/img_{i:03d}.png"))
@@ -101,27 +154,36 @@ def make_project(root: Path, params: Params, per_class: int = 4) -> Path:
 
 
 def set_candidate(root: Path, *, weight: np.ndarray = GOOD, tag: str = "a", macro_f1: float | None = None,
-                  recalls: tuple[float, ...] = (0.9, 0.9, 0.9), parity: bool = True) -> str:
-    """Write a candidate's model.onnx, export report and metrics (synthetic numbers, or real when macro_f1 is None)."""
-    onnx_path = make_onnx(root / "artifacts/export/model.onnx", weight, tag=tag)
+                  recalls: tuple[float, ...] = (0.9, 0.9, 0.9), parity: bool = True,
+                  class_names: list[str] = CLASSES) -> str:
+    """Write a candidate's model.onnx, export report, metrics and predictions.
+
+    macro_f1 None: a linear model (`weight`) and its real metrics. Otherwise a model right on that share of
+    each class's test images (make_memorising_onnx), with synthetic metrics that say macro_f1 and `recalls`:
+    the candidate's side is what evaluate wrote; the gate scores production's side from its ONNX file, and
+    for such a model that gives the same macro_f1 (to the nearest twentieth).
+    """
+    split = split_digest(root / "data/prepared/test.csv")
+    rows = read_split(root / "data/prepared/test.csv")
+    labels = [r.label for r in rows]
+    onnx_path = root / "artifacts/export/model.onnx"
+    if macro_f1 is None:
+        from tasks.handoff.publish import score_onnx
+
+        make_onnx(onnx_path, weight, class_names, tag=tag)
+        metrics, probs = score_onnx(onnx_path, root / "data/prepared", root / "data/raw", class_names, top_k=3,
+                                    bins=15)
+        predicted = [int(p) for p in probs.argmax(axis=1)]
+        metrics["baseline_accuracy"] = 0.05     # evaluate's pixel baseline, far below these toy models
+    else:
+        predicted = answers_right_on(labels, macro_f1)
+        make_memorising_onnx(onnx_path, [root / "data/raw" / r.path for r in rows], predicted, tag, class_names)
+        metrics = synthetic_metrics(macro_f1, split, recalls, class_names, n_test=len(rows))
     onnx_sha = sha256_file(onnx_path)
     write_json(root / "metrics/export.json",
                {"onnx": str(onnx_path), "onnx_sha256": onnx_sha, "opset": 17, "exporter": "onnx.helper",
                 "parity_passed": parity, "max_abs_diff": 1e-6, "argmax_agree": 1.0, "ort_latency_ms_p50": 0.1,
                 "ort_latency_ms_p95": 0.2, "ort_throughput_img_per_s_b32": 5000.0, "quantized": {"enabled": False}})
-    split = split_digest(root / "data/prepared/test.csv")
-    rows = read_split(root / "data/prepared/test.csv")
-    labels = [r.label for r in rows]
-    if macro_f1 is None:
-        from tasks.handoff.publish import score_onnx
-
-        metrics, probs = score_onnx(onnx_path, root / "data/prepared", root / "data/raw", CLASSES, top_k=3, bins=15)
-        predicted = [int(p) for p in probs.argmax(axis=1)]
-        metrics["baseline_accuracy"] = 0.05     # evaluate's pixel baseline, far below these toy models
-    else:
-        metrics = synthetic_metrics(macro_f1, split, recalls)
-        right = round(macro_f1 * len(rows)) if math.isfinite(macro_f1) else 0   # the first `right` images
-        predicted = [label if i < right else (label + 1) % 3 for i, label in enumerate(labels)]
     (root / "metrics").mkdir(parents=True, exist_ok=True)
     (root / "metrics/evaluate.json").write_text(json.dumps(metrics))  # json.dumps: NaN allowed here
     write_json(root / "artifacts/evaluate/predictions.json", {"test_split_sha256": split, "label": labels,
@@ -193,7 +255,7 @@ def test_nan_metric_and_failed_parity_are_stored_but_not_promoted(project):
 
 
 @pytest.mark.slow
-def test_changed_test_split_re_evaluates_production_from_its_onnx_file(project):
+def test_production_is_scored_from_its_onnx_file_on_the_candidates_test_split(project):
     root, params = project
     set_candidate(root, tag="prod", weight=CONFUSED)  # real metrics: class_2 never right
     prod = publish_candidate(params, root, None)
@@ -201,7 +263,7 @@ def test_changed_test_split_re_evaluates_production_from_its_onnx_file(project):
     prod_metrics = prod["decision"]["candidate_metrics"]
     assert prod_metrics["per_class"]["class_2"]["recall"] == 0.0
 
-    # New data version: more test images, so a new split hash.
+    # New data version: other test images, so a new split hash.
     write_image_folder(root / "data/raw", classes=3, per_class=6, size=32, seed=1)
     rows = [SplitRow(f"class_{c}/img_{i:03d}.png", c, sha256_file(root / f"data/raw/class_{c}/img_{i:03d}.png"))
             for c in range(3) for i in range(6)]
@@ -209,11 +271,12 @@ def test_changed_test_split_re_evaluates_production_from_its_onnx_file(project):
     set_candidate(root, tag="cand", weight=GOOD)
     result = publish_candidate(params, root, None)
     decision = result["decision"]
-    assert decision["production_re_evaluated"] is True
     new_split = split_digest(root / "data/prepared/test.csv")
     assert decision["production_metrics"]["test_split_sha256"] == new_split != prod_metrics["test_split_sha256"]
     assert decision["production_metrics"]["n_test"] == 18
     assert decision["production_metrics"]["per_class"]["class_2"]["recall"] == 0.0
+    assert decision["production_onnx_sha256"] == open_registry(params, root).manifest(prod["registry_version"])[
+        "model.onnx"]
     assert result["promoted"] is True and decision["candidate_metrics"]["macro_f1"] == 1.0
 
 
@@ -221,18 +284,140 @@ def test_changed_test_split_re_evaluates_production_from_its_onnx_file(project):
 def test_the_gate_pairs_both_models_predictions_on_the_same_test_images(tmp_path):
     params = make_params(significance=0.05)
     root = make_project(tmp_path / "proj", params)
-    set_candidate(root, tag="prod", weight=CONFUSED)          # wrong on every class_2 image
-    prod = publish_candidate(params, root, None)
-    registry = open_registry(params, root)
-    stored = registry.read_json(prod["registry_version"], "predictions.json")
-    assert stored["predicted"].count(2) == 0 and len(stored["predicted"]) == 12
-    set_candidate(root, tag="cand", weight=GOOD)              # right on those 4 too, and nowhere worse
+    set_candidate(root, tag="prod", macro_f1=0.8)             # right on 16 of the 20 images of each class
+    publish_candidate(params, root, None)
+    set_candidate(root, tag="cand", macro_f1=0.85)            # and on one more of each: 3 better, none worse
     result = publish_candidate(params, root, None)
     assert result["promoted"] is False
-    assert result["reason"] == ("not significant: +33.3 points accuracy (4 images better, 0 worse), McNemar p=0.12 "
-                                "on 12 images (needs p < gate.significance 0.05)")
+    assert result["reason"] == ("not significant: +5.0 points accuracy (3 images better, 0 worse), McNemar p=0.25 "
+                                "on 60 images (needs p < gate.significance 0.05)")
+    registry = open_registry(params, root)
     paired = registry.read_json(result["registry_version"], "decision.json")["paired_test"]
-    assert (paired["wins"], paired["losses"], paired["n"]) == (4, 0, 12)
+    assert (paired["wins"], paired["losses"], paired["n"]) == (3, 0, 60)
+    set_candidate(root, tag="good", weight=GOOD)              # right on all 60: 12 better than production
+    better = publish_candidate(params, root, None)
+    assert better["promoted"] is True and "(12 images better, 0 worse), McNemar p=0.00049" in better["reason"]
+
+
+# --------------------------------------------------------------------------- production's evidence is verified
+
+
+def edit_records(registry, version: str, *, forge_manifest: bool) -> None:
+    """What an adversary (or a bad restore) does: production's metrics.json and predictions.json rewritten so
+    that production looks bad (every image wrong, macro_f1 0.1); forge_manifest: its COMPLETE manifest too,
+    with the new files' sha256, so that the version still verifies."""
+    folder = Path(registry.url(version))
+    metrics = json.loads((folder / "metrics.json").read_text())
+    metrics.update(accuracy=0.1, balanced_accuracy=0.1, macro_f1=0.1, weighted_f1=0.1)
+    for per_class in metrics["per_class"].values():
+        per_class.update(precision=0.1, recall=0.1, f1=0.1)
+    predictions = json.loads((folder / "predictions.json").read_text())
+    predictions["predicted"] = [(label + 1) % 3 for label in predictions["label"]]
+    (folder / "metrics.json").write_text(json.dumps(metrics))
+    (folder / "predictions.json").write_text(json.dumps(predictions))
+    if forge_manifest:
+        marker = json.loads((folder / "COMPLETE").read_text())
+        marker["files"].update({name: sha256_file(folder / name) for name in ("metrics.json", "predictions.json")})
+        (folder / "COMPLETE").write_text(json.dumps(marker))
+        assert registry.verify(version) == []
+
+
+@pytest.mark.slow
+def test_edited_production_records_stop_the_publish_instead_of_promoting_a_worse_model(tmp_path):
+    params = make_params(significance=0.05)
+    root = make_project(tmp_path / "proj", params)
+    set_candidate(root, tag="prod", weight=GOOD)               # right on all 60 test images
+    prod = publish_candidate(params, root, None)["registry_version"]
+    set_candidate(root, tag="worse", macro_f1=0.7)             # right on 42
+    assert publish_candidate(params, root, None)["reason"].startswith("no improvement")
+    registry = open_registry(params, root)
+    edit_records(registry, prod, forge_manifest=False)
+
+    with pytest.raises(StageError) as err:
+        publish_candidate(params, root, None)
+    message = str(err.value)
+    assert f"production version {prod} of {params.project.name}" in message and "does not verify" in message
+    assert "metrics.json sha256" in message and "predictions.json sha256" in message
+    assert f"`registry verify {prod}`" in message and "`registry rollback`" in message
+    assert registry.production() == prod and len(registry.versions()) == 2
+
+
+@pytest.mark.slow
+def test_a_forged_manifest_does_not_fool_the_gate_it_scores_productions_onnx_file(tmp_path):
+    params = make_params(significance=0.05)
+    root = make_project(tmp_path / "proj", params)
+    set_candidate(root, tag="prod", weight=GOOD)
+    prod = publish_candidate(params, root, None)["registry_version"]
+    set_candidate(root, tag="worse", macro_f1=0.7)
+    registry = open_registry(params, root)
+    edit_records(registry, prod, forge_manifest=True)
+
+    worse = publish_candidate(params, root, None)
+    assert worse["promoted"] is False and worse["reason"].startswith("no improvement; recall of class")
+    decision = worse["decision"]
+    assert decision["production_metrics"]["macro_f1"] == 1.0 and decision["delta"] == pytest.approx(-0.3)
+    assert registry.production() == prod
+
+
+@pytest.mark.parametrize("damage", ["edited", "deleted"])
+def test_a_damaged_production_onnx_file_stops_the_publish(project, damage):
+    root, params = project
+    set_candidate(root, tag="prod", macro_f1=0.9)
+    prod = publish_candidate(params, root, None)["registry_version"]
+    onnx_file = root / "registry" / params.project.name / prod / "model.onnx"
+    if damage == "edited":   # another valid model put in its place: one that every candidate beats
+        onnx_file.write_bytes(make_onnx(root / "other.onnx", CONFUSED).read_bytes())
+    else:
+        onnx_file.unlink()
+    set_candidate(root, tag="cand", macro_f1=0.8)
+
+    with pytest.raises(StageError) as err:
+        publish_candidate(params, root, None)
+    message = str(err.value)
+    assert f"production version {prod}" in message and "does not verify" in message
+    expected = "model.onnx sha256" if damage == "edited" else "model.onnx is missing"
+    assert expected in message and f"`registry verify {prod}`" in message and "`registry rollback`" in message
+    registry = open_registry(params, root)
+    assert registry.production() == prod and registry.versions() == [prod]
+
+
+def test_a_production_model_for_other_classes_is_not_compared_and_not_replaced(project):
+    root, params = project
+    write_json(root / "data/prepared/classes.json", ["cat", "dog", "eel"])
+    set_candidate(root, tag="pets", class_names=["cat", "dog", "eel"])
+    version = publish_candidate(params, root, None)["registry_version"]
+    write_json(root / "data/prepared/classes.json", CLASSES)
+    set_candidate(root, tag="cand", weight=GOOD)
+    result = publish_candidate(params, root, None)
+    assert result["promoted"] is False and result["decision"]["bootstrap"] is False
+    assert result["reason"].startswith(f"production {version} cannot be scored on this test split (")
+    assert f"registry/{params.project.name}/{version}/model.onnx: its classes ['cat', 'dog', 'eel'] differ" in \
+        result["reason"]
+    assert "set project.name" in result["reason"] and "--force" in result["reason"]
+
+
+def test_the_onnx_file_scored_is_the_one_verified(project, monkeypatch):
+    """A production model.onnx replaced after the verification and before the read is refused too."""
+    from tasks.handoff.registry import Registry
+
+    root, params = project
+    set_candidate(root, tag="prod", macro_f1=0.9)
+    prod = publish_candidate(params, root, None)["registry_version"]
+    onnx_file = root / "registry" / params.project.name / prod / "model.onnx"
+    replacement = make_onnx(root / "other.onnx", CONFUSED).read_bytes()
+    verify = Registry.verify
+
+    def verify_then_replace(registry: Registry, version: str) -> list[str]:
+        problems = verify(registry, version)
+        onnx_file.write_bytes(replacement)   # a concurrent writer, right after the check
+        return problems
+
+    monkeypatch.setattr(Registry, "verify", verify_then_replace)
+    set_candidate(root, tag="cand", macro_f1=0.8)
+    with pytest.raises(StageError, match=f"production version {prod} .* does not verify: model.onnx changed after "
+                                         f"it was verified.*registry rollback"):
+        publish_candidate(params, root, None)
+    assert open_registry(params, root).versions() == [prod]
 
 
 def test_dirty_tree_refuses_unless_allowed_and_pipeline_state_is_not_dirt(project):
