@@ -1,7 +1,7 @@
 """`registry`: list, inspect, promote, roll back, verify, repair and publish model versions from the command line.
 
     registry list [--json] | show [VERSION] [--json] | promote VERSION [--force] | rollback
-    registry verify [VERSION] | repair [--version VERSION] | publish
+    registry verify [VERSION] | repair | publish
 
 `registry.uri` and `project.name` come from params.yaml (`--params`, `-S key=value`).
 The registry itself is `tasks.handoff.registry`; publishing is `tasks.handoff.publish`.
@@ -35,17 +35,18 @@ COLUMNS = (("version", "version", 29), ("data", "data_hash", 8), ("accuracy", "a
 # --------------------------------------------------------------------------- list
 
 
-def summaries(reg: Registry) -> tuple[list[dict[str, Any]], str | None]:
-    """One row per version and the pointer's problem (None if it is fine); damaged files are named in the rows."""
+def summaries(reg: Registry) -> tuple[list[dict[str, Any]], list[str]]:
+    """One row per version and what is wrong around production ([] if nothing); damaged files are named in the rows."""
     try:
-        pointer, problem = reg.pointer() or {"version": None, "previous": []}, None
+        pointer, problems = reg.pointer() or {"version": None, "previous": []}, reg.production_problems()
+        known = True
     except RegistryError as err:
-        pointer, problem = {"version": None, "previous": []}, str(err)
+        pointer, problems, known = {"version": None, "previous": []}, [str(err)], False
     rows = [_summary(reg, version, pointer) for version in reg.versions()]
-    if problem:  # which version is production is unknown, not "none of them"
+    if not known:  # which version is production is unknown, not "none of them"
         for row in rows:
             row["production"] = row["on_rollback_stack"] = None
-    return rows, problem
+    return rows, problems
 
 
 def _summary(reg: Registry, version: str, pointer: dict[str, Any]) -> dict[str, Any]:
@@ -98,14 +99,13 @@ def _fmt(value: Any) -> str:
 
 
 def _cmd_list(reg: Registry, args: argparse.Namespace) -> int:
-    rows, pointer_problem = summaries(reg)
+    rows, problems = summaries(reg)
     if args.json:
         print(json.dumps(rows, indent=2))
     elif not rows:
         print(f"{printable(reg.url())}: no versions yet")
     else:
         print(format_table(rows))
-    problems = [pointer_problem] if pointer_problem else []
     problems += [d for row in rows for d in row["damaged"]]
     return _report(problems)
 
@@ -165,7 +165,7 @@ def _cmd_verify(reg: Registry, args: argparse.Namespace) -> int:
     return 1 if problems else 0
 
 
-# --------------------------------------------------------------------------- pointer moves
+# --------------------------------------------------------------------------- moving production
 
 
 def _cmd_promote(reg: Registry, args: argparse.Namespace) -> int:
@@ -175,29 +175,24 @@ def _cmd_promote(reg: Registry, args: argparse.Namespace) -> int:
     differ = reg.class_names_differ(args.version, reg.production()) if args.force else None
     if differ:
         print(f"warning: {printable(differ)}; promoting anyway (--force)", file=sys.stderr)
-    pointer = reg.promote(args.version, args.reason, force=args.force)
-    print(f"{reg.model_name}: production is now {pointer['version']} (was {pointer['events'][-1]['from']})")
+    entry = reg.promote(args.version, args.reason, force=args.force)
+    print(f"{reg.model_name}: production is now {entry['version']} (was {entry['from']})")
     return 0
 
 
 def _cmd_rollback(reg: Registry, args: argparse.Namespace) -> int:
-    pointer = reg.rollback(args.reason)
-    print(f"{reg.model_name}: rolled back production to {pointer['version']} (was {pointer['events'][-1]['from']})")
+    entry = reg.rollback(args.reason)
+    print(f"{reg.model_name}: rolled back production to {entry['version']} (was {entry['from']})")
     return 0
 
 
 def _cmd_repair(reg: Registry, args: argparse.Namespace) -> int:
-    pointer = reg.repair(args.version)
-    if pointer is None:
+    cache = reg.repair()
+    if cache is None:
         print(f"{reg.model_name}: nothing to repair; production is {reg.production()}")
         return 0
-    event = pointer["events"][-1]
-    print(f"{reg.model_name}: rebuilt {reg.url('production')}: production is {pointer['version']}, "
-          f"rollback stack {pointer['previous'] or '(empty)'}; {event['reason']}")
-    if event["damaged_copy"]:
-        print(f"the damaged pointer was kept as {event['damaged_copy']}")
-    print("manual promotes and rollbacks are in no version's record: check `registry list` and "
-          "`registry promote` the right version if production should be another one")
+    print(f"{reg.model_name}: rewrote {reg.url('production')} from the production log: production is "
+          f"{cache['version']} (entry {cache['seq']}), rollback stack {cache['previous'] or '(empty)'}")
     return 0
 
 
@@ -230,9 +225,7 @@ def build_parser() -> argparse.ArgumentParser:
     rollback.add_argument("--reason", default="manual rollback")
     verify = sub.add_parser("verify", help="recompute hashes and check lineage (default: production)")
     verify.add_argument("version", nargs="?")
-    repair = sub.add_parser("repair", help="rebuild a missing or damaged production pointer from the versions' "
-                            "decision records")
-    repair.add_argument("--version", help="make this version production instead of the newest promoted one")
+    sub.add_parser("repair", help="rewrite the production file (a cache for outside readers) from the production log")
     publish = sub.add_parser("publish", help="publish the current artifacts through the gate (what the flow does)")
     publish.add_argument("--flow-run-id", default=None)
     return parser

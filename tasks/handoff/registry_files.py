@@ -1,14 +1,18 @@
-"""Writing one registry version all-or-nothing, on a local disk or an object store.
+"""Writing registry files all-or-nothing, on a local disk or an object store.
 
-Local disk: the files go into a hidden `.tmp-*` folder beside the versions, each
-fsynced, then the folder is renamed into place (rename(2) of a directory is
+A version, local disk: the files go into a hidden `.tmp-*` folder beside the versions,
+each fsynced, then the folder is renamed into place (rename(2) of a directory is
 atomic). Object stores have no rename: the files are written under their final
 names and `COMPLETE` (the manifest of every file's sha256) is written last.
 Either way a reader that looks for COMPLETE never sees a half-written version.
+
+A production log entry, local disk: a temp file, fsynced, hard-linked to its name
+(`link_new`): it appears whole or not at all, and never replaces another entry.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import time
@@ -19,8 +23,9 @@ from typing import Any
 
 MARKER = "COMPLETE"
 STALE_TMP_S = 3600   # a temp folder this old has no writer left: a killed publish's leftovers
-# Test hook: called with a stage name ("version_files_written", "version_committed") so a
-# test can kill the process or raise exactly there and prove a crash leaves no half state.
+# Test hook: called with a stage name ("version_files_written", "version_committed",
+# "production_log_write", "production_logged") so a test can kill the process or raise
+# exactly there and prove a crash leaves no half state.
 CRASH_HOOK: Callable[[str], None] | None = None
 
 
@@ -56,11 +61,34 @@ def write_object_store(fs: Any, version_dir: str, files: dict[str, bytes], marke
     crash_point("version_committed")
 
 
-def sweep_stale_tmp(model_dir: Path, max_age_s: float = STALE_TMP_S) -> None:
-    """Remove temp folders a killed writer left behind (old enough that no writer still owns them)."""
-    for tmp in model_dir.glob(".tmp-*"):
-        if time.time() - tmp.stat().st_mtime > max_age_s:
-            shutil.rmtree(tmp, ignore_errors=True)
+def link_new(path: Path, data: bytes) -> bool:
+    """Create `path` holding `data`, whole or not at all; False (and nothing written) if it exists already.
+
+    link(2) fails when the name exists, so two writers racing for the same name cannot both win.
+    """
+    path.parent.mkdir(parents=True, exist_ok=True)
+    sweep_stale_tmp(path.parent)
+    tmp = path.with_name(f".tmp-{path.name}-{uuid.uuid4().hex[:8]}")
+    write_synced(tmp, data)
+    try:
+        os.link(tmp, path)
+    except FileExistsError:
+        return False
+    finally:
+        tmp.unlink(missing_ok=True)
+    sync_dir(path.parent)
+    return True
+
+
+def sweep_stale_tmp(folder: Path, max_age_s: float = STALE_TMP_S) -> None:
+    """Remove temp files and folders a killed writer left behind (old enough that no writer still owns them)."""
+    for tmp in folder.glob(".tmp-*"):
+        with contextlib.suppress(FileNotFoundError):  # its writer finished with it meanwhile
+            if time.time() - tmp.lstat().st_mtime > max_age_s:
+                if tmp.is_dir():
+                    shutil.rmtree(tmp, ignore_errors=True)
+                else:
+                    tmp.unlink()
 
 
 def write_synced(path: Path, data: bytes) -> None:
@@ -68,3 +96,12 @@ def write_synced(path: Path, data: bytes) -> None:
         handle.write(data)
         handle.flush()
         os.fsync(handle.fileno())
+
+
+def sync_dir(folder: Path) -> None:
+    """Make a new name in `folder` durable (it survives a power loss, not only a crash)."""
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

@@ -1,21 +1,33 @@
-"""The production pointer of a registry: read strictly, changed by one writer at a time, rebuilt when lost.
+"""Production: an append-only log of moves whose newest complete entry *is* production.
 
-`<registry>/<name>/production` is one small JSON object: the current version, the
-rollback stack (`previous`, oldest first) and the event log. Every change (promote,
-rollback, repair, a gated publish) is a read-modify-write, made safe per store:
+    <registry>/<name>/production-log/0000000001.json, 0000000002.json, ...
 
-- a local directory: an exclusive `fcntl` lock on `production.lock` beside the pointer is
-  held from the read to the `os.replace` of the new pointer, so concurrent commands and
-  publishes queue up and none loses another's change;
-- S3 (s3fs): a conditional PUT, `If-Match` the ETag that was read (`If-None-Match: *`
-  when creating it); a writer that lost the race reads again and retries. This needs a
-  store that honours conditional writes (AWS S3 does since 2024, as does moto; some
-  S3-compatible servers ignore them, and then two racing writers can still lose one change);
-- any other fsspec store: no guarantee; the retrain flow's one-run-at-a-time lock
-  serialises its publishes, and manual promotes must not race each other.
+Every move (a gated publish, `promote`, `rollback`, the migration of an older registry) is
+one entry: the version it made production, the one it replaced (`from`), the rollback stack
+after the move (`previous`, oldest first), the action, reason and time. Nothing else says
+which version is production: not a version's decision record, not the `production` file.
 
-A pointer that is not valid JSON, or does not have the expected shape, is never
-overwritten by a normal move: the error names it and `registry repair` rebuilds it.
+Moving production is one atomic step: creating entry n+1 after reading entry n.
+- local disk: the entry is written to a temp file, fsynced and hard-linked to its name
+  (`registry_files.link_new`): it appears whole or not at all, and link(2) fails if the name exists;
+- S3 (s3fs): one PUT with `If-None-Match: *`. AWS S3 and moto honour it; an S3-compatible
+  server that ignores it lets two racing writers overwrite each other's entry;
+- any other fsspec store: exists-then-write, no guarantee against racing writers (the retrain
+  flow's one-run-at-a-time lock serialises its publishes; manual promotes must not race).
+A writer that finds n+1 taken reads the log again and decides again (so a gate decision made
+against entry n's production is refused); every lost race means another writer won, so no
+writer waits. An entry that cannot be written leaves production where it was.
+
+`<registry>/<name>/production` is a cache of the newest entry for people and outside readers
+(version, rollback stack, entry number). Every move rewrites it, one writer at a time (an
+`fcntl` lock locally, a conditional PUT on S3, always from the log's newest entry, so an
+older move never overwrites a newer one); `registry repair` rewrites it after a crash.
+
+Migration: a registry written before the log has a `production` pointer (version, rollback
+stack, events) and maybe `promotions/` records (one per move). The first reader that finds
+the log empty writes the pointer's state as entry 1, its events kept as `history` (or, the
+pointer lost, the version of the last record); entry 1 is created exclusively, so
+concurrent first readers migrate once.
 """
 
 from __future__ import annotations
@@ -24,20 +36,27 @@ import contextlib
 import datetime as dt
 import fcntl
 import json
-import random
+import logging
 import re
-import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+from fsspec.implementations.local import LocalFileSystem
+
+from tasks.handoff.registry_files import crash_point, link_new
 from tasks.lib.io import StorageError, atomic_write_bytes, explained_storage_errors
 
-POINTER = "production"
+LOG = "production-log"
+CACHE = "production"
 LOCK = "production.lock"
+OLD_RECORDS = "promotions"   # written before the log: one record per move, read once to migrate
+ENTRY_RE = re.compile(r"^(\d{10})\.json$")
 VERSION_RE = re.compile(r"^\d{8}T\d{6}\.\d{3}Z-[0-9a-f]{8}$")
-CAS_ATTEMPTS = 50
-REPAIR_HINT = "run `registry repair` to rebuild it from the versions' own decision records"
+ATTEMPTS = 50   # each failed try means another writer moved production: far more than racing writers
+REPAIR_HINT = "`registry repair` rewrites it from the production log"
+
+log = logging.getLogger("registry")
 
 
 class RegistryError(RuntimeError):
@@ -48,133 +67,279 @@ def utcnow() -> str:
     return dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
 
 
-def parse_pointer(data: bytes, url: str) -> dict[str, Any]:
-    """The pointer's content, checked; RegistryError naming the file and the repair command otherwise."""
-    try:
-        pointer = json.loads(data)
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise RegistryError(f"{url}: the production pointer is not valid JSON ({err}); {REPAIR_HINT}") from None
-    problem = _shape_problem(pointer)
-    if problem:
-        raise RegistryError(f"{url}: the production pointer is damaged ({problem}); {REPAIR_HINT}")
-    return pointer
+def encode(obj: dict[str, Any]) -> bytes:
+    return (json.dumps(obj, indent=2, sort_keys=True) + "\n").encode()
 
 
-def _shape_problem(pointer: Any) -> str | None:
-    if not isinstance(pointer, dict):
-        return f"a JSON {type(pointer).__name__}, not an object"
-    if not isinstance(pointer.get("version"), str) or not VERSION_RE.match(pointer["version"]):
-        return f"version {pointer.get('version')!r} is not a version id"
-    previous = pointer.get("previous")
-    if not isinstance(previous, list) or not all(isinstance(v, str) and VERSION_RE.match(v) for v in previous):
-        return "previous is not a list of version ids"
-    if not isinstance(pointer.get("events"), list):
-        return "events is not a list"
-    return None
+class ProductionLog:
+    """The production log of one model name, and its `production` cache."""
 
-
-def encode(pointer: dict[str, Any]) -> bytes:
-    return (json.dumps(pointer, indent=2, sort_keys=True) + "\n").encode()
-
-
-class PointerFile:
-    """The pointer object of one model name and how to change it safely on its store."""
-
-    def __init__(self, fs: Any, path: str, url: str, local: bool):
-        self.fs, self.path, self.url, self.local = fs, path, url, local
+    def __init__(self, fs: Any, root: str, url: str, model: str):
+        self.fs, self.root, self.model = fs, root, model
+        self.url, self.cache_url = f"{url}/{LOG}", f"{url}/{CACHE}"
+        self.local = isinstance(fs, LocalFileSystem)
         self.s3 = "s3" in (fs.protocol if isinstance(fs.protocol, tuple) else (fs.protocol,))
 
-    def read(self) -> bytes | None:
-        """The pointer's bytes, or None when there is none."""
+    # ----------------------------------------------------------------- reading
+
+    def head(self) -> dict[str, Any] | None:
+        """Production's entry: the newest complete one; None when production never moved."""
+        return self._head(self._listing())
+
+    def read(self) -> tuple[list[dict[str, Any]], list[str]]:
+        """Every complete entry, oldest first, and what is wrong with the others (named by URL)."""
+        entries, problems = [], []
+        for seq, path in self._listing():
+            entry, problem = self._read(seq, path)
+            if entry:
+                entries.append(entry)
+            else:
+                problems.append(problem)
+        return entries, problems
+
+    def _head(self, listing: list[tuple[int, str]]) -> dict[str, Any] | None:
+        for seq, path in reversed(listing):
+            entry, _ = self._read(seq, path)
+            if entry:
+                return entry
+        if listing:
+            raise RegistryError(f"{self.url}: no entry of the production log can be read, so which version is "
+                                "production is unknown; restore the entries from a backup (`registry list` names them)")
+        return None
+
+    def _listing(self) -> list[tuple[int, str]]:
+        """(number, path) of every entry, oldest first; an older registry is migrated first."""
         self.fs.invalidate_cache()
         try:
-            return self.fs.cat_file(self.path)
+            paths = self.fs.ls(self._path(LOG), detail=False)
         except FileNotFoundError:
+            paths = []
+        listing = sorted((int(m[1]), p) for p in paths if (m := ENTRY_RE.match(p.rstrip("/").rsplit("/", 1)[-1])))
+        if not listing and self._migrate():
+            return self._listing()
+        return listing
+
+    def _read(self, seq: int, path: str) -> tuple[dict[str, Any] | None, str]:
+        url = f"{self.url}/{seq:010d}.json"
+        try:
+            entry = json.loads(self.fs.cat_file(path))
+        except (OSError, ValueError) as err:
+            return None, f"{url}: damaged ({type(err).__name__}), not counted; restore it from a backup"
+        problem = _entry_problem(entry, seq)
+        return (None, f"{url}: damaged ({problem}), not counted; restore it from a backup") if problem else (entry, "")
+
+    def _path(self, *parts: str) -> str:
+        return "/".join([self.root, *parts])
+
+    # ----------------------------------------------------------------- moving production
+
+    def append(self, change: Callable[[dict[str, Any] | None], dict[str, Any] | None]) -> dict[str, Any] | None:
+        """Apply `change` (production's entry or None -> the next entry, or None for no move) as one atomic step."""
+        for _ in range(ATTEMPTS):
+            listing = self._listing()
+            entry = change(self._head(listing))
+            if entry is None:
+                return None
+            seq = listing[-1][0] + 1 if listing else 1
+            entry = {"seq": seq, "at": utcnow(), **entry}
+            if self.create(seq, entry):
+                crash_point("production_logged")
+                self._refresh_cache_or_warn()
+                return entry
+        raise RegistryError(f"{self.url}: {ATTEMPTS} other writers moved production while this one tried; try again")
+
+    def create(self, seq: int, entry: dict[str, Any]) -> bool:
+        """Write entry `seq` unless it exists (False); RegistryError saying production did not move if it fails."""
+        name = f"{seq:010d}.json"
+        path, data = self._path(LOG, name), encode(entry)
+        try:
+            with explained_storage_errors(f"{self.url}/{name}"):
+                crash_point("production_log_write")
+                if self.local:
+                    return link_new(Path(path), data)
+                if not self.s3 and self.fs.exists(path):
+                    return False
+                self.fs.pipe_file(path, data, **({"mode": "create"} if self.s3 else {}))
+                return True
+        except OSError as err:
+            if _lost_race(err):
+                return False
+            raise RegistryError(f"{_named(err, f'{self.url}/{name}')}; production was not moved") from None
+
+    # ----------------------------------------------------------------- the `production` cache
+
+    def cache_of(self, head: dict[str, Any]) -> bytes:
+        return encode({"model": self.model, "version": head["version"], "seq": head["seq"],
+                       "updated_at": head["at"], "reason": head["reason"], "previous": head["previous"]})
+
+    def cache_problem(self) -> str | None:
+        head = self.head()
+        if head is None or self._read_cache() == self.cache_of(head):
+            return None
+        return f"{self.cache_url}: does not say what the production log says (production is {head['version']}); " \
+            + REPAIR_HINT
+
+    def refresh_cache(self) -> bytes | None:
+        """Rewrite the `production` file from the newest entry; its new bytes, or None if it said that already."""
+
+        if self.head() is None:   # nothing to cache; also migrates an older registry, before the lock is taken
             return None
 
-    def update(self, change: Callable[[bytes | None], dict[str, Any] | None]) -> dict[str, Any] | None:
-        """Apply `change` (current bytes -> new pointer, or None for no change) as one atomic step."""
-        if self.local:
-            with self._locked():
-                return self._apply(change, self.read())
-        if self.s3:
-            return self._update_s3(change)
-        return self._apply(change, self.read())  # no guarantee on this store: see the module docstring
+        def wanted(cached: bytes | None) -> bytes | None:
+            head = self.head()   # read after the cache: the last writer writes the newest entry
+            new = self.cache_of(head) if head else None
+            return None if new == cached else new
 
-    def _apply(self, change: Callable[[bytes | None], dict[str, Any] | None], raw: bytes | None) -> dict[str, Any] | None:
-        new = change(raw)
-        if new is not None:
-            self.write(encode(new))
-        return new
-
-    def write(self, data: bytes, **conditions: Any) -> None:
         try:
-            if self.local:
-                atomic_write_bytes(Path(self.path), data)  # temp file + os.replace: old or new, never torn
-            else:
-                with explained_storage_errors(self.url):
-                    self.fs.pipe_file(self.path, data, **conditions)  # one PUT: readers see the old or the new
-        except StorageError as err:
-            raise RegistryError(str(err)) from None
+            with explained_storage_errors(self.cache_url):
+                if self.local:
+                    with self._locked():
+                        if (new := wanted(self._read_cache())) is not None:
+                            atomic_write_bytes(Path(self._path(CACHE)), new)
+                        return new
+                return self._refresh_object(wanted)
+        except OSError as err:
+            raise RegistryError(_named(err, self.cache_url)) from None
 
-    @contextlib.contextmanager
-    def _locked(self) -> Iterator[None]:
-        lock_path = Path(self.path).with_name(LOCK)
-        try:
-            with explained_storage_errors(lock_path):
-                lock_path.parent.mkdir(parents=True, exist_ok=True)
-                handle = open(lock_path, "a+")  # noqa: SIM115 - held open for the lock's lifetime
-        except StorageError as err:
-            raise RegistryError(str(err)) from None
-        with handle:
-            fcntl.flock(handle, fcntl.LOCK_EX)  # released when the handle closes, also if the process dies
-            yield
-
-    def _update_s3(self, change: Callable[[bytes | None], dict[str, Any] | None]) -> dict[str, Any] | None:
-        for attempt in range(CAS_ATTEMPTS):
-            self.fs.invalidate_cache()
-            # ETag first, then the bytes: if a write lands in between, the PUT below fails and we retry,
-            # where the other order could overwrite the newer pointer with a change based on the older one.
-            etag = self._etag()
-            raw = self.read()
-            new = change(raw)
+    def _refresh_object(self, wanted: Callable[[bytes | None], bytes | None]) -> bytes | None:
+        for _ in range(ATTEMPTS):
+            etag = self._etag() if self.s3 else None   # before the bytes: a write in between fails the PUT
+            new = wanted(self._read_cache())
             if new is None:
                 return None
-            condition = {"IfMatch": etag} if etag is not None else {"mode": "create"}
+            condition = ({"IfMatch": etag} if etag else {"mode": "create"}) if self.s3 else {}
             try:
-                self.fs.pipe_file(self.path, encode(new), **condition)
+                self.fs.pipe_file(self._path(CACHE), new, **condition)
                 return new
-            except (FileExistsError, OSError) as err:
+            except OSError as err:
                 if not _lost_race(err):
                     raise
-            time.sleep(random.uniform(0.01, 0.05) * (attempt + 1))
-        raise RegistryError(f"{self.url}: {CAS_ATTEMPTS} other writers changed the pointer while this one tried; "
-                            "try again")
+        raise RegistryError(f"{self.cache_url}: {ATTEMPTS} other writers rewrote it while this one tried; "
+                            "run `registry repair`")
+
+    def _refresh_cache_or_warn(self) -> None:
+        """After a move: production moved and is recorded whatever happens here, so a failure only warns."""
+        try:
+            self.refresh_cache()
+        except RegistryError as err:
+            log.warning("production moved and is recorded in %s, but %s; %s", self.url, err, REPAIR_HINT)
+
+    def _read_cache(self) -> bytes | None:
+        self.fs.invalidate_cache()
+        try:
+            return self.fs.cat_file(self._path(CACHE))
+        except FileNotFoundError:
+            return None
 
     def _etag(self) -> str | None:
         try:
-            return self.fs.info(self.path).get("ETag")
+            return self.fs.info(self._path(CACHE)).get("ETag")
         except FileNotFoundError:
             return None
 
-    def keep_damaged_copy(self, raw: bytes) -> str:
-        """Set a damaged pointer's bytes aside (`production.damaged-<time>`) before it is replaced; returns its URL."""
-        stamp = dt.datetime.now(dt.UTC).strftime("%Y%m%dT%H%M%S.%fZ")
-        name = f"{POINTER}.damaged-{stamp}"
-        path, url = self.path.rsplit("/", 1)[0] + "/" + name, self.url.rsplit("/", 1)[0] + "/" + name
+    @contextlib.contextmanager
+    def _locked(self) -> Iterator[None]:
+        lock_path = Path(self._path(LOCK))
+        lock_path.parent.mkdir(parents=True, exist_ok=True)
+        with open(lock_path, "a+") as handle:
+            fcntl.flock(handle, fcntl.LOCK_EX)  # released when the handle closes, also if the process dies
+            yield
+
+    # ----------------------------------------------------------------- migration
+
+    def _migrate(self) -> bool:
+        """Write entry 1 from an older registry's pointer or records; False when there is nothing to migrate."""
+        entry = self._old_state()
+        if entry is None:
+            return False
         try:
-            with explained_storage_errors(url):
-                if self.local:
-                    atomic_write_bytes(Path(path), raw)
-                else:
-                    self.fs.pipe_file(path, raw)
-        except StorageError as err:
-            raise RegistryError(str(err)) from None
-        return url
+            created = self.create(1, entry)
+        except RegistryError as err:
+            raise RegistryError(f"this registry was written before the production log and is migrated by the "
+                                f"first command that can write to it: {err}") from None
+        if created:
+            self._refresh_cache_or_warn()
+        return True
+
+    def _old_state(self) -> dict[str, Any] | None:
+        raw = self._read_cache()
+        pointer, problem = _old_pointer(raw)
+        records = self._old_records()
+        if pointer:
+            version, previous, history = pointer["version"], pointer["previous"], pointer.get("events", [])
+            source = self.cache_url
+        elif records:
+            version, history = records[-1]["version"], records
+            earlier = [r["version"] for r in records[:-1] if r["version"] != version]
+            previous = list(reversed(dict.fromkeys(reversed(earlier))))   # each once, where it was last
+            source = f"the last of {len(records)} records in {self.cache_url.rsplit('/', 1)[0]}/{OLD_RECORDS}"
+        elif raw is not None:
+            raise RegistryError(f"{self.cache_url}: the production pointer {problem}, and no production log or "
+                                "promotion record says which version is production; fix the file, or delete it and "
+                                "`registry promote VERSION`")
+        else:
+            return None
+        return {"seq": 1, "at": utcnow(), "action": "migrate", "from": None, "version": version,
+                "previous": previous, "reason": f"migrated from {source}", "history": history}
+
+    def _old_records(self) -> list[dict[str, Any]]:
+        """The `promotions/` records, oldest first (their names sort by time); damaged ones add nothing."""
+        try:
+            paths = sorted(self.fs.ls(self._path(OLD_RECORDS), detail=False))
+        except FileNotFoundError:
+            return []
+        records = []
+        for path in paths:
+            try:
+                record = json.loads(self.fs.cat_file(path))
+            except (OSError, ValueError):
+                continue
+            if isinstance(record, dict) and _is_version(record.get("version")):
+                records.append(record)
+        return records
+
+
+def _old_pointer(raw: bytes | None) -> tuple[dict[str, Any] | None, str]:
+    """An older registry's pointer (or a cache) when it is usable, else why not."""
+    if raw is None:
+        return None, "is missing"
+    try:
+        pointer = json.loads(raw)
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        return None, "is not valid JSON"
+    if not isinstance(pointer, dict) or not _is_version(pointer.get("version")) or not _versions(pointer.get("previous")):
+        return None, "is damaged (no version id and rollback stack)"
+    return pointer, ""
+
+
+def _entry_problem(entry: Any, seq: int) -> str | None:
+    if not isinstance(entry, dict):
+        return f"a JSON {type(entry).__name__}, not an object"
+    if entry.get("seq") != seq:
+        return f"seq {entry.get('seq')!r} is not its number {seq}"
+    if not _is_version(entry.get("version")) or not (entry.get("from") is None or _is_version(entry["from"])):
+        return "version or from is not a version id"
+    if not _versions(entry.get("previous")):
+        return "previous is not a list of version ids"
+    if not isinstance(entry.get("action"), str) or not isinstance(entry.get("reason"), str):
+        return "action or reason is not text"
+    return None
+
+
+def _is_version(value: Any) -> bool:
+    return isinstance(value, str) and VERSION_RE.match(value) is not None
+
+
+def _versions(value: Any) -> bool:
+    return isinstance(value, list) and all(_is_version(v) for v in value)
+
+
+def _named(err: OSError, url: str) -> str:
+    return str(err) if isinstance(err, StorageError) else f"{url}: {err}"   # a StorageError names its path
 
 
 def _lost_race(err: BaseException | None) -> bool:
-    """A conditional PUT refused because another writer changed the pointer first (HTTP 412).
+    """A create or conditional PUT refused because another writer got there first (HTTP 412).
 
     s3fs turns it into FileExistsError (If-None-Match) or a plain OSError(EINVAL) whose cause
     is botocore's ClientError with the code PreconditionFailed.
@@ -185,14 +350,3 @@ def _lost_race(err: BaseException | None) -> bool:
             return True
         err = err.__cause__ or err.__context__
     return False
-
-
-def rebuilt_pointer(model: str, target: str, promoted: list[str], reason: str,
-                    damaged_copy: str | None) -> dict[str, Any]:
-    """A pointer rebuilt from the versions' records: `target` is production, the rollback stack holds the
-    other versions the gate promoted (oldest first), and the event log starts again with this repair."""
-    event = {"at": utcnow(), "action": "repair", "from": None, "to": target, "reason": reason,
-             "rebuilt_from": promoted, "damaged_copy": damaged_copy}
-    previous = [v for v in promoted if v != target and v < target]
-    return {"model": model, "version": target, "updated_at": event["at"], "reason": reason,
-            "previous": previous, "events": [event]}

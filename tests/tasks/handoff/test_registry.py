@@ -1,4 +1,4 @@
-"""The registry: all-or-nothing versions, an always-readable pointer, promote/rollback/verify, the CLI, and S3."""
+"""The registry: all-or-nothing versions, production always readable, promote/rollback/verify, the CLI, and S3."""
 
 from __future__ import annotations
 
@@ -79,10 +79,11 @@ def test_promote_rollback_and_their_history(project):
     with pytest.raises(RegistryError, match="no earlier production version"):
         reg.rollback()
     events = reg.pointer()["events"]
-    assert [(e["action"], e["from"], e["to"]) for e in events] == [
+    assert [(e["action"], e["from"], e["version"]) for e in events] == [
         ("promote", None, v1), ("promote", v1, v2), ("promote", v2, v3), ("rollback", v3, v2), ("rollback", v2, v1)]
     assert events[-1]["reason"] == "bad week"
-    assert reg.promote(v1, "again")["events"] == events  # already production: nothing changes
+    assert reg.promote(v1, "again")["seq"] == events[-1]["seq"]  # already production: nothing changes
+    assert reg.pointer()["events"] == events
     with pytest.raises(RegistryError, match="no such complete version"):
         reg.promote("20990101T000000.000Z-deadbeef", "typo")
 
@@ -122,18 +123,19 @@ def test_a_version_without_complete_lineage_cannot_be_promoted(tmp_path: Path):
     assert reg.pointer() is None
 
 
-def test_the_pointer_is_always_readable_while_it_moves(project):
+def test_production_and_its_file_are_always_readable_while_it_moves(project):
     root, params = project
     v1 = publish(root, params, "v1", 0.80)
     v2 = publish(root, params, "v2", 0.90)
-    reg = open_registry(params, root)
+    reg, watcher = open_registry(params, root), open_registry(params, root)
     pointer_file = root / "registry" / params.project.name / "production"
-    seen: set[str] = set()
+    seen: set[str | None] = set()
     stop = threading.Event()
 
     def read_forever() -> None:
         while not stop.is_set():
             seen.add(json.loads(pointer_file.read_text())["version"])  # raises on a torn or missing file
+            seen.add(watcher.production())
 
     reader = threading.Thread(target=read_forever)
     reader.start()
