@@ -17,6 +17,9 @@ Two tables in one SQLite file (`prepare.cache_dir/checks.sqlite`):
 SQLite gives atomic commits (a crash loses at most the batch in flight),
 concurrent readers (WAL) and a lock between concurrent writers. The cache is
 never a DVC output and can be deleted at any time: the next run rebuilds it.
+It is optional: when it cannot be opened or written (a full disk, an I/O
+error, a damaged or read-only file), the run warns once, naming the file,
+and goes on without it (every file is read and checked, as on a first run).
 
 Bounded: after a successful run, `files` rows of that data folder that the
 run did not see are deleted, rows of data folders that no longer exist are
@@ -26,11 +29,15 @@ cache holds the images present in existing data folders, nothing more.
 
 from __future__ import annotations
 
+import functools
+import logging
 import os
+import shutil
 import sqlite3
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, TypeVar
 
 import PIL
 
@@ -40,6 +47,15 @@ from tasks.lib.images import ImageLimits
 CHECK_VERSION = 1
 RACY_SECONDS = 2.0
 LOOKUP_BATCH = 500       # SQLite's default limit on host parameters is 32766; keep queries small
+
+log = logging.getLogger(__name__)
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def _cache_failure(err: BaseException) -> bool:
+    """A problem of the cache's file or disk (full, I/O error, read-only, locked too long, damaged), not a bug
+    (a ProgrammingError or IntegrityError stays one)."""
+    return isinstance(err, (OSError, sqlite3.OperationalError)) or type(err) is sqlite3.DatabaseError
 
 
 @dataclass(frozen=True, slots=True)
@@ -82,17 +98,48 @@ def _unsigned(value: int | None) -> int | None:
     return None if value is None else value + (1 << 64) if value < 0 else value
 
 
+def _disk_full(folder: Path) -> bool:
+    try:
+        return shutil.disk_usage(folder).free < 2**20
+    except OSError:
+        return False
+
+
+def _or_without_cache(empty: Callable[[], Any]) -> Callable[[F], F]:
+    """A CheckStore method that answers empty() once the cache is unusable, or when it fails now."""
+    def wrap(method: F) -> F:
+        @functools.wraps(method)
+        def run(self: CheckStore, *args: Any) -> Any:
+            if not self.usable:
+                return empty()
+            try:
+                return method(self, *args)
+            except (OSError, sqlite3.Error) as err:
+                if not _cache_failure(err):
+                    raise
+                self._give_up(err)
+                return empty()
+        return run  # type: ignore[return-value]
+    return wrap
+
+
 class CheckStore:
     """The cache of one data folder (root) under given limits; use as a context manager."""
 
     def __init__(self, cache_dir: Path | str, root: Path | str, limits: ImageLimits) -> None:
-        Path(cache_dir).mkdir(parents=True, exist_ok=True)
         self.root = str(Path(os.path.realpath(root)))
         self.settings = settings_key(limits)
         self.path = (Path(cache_dir) / "checks.sqlite").absolute()
+        self.db: sqlite3.Connection | None = None
+        self.usable = True
+        self._open()
+
+    @_or_without_cache(lambda: None)
+    def _open(self) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
         self.db = sqlite3.connect(self.path, timeout=60, isolation_level=None)
         self.db.execute("PRAGMA journal_mode=WAL")
-        self.db.execute("PRAGMA synchronous=NORMAL")   # WAL + NORMAL: a power cut loses the last commits, never the file
+        self.db.execute("PRAGMA synchronous=NORMAL")   # with WAL: a power cut loses the last commits, never the file
         self.db.executescript("""
             CREATE TABLE IF NOT EXISTS files (root TEXT, path TEXT, dev INT, ino INT, size INT, mtime_ns INT,
                 ctime_ns INT, read_ns INT, sha256 TEXT, PRIMARY KEY (root, path)) WITHOUT ROWID;
@@ -105,9 +152,27 @@ class CheckStore:
         return self
 
     def __exit__(self, *exc: object) -> None:
-        self.db.close()
+        if self.db is not None:
+            self.db.close()
+
+    def _give_up(self, err: BaseException) -> None:
+        """Warn once and run on without the cache: it only saves work, so it must never stop the stage."""
+        reason = err.strerror if isinstance(err, OSError) and err.strerror else str(err)
+        if _disk_full(self.path.parent):   # SQLite says "disk I/O error" when its -shm file cannot grow
+            reason += ", no space left on its disk"
+        log.warning("prepare's check cache %s cannot be used (%s); going on without it: every image is read "
+                    "and checked this run. Free space there or delete the file; the next run rebuilds it.",
+                    self.path, reason)
+        self.usable = False
+        if self.db is not None:
+            try:
+                self.db.close()   # rolls back a transaction left open by the failure
+            except sqlite3.Error:
+                pass
+        self.db = None
 
     # ---- reading
+    @_or_without_cache(dict)
     def hashes(self, items: Sequence[tuple[str, Signature]]) -> dict[str, str]:
         """path -> sha256 for the files whose recorded signature still matches; marks every path as seen."""
         found: dict[str, str] = {}
@@ -124,6 +189,7 @@ class CheckStore:
                         found[path] = sha
         return found
 
+    @_or_without_cache(dict)
     def checks(self, hashes: Iterable[str]) -> dict[str, CheckResult]:
         """sha256 -> the stored check under these settings."""
         wanted = sorted(set(hashes))
@@ -136,6 +202,7 @@ class CheckStore:
         return found
 
     # ---- writing
+    @_or_without_cache(lambda: None)
     def record(self, results: Iterable[tuple[str, Signature, int, str, CheckResult]]) -> None:
         """Store (path, signature, time it was read, sha256, check) of freshly read files, in one transaction."""
         rows = list(results)
@@ -146,6 +213,7 @@ class CheckStore:
             self.db.executemany("INSERT OR REPLACE INTO checks VALUES (?, ?, ?, ?, ?)", [
                 (sha, self.settings, check.reason, check.detail, _signed(check.dhash)) for *_, sha, check in rows])
 
+    @_or_without_cache(lambda: None)
     def prune(self) -> None:
         """Forget files this run did not see, data folders that are gone and checks nothing refers to."""
         with self.transaction():
@@ -155,7 +223,7 @@ class CheckStore:
             self.db.execute("DELETE FROM checks WHERE sha256 NOT IN (SELECT sha256 FROM files)")
             self.db.execute("DELETE FROM seen")
 
-    def transaction(self) -> sqlite3.Connection:
+    def transaction(self) -> _Transaction:
         """`with store.transaction():` one atomic write (BEGIN IMMEDIATE takes the write lock up front)."""
         return _Transaction(self.db)
 
@@ -163,12 +231,17 @@ class CheckStore:
 def lookup_check(db_path: Path, sha256: str, settings: str) -> CheckResult | None:
     """A worker's read-only look-up of one content hash (a connection per process, opened once)."""
     global _READER
-    if _READER is None or _READER[0] != db_path:
-        if not db_path.exists():
-            return None
-        _READER = (db_path, sqlite3.connect(f"{db_path.as_uri()}?mode=ro", uri=True, timeout=60))
-    row = _READER[1].execute("SELECT reason, detail, dhash FROM checks WHERE sha256 = ? AND settings = ?",
-                             (sha256, settings)).fetchone()
+    try:
+        if _READER is None or _READER[0] != db_path:
+            if not db_path.exists():
+                return None
+            _READER = (db_path, sqlite3.connect(f"{db_path.as_uri()}?mode=ro", uri=True, timeout=60))
+        row = _READER[1].execute("SELECT reason, detail, dhash FROM checks WHERE sha256 = ? AND settings = ?",
+                                 (sha256, settings)).fetchone()
+    except sqlite3.Error as err:
+        if not _cache_failure(err):
+            raise
+        return None   # an unusable cache is a miss: the file is checked (the main process warns about it)
     return None if row is None else CheckResult(row[0], row[1], _unsigned(row[2]))
 
 
@@ -184,4 +257,7 @@ class _Transaction:
         return self.db
 
     def __exit__(self, exc_type: object, *rest: object) -> None:
-        self.db.execute("ROLLBACK" if exc_type else "COMMIT")
+        if exc_type is None:
+            self.db.execute("COMMIT")
+        elif self.db.in_transaction:   # SQLite has rolled back already after some errors (a full disk)
+            self.db.execute("ROLLBACK")
