@@ -19,6 +19,10 @@ from tasks.lib.io import SPLITS
 
 # Markdown that could make a value a link, code, or a new table cell; HTML is escaped as entities.
 _MARKDOWN_ACTIVE = re.compile(r"([\\`\[\]|])")
+# What opens a block when a value starts a line (the first class name does): a heading, quote, setext
+# underline, fence or rule (# > = ~ _), a bullet or rule (- + * before a space, the end or another marker),
+# an ordered list (1. 1) before a space or the end). Leading spaces (indented code) become entities first.
+_BLOCK_MARKER = re.compile(r"^(?:[#>=~_]|[-+*](?=[\s\-+*]|$)|\d{1,9}[.)](?=\s|$))")
 
 # Ten lines that call the model with onnxruntime, numpy and Pillow only. The preprocessing
 # comes from the ONNX metadata, so this stays right whatever size or normalisation the
@@ -202,9 +206,12 @@ def _table(header: list[str], rows: list[list[str]]) -> list[str]:
 
 
 def _md(value: object) -> str:
-    """A value from data as inert Markdown on one line: control characters and newlines shown as escapes,
-    HTML as entities, and the characters that make links, code or table cells backslash-escaped."""
-    return _MARKDOWN_ACTIVE.sub(r"\\\1", html.escape(printable(value, one_line=True), quote=False))
+    """A value from data as inert Markdown on one line, wherever it sits: control characters and newlines shown
+    as escapes, HTML as entities, the characters that make links, code or table cells backslash-escaped, and
+    so is a block marker at its start (a class named `# x` must not become a heading of the card)."""
+    text = _MARKDOWN_ACTIVE.sub(r"\\\1", html.escape(printable(value, one_line=True), quote=False))
+    text = re.sub(r"^ +", lambda spaces: "&#32;" * len(spaces.group()), text)
+    return _BLOCK_MARKER.sub(lambda marker: f"{marker.group()[:-1]}\\{marker.group()[-1]}", text)
 
 
 def _num(value: Any) -> str:

@@ -129,3 +129,39 @@ def test_class_names_cannot_inject_html_break_tables_or_add_lines():
     per_class = readme[readme.index("### Per class"):readme.index("## Calibration")].strip().splitlines()[1:]
     assert len(per_class) == 2 + len(hostile)  # header, separator, one row per class: nothing broke out
     assert all(row.replace("\\|", "").count("|") == 6 for row in per_class)
+
+
+# A value at the start of a line could open a block of its own: a heading, a quote, a list, a rule, a setext
+# underline, a fence or an indented code block.
+BLOCK_MARKUP = ["# Injected heading", "###### h6", "#", "> quote", "- item", "+ item", "* item", "-", "1. item",
+                "7) item", "---", "- - -", "===", "***", "___", "~~~", "```", "    code", "  # indented heading",
+                "   > indented quote", "\t# tab", "<div>", "| a | b |"]
+
+
+def _card(classes: list[str]) -> dict:
+    return {"model": "m", "version": "v", "intended_use": "Classify.", "classes": classes,
+            "training": {"arch": "a", "weights": "w", "image_size": 1, "optimizer": "o", "batch_size": 1,
+                         "phases": []},
+            "data": {"raw_dir": "d", "version": "h", "test_split_sha256": "s", "n_images": None},
+            "test_metrics": {}, "per_class": {name: {"precision": 0.5, "recall": 0.5, "f1": 0.5, "support": 1}
+                                              for name in classes},
+            "calibration": {"ece": 0.0, "bins": 15}, "export": {}, "latency": {},
+            "gate": {"passed": False, "reason": classes[0]}, "lineage": {}, "limitations": classes,
+            "usage": {"predict": "predict", "snippet": "print(1)\n"}}
+
+
+def _blocks(readme: str) -> list[str]:
+    """The README's block structure as CommonMark (with GitHub's tables) parses it: headings, lists, rules..."""
+    from markdown_it import MarkdownIt
+
+    return [token.type for token in MarkdownIt("commonmark").enable("table").parse(readme) if token.type != "inline"]
+
+
+def test_a_class_name_that_is_markdown_cannot_restructure_the_card():
+    from tasks.handoff.card import render_readme
+
+    plain = _blocks(render_readme(_card(["a"])))
+    restructured = [name for name in BLOCK_MARKUP if _blocks(render_readme(_card([name]))) != plain]
+    assert restructured == []
+    readme = render_readme(_card(["# Injected heading"]))
+    assert "## Classes\n\\# Injected heading\n" in readme      # shown as the text it is
