@@ -6,8 +6,8 @@
 3. print, as the last line of stdout, one JSON object summarising the run.
 
 Logs go to stderr. When the flow could change nothing (data, code and params as the
-last run left them, and production already this exact model), the summary is read from
-the reports without starting Prefect: `flow_state` is "Up to date" and there is no flow
+last run left them, and production already this exact model, its files verified), the summary is read
+from the reports without starting Prefect: `flow_state` is "Up to date" and there is no flow
 run. `python -m flows.retrain` always runs, and records, the flow.
 """
 
@@ -62,6 +62,8 @@ def up_to_date_result(root: Path, params: Params) -> dict[str, Any] | None:
     data version and every stage current, and production already is this exact ONNX file:
     the flow would skip every stage and its gate would compare production with itself.
     Answering from the reports costs one DVC process instead of a Prefect server start.
+    A production version whose files fail verification raises DemoError (what the flow's
+    publish step would report), naming `registry verify` and `registry rollback`.
     """
     try:
         with retrain_lock(root, 0, {"flow_run_id": None, "data_rev": None, "checking": "make demo"}):
@@ -85,7 +87,8 @@ def _result_if_current(root: Path, params: Params) -> dict[str, Any] | None:
             return None   # something is stale (or DVC has a complaint the flow will report)
     except (OSError, ValueError):   # no dvc, or output that is not JSON: the flow reports it
         return None
-    from tasks.handoff.registry import RegistryError, open_registry  # the registry side: only when needed
+    from tasks.handoff.publish import require_verified_production  # the registry side: only when needed
+    from tasks.handoff.registry import RegistryError, open_registry
     from tasks.lib.io import StorageError
 
     try:
@@ -94,6 +97,14 @@ def _result_if_current(root: Path, params: Params) -> dict[str, Any] | None:
         if production is None or registry.find_by_onnx(sha256_file(onnx)) != production:
             return None
     except (RegistryError, StorageError, OSError, ValueError):   # the flow's publish step reports it properly
+        return None
+    # Production is this model by its manifest; its files must still be what the manifest says:
+    # an edited or deleted model.onnx is said loudly, as the publish step would, never "Up to date".
+    try:
+        require_verified_production(registry, production)
+    except RegistryError as err:
+        raise DemoError(str(err)) from None
+    except OSError:   # the store could not be read: the flow's publish step reports it properly
         return None
     return {"stages": stages, "stages_run": [], "stages_skipped": stages, "flow_run_id": None,
             "publish": {"registry_version": production, "promoted": False,
@@ -163,10 +174,11 @@ def main() -> int:
     try:
         params = load_params(root / "params.yaml")
         ensure_demo_data(root, params)
+        current = up_to_date_result(root, params)
     except (ParamsError, DemoError, StageError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 1
-    if (current := up_to_date_result(root, params)) is not None:
+    if current is not None:
         print("Data, code, params and the production model are as the last run left them: nothing to run "
               "(no Prefect flow run; `python -m flows.retrain` runs the flow regardless)", file=sys.stderr)
         summary = build_summary(root, params, current, time.perf_counter() - start)

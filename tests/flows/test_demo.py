@@ -3,14 +3,16 @@ could change nothing is answered without the flow."""
 
 from __future__ import annotations
 
+import json
 import shutil
 from pathlib import Path
 
 import pytest
 import yaml
 
-from flows.demo import DemoError, build_summary, ensure_demo_data, up_to_date_result
-from tasks.lib.config import load_params
+from flows.demo import DemoError, build_summary, ensure_demo_data, main, up_to_date_result
+from tasks.lib.config import Params, load_params
+from tasks.lib.io import write_json
 from tests.conftest import REPO_ROOT, run, write_image_folder
 
 
@@ -83,3 +85,52 @@ def test_a_run_that_could_change_nothing_is_answered_without_the_flow(tmp_path: 
 
     write_image_folder(root / "data/raw", classes=3, per_class=5, size=32)   # one more image per class
     assert up_to_date_result(root, params) is None   # dvc status: prepare's deps changed
+
+
+def published_project(tmp_path: Path) -> tuple[Path, Params, str]:
+    """A project with nothing to do: a one-stage pipeline over a DVC-tracked data/raw, current and committed,
+    every report the summary reads, and its model already production; (root, params, production version)."""
+    from tasks.handoff.publish import publish_candidate
+    from tests.tasks.handoff.test_publish import make_params, make_project, set_candidate
+
+    params = make_params()
+    root = make_project(tmp_path / "proj", params)
+    set_candidate(root)
+    write_json(root / "metrics/train.json", {"val_accuracy": 1.0, "epochs": 1})
+    (root / ".gitignore").write_text("artifacts/\nregistry/\nmetrics/\n/data/prepared/\n")
+    (root / "dvc.yaml").write_text("stages:\n  prepare:\n    cmd: 'true'\n    deps: [data/raw]\n")
+    run(["dvc", "init", "-q"], root)
+    run(["dvc", "add", "-q", "data/raw"], root)
+    run(["dvc", "repro", "-q"], root)
+    run(["git", "add", "-A"], root)
+    run(["git", "commit", "-q", "-m", "a one-stage pipeline over data version v1"], root)
+    return root, params, publish_candidate(params, root, "run-1")["registry_version"]
+
+
+def damage_onnx(root: Path, params: Params, version: str, damage: str) -> None:
+    """Production's model.onnx in the registry, edited (another valid model in its place) or deleted."""
+    from tests.tasks.handoff.test_publish import CONFUSED, make_onnx
+
+    onnx_file = root / "registry" / params.project.name / version / "model.onnx"
+    if damage == "edited":
+        onnx_file.write_bytes(make_onnx(root / "artifacts/other.onnx", CONFUSED).read_bytes())
+    else:
+        onnx_file.unlink()
+
+
+@pytest.mark.parametrize("damage", ["edited", "deleted"])
+def test_make_demo_reports_a_damaged_production_instead_of_up_to_date(tmp_path: Path, monkeypatch, capsys,
+                                                                      damage: str) -> None:
+    root, params, version = published_project(tmp_path)
+    monkeypatch.chdir(root)
+    assert main() == 0
+    summary = json.loads(capsys.readouterr().out.splitlines()[-1])
+    assert summary["flow_state"] == "Up to date" and summary["registry_version"] == version
+
+    damage_onnx(root, params, version, damage)
+    assert main() == 1
+    captured = capsys.readouterr()
+    assert captured.out == ""                    # no summary line that says all is well
+    assert f"production version {version} of {params.project.name}" in captured.err
+    assert ("model.onnx sha256" if damage == "edited" else "model.onnx is missing") in captured.err
+    assert f"`registry verify {version}`" in captured.err and "`registry rollback`" in captured.err

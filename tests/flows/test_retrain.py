@@ -16,6 +16,7 @@ from tasks.lib.config import load_params
 from tests.conftest import REPO_ROOT, run
 from tests.flows.conftest import add_data_version, snapshot
 from tests.flows.helpers import run_artifacts, run_logs, state_of
+from tests.flows.test_demo import damage_onnx, published_project
 
 STAGES = ["prepare", "fetch_weights", "train", "evaluate", "export"]
 pytestmark = pytest.mark.usefixtures("prefect_harness")
@@ -226,3 +227,16 @@ def test_a_hung_train_stage_is_stopped_at_its_timeout_and_not_retried(tiny_proje
     logs = run_logs(str(state.state_details.flow_run_id))
     assert sum("$ dvc repro --single-item train" in line for line in logs) == 1     # one attempt: no retry
     assert snapshot(tiny_project) == before
+
+
+@pytest.mark.slow(seconds=40)
+@pytest.mark.parametrize("damage", ["edited", "deleted"])
+def test_a_retrain_with_nothing_to_do_fails_loudly_when_production_is_damaged(tmp_path: Path, damage: str) -> None:
+    """Every stage current and the candidate already production: the gate still verifies production's files."""
+    root, params, version = published_project(tmp_path)
+    damage_onnx(root, params, version, damage)
+    name, message, _ = state_of(retrain(root=str(root), return_state=True))
+    assert name == "Failed"
+    assert f"production version {version} of {params.project.name}" in message
+    assert ("model.onnx sha256" if damage == "edited" else "model.onnx is missing") in message
+    assert f"`registry verify {version}`" in message and "`registry rollback`" in message
