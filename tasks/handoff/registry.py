@@ -1,12 +1,12 @@
-"""The model registry: immutable published versions and a production log, on any fsspec store.
+"""The model registry: immutable published versions and a promotion log, on any fsspec store.
 
 Layout (a local directory by default, or e.g. s3://bucket/prefix):
 
-    <registry>/<model_name>/<version>/       model.onnx, README.md, card.json, metrics.json,
-                                             export_report.json, lineage.json, decision.json, COMPLETE
-    <registry>/<model_name>/production-log/  one entry per move of production (promote, rollback,
-                                             a gated publish); the newest complete entry IS production
-    <registry>/<model_name>/production       a cache of the newest entry for outside readers
+    <registry>/<model_name>/<version>/        model.onnx, README.md, card.json, metrics.json,
+                                              export_report.json, lineage.json, decision.json, COMPLETE
+    <registry>/<model_name>/promotion-log/    one entry per move of production (promote, rollback,
+                                              a gated publish); the newest complete entry IS production
+    <registry>/<model_name>/production        a cache of the newest entry for outside readers
 
 Version ids are `<UTC time to the ms>-<first 8 hex of the ONNX sha256>`, e.g. 20261127T210530.123Z-1a2b3c4d:
 they sort by publication time as plain strings, need no shared counter (a `v0007`
@@ -22,7 +22,7 @@ readers see only versions that have COMPLETE; a crash leaves nothing visible (`r
 Nothing read from a registry is trusted: every version is verified (hashes against its
 manifest and lineage) before production is moved onto it, and a damaged JSON file is
 reported with its path instead of crashing the command. Production is only ever what the
-production log says (`registry_pointer`): a version's decision record says what the gate
+promotion log says (`registry_pointer`): a version's decision record says what the gate
 decided, never that it is production, so a publish killed before its move leaves
 production where it was, and "first model" (bootstrap) means that production never moved.
 
@@ -60,7 +60,7 @@ def new_version_id(onnx_sha256: str, now: dt.datetime | None = None) -> str:
 
 
 class Registry:
-    """One model name's versions and production log at a registry URI."""
+    """One model name's versions and promotion log at a registry URI."""
 
     def __init__(self, uri: str, model_name: str, storage_options: dict[str, Any] | None = None):
         self.uri = uri.rstrip("/")
@@ -141,7 +141,7 @@ class Registry:
         if head and not self.exists(head["version"]):
             problems.append(f"{self.log.url}: production is {head['version']}, which is not a complete version of "
                             f"{self.model_name}; `registry rollback` or `registry promote VERSION` another one")
-        if problem := self.log.cache_problem():
+        if problem := self.log.cache_problem(head):
             problems.append(problem)
         return problems
 

@@ -191,7 +191,7 @@ def _cmd_repair(reg: Registry, args: argparse.Namespace) -> int:
     if cache is None:
         print(f"{reg.model_name}: nothing to repair; production is {reg.production()}")
         return 0
-    print(f"{reg.model_name}: rewrote {reg.url('production')} from the production log: production is "
+    print(f"{reg.model_name}: rewrote {reg.url('production')} from the promotion log: production is "
           f"{cache['version']} (entry {cache['seq']}), rollback stack {cache['previous'] or '(empty)'}")
     return 0
 
@@ -225,7 +225,7 @@ def build_parser() -> argparse.ArgumentParser:
     rollback.add_argument("--reason", default="manual rollback")
     verify = sub.add_parser("verify", help="recompute hashes and check lineage (default: production)")
     verify.add_argument("version", nargs="?")
-    sub.add_parser("repair", help="rewrite the production file (a cache for outside readers) from the production log")
+    sub.add_parser("repair", help="rewrite the production file (a cache for outside readers) from the promotion log")
     publish = sub.add_parser("publish", help="publish the current artifacts through the gate (what the flow does)")
     publish.add_argument("--flow-run-id", default=None)
     return parser

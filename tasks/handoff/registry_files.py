@@ -6,7 +6,7 @@ atomic). Object stores have no rename: the files are written under their final
 names and `COMPLETE` (the manifest of every file's sha256) is written last.
 Either way a reader that looks for COMPLETE never sees a half-written version.
 
-A production log entry, local disk: a temp file, fsynced, hard-linked to its name
+An entry of the promotion log, local disk: a temp file, fsynced, hard-linked to its name
 (`link_new`): it appears whole or not at all, and never replaces another entry.
 """
 

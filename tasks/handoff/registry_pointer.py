@@ -1,6 +1,6 @@
-"""Production: an append-only log of moves whose newest complete entry *is* production.
+"""Production: the promotion log, an append-only log of moves whose newest complete entry *is* production.
 
-    <registry>/<name>/production-log/0000000001.json, 0000000002.json, ...
+    <registry>/<name>/promotion-log/0000000001.json, 0000000002.json, ...
 
 Every move (a gated publish, `promote`, `rollback`, the migration of an older registry) is
 one entry: the version it made production, the one it replaced (`from`), the rollback stack
@@ -47,14 +47,14 @@ from fsspec.implementations.local import LocalFileSystem
 from tasks.handoff.registry_files import crash_point, link_new
 from tasks.lib.io import StorageError, atomic_write_bytes, explained_storage_errors
 
-LOG = "production-log"
+LOG = "promotion-log"
 CACHE = "production"
 LOCK = "production.lock"
 OLD_RECORDS = "promotions"   # written before the log: one record per move, read once to migrate
 ENTRY_RE = re.compile(r"^(\d{10})\.json$")
 VERSION_RE = re.compile(r"^\d{8}T\d{6}\.\d{3}Z-[0-9a-f]{8}$")
 ATTEMPTS = 50   # each failed try means another writer moved production: far more than racing writers
-REPAIR_HINT = "`registry repair` rewrites it from the production log"
+REPAIR_HINT = "`registry repair` rewrites it from the promotion log"
 
 log = logging.getLogger("registry")
 
@@ -72,7 +72,7 @@ def encode(obj: dict[str, Any]) -> bytes:
 
 
 class ProductionLog:
-    """The production log of one model name, and its `production` cache."""
+    """The promotion log of one model name, and its `production` cache."""
 
     def __init__(self, fs: Any, root: str, url: str, model: str):
         self.fs, self.root, self.model = fs, root, model
@@ -103,7 +103,7 @@ class ProductionLog:
             if entry:
                 return entry
         if listing:
-            raise RegistryError(f"{self.url}: no entry of the production log can be read, so which version is "
+            raise RegistryError(f"{self.url}: no entry of the promotion log can be read, so which version is "
                                 "production is unknown; restore the entries from a backup (`registry list` names them)")
         return None
 
@@ -122,8 +122,8 @@ class ProductionLog:
     def _read(self, seq: int, path: str) -> tuple[dict[str, Any] | None, str]:
         url = f"{self.url}/{seq:010d}.json"
         try:
-            entry = json.loads(self.fs.cat_file(path))
-        except (OSError, ValueError) as err:
+            entry = json.loads(self.fs.cat_file(path))   # an I/O error is raised: it says nothing about the entry
+        except ValueError as err:
             return None, f"{url}: damaged ({type(err).__name__}), not counted; restore it from a backup"
         problem = _entry_problem(entry, seq)
         return (None, f"{url}: damaged ({problem}), not counted; restore it from a backup") if problem else (entry, "")
@@ -172,16 +172,15 @@ class ProductionLog:
         return encode({"model": self.model, "version": head["version"], "seq": head["seq"],
                        "updated_at": head["at"], "reason": head["reason"], "previous": head["previous"]})
 
-    def cache_problem(self) -> str | None:
-        head = self.head()
+    def cache_problem(self, head: dict[str, Any] | None) -> str | None:
+        """Why the `production` file does not show `head` (production's entry), None when it does."""
         if head is None or self._read_cache() == self.cache_of(head):
             return None
-        return f"{self.cache_url}: does not say what the production log says (production is {head['version']}); " \
+        return f"{self.cache_url}: does not say what the promotion log says (production is {head['version']}); " \
             + REPAIR_HINT
 
     def refresh_cache(self) -> bytes | None:
         """Rewrite the `production` file from the newest entry; its new bytes, or None if it said that already."""
-
         if self.head() is None:   # nothing to cache; also migrates an older registry, before the lock is taken
             return None
 
@@ -232,6 +231,7 @@ class ProductionLog:
             return None
 
     def _etag(self) -> str | None:
+        self.fs.invalidate_cache()
         try:
             return self.fs.info(self._path(CACHE)).get("ETag")
         except FileNotFoundError:
@@ -255,7 +255,7 @@ class ProductionLog:
         try:
             created = self.create(1, entry)
         except RegistryError as err:
-            raise RegistryError(f"this registry was written before the production log and is migrated by the "
+            raise RegistryError(f"this registry was written before the promotion log and is migrated by the "
                                 f"first command that can write to it: {err}") from None
         if created:
             self._refresh_cache_or_warn()
@@ -274,7 +274,7 @@ class ProductionLog:
             previous = list(reversed(dict.fromkeys(reversed(earlier))))   # each once, where it was last
             source = f"the last of {len(records)} records in {self.cache_url.rsplit('/', 1)[0]}/{OLD_RECORDS}"
         elif raw is not None:
-            raise RegistryError(f"{self.cache_url}: the production pointer {problem}, and no production log or "
+            raise RegistryError(f"{self.cache_url}: the production pointer {problem}, and no promotion log or "
                                 "promotion record says which version is production; fix the file, or delete it and "
                                 "`registry promote VERSION`")
         else:
@@ -292,7 +292,7 @@ class ProductionLog:
         for path in paths:
             try:
                 record = json.loads(self.fs.cat_file(path))
-            except (OSError, ValueError):
+            except ValueError:
                 continue
             if isinstance(record, dict) and _is_version(record.get("version")):
                 records.append(record)

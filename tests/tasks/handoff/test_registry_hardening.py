@@ -1,7 +1,7 @@
 """The registry under attack: a deleted production file, an unreadable log, damaged records, tampered versions,
 concurrent promotions, and the command line's output (compact list, closed pipes, control characters).
 
-The production log itself (kills after a move, migration, races on S3) is tested in test_registry_log."""
+The promotion log itself (kills after a move, migration, races on S3) is tested in test_registry_log."""
 
 from __future__ import annotations
 
@@ -101,10 +101,10 @@ def test_an_unreadable_log_is_reported_by_every_command_and_the_rest_keeps_worki
     root, params = project
     v1 = publish(root, params, "v1", 0.80)["registry_version"]
     v2 = publish(root, params, "v2", 0.70)["registry_version"]
-    entries = sorted((root / "registry" / params.project.name / "production-log").glob("*.json"))
+    entries = sorted((root / "registry" / params.project.name / "promotion-log").glob("*.json"))
     for entry in entries:
         entry.write_text("{not json")
-    named = f"registry/{params.project.name}/production-log"  # as the command names it: registry.uri is relative
+    named = f"registry/{params.project.name}/promotion-log"  # as the command names it: registry.uri is relative
 
     listing = cli(root, "list")
     assert listing.returncode == 1 and v1 in listing.stdout and v2 in listing.stdout

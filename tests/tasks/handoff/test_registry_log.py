@@ -59,6 +59,30 @@ def test_a_crash_in_the_very_first_publish_does_not_block_later_publishes(tmp_pa
     assert result["promoted"] is True and result["registry_version"] == crashed == reg.production()
 
 
+@pytest.mark.slow(seconds=25)
+@pytest.mark.parametrize("stage", ["production_log_write", "production_logged"])
+def test_sigkill_as_a_publish_moves_production_leaves_a_consistent_registry(tmp_path: Path, stage: str):
+    params = make_params()
+    root = make_project(tmp_path / "proj", params)
+    v1 = publish_candidate_tagged(root, params, "v1", 0.80)["registry_version"]
+    set_candidate(root, tag="v2", macro_f1=0.90)
+    proc = subprocess.run([sys.executable, "-c", CRASH_SCRIPT, stage], cwd=root, capture_output=True, text=True,
+                          env={**os.environ, "PYTHONPATH": str(REPO_ROOT)})
+    assert proc.returncode == -signal.SIGKILL, proc.stderr
+    reg = open_registry(params, root)
+    v2 = reg.versions()[-1]
+    if stage == "production_log_write":   # killed before the move: nothing moved, nothing to repair
+        assert reg.production() == v1 and moved_to(reg) == [v1] and reg.production_problems() == []
+    else:   # killed right after the move: it is recorded; only the cache for outside readers is behind
+        assert reg.production() == v2 and moved_to(reg) == [v1, v2]
+        [stale] = reg.production_problems()
+        assert "/production: does not say what the promotion log says" in stale and "registry repair" in stale
+        assert reg.repair()["version"] == v2 and reg.production_problems() == []
+    again = publish_candidate(params, root, None)   # a rerun finishes the job, if any, without a new version
+    assert again["registry_version"] == v2 == reg.production() and moved_to(reg) == [v1, v2]
+    assert reg.versions() == [v1, v2] and reg.production_problems() == []
+
+
 KILL_AFTER_THE_MOVE = """
 import os, signal, sys
 from tasks.handoff.registry import Registry
@@ -177,7 +201,7 @@ def test_a_damaged_newest_entry_is_not_production_and_list_names_it(tmp_path: Pa
     v1, v2 = fake_version(reg, 1), fake_version(reg, 2)
     reg.promote(v1, "first")
     reg.promote(v2, "second")
-    newest = sorted((tmp_path / "reg/m/production-log").glob("*.json"))[-1]
+    newest = sorted((tmp_path / "reg/m/promotion-log").glob("*.json"))[-1]
     newest.write_text('{"version": "' + v2)   # e.g. edited by hand
     assert reg.production() == v1 and moved_to(reg) == [v1]
     assert registry_cli.main([*local_registry(tmp_path), "list"]) == 1
@@ -284,7 +308,7 @@ def test_old_registries_without_a_readable_pointer(tmp_path: Path):
     write_old_format(damaged, None, [], records=[], pointer=b"{not json")
     with pytest.raises(RegistryError, match="production.*not valid JSON.*registry promote"):
         damaged.production()   # never a first model
-    assert not (tmp_path / "damaged/m/production-log").exists()
+    assert not (tmp_path / "damaged/m/promotion-log").exists()
 
 
 # --------------------------------------------------------------------------- S3 (moto_server)
