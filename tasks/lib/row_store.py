@@ -62,7 +62,7 @@ KEEP_VARIANTS = 4
 MAX_SEGMENTS = 8          # segments one split reads from; beyond it the small ones are merged
 GARBAGE_FACTOR = 2.0      # a segment holding more than this times the rows a split uses from it is merged
 STALE_INCOMPLETE_S = 86400   # an incomplete segment this old belongs to no running build
-CHECK_BLOCK = 1 << 26     # rows bytes hashed as one piece: a large segment is checked on every core at once
+CHECK_BLOCK = 1 << 23     # rows bytes hashed as one piece (8 MiB): a large segment is checked on every core at once
 
 
 def variant_key(prep: Preprocessing, draft_size: int | None) -> str:

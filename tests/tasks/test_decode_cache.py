@@ -471,7 +471,8 @@ def flip_byte(path: Path, at: int) -> None:
 
 @pytest.mark.parametrize("damage", ["flipped", "truncated", "swapped", "keys"])
 def test_a_damaged_segment_is_dropped_with_a_warning_and_rebuilt_equal_to_a_build_from_scratch(
-        tmp_path: Path, caplog: pytest.LogCaptureFixture, damage: str) -> None:
+        tmp_path: Path, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch, damage: str) -> None:
+    monkeypatch.setattr(row_store, "CHECK_BLOCK", 1000)      # several blocks a segment, hashed on two threads
     raw, store = tmp_path / "raw", tmp_path / "store"
     rows = [photo(raw / f"img_{i:02d}.jpg", i) for i in range(10)]
     splits = {"train": rows[:6], "val": rows[6:8], "test": rows[8:]}
