@@ -202,7 +202,7 @@ def require_verified_production(registry: Registry, version: str) -> None:
     production version still has the sha256 its manifest recorded."""
     try:
         problems = registry.verify(version)
-    except FileNotFoundError as err:   # a file gone between verify's listing and its reading
+    except FileNotFoundError as err:   # verify's lineage check opens model.onnx even when it is missing
         problems = [f"{Path(str(err.filename)).name} is missing"]
     if problems:
         raise RegistryError(damaged_production(registry, version, problems))
