@@ -87,7 +87,7 @@ def _publish_new(params: Params, root: Path, registry: Registry, candidate: Cand
                  lineage: dict[str, Any]) -> dict[str, Any]:
     production = registry.production()
     decision = _gate(params, root, registry, production, candidate, lineage)
-    # The version's own record of the promotion: what `registry repair` and the bootstrap check read.
+    # What the gate decided, for people reading the version; production itself is the promotion log.
     decision["promoted"] = decision["passed"]
     version = new_version_id(candidate.onnx_sha256)
     card = build_card(params=params, version=version, url=registry.url(version), class_names=candidate.class_names,
@@ -200,10 +200,7 @@ def verified_production_onnx(registry: Registry, version: str) -> bytes:
 def require_verified_production(registry: Registry, version: str) -> None:
     """RegistryError naming the files, and `registry verify` / `registry rollback`, unless every file of the
     production version still has the sha256 its manifest recorded."""
-    try:
-        problems = registry.verify(version)
-    except FileNotFoundError as err:   # verify's lineage check opens model.onnx even when it is missing
-        problems = [f"{Path(str(err.filename)).name} is missing"]
+    problems = registry.verify(version)
     if problems:
         raise RegistryError(damaged_production(registry, version, problems))
 
