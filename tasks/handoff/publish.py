@@ -8,7 +8,7 @@
    candidate's test images: the gate compares with what production is, never with what its records
    say it scored; a production version that fails verification stops the publish;
 4. run the gate, write the version (ONNX, card, metrics, reports, lineage, decision);
-5. move the production pointer only if the gate passed.
+5. move production (one promotion log entry) only if the gate passed.
 
 A candidate that does not pass is still stored as a version, with its decision: the
 registry is the audit trail of every model the pipeline produced, and a person can
