@@ -9,7 +9,10 @@ Every decode goes through here, with the same limits (`ImageLimits`):
 - only the formats of IMAGE_SUFFIXES are decoded (`Image.open(formats=...)`),
   whatever the name says, so an EPS file named `.jpg` never reaches Ghostscript;
 - the pixel count (`max_pixels`, also set as Pillow's own limit) and the aspect
-  ratio (`max_aspect_ratio`) are checked from the header, before decoding.
+  ratio (`max_aspect_ratio`) are checked from the header, before decoding;
+- given the sha256 prepare recorded, the bytes read must hash to it before they
+  are decoded (`load_rgb(..., sha256=...)`): what is stored under a content
+  hash is that content's pixels.
 """
 
 from __future__ import annotations
