@@ -15,7 +15,6 @@ export ORT_DISABLE_TELEMETRY := 1
 export AWS_EC2_METADATA_DISABLED := true
 export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 
-PORT ?= 4200
 # pip's index here lists locations that do not exist; its warnings about them say nothing useful.
 QUIET_PIP := { grep --line-buffered -v "is ignored: it is neither a file nor a directory" || true; }
 
@@ -25,7 +24,7 @@ help:
 	@echo "make demo   - install, fetch the demo data, run the whole pipeline, print a summary"
 	@echo "make test   - run the test suite (installs first if needed)"
 	@echo "make test-fast - the suite without the tests marked slow (pipelines, servers)"
-	@echo "make serve  - Prefect server + UI on 127.0.0.1:$(PORT), scheduled retrain and data watch (Ctrl-C stops)"
+	@echo "make serve  - Prefect server + UI on 127.0.0.1 (port: prefect.toml, or PORT=N), scheduled retrain and data watch (Ctrl-C stops)"
 	@echo "make repro  - dvc repro with the project's interpreter (ARGS=... for dvc's options)"
 	@echo "make exp    - dvc exp run --temp, e.g. make exp ARGS='-S train.head.epochs=10'"
 	@echo "make bench  - training throughput benchmark (CPU mode here, GPU mode on a GPU)"
@@ -77,8 +76,10 @@ test: install demo-data
 test-fast: install demo-data
 	$(PY) -m pytest $(PYTEST_WORKERS) -m "not slow"
 
+# The port is prefect.toml's server.api.port (or PREFECT_SERVER_API_PORT), as for every Prefect command,
+# unless PORT=N is given.
 serve: install
-	$(PY) -m flows.serve --port $(PORT)
+	$(PY) -m flows.serve $(if $(PORT),--port $(PORT))
 
 # DVC runs each stage's `python` from the PATH: these put the project's venv first.
 repro: install

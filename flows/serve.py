@@ -37,6 +37,7 @@ from flows.server import (
     running_server,
     start_server,
     startup_timeout_s,
+    usable_home,
     withdraw,
 )
 from tasks.lib.config import ParamsError, load_params
@@ -173,6 +174,11 @@ def main(argv: list[str] | None = None) -> int:
             print(f"error: the Prefect server port (PREFECT_SERVER_API_PORT or prefect.toml server.api.port): "
                   f"{err}", file=sys.stderr)
             return 2
+    try:
+        usable_home(root)
+    except ServerError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
     return supervise(root, args)
 
 

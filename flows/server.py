@@ -80,6 +80,20 @@ def prefect_home(root: Path) -> Path:
     return home if home.is_absolute() else root / home
 
 
+def usable_home(root: Path) -> Path:
+    """The Prefect home, created if it is missing; ServerError, in one line, when it cannot be a folder."""
+    home = prefect_home(root)
+    try:
+        home.mkdir(parents=True, exist_ok=True)
+    except FileExistsError:
+        raise ServerError(f"{home} is a file, not a folder: Prefect keeps this project's database and server logs "
+                          f"there (prefect.toml `home`, or PREFECT_HOME); move that file away or delete it") from None
+    except OSError as err:
+        raise ServerError(f"{home}: cannot create Prefect's home folder there ({err.strerror or err}); fix it or "
+                          "set PREFECT_HOME to another folder") from None
+    return home
+
+
 def state_path(root: Path) -> Path:
     return prefect_home(root) / STATE_NAME
 
@@ -117,8 +131,7 @@ def port_in_use(port: int) -> bool:
 def start_server(root: Path, port: int, timeout_s: float, say: Callable[[str], None] = lambda _: None) -> Server:
     """`prefect server start` on 127.0.0.1:port with the project's settings; wait until it answers."""
     url = f"http://127.0.0.1:{port}/api"
-    home = prefect_home(root)
-    home.mkdir(parents=True, exist_ok=True)
+    home = usable_home(root)
     log_path = home / f"server-{port}.log"
     env = {**os.environ, "PREFECT_HOME": str(home), "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
            "PREFECT_UI_API_URL": url, "PREFECT_API_URL": url}
@@ -154,6 +167,7 @@ def startup_timeout_s(root: Path) -> float:
 @contextmanager
 def project_server(root: Path, say: Callable[[str], None] = lambda _: None) -> Iterator[str]:
     """The API address every Prefect call of this command uses; a server started here stops on exit."""
+    usable_home(root)   # Prefect's clients keep files there too, whichever server they talk to
     if url := os.environ.get("PREFECT_API_URL"):
         yield url
         return
