@@ -37,7 +37,10 @@ def read_rows(prepared_dir: Path | str, split: str) -> list[SplitRow]:
 
 
 class EvalDataset(Dataset):
-    """Images of one split with the deterministic evaluation preprocessing: (tensor, label)."""
+    """Images of one split with the deterministic evaluation preprocessing: (tensor, label).
+
+    Each file must still hash to the sha256 in its split file (BadImage changed_since_prepare otherwise).
+    """
 
     def __init__(self, rows: list[SplitRow], raw_dir: Path | str, prep: Preprocessing, max_pixels: int | None = None):
         self.rows = rows
@@ -50,7 +53,7 @@ class EvalDataset(Dataset):
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
         row = self.rows[index]
-        img = load_rgb(self.raw_dir / row.path, self.max_pixels)
+        img = load_rgb(self.raw_dir / row.path, self.max_pixels, sha256=row.sha256)   # the bytes prepare split
         return torch.from_numpy(preprocess(img, self.prep)), row.label
 
 

@@ -192,3 +192,15 @@ def test_evaluate_refuses_a_checkpoint_trained_on_other_classes(tmp_path: Path) 
     with pytest.raises(StageError, match="classes.json"):
         evaluate(params)
     assert not (tmp_path / "metrics" / "evaluate.json").exists()
+
+
+def test_evaluate_refuses_a_test_image_changed_since_prepare(tmp_path: Path) -> None:
+    """A file rewritten after prepare (a sync, an edit, a dvc checkout) is never scored as if it were the
+    image the split file lists: the stage names it and says to re-run prepare."""
+    params = make_project(tmp_path)
+    raw = Path(params.data.raw_dir)
+    changed = raw / CLASSES[2] / "img_003.png"
+    changed.write_bytes((raw / CLASSES[0] / "img_000.png").read_bytes())   # another class's pixels
+    with pytest.raises(StageError, match=r"img_003\.png.*changed_since_prepare.*dvc repro prepare"):
+        evaluate(params)
+    assert not (tmp_path / "metrics" / "evaluate.json").exists()
