@@ -110,7 +110,7 @@ def uninterrupted(stage_project: Path, tmp_path_factory: pytest.TempPathFactory)
     return model
 
 
-@pytest.mark.slow(seconds=60)
+@pytest.mark.slow(seconds=45)   # each; the first also builds the project and the uninterrupted run (25 s)
 @pytest.mark.timeout(600)
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGKILL], ids=["SIGTERM", "SIGKILL"])
 def test_dvc_repro_stopped_after_the_best_epoch_finishes_with_the_same_model_when_run_again(
@@ -144,3 +144,88 @@ def test_dvc_repro_stopped_after_the_best_epoch_finishes_with_the_same_model_whe
     assert_same_model(best_model(repo), uninterrupted)
     assert resume_state(repo)["finished"]
     assert "Stage 'train' didn't change" in run(["dvc", "repro", "--single-item", "train"], repo).stdout
+
+
+# --------------------------------------------------------------------------- the retrain flow
+
+
+@pytest.fixture
+def flow_project(tmp_path: Path) -> Path:
+    """A real project the retrain flow runs end to end: images tracked by DVC as a committed data version,
+    and a local 'pretrained' backbone that fetch_weights verifies by its sha256."""
+    from tasks.lib.io import sha256_file
+
+    repo = init_dvc_repo(tmp_path / "project")
+    write_image_folder(repo / "data" / "raw", classes=3, per_class=40, size=36)
+    write_weights(repo / "pretrained", ARCH)
+    backbone = repo / "pretrained" / "backbone.pt"
+    set_params(repo, {**PARAMS, "model.weights": "pretrained/backbone.pt", "model.sha256": sha256_file(backbone),
+                      # This random backbone's logits run into the hundreds: parity to 1e-3, not 1e-4.
+                      "export.latency_runs": 5, "export.atol": 1e-3})
+    (repo / ".gitignore").write_text("__pycache__/\n")
+    run(["dvc", "add", "-q", "data/raw"], repo)
+    git_commit(repo, "data v1", tag="v1")
+    return repo
+
+
+def stop_stage_after_its_best_epoch(project: Path, stopped: dict[str, Any], flow_done: threading.Event) -> None:
+    """Watch the resume state; two epochs after the best one, SIGKILL the train stage (only that process)."""
+    last = project / "artifacts" / "train" / "resume" / "last.pt"
+    seen = None
+    while not flow_done.is_set():
+        if last.exists() and last.stat().st_mtime_ns != seen:
+            seen = last.stat().st_mtime_ns
+            progress = torch.load(last, weights_only=True)["progress"]
+            if progress["bad_epochs"] >= 2:
+                for stage in train_stages():
+                    stage.kill()
+                    stopped["progress"] = progress
+                return
+        time.sleep(0.02)
+
+
+def train_stages() -> list[psutil.Process]:
+    """The `python -m tasks.train` processes this test started (under the flow, dvc and its guard)."""
+    found = []
+    for child in psutil.Process().children(recursive=True):
+        try:
+            if "tasks.train" in child.cmdline():
+                found.append(child)
+        except psutil.Error:   # exited while we looked
+            pass
+    return found
+
+
+@pytest.mark.slow(seconds=140)   # two flow runs over the real stages, export included, and a straight train
+@pytest.mark.timeout(600)
+@pytest.mark.usefixtures("prefect_harness")
+def test_the_retrain_flow_finishes_a_train_stage_killed_after_its_best_epoch(
+        flow_project: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from flows.retrain import retrain
+    from tests.flows.helpers import state_of
+
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")   # the stages and the reference run below: the same arithmetic
+    stopped: dict[str, Any] = {}
+    flow_done = threading.Event()
+    watcher = threading.Thread(target=stop_stage_after_its_best_epoch, args=(flow_project, stopped, flow_done))
+    watcher.start()
+    try:
+        name, message, _ = state_of(retrain(root=str(flow_project), publish=False, return_state=True))
+    finally:
+        flow_done.set()
+        watcher.join()
+    assert stopped, f"the train stage was not stopped: {name} {message}"
+    assert name == "Failed" and "stage train failed" in message, message
+    assert not resume_state(flow_project)["finished"]
+
+    name, message, result = state_of(retrain(root=str(flow_project), publish=False, return_state=True))
+    assert name == "Completed", message
+    assert result["stages_run"] == ["train", "evaluate", "export"]
+    assert (flow_project / "artifacts" / "export" / "model.onnx").exists()
+
+    # The same run left alone, in a folder of its own.
+    run(["python", "-m", "tasks.train", "-S", "train.out_dir=straight", "-S", "reports.dir=straight/metrics"],
+        flow_project)
+    expected = torch.load(flow_project / "straight" / "model.pt", weights_only=True)
+    assert expected["epoch"] == stopped["progress"]["best_epoch"] < stopped["progress"]["global_epoch"]
+    assert_same_model(best_model(flow_project), expected)
