@@ -17,6 +17,7 @@ from tasks.lib.cli import stage_main
 from tasks.lib.images import BadImage, ImageLimits, load_rgb, read_bytes, set_image_limits
 from tasks.lib.preprocess import INTERPOLATIONS, Preprocessing, resize_and_crop
 from tests.conftest import REPO_ROOT
+from tests.realistic import oracle_resize_crop, oracle_rgb, write_realistic_folder
 
 # A minimal Encapsulated PostScript file: Pillow's EPS plugin would hand it to Ghostscript.
 EPS = b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 10 10\n%%EndComments\nnewpath 0 0 moveto 10 10 lineto stroke\nshowpage\n%%EOF\n"
@@ -196,3 +197,39 @@ def test_every_stage_reads_images_with_prepares_aspect_and_size_limits(tmp_path:
         set_image_limits(ImageLimits())
     with pytest.raises(BadImage, match="extreme_aspect_ratio"):
         load_rgb(path)                                                        # outside a stage: the defaults
+
+
+# --------------------------------------------------------------------------- non-square images of every kind
+
+
+@pytest.mark.parametrize(("crop_size", "resize_size"), [(24, 24), (24, 32), (16, 16)])
+def test_the_network_sees_the_centre_of_the_image_at_its_own_aspect(tmp_path: Path, crop_size: int,
+                                                                     resize_size: int) -> None:
+    """What the ONNX metadata's resize_policy promises a consumer ("resize the shorter side, keep aspect,
+    center-crop"), on RGB JPEGs, grayscale and half-transparent PNGs wider and taller than square,
+    against an oracle written from that sentence. Squashing to a square, resizing the longer side
+    or cropping a corner gives other pixels on every one of these images."""
+    written = write_realistic_folder(tmp_path, per_class=6)
+    assert {w.kind.mode for w in written} == {"RGB", "L", "RGBA"} and len({w.size for w in written}) >= 5
+    prep = Preprocessing(crop_size, resize_size)
+    for item in written:
+        rgb = oracle_rgb(tmp_path / item.path)
+        got = np.asarray(resize_and_crop(load_rgb(tmp_path / item.path), prep), np.int16)
+        want = oracle_resize_crop(rgb, crop_size, resize_size)
+        # Alpha onto white: Pillow's integer compositing and the oracle's float one may differ by a level.
+        tolerance = 1 if item.kind.mode == "RGBA" else 0
+        assert np.abs(got - want).max() <= tolerance, f"{item.path} ({item.kind}, {item.size})"
+        squashed = np.asarray(Image.fromarray(rgb).resize((crop_size, crop_size), Image.Resampling.BILINEAR))
+        assert np.abs(got - squashed).max() > 10, f"{item.path}: squashing would pass this check"
+
+
+def test_grayscale_and_transparent_images_become_the_rgb_a_viewer_shows(tmp_path: Path) -> None:
+    """A grayscale scan is three equal channels; a half-transparent PNG is its colour blended onto white
+    (not onto black, and not its colour with the alpha dropped)."""
+    gray, rgba = tmp_path / "scan 1.png", tmp_path / "logo (2).png"
+    Image.new("L", (45, 30), 107).save(gray)
+    Image.new("RGBA", (30, 75), (30, 160, 40, 200)).save(rgba)
+    assert np.asarray(load_rgb(gray)).reshape(-1, 3).tolist() == [[107, 107, 107]] * (45 * 30)
+    blended = [round(c * 200 / 255 + 255 * 55 / 255) for c in (30, 160, 40)]     # [78, 180, 86]
+    assert np.abs(np.asarray(load_rgb(rgba), np.int16) - blended).max() <= 1
+    np.testing.assert_array_equal(np.asarray(load_rgb(rgba)), oracle_rgb(rgba))
