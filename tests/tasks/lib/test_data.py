@@ -22,6 +22,7 @@ from tasks.lib.images import BadImage, load_rgb
 from tasks.lib.io import SplitRow, sha256_file, write_json, write_split
 from tasks.lib.preprocess import Preprocessing, preprocess, resize_and_crop
 from tests.conftest import write_image_folder
+from tests.realistic import CLASS_NAMES, oracle_input, oracle_resize_crop, oracle_rgb, write_realistic_folder
 
 
 @pytest.fixture
@@ -79,3 +80,48 @@ def test_eval_dataset_and_readers_still_work(tmp_path: Path, rows: tuple[Path, l
     x, y = EvalDataset(split, raw, prep)[0]
     np.testing.assert_array_equal(x.numpy(), preprocess(load_rgb(raw / split[0].path), prep))
     assert y == split[0].label
+
+
+# --------------------------------------------------------------------------- realistic folders
+
+
+def realistic_rows(raw: Path) -> tuple[list[SplitRow], set[str]]:
+    """Split rows of a realistic folder, and which of its files are half-transparent."""
+    written = write_realistic_folder(raw, per_class=6)
+    rows = [SplitRow(w.path, CLASS_NAMES.index(w.label_name), sha256_file(raw / w.path)) for w in written]
+    return rows, {w.path for w in written if w.kind.mode == "RGBA"}
+
+
+def test_training_arrays_are_the_centre_of_each_image_at_its_own_aspect(tmp_path: Path) -> None:
+    """The arrays train learns from (the eval crop, and the larger square random crops come from) hold
+    what the preprocessing promises for non-square JPEGs, grayscale and half-transparent PNGs: shorter
+    side resized, aspect kept, the central square; row i is split row i."""
+    raw = tmp_path / "raw"
+    rows, transparent = realistic_rows(raw)
+    prep = Preprocessing(crop_size=24, resize_size=24)
+    big = train_preprocessing(prep)
+    assert (big.crop_size, big.resize_size) == (28, 28)
+    eval_array, big_array = decode_arrays(rows, raw, [prep, big], workers=2)
+    for i, row in enumerate(rows):
+        rgb = oracle_rgb(raw / row.path)
+        tolerance = 1 if row.path in transparent else 0    # alpha onto white: integer vs float rounding
+        for got, p in ((eval_array[i], prep), (big_array[i], big)):
+            want = oracle_resize_crop(rgb, p.crop_size, p.resize_size)
+            assert np.abs(got.astype(np.int16) - want).max() <= tolerance, f"{row.path} at {p.crop_size} px"
+
+
+def test_evaluation_inputs_are_normalised_with_the_recorded_mean_and_std(tmp_path: Path) -> None:
+    """EvalDataset (evaluate's input) on realistic files equals the oracle's input: resized, cropped,
+    scaled to [0, 1], minus the mean and over the std the preprocessing records (not ImageNet's)."""
+    raw = tmp_path / "raw"
+    rows, transparent = realistic_rows(raw)
+    prep = Preprocessing(crop_size=16, resize_size=24, mean=(0.45, 0.5, 0.4), std=(0.2, 0.25, 0.3))
+    dataset = EvalDataset(rows, raw, prep)
+    one_level = 1 / 255 / min(prep.std)          # what a gray level of alpha rounding moves an input by
+    for i, row in enumerate(rows):
+        x, y = dataset[i]
+        want = oracle_input(raw / row.path, prep.to_dict())
+        assert x.shape == (3, 16, 16) and x.dtype == torch.float32 and y == row.label
+        assert np.abs(x.numpy() - want).max() <= one_level + 1e-5, row.path
+        if row.path not in transparent:
+            np.testing.assert_allclose(x.numpy(), want, atol=1e-5, err_msg=row.path)
