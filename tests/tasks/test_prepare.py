@@ -19,10 +19,12 @@ from tasks.lib.scan import FolderScan
 from tasks.lib.cli import StageError
 from tasks.lib.config import PrepareParams
 from tasks.lib.images import BadImage, load_rgb
-from tasks.lib.io import read_split
+from tasks.lib.data import read_classes
+from tasks.lib.io import read_split, sha256_file
 from tasks.lib.splits import split_fraction
 from tasks.prepare import Counts, prepare
 from tests.conftest import init_dvc_repo, run, write_image_folder
+from tests.realistic import CLASS_NAMES, wrong_orders, write_realistic_folder
 
 
 @pytest.fixture(autouse=True)
@@ -415,3 +417,62 @@ def test_the_report_warns_when_images_are_far_smaller_than_the_network_input(tmp
     fair = write_image_folder(tmp_path / "fair", classes=2, per_class=6, size=28)
     assert prepare(fair, tmp_path / "out_fair", cfg(), input_size=96)["warnings"] == []   # 3.4x: Fashion-MNIST's case
     assert prepare(tiny, tmp_path / "out_none", cfg())["warnings"] == []                  # no input size, no opinion
+
+
+# --------------------------------------------------------------------------- class names as users name them
+
+
+def assert_labels_follow_folders(raw: Path, out: Path, classes: list[str]) -> dict[str, str]:
+    """Every split row's label is its folder's place in classes.json, and its path opens the very file it
+    hashed; returns path -> split."""
+    where = {}
+    for split in ("train", "val", "test"):
+        for row in read_split(out / f"{split}.csv"):
+            assert classes[row.label] == row.path.split("/")[0], row
+            assert sha256_file(raw / row.path) == row.sha256, row.path
+            where[row.path] = split
+    return where
+
+
+def test_classes_json_is_code_point_order_and_every_label_names_its_folder(tmp_path: Path) -> None:
+    """classes.json is the folder names in Python's sorted() order (code point: digits, capitals,
+    lower case, then accented letters), not case-insensitive, natural or locale order; each split row's
+    label indexes its own folder there; names and paths with spaces, commas, quotes and non-ASCII
+    letters (and a decomposed é, as macOS writes it) come back byte for byte."""
+    names = (*CLASS_NAMES, "cafe\u0301 crème")
+    written = write_realistic_folder(tmp_path / "raw", classes=names, per_class=5)
+    report = prepare(tmp_path / "raw", tmp_path / "out", cfg())
+    classes = json.loads((tmp_path / "out" / "classes.json").read_text(encoding="utf-8"))
+    assert classes == sorted(names) == ["10 items", "2 items", "Zebra", "apple", "cafe\u0301 crème", "Äpfel",
+                                        "éclair"]
+    for how, order in wrong_orders(names).items():
+        assert classes != order, f"the fixture cannot tell code-point order from {how} order"
+    assert read_classes(tmp_path / "out") == report["classes"] == classes == list(report["per_class"])
+    assert report["n_rejected"] == 0 and report["duplicates"]["n_removed"] == 0
+    where = assert_labels_follow_folders(tmp_path / "raw", tmp_path / "out", classes)
+    assert sorted(where) == sorted(w.path for w in written)
+
+
+@pytest.mark.parametrize("new_class", ["0 new", "Ärger", "Mango"])
+def test_a_class_added_later_takes_its_sorted_place_and_relabels_as_from_scratch(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, new_class: str) -> None:
+    """A rerun that finds a new class folder (first, last or in between by code point) while the old
+    images come from the cache: classes.json and every label are what a run from scratch writes, and no
+    old image changes split. (The cache answers unchanged files before new ones are decoded, so the
+    order images arrive in is not the order of their classes.)"""
+    monkeypatch.setattr(check_store, "RACY_SECONDS", 0.0)     # unchanged files come from the cache
+    raw = tmp_path / "raw"
+    write_realistic_folder(raw, per_class=5)
+    prepare(raw, tmp_path / "inc", cfg())
+    before = split_of(tmp_path / "inc")
+    write_realistic_folder(tmp_path / "more", classes=[new_class], per_class=5, seed=9)
+    shutil.copytree(tmp_path / "more" / new_class, raw / new_class)
+    again = Counts()
+    prepare(raw, tmp_path / "inc", cfg(), again)
+    assert again.unchanged == len(before) and again.decoded == 5
+    classes = json.loads((tmp_path / "inc" / "classes.json").read_text(encoding="utf-8"))
+    assert classes == sorted([*CLASS_NAMES, new_class])
+    after = assert_labels_follow_folders(raw, tmp_path / "inc", classes)
+    assert all(after[path] == split for path, split in before.items())
+    prepare(raw, tmp_path / "scratch", cfg(cache_dir=str(tmp_path / "fresh-cache")))
+    assert outputs(tmp_path / "inc") == outputs(tmp_path / "scratch")
