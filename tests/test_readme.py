@@ -31,7 +31,6 @@ SMALL = ["data.demo.per_class=12", "model.arch=mobilenet_v3_small", "model.weigh
          "export.latency_runs=5", "export.parity_batch_sizes=[1,2]",
          # a random-init net on 120 images need not beat the pixel baseline: the commands are what is tested
          "gate.min_lift_over_baseline=null"]
-DEMO_SOURCE = Path("/usr/share/datasets/fashion-mnist")
 
 
 @dataclass
@@ -107,8 +106,7 @@ def fresh_clone(dest: Path) -> Path:
 
 @pytest.mark.slow(seconds=240)
 @pytest.mark.timeout(1800)
-@pytest.mark.skipif(not DEMO_SOURCE.is_dir(), reason="Debian's dataset-fashion-mnist is not installed "
-                                                     "(make test installs it)")
+@pytest.mark.usefixtures("fashion_mnist")   # make demo reads it: missing, the test fails and says how to install it
 def test_every_readme_command_runs_as_written(tmp_path: Path) -> None:
     clone = fresh_clone(tmp_path / "clone")
     stamp = REPO_ROOT / ".venv" / ".installed-stamp"

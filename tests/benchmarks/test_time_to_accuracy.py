@@ -11,35 +11,30 @@ import pytest
 
 from tests.conftest import REPO_ROOT, run
 
-FASHION = Path("/usr/share/datasets/fashion-mnist")
-needs_fashion = pytest.mark.skipif(not (FASHION / "t10k-images-idx3-ubyte.gz").exists(),
-                                   reason="needs Debian's dataset-fashion-mnist")
 sys.path.insert(0, str(REPO_ROOT / "benchmarks"))
 
 
-@needs_fashion
-def test_splits_are_55k_train_5k_stratified_val_and_exactly_the_official_test_set() -> None:
+def test_splits_are_55k_train_5k_stratified_val_and_exactly_the_official_test_set(fashion_mnist: Path) -> None:
     from time_to_accuracy import split_indices
 
     from tasks.lib.demo_data import LABELS_FILE, read_idx
 
-    splits = split_indices(FASHION, subset=None)
+    splits = split_indices(fashion_mnist, subset=None)
     (train_file, train), (val_file, val), (test_file, test) = splits["train"], splits["val"], splits["test"]
     assert (train_file, val_file, test_file) == ("train", "train", "t10k")
     assert (len(train), len(val), len(test)) == (55_000, 5_000, 10_000)
     assert np.array_equal(test, np.arange(10_000))                          # every t10k image, none else
     assert not set(train.tolist()) & set(val.tolist())                     # val is held out of train
-    assert np.bincount(read_idx(FASHION / LABELS_FILE)[val]).tolist() == [500] * 10
-    small = split_indices(FASHION, subset=3)
+    assert np.bincount(read_idx(fashion_mnist / LABELS_FILE)[val]).tolist() == [500] * 10
+    small = split_indices(fashion_mnist, subset=3)
     assert [len(small[s][1]) for s in ("train", "val", "test")] == [30, 30, 30]
 
 
 @pytest.mark.slow(seconds=50)
-@needs_fashion
-def test_a_tiny_run_goes_through_every_stage_and_reports_the_curve(tmp_path: Path) -> None:
+def test_a_tiny_run_goes_through_every_stage_and_reports_the_curve(tmp_path: Path, fashion_mnist: Path) -> None:
     work, out = tmp_path / "work", tmp_path / "out"
     proc = run([sys.executable, "benchmarks/time_to_accuracy.py", "--device", "cpu", "--tiny", "--subset", "3",
-                "--source", str(FASHION), "--work", str(work), "--out", str(out), "--workers", "2"],
+                "--source", str(fashion_mnist), "--work", str(work), "--out", str(out), "--workers", "2"],
                REPO_ROOT, env={"OMP_NUM_THREADS": "1"})
     report = json.loads(proc.stdout.strip().splitlines()[-1])
     assert report == json.loads((out / "time_to_accuracy.json").read_text())

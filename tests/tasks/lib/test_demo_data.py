@@ -12,7 +12,7 @@ from tasks.lib.config import DemoParams
 from tasks.lib.demo_data import CLASS_NAMES, materialise
 
 SOURCE = DemoParams().source_dir
-needs_fashion = pytest.mark.usefixtures("fashion_mnist")  # skipped without the files; fails in CI
+needs_fashion = pytest.mark.usefixtures("fashion_mnist")  # fails without the files, saying how to install them
 
 
 @needs_fashion
