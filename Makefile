@@ -18,12 +18,13 @@ export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 # pip's index here lists locations that do not exist; its warnings about them say nothing useful.
 QUIET_PIP := { grep --line-buffered -v "is ignored: it is neither a file nor a directory" || true; }
 
-.PHONY: demo test test-fast install demo-data serve repro exp bench bench-data quality clean help
+.PHONY: demo test test-fast mutate install demo-data serve repro exp bench bench-data quality clean help
 
 help:
 	@echo "make demo   - install, fetch the demo data, run the whole pipeline, print a summary"
 	@echo "make test   - run the test suite (installs first if needed)"
 	@echo "make test-fast - the suite without the tests marked slow (pipelines, servers)"
+	@echo "make mutate - mutation score of the modules where a silent bug costs most (hours; MODULES=tasks/handoff/gate.py for one)"
 	@echo "make serve  - Prefect server + UI on 127.0.0.1 (port: prefect.toml, or PORT=N), scheduled retrain and data watch (Ctrl-C stops)"
 	@echo "make repro  - dvc repro with the project's interpreter (ARGS=... for dvc's options)"
 	@echo "make exp    - dvc exp run --temp, e.g. make exp ARGS='-S train.head.epochs=10'"
@@ -75,6 +76,16 @@ test: install demo-data
 # Daily work: everything but the tests marked slow (whole pipelines, real servers); CI runs them all.
 test-fast: install demo-data
 	$(PY) -m pytest $(PYTEST_WORKERS) -m "not slow"
+
+# Mutation testing (tests/mutate.py): one-line bugs planted one at a time in the modules where a silent bug
+# costs the most (the gate, its statistics, evaluate, export, predict, the caches' keys, the training loop, the
+# flow's stage runner), and the share the tests catch, per module. Hours on 2 cores, so never part of `make test`:
+# run it when those modules or their tests change. MODULES=... picks modules, MUTATE_JOBS=N mutants at once,
+# ARGS=--fresh forgets remembered results (mutants/ keeps them between runs).
+MODULES ?=
+MUTATE_JOBS ?= $(shell nproc)
+mutate: install
+	$(PY) -m tests.mutate --jobs $(MUTATE_JOBS) $(ARGS) $(MODULES)
 
 # The port is prefect.toml's server.api.port (or PREFECT_SERVER_API_PORT), as for every Prefect command,
 # unless PORT=N is given.

@@ -1,0 +1,203 @@
+"""Mutation testing: plant one-line bugs in a module, one at a time, and count how many the tests catch.
+
+`make mutate` (or `python -m tests.mutate [MODULE ...]`) runs mutmut on each module in turn,
+in its own folder `mutants/<module>/`: only that module is mutated, and only the test files
+listed for it in MODULES run. Those must call the module in the pytest process: mutmut
+switches mutants inside the process, so a test that reaches the module only through a
+subprocess (a `dvc repro`, a `python -m tasks...`) cannot tell which tests cover a mutant,
+and the mutants it alone reaches count as "no tests", not caught.
+
+mutmut remembers each module's results (the folder is the cache): a rerun mutates only
+functions that changed since, and tests every mutant that survived the last run again,
+against the tests as they are now. `--fresh` starts a module from nothing, which is what a
+score worth recording needs (a weakened test does not un-kill a remembered mutant).
+
+The score is caught / (mutants - equivalent). Caught: a test failed, timed out or crashed.
+Not caught: survived, no test ran it, or left unchecked. Equivalent mutants change nothing a
+caller can observe; EQUIVALENT lists each with the line its diff adds and why, and a listed
+mutant is set aside only while its diff still adds that line (mutmut numbers mutants per
+function, so an edit to the function can hand the name to another mutant).
+
+Prints each module's score as it finishes, a table at the end and, as the last line, one
+JSON object with every count. The scores recorded, with dates: docs/testing.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import shutil
+import subprocess
+import sys
+import tomllib
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+WORK_ROOT = REPO_ROOT / "mutants"
+MUTMUT = Path(sys.executable).parent / "mutmut"
+
+# The modules where a silent bug costs the most, and the test files that call each in process.
+MODULES: dict[str, list[str]] = {
+    # The promotion gate and the statistics it trusts.
+    "tasks/handoff/gate.py": ["tests/tasks/handoff/test_gate.py"],
+    "tasks/lib/uncertainty.py": ["tests/tasks/lib/test_uncertainty.py", "tests/tasks/handoff/test_gate.py"],
+    # The numbers the handoff depends on: evaluate, export, predict and the ONNX scorer.
+    "tasks/evaluate.py": ["tests/tasks/test_evaluate.py", "tests/tasks/test_probability_oracle.py"],
+    "tasks/export.py": ["tests/tasks/test_export.py", "tests/tasks/test_probability_oracle.py"],
+    "tasks/handoff/predict.py": ["tests/tasks/handoff/test_predict.py"],
+    "tasks/lib/onnx_classifier.py": ["tests/tasks/handoff/test_predict.py", "tests/tasks/test_export.py",
+                                     "tests/tasks/test_probability_oracle.py"],
+    # The caches' keys: a field left out reuses stale pixels or features.
+    "tasks/lib/row_store.py": ["tests/tasks/lib/test_row_store.py", "tests/tasks/test_cache_keys.py",
+                               "tests/tasks/test_decode_cache.py"],
+    "tasks/training/features.py": ["tests/tasks/training/test_features.py", "tests/tasks/test_cache_keys.py"],
+    # The training loop: the best epoch kept, early stopping.
+    "tasks/training/phases.py": ["tests/tasks/test_train.py", "tests/tasks/training/test_state.py"],
+    # The flow's stage runner and `make demo`'s fast path.
+    "flows/dvc_runner.py": ["tests/flows/test_dvc_runner.py"],
+    "flows/retrain.py": ["tests/flows/test_retrain.py", "tests/flows/test_fast_path.py"],
+    "flows/demo.py": ["tests/flows/test_fast_path.py"],
+}
+
+# mutant name -> (a line its diff adds, why no caller can tell it from the original).
+EQUIVALENT: dict[str, tuple[str, str]] = {}
+
+CAUGHT = {"killed", "timeout", "segfault", "caught by type check"}
+
+
+@dataclass
+class Score:
+    module: str
+    mutants: int = 0
+    caught: int = 0
+    equivalent: int = 0
+    by_status: dict[str, int] = field(default_factory=dict)
+    missed: list[str] = field(default_factory=list)
+    stale_equivalent: list[str] = field(default_factory=list)
+
+    @property
+    def score(self) -> float | None:
+        judged = self.mutants - self.equivalent
+        return self.caught / judged if judged else None
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    modules = args.modules or list(MODULES)
+    unknown = [m for m in modules if m not in MODULES]
+    if unknown:
+        print(f"error: no test files are listed for {', '.join(unknown)} in tests/mutate.py MODULES; "
+              f"add the module with the test files that call it in process (known: {', '.join(MODULES)})",
+              file=sys.stderr)
+        return 2
+    scores = []
+    for module in modules:
+        scores.append(mutate(module, jobs=args.jobs, fresh=args.fresh))
+        print(summary_line(scores[-1]), flush=True)
+    print("\nmutation scores (caught / (mutants - equivalent)):")
+    for score in scores:
+        print(summary_line(score))
+        for name in score.missed:
+            print(f"    not caught: {name}  (see: cd {work_dir(score.module).relative_to(REPO_ROOT)} && "
+                  f"{MUTMUT} show '{name}')")
+        for name in score.stale_equivalent:
+            print(f"    listed as equivalent but its diff changed, counted as not caught: {name}")
+    print(json.dumps([{**asdict(s), "score": s.score} for s in scores]))
+    return 0
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("modules", nargs="*", help="source files, e.g. tasks/handoff/gate.py (default: all in MODULES)")
+    parser.add_argument("--jobs", type=int, default=None, help="mutants tested at once (default: mutmut's, the cores)")
+    parser.add_argument("--fresh", action="store_true", help="forget the modules' remembered results first")
+    return parser.parse_args(argv)
+
+
+def work_dir(module: str) -> Path:
+    return WORK_ROOT / module.removesuffix(".py").replace("/", ".")
+
+
+def mutate(module: str, jobs: int | None, fresh: bool) -> Score:
+    work = work_dir(module)
+    if fresh:
+        shutil.rmtree(work, ignore_errors=True)
+    prepare_work_dir(work, module, MODULES[module])
+    jobs_args = ["--max-children", str(jobs)] if jobs else []
+    retest = [name for name, status in results(work).items() if status not in CAUGHT]
+    if retest:   # remembered survivors meet the tests as they are now; mutmut re-runs only named mutants
+        mutmut(work, "run", *jobs_args, *retest)
+    mutmut(work, "run", *jobs_args)
+    return score(module, work)
+
+
+def prepare_work_dir(work: Path, module: str, tests: list[str]) -> None:
+    """The project's files as links, and its pyproject.toml with this module's mutmut settings added."""
+    missing = [t for t in tests if not (REPO_ROOT / t).is_file()]
+    if missing:
+        raise SystemExit(f"error: tests/mutate.py lists {', '.join(missing)} for {module}, and it does not exist")
+    pyproject = (REPO_ROOT / "pyproject.toml").read_text()
+    shared = tomllib.loads(pyproject)["tool"]["mutmut"]
+    work.mkdir(parents=True, exist_ok=True)
+    for name in [*shared["source_paths"], "tests", *shared.get("also_copy", [])]:
+        link = work / name.rstrip("/")
+        if not link.is_symlink():
+            link.symlink_to(REPO_ROOT / name.rstrip("/"))
+    own = f"only_mutate = {json.dumps([module])}\npytest_add_cli_args_test_selection = {json.dumps(tests)}\n"
+    header = "[tool.mutmut]\n"
+    if header not in pyproject:
+        raise SystemExit("error: pyproject.toml has no [tool.mutmut] table (the settings every module shares)")
+    text = pyproject.replace(header, header + own, 1)
+    target = work / "pyproject.toml"
+    if not target.exists() or target.read_text() != text:   # unchanged settings keep mutmut's results
+        target.write_text(text)
+
+
+def mutmut(work: Path, *args: str) -> None:
+    proc = subprocess.run([str(MUTMUT), *args], cwd=work)
+    if proc.returncode != 0:
+        raise SystemExit(f"error: mutmut {args[0]} failed (exit {proc.returncode}) in {work}; its output is above")
+
+
+def results(work: Path) -> dict[str, str]:
+    """Every mutant of the module -> mutmut's status for it ('killed', 'survived', 'no tests', ...)."""
+    if not (work / "mutants").is_dir():
+        return {}
+    proc = subprocess.run([str(MUTMUT), "results", "--all", "true"], cwd=work, capture_output=True, text=True,
+                          check=True)
+    found = (re.fullmatch(r"\s+(\S+): (.+)", line) for line in proc.stdout.splitlines())
+    return {m[1]: m[2] for m in found if m}
+
+
+def added_lines(work: Path, name: str) -> list[str]:
+    diff = subprocess.run([str(MUTMUT), "show", name], cwd=work, capture_output=True, text=True, check=True).stdout
+    return [line[1:].strip() for line in diff.splitlines() if line.startswith("+") and not line.startswith("+++")]
+
+
+def score(module: str, work: Path) -> Score:
+    statuses = results(work)
+    result = Score(module, mutants=len(statuses))
+    for name, status in sorted(statuses.items()):
+        result.by_status[status] = result.by_status.get(status, 0) + 1
+        if status in CAUGHT:
+            result.caught += 1
+        elif name in EQUIVALENT and EQUIVALENT[name][0] in added_lines(work, name):
+            result.equivalent += 1
+        else:
+            result.missed.append(name)
+            if name in EQUIVALENT:
+                result.stale_equivalent.append(name)
+    return result
+
+
+def summary_line(score: Score) -> str:
+    value = "n/a" if score.score is None else f"{score.score:.1%}"
+    counts = ", ".join(f"{n} {status}" for status, n in sorted(score.by_status.items()))
+    return f"{score.module}: {value} ({score.caught} of {score.mutants - score.equivalent} caught; {counts}; " \
+           f"{score.equivalent} equivalent set aside)"
+
+
+if __name__ == "__main__":
+    sys.exit(main())
