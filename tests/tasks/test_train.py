@@ -9,18 +9,22 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 import torch
 import yaml
 
 from tasks.lib.cli import StageError
-from tasks.lib.config import Params, load_params
-from tasks.lib.io import SplitRow, sha256_file, write_json, write_split
+from tasks.lib.config import Params, PrepareParams, load_params
+from tasks.lib.io import SplitRow, read_split, sha256_file, write_json, write_split
 from tasks.lib.models import build_backbone, build_model, find_head, load_checkpoint
+from tasks.prepare import prepare
 from tasks.train import Hooks, NonFiniteLoss, train
+from tasks.training.phases import PhaseRunner
 from tasks.training.freezing import backbone_blocks, set_trainable
 from tasks.training.runtime import pick_precision
 from tests.conftest import REPO_ROOT, init_dvc_repo, run, write_image_folder
+from tests.realistic import oracle_input, write_realistic_folder
 
 ARCH = "mobilenet_v3_small"   # 2.5 M parameters; at 32 px a step takes milliseconds
 
@@ -451,3 +455,118 @@ def test_batchnorm_statistics_stay_pretrained_while_fine_tuning_unless_asked(pro
     weights_moved = not torch.equal(trained["features.0.0.weight"], pretrained["features.0.0.weight"])
     assert weights_moved                                   # the whole network did fine-tune
     assert (changed == []) if batchnorm == "frozen" else (len(changed) == len(stats))
+
+
+# --------------------------------------------------------------------------- early stopping and the best epoch
+
+# Random resnet18 features tell the realistic colours apart (val macro-F1 ~0.9 in a few epochs);
+# a random mobilenet_v3_small's barely do (~0.6, noisy), so its curve has no clear plateau.
+REALISTIC_ARCH = "resnet18"
+
+
+def write_realistic_project(root: Path, arch: str = ARCH, per_class: int = 10) -> list[str]:
+    """A realistic folder (tests.realistic) through the real prepare stage, 30% of it held out for validation so
+    the score has room to plateau, and stand-in weights; returns classes.json."""
+    raw = root / "data" / "raw"
+    write_realistic_folder(raw, per_class=per_class)
+    report = prepare(raw, root / "data" / "prepared", PrepareParams(num_workers=1, train=0.5, val=0.3, test=0.2,
+                                                                   cache_dir=root / "cache" / "prepare"))
+    write_weights(root / "artifacts" / "weights", arch)
+    return report["classes"]
+
+
+def epoch_snapshots(out: Path) -> tuple[dict[int, dict[str, torch.Tensor]], Hooks]:
+    """The weights after every epoch (from resume/last.pt, as each epoch leaves it), by global epoch."""
+    snapshots: dict[int, dict[str, torch.Tensor]] = {}
+
+    def keep(phase: str, epochs_done: int) -> None:
+        state = torch.load(out / "resume" / "last.pt", weights_only=True)
+        snapshots[state["progress"]["global_epoch"]] = state["model"]
+
+    return snapshots, Hooks(on_epoch_end=keep)
+
+
+def same_weights(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> bool:
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def oracle_val_scores(checkpoint: Path, raw: Path, prepared: Path) -> tuple[float, float]:
+    """Macro-F1 and accuracy of a checkpoint on the val split, by torchvision, Pillow and scikit-learn alone."""
+    import torchvision
+    from sklearn.metrics import accuracy_score, f1_score
+
+    payload = torch.load(checkpoint, weights_only=True)
+    network = torchvision.models.get_model(payload["arch"], weights=None, num_classes=len(payload["class_names"]))
+    network.load_state_dict(payload["state_dict"])
+    rows = read_split(prepared / "val.csv")
+    x = torch.from_numpy(np.stack([oracle_input(raw / row.path, payload["preprocessing"]) for row in rows]))
+    with torch.no_grad():
+        predicted = network.eval()(x).argmax(1).numpy()
+    labels = [row.label for row in rows]
+    return float(f1_score(labels, predicted, average="macro")), float(accuracy_score(labels, predicted))
+
+
+@pytest.mark.slow(seconds=15)
+def test_a_plateau_stops_training_after_patience_epochs_and_model_pt_is_the_first_best_epoch(tmp_path: Path) -> None:
+    """Realistic images, a real curve: validation macro-F1 climbs, then stays level (ties) or falls.
+    Training stops after exactly `patience` epochs that did not beat the best; a tie does not beat it,
+    so the best is the first epoch to reach the top score, and model.pt holds that epoch's weights
+    (not the last epoch's, which reach the same score with other weights or a lower one)."""
+    classes = write_realistic_project(tmp_path, REALISTIC_ARCH)
+    out, patience, most = tmp_path / "artifacts" / "train", 3, 20
+    snapshots, hooks = epoch_snapshots(out)
+    metrics = train(tiny_params(tmp_path, **{
+        "model.arch": REALISTIC_ARCH, "train.head.lr": 0.01, "train.head.epochs": most,
+        "train.finetune.unfreeze": "none", "train.early_stopping_patience": patience}), hooks)
+    f1 = [row["val_macro_f1"] for row in torch.load(out / "resume" / "last.pt", weights_only=True)["progress"]["history"]]
+    best = f1.index(max(f1)) + 1
+    assert max(f1) in f1[best:], f"no tie after the best epoch: the fixture lost its plateau ({f1})"
+    assert len(f1) == best + patience < most, f1
+    assert (metrics["best_epoch"], metrics["epochs"], metrics["val_macro_f1"]) == (best, len(f1), max(f1))
+    assert json.loads((tmp_path / "metrics" / "train.json").read_text())["best_epoch"] == best
+
+    payload = torch.load(out / "model.pt", weights_only=True)
+    assert payload["epoch"] == best and payload["class_names"] == classes
+    assert same_weights(payload["state_dict"], snapshots[best])
+    assert not same_weights(payload["state_dict"], snapshots[len(f1)])          # best is not last
+    oracle_f1, oracle_accuracy = oracle_val_scores(out / "model.pt", tmp_path / "data" / "raw",
+                                                   tmp_path / "data" / "prepared")
+    assert oracle_f1 == pytest.approx(max(f1), abs=1e-6) and oracle_accuracy == pytest.approx(metrics["val_accuracy"])
+
+
+# Validation macro-F1 by global epoch, scripted so every rule meets its edge case. Head, patience 2:
+# best at 2, a tie at 3 and a drop at 4 stop it after epoch 4. Fine-tuning counts afresh but must beat
+# the head's 0.70: 5 does not, 6 does (the count restarts), 7 ties and 8 drops: stop after epoch 8.
+SCRIPTED_F1 = [0.50, 0.70, 0.70, 0.65, 0.69, 0.80, 0.80, 0.79, 0.60, 0.60, 0.60, 0.60]
+
+
+@pytest.mark.slow(seconds=10)
+def test_early_stopping_counts_ties_as_no_better_restarts_on_a_better_epoch_and_spans_both_phases(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    """Only the validation score is scripted (so ties and plateaus fall on known epochs); the training,
+    checkpoints and model.pt are real. model.pt is the best epoch across both phases, in its weights."""
+    classes = write_realistic_project(tmp_path)
+    real_scores = PhaseRunner.val_metrics
+
+    def scripted(runner: PhaseRunner, logits: torch.Tensor) -> dict[str, float]:
+        return {**real_scores(runner, logits), "val_macro_f1": SCRIPTED_F1[runner.progress.global_epoch]}
+
+    monkeypatch.setattr(PhaseRunner, "val_metrics", scripted)
+    caplog.set_level("INFO", logger="train")
+    out = tmp_path / "artifacts" / "train"
+    snapshots, hooks = epoch_snapshots(out)
+    metrics = train(tiny_params(tmp_path, **{
+        "train.early_stopping_patience": 2, "train.head.epochs": 6, "train.finetune.epochs": 6,
+        "train.finetune.unfreeze": "last_n", "train.finetune.last_n": 1}), hooks)
+
+    history = torch.load(out / "resume" / "last.pt", weights_only=True)["progress"]["history"]
+    assert [(row["epoch"], row["phase"]) for row in history] == [
+        (1, "head"), (2, "head"), (3, "head"), (4, "head"),
+        (5, "finetune"), (6, "finetune"), (7, "finetune"), (8, "finetune")]
+    assert "early stopping in phase head" in caplog.text and "early stopping in phase finetune" in caplog.text
+    assert (metrics["best_epoch"], metrics["best_phase"], metrics["epochs"]) == (6, "finetune", 8)
+    assert metrics["val_macro_f1"] == 0.80 and metrics["val_accuracy"] == history[5]["val_accuracy"]
+    payload = torch.load(out / "model.pt", weights_only=True)
+    assert (payload["epoch"], payload["phase"], payload["class_names"]) == (6, "finetune", classes)
+    assert same_weights(payload["state_dict"], snapshots[6])
+    assert not same_weights(snapshots[6], snapshots[7]) and not same_weights(snapshots[6], snapshots[8])
