@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import logging
+import os
+import select
 import sys
 import time
 from pathlib import Path
@@ -36,19 +38,38 @@ def log() -> tuple[logging.Logger, Recorder]:
     return logger, recorder
 
 
+class TouchOn(logging.Handler):
+    """Creates a file when a record with the given message arrives: an event a child process can wait for."""
+
+    def __init__(self, message: str, path: Path) -> None:
+        super().__init__()
+        self.message, self.path = message, path
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if record.getMessage() == self.message:
+            self.path.touch()
+
+
 def python(code: str) -> list[str]:
     return [sys.executable, "-c", code]
 
 
 def test_lines_reach_the_log_while_the_command_still_runs(log, tmp_path: Path) -> None:
+    """The command cannot finish before its first line was logged: it waits for the file the log creates."""
     logger, recorder = log
-    result = run_streamed(python("import time\nprint('first', flush=True)\ntime.sleep(2)\nprint('second')"),
-                          tmp_path, logger)
-    end = time.monotonic()
-    assert result.returncode == 0
-    arrived = {message: at for at, message in recorder.records}
-    assert end - arrived["first"] > 1.5  # logged long before the process ended
-    assert "second" in arrived
+    seen = tmp_path / "first-was-logged"
+    logger.addHandler(TouchOn("first", seen))
+    code = ("import pathlib, sys, time\n"
+            "print('first', flush=True)\n"
+            "deadline = time.monotonic() + 30\n"
+            f"while not pathlib.Path({str(seen)!r}).exists():\n"
+            "    if time.monotonic() > deadline:\n"
+            "        sys.exit('first was not logged while the command ran')\n"
+            "    time.sleep(0.05)\n"
+            "print('second')")
+    result = run_streamed(python(code), tmp_path, logger)
+    assert result.returncode == 0, result.stderr_tail
+    assert [message for _, message in recorder.records][-2:] == ["first", "second"]
 
 
 def test_progress_redraws_are_rate_limited_and_stderr_is_kept(log, tmp_path: Path) -> None:
@@ -76,20 +97,42 @@ def test_error_summary_prefers_the_stage_error_and_keeps_dvcs_line() -> None:
 
 
 def test_timeout_stops_the_whole_process_group(log, tmp_path: Path) -> None:
+    """The child (like a stage under `dvc repro`) must die too, not only the direct process.
+
+    The child holds the write end of a FIFO the test reads: the read ends (EOF) exactly when
+    every process holding it is gone, so the test waits for the death itself, not a guess of it.
+    """
     logger, _ = log
-    pid_file = tmp_path / "child.pid"
-    # The child (like a stage under `dvc repro`) must die too, not only the direct process.
-    code = ("import subprocess, sys, time\n"
-            f"p = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(60)'])\n"
-            f"open({str(pid_file)!r}, 'w').write(str(p.pid))\n"
-            "time.sleep(60)")
+    fifo = tmp_path / "child-alive"
+    os.mkfifo(fifo)
+    reader = os.open(fifo, os.O_RDONLY | os.O_NONBLOCK)   # first, so the command's open does not block
+    code = ("import os, subprocess, sys\n"
+            f"fd = os.open({str(fifo)!r}, os.O_WRONLY)\n"
+            "child = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(600)'], pass_fds=[fd])\n"
+            "os.write(fd, f'{child.pid}\\n'.encode())\n"
+            "child.wait()")
     start = time.monotonic()
-    with pytest.raises(CommandFailed, match="stage train timed out after 2 s"):
-        run_checked(python(code), tmp_path, logger, "stage train", timeout_s=2)
-    assert time.monotonic() - start < 20
-    child = int(pid_file.read_text())
-    time.sleep(0.5)
-    assert not Path(f"/proc/{child}").exists() or "Z" in Path(f"/proc/{child}/stat").read_text().split()[2]
+    try:
+        with pytest.raises(CommandFailed, match="stage train timed out after 2 s"):
+            run_checked(python(code), tmp_path, logger, "stage train", timeout_s=2)
+        assert time.monotonic() - start < 20
+        written = read_until_closed(reader, deadline_s=30)
+    finally:
+        os.close(reader)
+    assert written.strip().isdigit(), "the command was stopped before it started its child: raise timeout_s"
+
+
+def read_until_closed(fd: int, deadline_s: float) -> str:
+    """What was written to a non-blocking FIFO until its last writer closed it; fails after deadline_s."""
+    chunks, deadline = [], time.monotonic() + deadline_s
+    while (left := deadline - time.monotonic()) > 0:
+        readable, _, _ = select.select([fd], [], [], left)
+        if readable:
+            chunk = os.read(fd, 4096)
+            if not chunk:   # EOF: no process holds the write end any more
+                return b"".join(chunks).decode()
+            chunks.append(chunk)
+    raise AssertionError(f"a process still holds the FIFO {deadline_s:g} s after the timeout: the child survived")
 
 
 @pytest.mark.parametrize(("lines", "outcome"), [
@@ -107,7 +150,6 @@ def test_stage_outcome_unknown_is_an_error() -> None:
 
 
 def test_the_guard_passes_sigterm_on_and_exits_as_soon_as_its_group_is_gone(tmp_path: Path) -> None:
-    import os
     import signal
 
     import psutil
