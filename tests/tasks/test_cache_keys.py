@@ -38,7 +38,7 @@ from tasks.lib import row_store
 from tasks.lib.cli import StageError
 from tasks.lib.config import load_params
 from tasks.lib.data import decode_arrays, read_classes
-from tasks.lib.image_cache import AUGMENT, EVAL, GEOMETRY, load_arrays, training_images
+from tasks.lib.image_cache import AUGMENT, EVAL, load_arrays, training_images
 from tasks.lib.images import ImageLimits
 from tasks.lib.io import SPLITS, SplitRow, read_json, read_split, sha256_file, write_json, write_split
 from tasks.lib.models import build_model, feature_extractor
@@ -168,15 +168,21 @@ def test_each_decode_setting_alone_misses_the_row_store_and_equals_a_build_from_
     assert (split_pixels(tmp_path / "out") != before) == case.pixels_differ, name
 
 
-@pytest.mark.parametrize("geometry", GEOMETRY)
+# Each changes one field of the geometry (listed here, not taken from the code under test).
+OTHER_GEOMETRY = {"crop_size": Preprocessing(20, 28), "resize_size": Preprocessing(24, 34),
+                  "interpolation": Preprocessing(24, 28, "bicubic")}
+
+
+@pytest.mark.parametrize("geometry", OTHER_GEOMETRY)
 def test_the_decoded_cache_is_not_read_for_a_preprocessing_that_differs_in_one_geometry_field(
         geometry: str, decode_baselines: dict[bool, Path]) -> None:
     """The train stage reads cache.dir only for the preprocessing it was built with; otherwise it decodes."""
     root = decode_baselines[False].parent
     decoded_cache = root / "out-draft-False"            # Decode() built it
-    other = {"crop_size": Preprocessing(20, 28), "resize_size": Preprocessing(24, 34),
-             "interpolation": Preprocessing(24, 28, "bicubic")}[geometry]
-    assert [f for f in GEOMETRY if getattr(other, f) != getattr(EVAL_PREP, f)] == [geometry]
+    other = OTHER_GEOMETRY[geometry]
+    changed = [f for f in ("crop_size", "resize_size", "interpolation", "mean", "std")
+               if getattr(other, f) != getattr(EVAL_PREP, f)]
+    assert changed == [geometry]
     val = read_split(root / "prepared" / "val.csv")
     with pytest.raises(StageError, match="dvc repro decode_cache"):
         load_arrays(decoded_cache, "val", val, [other])
