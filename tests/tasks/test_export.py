@@ -12,17 +12,22 @@ import onnx
 import onnxruntime as ort
 import pytest
 import torch
+import torchvision
 import yaml
 from torch import nn
 
 from tasks import export
 from tasks.lib.cli import StageError
 from tasks.lib.config import Params
-from tasks.lib.io import sha256_file
+from tasks.lib.data import read_classes
+from tasks.lib.io import read_split, sha256_file
 from tasks.lib.onnx_classifier import load_classifier
 from tasks.lib.preprocess import Preprocessing
+from tasks.train import train
 from tests.conftest import init_dvc_repo, run
+from tests.realistic import CLASS_NAMES, oracle_input, wrong_orders
 from tests.tasks.test_evaluate import CLASSES, make_project
+from tests.tasks.test_train import REALISTIC_ARCH, tiny_params, write_realistic_project
 
 
 def onnx_metadata(path: Path) -> dict[str, str]:
@@ -194,3 +199,123 @@ def test_dvc_repro_evaluate_and_export(tmp_path: Path) -> None:
     assert re.search(r"worst on class_\d/img_\d{3}\.png at batch size \d", failed.stderr), failed.stderr
     assert not (repo / "artifacts/export/model.onnx").exists()
     assert not list((repo / "artifacts/export").glob(".model.onnx*"))  # no temporary file either
+
+
+# --------------------------------------------------------------------------- realistic classes and int8
+
+
+@pytest.fixture(scope="module")
+def realistic_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A resnet18 head trained on the realistic folder through the real prepare and train stages
+    (val accuracy ~0.9): class names that sort differently by code point, case and locale."""
+    root = tmp_path_factory.mktemp("realistic")
+    write_realistic_project(root, REALISTIC_ARCH)
+    train(tiny_params(root, **{"model.arch": REALISTIC_ARCH, "train.head.lr": 0.01, "train.head.epochs": 12,
+                               "train.finetune.unfreeze": "none", "train.early_stopping_patience": 0}))
+    return root
+
+
+def realistic_export_params(root: Path, out: Path, checkpoint_dir: Path, max_accuracy_drop: float) -> Params:
+    return tiny_params(root, **{
+        "model.arch": REALISTIC_ARCH, "train.out_dir": str(checkpoint_dir), "export.out_dir": str(out / "export"),
+        "reports.dir": str(out / "metrics"), "export.latency_runs": 5, "export.quantize.enabled": True,
+        "export.quantize.max_accuracy_drop": max_accuracy_drop})
+
+
+def held_out_files(root: Path) -> tuple[list[Path], np.ndarray]:
+    rows = read_split(root / "data" / "prepared" / "test.csv")
+    return [root / "data" / "raw" / row.path for row in rows], np.array([row.label for row in rows])
+
+
+def onnx_logits(model: Path, files: list[Path]) -> np.ndarray:
+    """Plain onnxruntime on the oracle's inputs, made from the file's own preprocessing metadata."""
+    prep = json.loads(onnx_metadata(model)["preprocessing"])
+    session = ort.InferenceSession(str(model), providers=["CPUExecutionProvider"])
+    return session.run(None, {"input": np.stack([oracle_input(f, prep) for f in files])})[0]
+
+
+def torch_logits(checkpoint: Path, files: list[Path]) -> np.ndarray:
+    """The checkpoint's network rebuilt by torchvision, on the oracle's inputs."""
+    payload = torch.load(checkpoint, weights_only=True)
+    network = torchvision.models.get_model(payload["arch"], weights=None, num_classes=len(payload["class_names"]))
+    network.load_state_dict(payload["state_dict"])
+    with torch.no_grad():
+        x = torch.from_numpy(np.stack([oracle_input(f, payload["preprocessing"]) for f in files]))
+        return network.eval()(x).numpy()
+
+
+def op_types(model: Path) -> set[str]:
+    return {node.op_type for node in onnx.load(str(model), load_external_data=False).graph.node}
+
+
+@pytest.mark.slow(seconds=60)
+def test_onnx_class_names_are_the_prepared_order_and_int8_as_accurate_as_fp32_is_kept(
+        realistic_model: Path, tmp_path: Path) -> None:
+    """A consumer maps output i to class_names[i] from the ONNX file alone: that list must be classes.json
+    and the checkpoint's, in code-point order, for names a case-insensitive or locale sort would reorder;
+    and the name it gives each test image is the one the trained network (rebuilt independently) means.
+    int8 that loses no test accuracy is kept under the strictest bound, 0: "at most" includes equal."""
+    root = realistic_model
+    report = export.run(realistic_export_params(root, tmp_path, root / "artifacts" / "train", 0.0))
+    fp32, int8 = tmp_path / "export" / "model.onnx", tmp_path / "export" / "model.int8.onnx"
+    classes = read_classes(root / "data" / "prepared")
+    assert classes == sorted(CLASS_NAMES)
+    assert all(classes != order for order in wrong_orders(CLASS_NAMES).values())
+    assert torch.load(root / "artifacts" / "train" / "model.pt", weights_only=True)["class_names"] == classes
+    assert json.loads(onnx_metadata(fp32)["class_names"]) == classes
+    assert json.loads(onnx_metadata(int8)["class_names"]) == classes
+
+    files, labels = held_out_files(root)
+    meant = [classes[i] for i in torch_logits(root / "artifacts" / "train" / "model.pt", files).argmax(1)]
+    named = [json.loads(onnx_metadata(fp32)["class_names"])[i] for i in onnx_logits(fp32, files).argmax(1)]
+    assert named == meant and len(set(meant)) >= 4, (named, meant)    # several classes, so order shows
+
+    quantized = report["quantized"]
+    accuracy = {path: float((onnx_logits(path, files).argmax(1) == labels).mean()) for path in (fp32, int8)}
+    assert {"ConvInteger", "MatMulInteger"} <= op_types(int8) and "ConvInteger" not in op_types(fp32)
+    assert accuracy[int8] == accuracy[fp32] > 0.5
+    assert quantized["kept"] and quantized["max_accuracy_drop"] == 0.0 and quantized["accuracy_drop"] == 0.0
+    assert (quantized["accuracy_fp32"], quantized["accuracy_int8"]) == pytest.approx((accuracy[fp32], accuracy[int8]))
+    assert quantized["onnx_sha256"] == sha256_file(int8)
+
+
+@pytest.mark.slow(seconds=30)
+def test_an_int8_model_that_loses_accuracy_past_the_bound_is_dropped_and_fp32_stays(
+        realistic_model: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """A real cause of int8 failure: one outlier weight stretches the per-tensor int8 scale until every
+    other weight of the layer rounds to zero. It sits on an input of the last layer that is silent on
+    these images, so the float model predicts exactly as before; the int8 one predicts one class for
+    all. With the default bound (0.01) the int8 file must not be kept, the report must say why, and
+    model.onnx must be the float model."""
+    root = realistic_model
+    files, labels = held_out_files(root)
+    payload = torch.load(root / "artifacts" / "train" / "model.pt", weights_only=True)
+    network = torchvision.models.get_model(REALISTIC_ARCH, num_classes=len(CLASS_NAMES))
+    network.load_state_dict(payload["state_dict"])
+    network.fc = nn.Identity()
+    with torch.no_grad():
+        features = network.eval()(torch.from_numpy(np.stack([oracle_input(f, payload["preprocessing"])
+                                                             for f in files])))
+    silent = int(features.max(0).values.argmin())
+    assert float(features[:, silent].abs().max()) == 0.0, "no input of the last layer is silent on the test images"
+    weight = payload["state_dict"]["fc.weight"]
+    weight[:, silent] += 300 * float(weight.abs().max())      # int8 step > 2x the largest other weight
+    (tmp_path / "outlier").mkdir()
+    torch.save(payload, tmp_path / "outlier" / "model.pt")
+    stale = tmp_path / "export" / "model.int8.onnx"
+    stale.parent.mkdir()
+    stale.write_bytes(b"an int8 model from an earlier export")
+
+    caplog.set_level("INFO", logger="tasks.export")
+    report = export.run(realistic_export_params(root, tmp_path, tmp_path / "outlier", 0.01))
+    fp32 = tmp_path / "export" / "model.onnx"
+    quantized = report["quantized"]
+    accuracy_fp32 = float((onnx_logits(fp32, files).argmax(1) == labels).mean())
+    assert accuracy_fp32 == float((torch_logits(tmp_path / "outlier" / "model.pt", files).argmax(1) == labels).mean())
+    assert not quantized["kept"] and quantized["accuracy_fp32"] == pytest.approx(accuracy_fp32)
+    assert quantized["accuracy_drop"] == pytest.approx(quantized["accuracy_fp32"] - quantized["accuracy_int8"])
+    assert quantized["accuracy_drop"] > 0.3 and "onnx" not in quantized
+    assert "-> dropped" in caplog.text
+    assert not stale.exists() and sorted(p.name for p in fp32.parent.iterdir()) == ["model.onnx"]
+    assert "ConvInteger" not in op_types(fp32) and "quantization" not in onnx_metadata(fp32)
+    assert report["onnx_sha256"] == sha256_file(fp32)
