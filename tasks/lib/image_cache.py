@@ -192,6 +192,14 @@ def find_variant(meta: dict[str, Any], prep: Preprocessing, where: Path) -> str:
                      f"cache.margin changed since the build: rebuild with `dvc repro decode_cache`")
 
 
+def check_draft(meta: dict[str, Any], jpeg_draft: bool, where: Path) -> None:
+    """StageError unless the arrays were decoded with JPEG draft on exactly when cache.jpeg_draft says so."""
+    drafted = any(info.get("jpeg_draft_size") for info in meta["arrays"].values())
+    if drafted != jpeg_draft:
+        raise StageError(f"{where}: built with cache.jpeg_draft {str(drafted).lower()}, but it is "
+                         f"{str(jpeg_draft).lower()} now: rebuild with `dvc repro decode_cache`")
+
+
 class MappedImages:
     """A memory-mapped uint8 NHWC array (or SegmentedRows) that hands out batches as torch tensors, fast.
 
@@ -238,6 +246,7 @@ def training_images(params: Params, split: str, rows: Sequence[SplitRow], preps:
     try:
         arrays = load_arrays(params.cache.dir, split, rows, preps)
         meta = read_meta(params.cache.dir, split)
+        check_draft(meta, params.cache.jpeg_draft, Path(params.cache.dir) / split)
         pixels = [meta["arrays"][find_variant(meta, p, Path(params.cache.dir))].get("pixels", "") for p in preps]
     except (FileNotFoundError, StageError) as err:
         log.warning("%s; decoding the %s images in memory instead", err, split)

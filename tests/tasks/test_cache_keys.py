@@ -187,13 +187,29 @@ def test_the_decoded_cache_is_not_read_for_a_preprocessing_that_differs_in_one_g
     with pytest.raises(StageError, match="dvc repro decode_cache"):
         load_arrays(decoded_cache, "val", val, [other])
     params = load_params(REPO_ROOT / "params.yaml", {"cache.dir": str(decoded_cache), "data.raw_dir": str(root / "raw"),
-                                                      "train.num_workers": 1})
+                                                      "train.num_workers": 1, "cache.jpeg_draft": False})
     (same,) = training_images(params, "val", val, [EVAL_PREP])
     assert Path(same.array.filename).parent == decoded_cache / "val"       # the cache, for what it was built for
     (images,) = training_images(params, "val", val, [other])
     want = decode_arrays(val, root / "raw", [other], workers=1)[0]
     np.testing.assert_array_equal(np.asarray(images.array), want)
     assert images.pixels == row_store.variant_key(other, None)
+
+
+
+def test_the_decoded_cache_is_not_read_when_jpeg_draft_changed_since_it_was_built(
+        decode_baselines: dict[bool, Path]) -> None:
+    """Switching cache.jpeg_draft and training without dvc repro decodes again: the drafted pixels are not reused."""
+    root = decode_baselines[False].parent
+    val = read_split(root / "prepared" / "val.csv")
+    for built_with in (False, True):
+        params = load_params(REPO_ROOT / "params.yaml", {
+            "cache.dir": str(root / f"out-draft-{built_with}"), "data.raw_dir": str(root / "raw"),
+            "train.num_workers": 1, "cache.jpeg_draft": not built_with})
+        (images,) = training_images(params, "val", val, [EVAL_PREP])
+        assert not hasattr(images.array, "filename")          # decoded in memory, not the cache's memory map
+        want = decode_arrays(val, root / "raw", [EVAL_PREP], workers=1)[0]
+        np.testing.assert_array_equal(np.asarray(images.array), want)
 
 
 # --------------------------------------------------------------------------- the feature cache

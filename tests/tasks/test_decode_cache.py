@@ -169,7 +169,7 @@ def test_training_reads_the_cache_when_it_matches_and_decodes_when_it_does_not(
         built: tuple[Path, Path, dict[str, list[SplitRow]]], caplog: pytest.LogCaptureFixture) -> None:
     raw, decoded, splits = built
     params = load_params(REPO_ROOT / "params.yaml", {"cache.dir": str(decoded), "data.raw_dir": str(raw),
-                                                      "cache.num_workers": 1,
+                                                      "cache.num_workers": 1, "cache.jpeg_draft": False,
                                                       "cache.store_dir": str(decoded.parent / "store")})
     marked = np.load(decoded / "train" / "eval.0.npy", mmap_mode="r+")
     marked[0] = 7                       # only the cache has this pixel value: proves it was read
@@ -192,7 +192,7 @@ def test_the_train_stage_reads_its_images_from_the_cache(built: tuple[Path, Path
     params = load_params(REPO_ROOT / "params.yaml", {
         "cache.dir": str(decoded), "data.raw_dir": str(raw), "data.prepared_dir": str(tmp_path / "prepared"),
         "train.image_size": 24, "cache.margin": 1.15, "train.finetune.augment": True,
-        "cache.store_dir": str(tmp_path / "store")})
+        "cache.store_dir": str(tmp_path / "store"), "cache.jpeg_draft": False})     # as `built` built it
     data = load_data(params, PREP, Runtime(device=torch.device("cpu"), amp_dtype=None), num_classes=2)
     for images, variant, split in ((data.train_eval, EVAL, "train"), (data.train_big, AUGMENT, "train"),
                                    (data.val_x, EVAL, "val")):
