@@ -32,9 +32,12 @@ TAIL_LINES = 40
 PROGRESS_LOG_INTERVAL_S = 5.0
 KILL_GRACE_S = 10.0
 DVC_STAGE_LINE = re.compile(r"^(Running stage '|Stage ')")
-# DVC's hint after each stage that wrote git-tracked files; the flow says what changed itself.
+# DVC's hints after each stage that wrote files; the flow says what changed itself and pushes when asked
+# (--push). `dvc repro` prints the push hint unconditionally (DVC 3 has no setting for it; -q would also
+# drop the stage lines the flow reads), so it is filtered here.
 DVC_HINT_LINES = re.compile(r"^(To track the changes with git, run:|To enable auto staging, run:|"
-                            r"dvc config core\.autostage true|git add \S+)")
+                            r"dvc config core\.autostage true|git add \S+|"
+                            r"Use `dvc push` to send your updates to remote storage\.)")
 # Words of a failure that may pass on a retry (network, remote storage); anything else fails the same way again.
 # HTTP codes count only beside the words that make them one ("HTTP 503", "status 500"), so that
 # "500 files missing" is not a network error.

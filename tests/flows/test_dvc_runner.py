@@ -239,3 +239,14 @@ def test_a_stage_listed_before_one_it_reads_from_is_refused(tmp_path: Path, firs
     (tmp_path / "params.yaml").write_text((REPO_ROOT / "params.yaml").read_text())
     with pytest.raises(ValueError, match=rf"stage '{second}' depends on {dep}, which stage '{first}'.*order"):
         read_stages(tmp_path)
+
+
+@pytest.mark.slow(seconds=15)
+def test_a_stage_run_by_dvc_logs_its_lines_without_dvcs_push_hint(log, tiny_project: Path) -> None:
+    """The flow pushes when asked (--push): DVC's 'Use `dvc push`' after every repro is noise in its log."""
+    logger, recorder = log
+    result = run_checked(["dvc", "repro", "--single-item", "prepare"], tiny_project, logger, "stage prepare")
+    assert stage_outcome("prepare", result.dvc_stage_lines) == "ran"
+    messages = [message for _, message in recorder.records]
+    assert "tiny stage prepare working" in messages
+    assert not [m for m in messages if "dvc push" in m], messages

@@ -23,7 +23,8 @@ from tasks.lib.data import read_classes
 from tasks.lib.io import read_split, sha256_file
 from tasks.lib.splits import split_fraction
 from tasks.prepare import Counts, prepare
-from tests.conftest import init_dvc_repo, run, write_image_folder
+from tasks.lib.config import load_params
+from tests.conftest import REPO_ROOT, init_dvc_repo, run, write_image_folder
 from tests.realistic import CLASS_NAMES, wrong_orders, write_realistic_folder
 
 
@@ -408,15 +409,34 @@ def test_dvc_repro_prepare_in_a_real_repo(tmp_path: Path):
     assert "Running stage 'prepare'" in third.stdout
 
 
-def test_the_report_warns_when_images_are_far_smaller_than_the_network_input(tmp_path: Path) -> None:
-    tiny = write_image_folder(tmp_path / "tiny", classes=2, per_class=6, size=8)
-    report = prepare(tiny, tmp_path / "out_tiny", cfg(), input_size=96)
-    assert report["median_short_side"] == 8
-    assert report["warnings"] and report["warnings"][0].startswith(
-        "images are much smaller than the network's input: median short side 8 px, scaled 12x to train.image_size 96")
-    fair = write_image_folder(tmp_path / "fair", classes=2, per_class=6, size=28)
-    assert prepare(fair, tmp_path / "out_fair", cfg(), input_size=96)["warnings"] == []   # 3.4x: Fashion-MNIST's case
-    assert prepare(tiny, tmp_path / "out_none", cfg())["warnings"] == []                  # no input size, no opinion
+def test_the_report_warns_when_images_are_upscaled_more_than_one_and_a_half_times(tmp_path: Path) -> None:
+    icons = write_image_folder(tmp_path / "icons", classes=2, per_class=6, size=48)   # icons read at 96 px: 2x
+    report = prepare(icons, tmp_path / "out_icons", cfg(), input_size=96)
+    assert report["median_short_side"] == 48
+    assert report["warnings"] == [
+        "images are upscaled 2.0x: median short side 48 px, train.image_size 96; the network sees interpolation "
+        "rather than detail, so consider a smaller train.image_size (e.g. -S train.image_size=64, faster) and "
+        "compare the lift over the pixel baseline that evaluate reports"]
+    fashion = write_image_folder(tmp_path / "fashion", classes=2, per_class=6, size=28)   # the demo's 3.4x
+    assert prepare(fashion, tmp_path / "out_fashion", cfg(), input_size=96)["warnings"][0].startswith(
+        "images are upscaled 3.4x: median short side 28 px")
+    fair = write_image_folder(tmp_path / "fair", classes=2, per_class=6, size=64)        # 1.5x: no noise
+    assert prepare(fair, tmp_path / "out_fair", cfg(), input_size=96)["warnings"] == []
+    assert prepare(icons, tmp_path / "out_none", cfg())["warnings"] == []                # no input size, no opinion
+
+
+def test_the_console_line_names_the_report_and_the_top_reasons_for_rejected_files(
+        image_folder: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    raw = tmp_path / "data" / "raw"
+    shutil.copytree(image_folder, raw)
+    add_bad_files(raw)
+    (raw / "class_1" / "more notes.jpg").write_text("text again")
+    params = load_params(REPO_ROOT / "params.yaml", ["prepare.num_workers=1", "prepare.max_pixels=22500"])
+    prepare_module.run(params)   # relative data/raw and data/prepared: the test's own folder
+    line = capsys.readouterr().out
+    assert "5 rejected (2 not_an_image, 1 decompression_bomb, 1 empty_file, 1 other reason): " \
+           "see data/prepared/report.json," in line
+    assert json.loads((tmp_path / "data/prepared/report.json").read_text())["n_rejected"] == 5
 
 
 # --------------------------------------------------------------------------- class names as users name them
