@@ -120,6 +120,21 @@ def need(path: Path, missing: list[Path]) -> dict[str, Any]:
     return read_json(path)
 
 
+def held_out_scores(test: dict[str, Any]) -> dict[str, Any]:
+    """The held-out scores a person judges a model by, with their 95% intervals, the pixel baseline and the lift;
+    the same fields in `make demo`'s and `python -m flows.retrain`'s summary lines."""
+    return {
+        "test_accuracy": test.get("accuracy"),
+        "test_accuracy_ci95": [test.get("accuracy_ci_low"), test.get("accuracy_ci_high")],
+        "macro_f1": test.get("macro_f1"),
+        "macro_f1_ci95": [test.get("macro_f1_ci_low"), test.get("macro_f1_ci_high")],
+        "ece": test.get("ece"),
+        "ece_uncalibrated": test.get("ece_uncalibrated"),
+        "baseline_accuracy": test.get("baseline_accuracy"),
+        "lift_over_baseline": test.get("lift"),
+    }
+
+
 def build_summary(root: Path, params: Params, result: dict[str, Any], wall_s: float) -> dict[str, Any]:
     """The summary line, from the stages' reports and the flow's result."""
     missing: list[Path] = []
@@ -148,14 +163,7 @@ def build_summary(root: Path, params: Params, result: dict[str, Any], wall_s: fl
         "val_accuracy": train.get("val_accuracy"),
         "epochs": train.get("epochs"),
         "train_img_per_s": train.get("train_img_per_s"),
-        "test_accuracy": test.get("accuracy"),
-        "test_accuracy_ci95": [test.get("accuracy_ci_low"), test.get("accuracy_ci_high")],
-        "macro_f1": test.get("macro_f1"),
-        "macro_f1_ci95": [test.get("macro_f1_ci_low"), test.get("macro_f1_ci_high")],
-        "ece": test.get("ece"),
-        "ece_uncalibrated": test.get("ece_uncalibrated"),
-        "baseline_accuracy": test.get("baseline_accuracy"),
-        "lift_over_baseline": test.get("lift"),
+        **held_out_scores(test),
         "onnx": export.get("onnx"),
         "onnx_max_abs_diff": export.get("max_abs_diff"),
         "ort_latency_ms_p50": export.get("ort_latency_ms_p50"),

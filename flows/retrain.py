@@ -35,6 +35,7 @@ from prefect.runtime import flow_run
 from prefect.tasks import exponential_backoff
 
 from flows.data_version import dvc_file, is_workspace_version, isolated_copy, md5_in_workspace, raw_has_files
+from flows.demo import held_out_scores
 from flows.dvc_runner import TransientFailure, read_stages, run_checked, run_streamed, stage_outcome
 from flows.lock import describe_holder, retrain_lock
 from flows.server import run_flow_command
@@ -250,6 +251,7 @@ def summarize(project: Path, workdir: Path, data_rev: str | None, data_md5: str,
         "stages_skipped": [s for s, o in outcomes.items() if o == "skipped"],
         "pushed": pushed,
         "test_metrics": {k: metrics[k] for k in METRIC_ROWS if k in metrics},
+        "quality": held_out_scores(metrics),   # read here: an isolated copy is gone once the flow returns
         "per_class": metrics.get("per_class", {}),
         "paths": {name: path.relative_to(workdir).as_posix() for name, path in paths.items()},
         "publish": published,
@@ -304,10 +306,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 def result_line(result: dict[str, Any]) -> dict[str, Any]:
-    """What a person reads after a run: stages and the gate's decision, each said once."""
+    """What a person reads after a run: stages, held-out scores against the baseline and the gate's decision."""
     published = result.get("publish") or {}
     return {"flow_run_id": result["flow_run_id"], "data_md5": result["data_md5"],
             "stages_run": result["stages_run"], "stages_skipped": result["stages_skipped"],
+            **result.get("quality", {}),
             **{key: published.get(key) for key in ("registry_version", "promoted", "reason", "model_card")
                if published}}
 

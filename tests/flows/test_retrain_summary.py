@@ -1,0 +1,27 @@
+"""The line `python -m flows.retrain` prints: the held-out scores beside the baseline, as `make demo`'s line has."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from flows.demo import held_out_scores
+from flows.retrain import result_line, summarize
+from tasks.lib.config import load_params
+from tasks.lib.io import write_json
+from tests.conftest import REPO_ROOT
+
+EVALUATE = {"accuracy": 0.8952, "accuracy_ci_low": 0.871, "accuracy_ci_high": 0.915, "macro_f1": 0.894,
+            "macro_f1_ci_low": 0.87, "macro_f1_ci_high": 0.914, "ece": 0.041, "ece_uncalibrated": 0.06,
+            "baseline_accuracy": 0.79, "lift": 0.1052, "n_test": 600}
+
+
+def test_the_summary_line_has_test_accuracy_with_its_interval_the_baseline_and_the_lift(tmp_path: Path) -> None:
+    params = load_params(REPO_ROOT / "params.yaml")
+    write_json(params.report_paths(tmp_path)["test_metrics"], EVALUATE)
+    published = {"registry_version": "v1", "promoted": True, "reason": "bootstrap", "model_card": "README.md"}
+    summary = summarize(tmp_path, tmp_path, None, "abc.dir", params, {"prepare": "ran"}, published, "run-1", False)
+    line = result_line(summary)
+    assert line["test_accuracy"] == 0.8952 and line["test_accuracy_ci95"] == [0.871, 0.915]
+    assert line["baseline_accuracy"] == 0.79 and line["lift_over_baseline"] == 0.1052
+    assert {key: line[key] for key in held_out_scores(EVALUATE)} == held_out_scores(EVALUATE)   # demo's fields
+    assert line["promoted"] is True and line["stages_run"] == ["prepare"]
