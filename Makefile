@@ -18,7 +18,7 @@ export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 # pip's index here lists locations that do not exist; its warnings about them say nothing useful.
 QUIET_PIP := { grep --line-buffered -v "is ignored: it is neither a file nor a directory" || true; }
 
-.PHONY: demo test test-fast mutate install demo-data serve repro exp bench bench-data quality clean help
+.PHONY: demo test test-fast mutate install demo-data serve repro exp bench bench-data quality clean clean-registry help
 
 help:
 	@echo "make demo   - install, fetch the demo data, run the whole pipeline, print a summary"
@@ -31,15 +31,22 @@ help:
 	@echo "make bench  - training throughput benchmark (CPU mode here, GPU mode on a GPU)"
 	@echo "make bench-data - data steps from scratch and after adding 1% images (N=2000; ARGS='--n 200000')"
 	@echo "make quality - the model against pixel baselines and the tutorial recipe (ARGS='--dataset digits')"
+	@echo "make clean  - deletes what a run rebuilds: artifacts/, data/prepared/, .prefect/ (never the registry or data/raw)"
+	@echo "make clean-registry - deletes registry/, every published model and the production record (asks first; CONFIRM=yes)"
+	@echo "make install TORCH=cpu - PyTorch's CPU-only wheels from download.pytorch.org (no CUDA libraries, ~6 GB less)"
 
 install: $(STAMP)
 
 # torch/torchvision come from pip (their wheels lie on this disk); uv then
-# installs the rest quickly, pinned by constraints.txt.
+# installs the rest quickly, pinned by constraints.txt. PyPI's torch wheels bring
+# the CUDA libraries (about 6 GB) even where there is no GPU: TORCH=cpu takes the
+# same versions from PyTorch's CPU-only index instead (it needs that index reachable).
+TORCH ?= default
+TORCH_INDEX = $(if $(filter cpu,$(TORCH)),--index-url https://download.pytorch.org/whl/cpu,)
 $(STAMP): pyproject.toml constraints.txt
 	@echo "[install 1/3] creating $(VENV) and installing torch + torchvision (the largest part: 1-3 minutes)"
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	@$(PY) -m pip install --disable-pip-version-check --progress-bar off torch==2.14.1 torchvision==0.29.1 2>&1 \
+	@$(PY) -m pip install --disable-pip-version-check --progress-bar off $(TORCH_INDEX) torch==2.14.1 torchvision==0.29.1 2>&1 \
 	  | { grep --line-buffered -E "^(Collecting|Installing|Successfully|Requirement|ERROR)" || true; }
 	@echo "[install 2/3] installing uv"
 	@$(PY) -m pip install --quiet --disable-pip-version-check uv==$$(grep '^uv==' constraints.txt | cut -d= -f3) 2>&1 \
@@ -108,5 +115,15 @@ bench-data: install
 quality: install demo-data
 	$(PY) benchmarks/quality.py $(ARGS)
 
+# What a run rebuilds. The registry is not: it holds every published model and
+# which one is production, so it has its own target that asks first.
 clean:
-	rm -rf artifacts data/prepared .prefect registry
+	rm -rf artifacts data/prepared .prefect
+
+clean-registry:
+	@if [ "$(CONFIRM)" != yes ]; then \
+	  if [ -t 0 ]; then read -r -p "Delete registry/ (every published model and the production record)? Type yes: " answer; \
+	  else answer=; fi; \
+	  if [ "$$answer" != yes ]; then echo "registry/ kept (make clean-registry CONFIRM=yes deletes it without asking)"; exit 1; fi; \
+	fi
+	rm -rf registry
