@@ -35,7 +35,7 @@ from torch import nn
 from tasks.lib.cli import StageError, stage_main
 from tasks.lib.config import ExportParams, Params
 from tasks.lib.data import read_rows
-from tasks.lib.images import BadImage, load_rgb
+from tasks.lib.images import INPUT_CONTRACT, BadImage, load_rgb
 
 logging.getLogger("onnx_ir").setLevel(logging.WARNING)  # ~64 "Replaced initializer" INFO lines per export
 from tasks.lib.io import SplitRow, atomic_path, sha256_file, write_json
@@ -162,6 +162,7 @@ def build_metadata(params: Params, meta: dict[str, Any]) -> dict[str, str]:
         "input_format": "float32 NCHW, RGB scaled to [0,1] then (x - mean) / std",
         "resize_policy": f"resize the shorter side to {prep.resize_size} px ({prep.interpolation}), "
                          f"keep aspect, center-crop {prep.crop_size}x{prep.crop_size}",
+        **INPUT_CONTRACT,   # how a file becomes the RGB image that the preprocessing above starts from
         "output": f"{OUTPUT_NAME}: raw scores; {PROBABILITIES_NAME}: softmax({OUTPUT_NAME} / temperature), "
                   "calibrated on the validation split; classes in class_names order",
         "temperature": repr(float(meta.get("temperature") or 1.0)),

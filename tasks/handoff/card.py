@@ -24,20 +24,35 @@ _MARKDOWN_ACTIVE = re.compile(r"([\\`\[\]|])")
 # an ordered list (1. 1) before a space or the end). Leading spaces (indented code) become entities first.
 _BLOCK_MARKER = re.compile(r"^(?:[#>=~_]|[-+*](?=[\s\-+*]|$)|\d{1,9}[.)](?=\s|$))")
 
-# Ten lines that call the model with onnxruntime, numpy and Pillow only. The preprocessing
-# comes from the ONNX metadata, so this stays right whatever size or normalisation the
-# model was trained with. tests/tasks/test_card.py runs this exact text on a real model.
+# The model called with onnxruntime, numpy and Pillow only, doing what `predict` does: the file becomes RGB as
+# tasks.lib.images.INPUT_CONTRACT says (the ONNX metadata states it too), then the preprocessing comes from the
+# metadata, so this stays right whatever size or normalisation the model was trained with. It prints the top-1
+# class, then every class's calibrated probability as JSON.
+# tests/tasks/handoff/test_card_snippet.py runs it as a rendered card prints it against predict.
 SNIPPET = '''\
-import json, sys; import numpy as np, onnxruntime as ort; from PIL import Image
+import json, sys
+import numpy as np, onnxruntime as ort
+from PIL import Image, ImageOps
+
 sess = ort.InferenceSession(sys.argv[1])
 meta = sess.get_modelmeta().custom_metadata_map
 prep, classes = json.loads(meta["preprocessing"]), json.loads(meta["class_names"])
-img = Image.open(sys.argv[2]).convert("RGB"); r, c = prep["resize_size"], prep["crop_size"]; s = r / min(img.size)
+img = ImageOps.exif_transpose(Image.open(sys.argv[2]))  # EXIF orientation applied
+if img.mode in ("I;16", "I;16B", "I;16L", "I", "F"):  # 16/32-bit grey: scaled by the type's range, not clipped
+    a = np.asarray(img, np.float64)
+    a = a if img.mode == "F" else a / (255 if img.mode == "I" and a.max(initial=0) <= 255 else 65535)
+    img = Image.fromarray(np.clip(np.rint(a * 255), 0, 255).astype(np.uint8))
+img = img.convert("RGBA") if img.mode == "P" else img  # a palette's transparent entry becomes alpha
+if img.mode in ("RGBA", "LA", "PA", "RGBa", "La"):  # alpha composited on white
+    img = Image.alpha_composite(Image.new("RGBA", img.size, "white"), img.convert("RGBA"))
+img, r, c = img.convert("RGB"), prep["resize_size"], prep["crop_size"]
+s = r / min(img.size)  # shorter side to resize_size, then the central crop_size square
 img = img.resize((max(r, round(img.width * s)), max(r, round(img.height * s))), Image.Resampling[prep["interpolation"].upper()])
 left, top = (img.width - c) // 2, (img.height - c) // 2
-x = (np.asarray(img.crop((left, top, left + c, top + c)), np.float32) / 255 - prep["mean"]) / prep["std"]
-logits = sess.run(None, {sess.get_inputs()[0].name: x.transpose(2, 0, 1)[None].astype(np.float32)})[0][0]
-print(classes[int(logits.argmax())])
+x = np.asarray(img.crop((left, top, left + c, top + c)), np.float32) / np.float32(255)
+x = ((x - np.float32(prep["mean"])) / np.float32(prep["std"])).transpose(2, 0, 1)[None]
+p = sess.run(["probabilities"], {sess.get_inputs()[0].name: x})[0][0].astype(np.float64)
+print(classes[int(p.argmax())]); print(json.dumps(dict(zip(classes, (p / p.sum()).tolist()))))
 '''
 
 LIMITATIONS = (

@@ -32,6 +32,17 @@ IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".t
 # The Pillow decoders of those suffixes; no other decoder is ever tried.
 IMAGE_FORMATS = ("JPEG", "PNG", "BMP", "GIF", "TIFF", "WEBP", "PPM")
 
+# What load_rgb makes of a file before the model's own preprocessing: stated in every ONNX file's metadata
+# (tasks.export) and done by the model card's onnxruntime snippet (tasks.handoff.card), which
+# tests/tasks/handoff/test_card_snippet.py checks against predict on each kind of image named here.
+INPUT_CONTRACT = {
+    "exif_orientation": "applied (Pillow ImageOps.exif_transpose) before anything else",
+    "alpha": "composited on white: RGBA, LA, PA, and P (palette) images with transparency",
+    "high_bit_depth": "16- and 32-bit grey (I;16, I, F) scaled to 8 bits by the type's range, not clipped: "
+                      "I;16 / 65535, I / 65535 when any value is over 255 else / 255, F as 0..1",
+    "color_mode": "8-bit RGB; every other mode (L, 1, CMYK, P without transparency) by Pillow's convert('RGB')",
+}
+
 DEFAULT_MAX_PIXELS = 89_478_485            # Pillow's own default
 DEFAULT_MAX_ASPECT_RATIO = 50.0
 DEFAULT_MAX_FILE_BYTES = 256 * 2**20

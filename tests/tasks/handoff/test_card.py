@@ -1,24 +1,16 @@
-"""The model card: every section is filled from the artifacts, and its onnxruntime snippet really runs."""
+"""The model card: every section is filled from the artifacts (its snippet: test_card_snippet.py)."""
 
 from __future__ import annotations
 
-import json
-import re
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
-import onnxruntime as ort
 
 from tasks.handoff.card import SNIPPET
 from tasks.handoff.publish import publish_candidate
 from tasks.handoff.registry import open_registry
-from tasks.lib.images import load_rgb
 from tasks.lib.io import write_json
-from tasks.lib.preprocess import Preprocessing, preprocess
-from tests.conftest import write_image_folder
-from tests.tasks.handoff.test_publish import make_onnx, make_params, make_project, set_candidate
+from tests.tasks.handoff.test_publish import make_params, make_project, set_candidate
 
 SECTIONS = ["## Intended use", "## Classes", "## Data", "## Training recipe", "## Test metrics", "### Per class",
             "## Calibration", "## Export and parity", "## Latency", "## Promotion gate", "## Lineage",
@@ -73,38 +65,6 @@ def test_the_runs_figures_travel_with_the_version_and_show_in_the_card(tmp_path:
     assert "![Training curves](curves.png)" in readme and "![Confusion matrix (test split)](confusion.png)" in readme
     assert "reliability.png" not in readme                    # only the figures that exist
     assert registry.read_json(version, "card.json")["figures"] == ["confusion.png", "curves.png"]
-
-
-def test_the_snippet_is_ten_lines_and_matches_onnxruntime_top1(tmp_path: Path):
-    assert len(SNIPPET.strip().splitlines()) == 10
-    # Non-square images at another size and a non-default preprocessing: the snippet must follow the metadata.
-    prep = Preprocessing(crop_size=24, resize_size=28, interpolation="bicubic", mean=(0.5, 0.4, 0.3),
-                         std=(0.2, 0.25, 0.3))
-    weight = np.random.default_rng(0).normal(size=(3, 3)).astype(np.float32)
-    model = make_onnx(tmp_path / "model.onnx", weight, prep=prep)
-    images = sorted(write_image_folder(tmp_path / "img", classes=3, per_class=2, size=40, seed=3).rglob("*.png"))
-    script = tmp_path / "snippet.py"
-    script.write_text(_snippet_from_readme(SNIPPET))
-
-    session = ort.InferenceSession(str(model))
-    classes = json.loads(session.get_modelmeta().custom_metadata_map["class_names"])
-    for image in images:
-        expected = session.run(None, {"input": preprocess(load_rgb(image), prep)[None]})[0][0]
-        proc = subprocess.run([sys.executable, str(script), str(model), str(image)], capture_output=True, text=True,
-                              check=True)
-        assert proc.stdout.strip() == classes[int(expected.argmax())]
-
-
-def _snippet_from_readme(snippet: str) -> str:
-    """Take the code exactly as the README shows it (between the python fences)."""
-    from tasks.handoff.card import render_readme
-
-    fake = {"model": "m", "version": "v", "intended_use": "", "classes": [], "training": {
-        "arch": "a", "weights": "w", "image_size": 1, "optimizer": "o", "batch_size": 1, "phases": []},
-        "data": {"raw_dir": "d", "version": "h", "test_split_sha256": "s"}, "test_metrics": {}, "per_class": {},
-        "calibration": {"ece": 0.0, "bins": 15}, "export": {}, "latency": {}, "gate": {"passed": True, "reason": ""},
-        "lineage": {}, "limitations": [], "usage": {"predict": "predict", "snippet": snippet}}
-    return re.search(r"```python\n(.*?)```", render_readme(fake), re.S).group(1)
 
 
 def test_class_names_cannot_inject_html_break_tables_or_add_lines():
