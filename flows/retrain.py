@@ -34,7 +34,8 @@ from prefect.cache_policies import NO_CACHE
 from prefect.runtime import flow_run
 from prefect.tasks import exponential_backoff
 
-from flows.data_version import dvc_file, is_workspace_version, isolated_copy, md5_in_workspace, raw_has_files
+from flows.data_version import (DataVersionError, dvc_file, is_workspace_version, isolated_copy, md5_in_workspace,
+                                raw_has_files)
 from flows.demo import held_out_scores
 from flows.dvc_runner import TransientFailure, read_stages, run_checked, run_streamed, stage_outcome
 from flows.lock import describe_holder, retrain_lock
@@ -315,10 +316,63 @@ def result_line(result: dict[str, Any]) -> dict[str, Any]:
                if published}}
 
 
+def missing_data(root: Path, raw_dir: Path) -> str | None:
+    """Why the workspace has no data to train on (a fresh clone: nothing added, or nothing pulled); None when
+    it has images, or its .dvc file's version is in the DVC cache or may be on a remote this cannot look into."""
+    if raw_has_files(root / raw_dir):
+        return None
+    pointer = dvc_file(raw_dir)
+    todo = (f"run `make demo` for the demo data, or put one folder of images per class in {raw_dir} and run "
+            f"`dvc add {raw_dir}` (then `git add {pointer}` and commit it)")
+    if not (root / pointer).exists():
+        return f"no data: {raw_dir} has no images and {pointer} does not exist; {todo}"
+    try:
+        md5 = md5_in_workspace(root, raw_dir)
+    except DataVersionError:   # a broken .dvc file: the flow's data step says what is wrong with it
+        return None
+    places = dvc_storage(root)
+    if places is None or any(holds(place, md5) for place in places):
+        return None
+    return (f"no data: {raw_dir} has no images, and the version {pointer} pins ({md5}) is neither in the DVC cache "
+            f"nor on a DVC remote ({', '.join(map(str, places[1:])) or 'none configured'}); `dvc pull` it if "
+            f"another remote has it, or {todo}")
+
+
+def dvc_storage(root: Path) -> list[Path] | None:
+    """The DVC cache folder and local remote folders; None when a remote is not a local folder (then only
+    `dvc pull` can tell whether it holds the data) or the DVC config cannot be read."""
+    from dvc.exceptions import DvcException
+    from dvc.repo import Repo  # a second to import: only on the path where data/raw is empty
+
+    try:
+        with Repo(str(root)) as repo:
+            urls = [conf.get("url", "") for conf in repo.config.get("remote", {}).values()]
+            cache = Path(repo.cache.local_cache_dir)
+    except DvcException:
+        return None
+    if any("://" in url for url in urls):
+        return None
+    return [cache] + [Path(url) for url in urls]   # DVC resolves a local remote's url to an absolute path
+
+
+def holds(place: Path, md5: str) -> bool:
+    """Whether a DVC cache or local remote holds the object (DVC 3's files/md5/ layout, or DVC 2's)."""
+    return any((place / sub / md5[:2] / md5[2:]).exists() for sub in ("files/md5", "."))
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     root = Path.cwd()
     try:  # a bad params.yaml or -S fails here, in a second, before any server starts
+        params = load_params(root / "params.yaml", args.set)
+    except ParamsError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    # A fresh clone has no data: say so now, not after a server start and a DVC traceback.
+    if args.data_rev is None and (problem := missing_data(root, params.data.raw_dir)):
+        print(f"error: {problem}", file=sys.stderr)
+        return 2
+    try:  # model.arch against the model builder: imports torchvision, a few seconds
         load_params(root / "params.yaml", args.set, check_arch=True)
     except ParamsError as err:
         print(f"error: {err}", file=sys.stderr)
