@@ -51,7 +51,9 @@ def decide(candidate: dict[str, Any], production: dict[str, Any] | None, gate: G
         checks += _check_class_recalls(candidate, production, gate)
     failed = [c["reason"] for c in checks if not c["ok"]]
     passed = not failed
-    reason = "; ".join(failed) if failed else _success_reason(production, delta, gate, model_name, paired)
+    # Other classes make the split, improvement and recall checks moot: the class check alone says what to do.
+    moot = [c["reason"] for c in checks if c["check"] == "same_classes" and not c["ok"]]
+    reason = "; ".join(moot or failed) if failed else _success_reason(production, delta, gate, model_name, paired)
     return {"passed": passed, "reason": reason, "checks": checks, "metric": gate.metric, "delta": delta,
             "bootstrap": bootstrap, "paired_test": paired}
 
@@ -131,9 +133,29 @@ def _check_same_split(candidate: dict[str, Any], production: dict[str, Any]) -> 
 
 def _check_same_classes(candidate: dict[str, Any], production: dict[str, Any]) -> dict[str, Any]:
     a, b = sorted(candidate.get("per_class", {})), sorted(production.get("per_class", {}))
-    return _check("same_classes", a == b, f"class names differ from production ({a} vs {b}); a model for "
-                  "another dataset belongs under its own name: set project.name for the new dataset (or compare by "
-                  "hand and `registry promote --force`)")
+    return _check("same_classes", a == b, classes_differ_reason(a, b))
+
+
+def classes_differ_reason(candidate: list[str], production: list[str], version: str | None = None) -> str:
+    """The gate's one sentence when the classes differ: what differs (a few names) and what to do."""
+    return (f"{class_difference(candidate, production, version)}: publish it under a new project.name, or "
+            "`registry promote --force` it if it really replaces production")
+
+
+def class_difference(candidate: list[str] | None, production: list[str] | None, version: str | None = None,
+                     shown: int = 3) -> str:
+    """'class names differ from production v1 (new: bird; missing: cat, dog and 5 more)': never every name,
+    which for a thousand classes would bury what to do."""
+    mine, theirs = list(candidate or []), list(production or [])
+    parts = [f"{label}: {_some(sorted(names), shown)}" for label, names in
+             (("new", set(mine) - set(theirs)), ("missing", set(theirs) - set(mine))) if names]
+    what = "; ".join(parts) or ("same names in another order" if mine and theirs else "class list unknown")
+    return f"class names differ from production{f' {version}' if version else ''} ({what})"
+
+
+def _some(names: list[str], shown: int) -> str:
+    more = len(names) - shown
+    return ", ".join(names[:shown]) + (f" and {more} more" if more > 0 else "")
 
 
 def _metric(metrics: dict[str, Any], name: str) -> float | None:

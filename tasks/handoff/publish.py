@@ -30,7 +30,7 @@ from typing import Any
 import numpy as np
 
 from tasks.handoff.card import build_card, render_readme
-from tasks.handoff.gate import decide, paired_test
+from tasks.handoff.gate import classes_differ_reason, decide, paired_test
 from tasks.handoff.lineage import LineageError, build_lineage
 from tasks.handoff.registry import Registry, RegistryError, new_version_id, open_registry
 from tasks.lib.cli import StageError
@@ -166,6 +166,9 @@ def _production_side(params: Params, root: Path, registry: Registry, production:
         # The candidate is production (a re-run): the same bytes on the same split score the same. Its own
         # evaluation is that score; scoring it again would only add PyTorch-vs-onnxruntime rounding noise.
         return ProductionSide(candidate.metrics, candidate.predictions["predicted"], onnx_sha256)
+    if (classes := registry.class_names(production)) is not None and classes != candidate.class_names:
+        return ProductionSide(onnx_sha256=onnx_sha256,
+                              unscored=classes_differ_reason(candidate.class_names, classes, production))
     prepared = root / params.data.prepared_dir
     with tempfile.TemporaryDirectory(prefix="registry-") as tmp:
         onnx_path = Path(tmp) / "model.onnx"

@@ -40,6 +40,7 @@ from typing import Any
 import fsspec
 from fsspec.implementations.local import LocalFileSystem
 
+from tasks.handoff.gate import class_difference
 from tasks.handoff.lineage import missing_fields
 from tasks.handoff.registry_files import MARKER, write_local, write_object_store
 from tasks.handoff.registry_pointer import VERSION_RE, ProductionLog, RegistryError, utcnow
@@ -185,8 +186,7 @@ class Registry:
         mine, theirs = self.class_names(version), self.class_names(production)
         if mine == theirs:
             return None
-        return (f"class names differ from production {production} ({mine} vs {theirs}); a model for another "
-                "dataset belongs under its own name: set project.name for the new dataset")
+        return f"{class_difference(mine, theirs, production)}: a model for other classes belongs under a new project.name"
 
     # ----------------------------------------------------------------- writing
 

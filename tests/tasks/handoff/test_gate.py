@@ -124,7 +124,21 @@ def test_a_changed_class_set_needs_a_person():
     production = synthetic_metrics(0.8, SPLIT, recalls=(0.9, 0.9), classes=["a", "b"])
     decision = gate(synthetic_metrics(0.9, SPLIT), production)
     assert decision["passed"] is False and "same_classes" in failed(decision)
-    assert "set project.name for the new dataset" in decision["reason"] and "--force" in decision["reason"]
+    assert "a new project.name" in decision["reason"] and "--force" in decision["reason"]
+
+
+def test_a_model_for_other_classes_gets_one_short_sentence_that_says_what_to_do():
+    """Icons for 6 categories against a 200-class production: a few names, not every name, and no advice
+    (re-evaluate production, recall drops) that only follows from the classes being different."""
+    classes = [f"category_{i:03d}_with_a_long_name" for i in range(200)]
+    production = synthetic_metrics(0.8, "b" * 64, recalls=(0.9,) * 200, classes=classes, n_test=600)
+    icons = ["apps", "devices", "emblems", "mimetypes", "places", "status"]
+    decision = gate(synthetic_metrics(0.9, SPLIT, recalls=(0.2,) * 6, classes=icons), production)
+    assert decision["passed"] is False and "same_classes" in failed(decision)
+    assert decision["reason"] == (
+        "class names differ from production (new: apps, devices, emblems and 3 more; missing: "
+        "category_000_with_a_long_name, category_001_with_a_long_name, category_002_with_a_long_name and 197 more): "
+        "publish it under a new project.name, or `registry promote --force` it if it really replaces production")
 
 
 def test_first_model_follows_the_bootstrap_rule():
