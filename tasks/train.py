@@ -204,7 +204,7 @@ def summary_metrics(progress: Progress, rt: Runtime, arch: str, record: dict[str
         "best_epoch": progress.best_epoch,
         "best_phase": progress.best_phase,
         "train_img_per_s": progress.train_images / max(progress.train_seconds, 1e-9),
-        **{f"{phase}_img_per_s": rate for phase, rate in phase_rates(progress.history).items()},
+        **phase_summary(progress.history),
         "train_seconds": progress.train_seconds,
         "device": str(rt.device.type),
         "precision": str(rt.amp_dtype).removeprefix("torch.") if rt.amp_dtype else "fp32",
@@ -215,15 +215,19 @@ def summary_metrics(progress: Progress, rt: Runtime, arch: str, record: dict[str
     }
 
 
-def phase_rates(history: list[dict[str, Any]]) -> dict[str, float]:
-    """Training images per second of each phase (cached-feature epochs are far faster than fine-tuning ones)."""
-    rates = {}
+def phase_summary(history: list[dict[str, Any]]) -> dict[str, float | int]:
+    """Per phase that ran: epochs, training seconds, images per second (cached-feature epochs are far faster than
+    fine-tuning ones) and best val macro-F1, so the model card can say what a phase cost and whether it paid."""
+    facts: dict[str, float | int] = {}
     for phase in ("head", "finetune"):
         rows = [r for r in history if r["phase"] == phase]
         if rows:
+            seconds = sum(r["seconds"] for r in rows)
             images = sum(r["train_img_per_s"] * r["seconds"] for r in rows)
-            rates[phase] = images / max(sum(r["seconds"] for r in rows), 1e-9)
-    return rates
+            facts |= {f"{phase}_epochs": len(rows), f"{phase}_seconds": seconds,
+                      f"{phase}_img_per_s": images / max(seconds, 1e-9),
+                      f"{phase}_best_val_macro_f1": max(r["val_macro_f1"] for r in rows)}
+    return facts
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -107,16 +107,50 @@ def build_card(*, params: Params, version: str, url: str, class_names: list[str]
 
 
 def _training(params: Params, train_metrics: dict[str, Any] | None) -> dict[str, Any]:
+    """The recipe as configured, what each phase did (epochs, seconds, best val macro-F1, when train.json says),
+    and which phase and epoch the shipped weights are."""
     train = params.train
+    run = train_metrics or {}
     phases = [{"phase": "head", "backbone": "frozen", "epochs": train.head.epochs, "lr": train.head.lr}]
     if train.finetune.unfreeze != "none" and train.finetune.epochs > 0:
         phases.append({"phase": "finetune", "backbone": f"unfrozen ({train.finetune.unfreeze})",
                        "epochs": train.finetune.epochs, "lr": train.finetune.lr})
-    run = train_metrics or {}
+    for phase in phases:
+        name = phase["phase"]
+        phase.update(epochs_run=run.get(f"{name}_epochs"), seconds=run.get(f"{name}_seconds"),
+                     best_val_macro_f1=run.get(f"{name}_best_val_macro_f1"))
     return {"arch": params.model.arch, "weights": params.model.weights, "image_size": train.image_size,
             "optimizer": train.optimizer, "batch_size": train.batch_size, "phases": phases,
-            "epochs_run": run.get("epochs"), "best_epoch": run.get("best_epoch"),
-            "val_accuracy": run.get("val_accuracy"), "device": run.get("device")}
+            "epochs_run": run.get("epochs"), "best_epoch": run.get("best_epoch"), "best_phase": run.get("best_phase"),
+            "val_accuracy": run.get("val_accuracy"), "device": run.get("device"),
+            "shipped_weights": shipped_weights_note(run)}
+
+
+def shipped_weights_note(train_metrics: dict[str, Any] | None) -> str | None:
+    """Which phase and epoch the shipped weights come from, in one or two sentences; said plainly when the
+    fine-tune phase ran and never beat the head phase (with what it cost). None when train.json does not say."""
+    run = train_metrics or {}
+    phase, epoch = run.get("best_phase"), run.get("best_epoch")
+    if not phase or epoch is None:
+        return None
+    note = f"The shipped weights are epoch {epoch}, from the {phase} phase (the run's best validation macro-F1)."
+    # finetune_img_per_s: what train.json said of a fine-tune phase before it recorded its epochs and seconds.
+    if phase != "head" or not (run.get("finetune_epochs") or "finetune_img_per_s" in run):
+        return note
+    cost = f"{run['finetune_epochs']} epoch(s), {_duration(run.get('finetune_seconds'))}" \
+        if run.get("finetune_epochs") else "its epochs"
+    scores = ""
+    if isinstance(run.get("finetune_best_val_macro_f1"), float) and isinstance(run.get("head_best_val_macro_f1"), float):
+        scores = (f" (its best validation macro-F1 {run['finetune_best_val_macro_f1']:.4f} against "
+                  f"{run['head_best_val_macro_f1']:.4f})")
+    return (f"{note} The finetune phase ran ({cost}) but never beat the head phase{scores}, so none of its "
+            "weights were shipped: set train.finetune.epochs to 0 to save that time, or try a lower train.finetune.lr.")
+
+
+def _duration(seconds: Any) -> str:
+    if not isinstance(seconds, (int, float)):
+        return "time not recorded"
+    return f"{seconds:.0f} s" if seconds < 120 else f"{seconds / 60:.1f} min"
 
 
 def _weak_classes(metrics: dict[str, Any]) -> list[str]:
@@ -208,11 +242,21 @@ def _training_lines(training: dict[str, Any]) -> list[str]:
     lines = [f"- architecture `{training['arch']}`, pretrained weights `{training['weights']}`, "
              f"input {training['image_size']} px, {training['optimizer']}, batch {training['batch_size']}"]
     lines += [f"- phase {p['phase']}: backbone {p['backbone']}, {p['epochs']} epoch(s), lr {p['lr']:g}"
-              for p in training["phases"]]
+              + _phase_run(p) for p in training["phases"]]
     if training.get("epochs_run") is not None:
         lines.append(f"- ran {training['epochs_run']} epochs, best epoch {training['best_epoch']}, "
                      f"val accuracy {_num(training['val_accuracy'])} on {training['device']}")
+    if training.get("shipped_weights"):
+        lines.append(f"- {_md(training['shipped_weights'])}")
     return lines
+
+
+def _phase_run(phase: dict[str, Any]) -> str:
+    """What the phase did, when train.json records it: early stopping can end it before its configured epochs."""
+    if phase.get("epochs_run") is None:
+        return ""
+    return (f"; ran {phase['epochs_run']} epoch(s) in {_duration(phase.get('seconds'))}, "
+            f"best val macro-F1 {_num(phase.get('best_val_macro_f1'))}")
 
 
 def _table(header: list[str], rows: list[list[str]]) -> list[str]:

@@ -125,3 +125,58 @@ def test_a_class_name_that_is_markdown_cannot_restructure_the_card():
     assert restructured == []
     readme = render_readme(_card(["# Injected heading"]))
     assert "## Classes\n\\# Injected heading\n" in readme      # shown as the text it is
+
+
+def _history(head_f1: list[float], finetune_f1: list[float]) -> list[dict]:
+    """Rows as tasks.training.phases writes them for each epoch (head epochs on cached features are fast)."""
+    rows = [("head", f1, 2.0) for f1 in head_f1] + [("finetune", f1, 50.0) for f1 in finetune_f1]
+    return [{"epoch": epoch, "phase": phase, "train_loss": 0.5, "seconds": seconds, "train_img_per_s": 900 / seconds,
+             "val_loss": 1.0 - f1, "val_accuracy": f1 + 0.02, "val_macro_f1": f1, "lr": 0.01}
+            for epoch, (phase, f1, seconds) in enumerate(rows, start=1)]
+
+
+def _train_json(history: list[dict]) -> dict:
+    """train.json as tasks.train.summary_metrics writes it: the best epoch's numbers, then each phase's facts."""
+    from tasks.train import phase_summary
+
+    best = max(history, key=lambda row: row["val_macro_f1"])          # the first best epoch, as early stopping keeps
+    return {"val_accuracy": best["val_accuracy"], "val_macro_f1": best["val_macro_f1"], "epochs": len(history),
+            "best_epoch": best["epoch"], "best_phase": best["phase"], **phase_summary(history),
+            "train_seconds": sum(row["seconds"] for row in history), "device": "cpu"}
+
+
+def _rendered(train_metrics: dict | None) -> tuple[dict, str]:
+    from tasks.handoff.card import build_card, render_readme
+
+    card = build_card(params=make_params(), version="v3", url="registry/m/v3", class_names=["a", "b"], lineage={},
+                      metrics={}, export_report={}, decision={"passed": True, "reason": "first"},
+                      train_metrics=train_metrics, data_report=None)
+    return card, render_readme(card)
+
+
+def test_a_fine_tune_that_never_beat_the_head_phase_is_said_plainly_with_its_cost():
+    # What the icons did: the head phase peaked at 0.61, fine-tuning collapsed to 0.14-0.45 for three epochs.
+    card, readme = _rendered(_train_json(_history([0.55, 0.61, 0.60], [0.14, 0.45, 0.30])))
+    assert card["training"]["best_phase"] == "head" and card["training"]["best_epoch"] == 2
+    recipe = readme[readme.index("## Training recipe"):readme.index("## Test metrics")]
+    assert "The shipped weights are epoch 2, from the head phase" in recipe
+    assert ("The finetune phase ran (3 epoch(s), 2.5 min) but never beat the head phase (its best validation "
+            "macro-F1 0.4500 against 0.6100), so none of its weights were shipped") in recipe
+    assert "ran 3 epoch(s) in 6 s, best val macro-F1 0.6100" in recipe      # the head phase's line
+    assert [p["epochs_run"] for p in card["training"]["phases"]] == [3, 3]
+
+
+def test_a_fine_tune_that_made_the_weights_is_named_without_a_warning():
+    card, readme = _rendered(_train_json(_history([0.55, 0.61], [0.70, 0.72, 0.71])))
+    assert "The shipped weights are epoch 4, from the finetune phase" in readme
+    assert "never beat" not in readme
+
+
+def test_train_metrics_of_older_runs_still_name_the_phase_and_say_what_they_can():
+    # Before train.json recorded each phase's epochs and seconds it had only their image rates.
+    old = {"val_accuracy": 0.62, "epochs": 6, "best_epoch": 2, "best_phase": "head", "head_img_per_s": 9000.0,
+           "finetune_img_per_s": 300.0, "device": "cuda"}
+    _, readme = _rendered(old)
+    assert "epoch 2, from the head phase" in readme and "The finetune phase ran (its epochs) but never beat" in readme
+    _, readme = _rendered(None)                          # no train.json at all: the card says nothing it cannot know
+    assert "shipped weights" not in readme
