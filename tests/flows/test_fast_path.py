@@ -32,7 +32,6 @@ import numpy as np
 import pytest
 import yaml
 from PIL import Image
-
 from prefect import flow
 
 from flows.demo import main, up_to_date_result
@@ -56,7 +55,7 @@ Change = Callable[[Path], None]
 @pytest.fixture(scope="module")
 def completed_run(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     """The project after a completed run: dvc.lock current and committed, the exported model production
-    (promoted over an older version, so a rollback has somewhere to go); {root, production, previous}."""
+    (promoted over an older version, so a rollback has somewhere to go); {root, production}."""
     from tasks.handoff.publish import publish_candidate
     from tests.tasks.handoff.test_publish import CONFUSED, GOOD, set_candidate
 
@@ -75,7 +74,7 @@ def completed_run(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
         result = publish_candidate(params, root, f"run-{tag}")
         assert result["promoted"], result
         versions.append(result["registry_version"])
-    return {"root": root, "previous": versions[0], "production": versions[1]}
+    return {"root": root, "production": versions[-1]}
 
 
 def write_upstream_outputs(root: Path) -> None:
