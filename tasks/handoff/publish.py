@@ -33,6 +33,7 @@ from tasks.handoff.card import build_card, render_readme
 from tasks.handoff.gate import classes_differ_reason, decide, paired_test
 from tasks.handoff.lineage import LineageError, build_lineage
 from tasks.handoff.registry import Registry, RegistryError, new_version_id, open_registry
+from tasks.handoff.registry_pointer import utcnow
 from tasks.lib.cli import StageError
 from tasks.lib.config import Params
 from tasks.lib.io import read_json, sha256_bytes, sha256_file, split_digest
@@ -77,7 +78,7 @@ def publish_candidate(params: Params, root: Path, flow_run_id: str | None,
         registry = open_registry(params, Path(registry_root or root))
         existing = registry.find_by_onnx(candidate.onnx_sha256)
         if existing:
-            return _regate_existing(params, root, registry, existing, candidate)
+            return _regate_existing(params, root, registry, existing, candidate, lineage)
         return _publish_new(params, root, registry, candidate, lineage)
     except (LineageError, RegistryError) as err:
         raise StageError(str(err)) from None
@@ -110,18 +111,28 @@ def _publish_new(params: Params, root: Path, registry: Registry, candidate: Cand
 
 
 def _regate_existing(params: Params, root: Path, registry: Registry, version: str,
-                     candidate: Candidate) -> dict[str, Any]:
-    """The same ONNX file is already a version: gate that version again, write nothing new.
+                     candidate: Candidate, run_lineage: dict[str, Any]) -> dict[str, Any]:
+    """The same ONNX file is already a version: note the reproduction beside it and gate that version again.
 
     The metrics are this run's (same model bytes, current test split), so a changed split
     is handled as for a new candidate; the lineage is the version's own record.
     """
     production = registry.production()
     lineage = registry.read_json(version, "lineage.json")
+    registry.record_reproduction(version, reproduction_note(run_lineage, lineage))
     decision = _gate(params, root, registry, production, candidate, lineage)
     decision["republished"] = f"this ONNX file is already version {version}; no new version was written"
     promoted = _move_pointer(registry, version, production, decision)
     return _result(registry, version, promoted, decision)
+
+
+def reproduction_note(run: dict[str, Any], published: dict[str, Any]) -> dict[str, Any]:
+    """When and by which flow run a version's ONNX file was rebuilt, from which data, code and params, and
+    whether each matches what the version was published from (the same bytes can come from other inputs)."""
+    inputs = ("data_hash", "git_commit", "params_sha256", "weights_sha256", "test_split_sha256")
+    return {"at": utcnow(), "flow_run_id": run.get("flow_run_id"), "onnx_sha256": run.get("onnx_sha256"),
+            **{key: run.get(key) for key in inputs},
+            "same_as_published": {key: run.get(key) == published.get(key) for key in inputs}}
 
 
 @dataclass

@@ -7,6 +7,8 @@ Layout (a local directory by default, or e.g. s3://bucket/prefix):
     <registry>/<model_name>/promotion-log/    one entry per move of production (promote, rollback,
                                               a gated publish); the newest complete entry IS production
     <registry>/<model_name>/production        a cache of the newest entry for outside readers
+    <registry>/<model_name>/reproductions/<version>/   one note per later run that rebuilt that version's
+                                              exact ONNX file (when, flow run, data and code it came from)
 
 Version ids are `<UTC time to the ms>-<first 8 hex of the ONNX sha256>`, e.g. 20261127T210530.123Z-1a2b3c4d:
 they sort by publication time as plain strings, need no shared counter (a `v0007`
@@ -34,6 +36,7 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+import uuid
 from pathlib import Path
 from typing import Any
 
@@ -208,6 +211,35 @@ class Registry:
         except StorageError as err:
             raise RegistryError(str(err)) from None
         return self.url(version)
+
+    def record_reproduction(self, version: str, record: dict[str, Any]) -> str:
+        """Add a write-once note to `reproductions/<version>/` that a run rebuilt this version's exact ONNX file.
+
+        Beside the version, not in it: a version is immutable and its manifest covers its own files.
+        """
+        self._require(version)
+        name = f"{utcnow().replace(':', '')}-{uuid.uuid4().hex[:8]}.json"
+        path = self._path("reproductions", version, name)
+        try:
+            with explained_storage_errors(self.url("reproductions", version, name)):
+                self.fs.makedirs(self._path("reproductions", version), exist_ok=True)
+                self.fs.pipe_file(path, json.dumps({"version": version, **record}, indent=2, sort_keys=True).encode())
+        except StorageError as err:
+            raise RegistryError(str(err)) from None
+        return self.url("reproductions", version, name)
+
+    def reproductions(self, version: str) -> list[dict[str, Any]]:
+        """The runs that rebuilt this version, oldest first (names sort by time); unreadable notes are skipped."""
+        folder = self._path("reproductions", version)
+        if not self.fs.exists(folder):
+            return []
+        notes = []
+        for path in sorted(self.fs.ls(folder, detail=False)):
+            try:
+                notes.append(json.loads(self.fs.cat_file(path)))
+            except (OSError, ValueError):
+                continue
+        return notes
 
     # ----------------------------------------------------------------- moving production
 

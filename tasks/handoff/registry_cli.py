@@ -137,13 +137,18 @@ def _cmd_show(reg: Registry, args: argparse.Namespace) -> int:
     if args.json:
         shown = {"version": version, "url": reg.url(version), "production": production,
                  "card": _json_or_none(reg, version, "card.json", problems),
-                 "decision": _json_or_none(reg, version, "decision.json", problems)}
+                 "decision": _json_or_none(reg, version, "decision.json", problems),
+                 "reproductions": reg.reproductions(version)}
         print(printable(json.dumps(shown, indent=2)))
     else:
         try:
             print(printable(reg.read_bytes(version, "README.md").decode("utf-8", errors="replace")))
         except RegistryError as err:
             problems.append(str(err))
+        for note in reg.reproductions(version):
+            differs = [key for key, same in note.get("same_as_published", {}).items() if not same]
+            print(printable(f"Reproduced {note.get('at')} by flow run {note.get('flow_run_id')}: the same ONNX file"
+                            + (f", from another {', '.join(differs)}" if differs else ", from the same inputs")))
     return _report(problems)
 
 

@@ -217,6 +217,27 @@ def test_first_publish_bootstraps_and_an_unchanged_rerun_reports_no_improvement(
     assert again["registry_version"] == first["registry_version"] and "republished" in again["decision"]
     assert registry.versions() == [first["registry_version"]]
     assert registry.production() == first["registry_version"]
+    # The rebuild leaves a trace on the version it reproduced: when, which run, the same inputs.
+    (note,) = registry.reproductions(first["registry_version"])
+    assert note["flow_run_id"] == "flow-run-2" and note["onnx_sha256"] == stored["onnx_sha256"]
+    assert note["data_hash"] == stored["data_hash"] and all(note["same_as_published"].values())
+    assert registry.verify(first["registry_version"]) == []            # the version itself is untouched
+
+
+def test_registry_show_lists_the_runs_that_reproduced_a_version(project, capsys):
+    from tasks.handoff.registry_cli import main as registry_cli
+
+    root, params = project
+    set_candidate(root, macro_f1=0.8)
+    version = publish_candidate(params, root, "flow-run-1")["registry_version"]
+    publish_candidate(params, root, "flow-run-7")
+    where = ["--params", str(root / "params.yaml"), "-S", f"registry.uri={root / 'registry'}"]
+    capsys.readouterr()
+    assert registry_cli([*where, "show", version]) == 0
+    assert "by flow run flow-run-7: the same ONNX file, from the same inputs" in capsys.readouterr().out
+    assert registry_cli([*where, "show", version, "--json"]) == 0
+    shown = json.loads(capsys.readouterr().out)
+    assert [n["flow_run_id"] for n in shown["reproductions"]] == ["flow-run-7"]
 
 
 def test_better_candidate_is_promoted_worse_is_stored_with_its_reason(project):
