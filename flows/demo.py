@@ -25,6 +25,7 @@ import yaml
 from flows.data_version import dvc_file, md5_in_workspace, raw_has_files
 from flows.dvc_runner import read_stages, subprocess_env
 from flows.lock import RetrainBusy, retrain_lock
+from tasks.handoff.card import shipped_weights_note
 from tasks.lib.cli import StageError
 from tasks.lib.config import Params, ParamsError, load_params
 from tasks.lib.io import read_json, sha256_file
@@ -120,9 +121,10 @@ def need(path: Path, missing: list[Path]) -> dict[str, Any]:
     return read_json(path)
 
 
-def held_out_scores(test: dict[str, Any]) -> dict[str, Any]:
-    """The held-out scores a person judges a model by, with their 95% intervals, the pixel baseline and the lift;
-    the same fields in `make demo`'s and `python -m flows.retrain`'s summary lines."""
+def held_out_scores(test: dict[str, Any], train: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The held-out scores a person judges a model by, with their 95% intervals, the pixel baseline and the lift,
+    and which training phase and epoch the shipped weights come from; the same fields in `make demo`'s and
+    `python -m flows.retrain`'s summary lines."""
     return {
         "test_accuracy": test.get("accuracy"),
         "test_accuracy_ci95": [test.get("accuracy_ci_low"), test.get("accuracy_ci_high")],
@@ -132,6 +134,7 @@ def held_out_scores(test: dict[str, Any]) -> dict[str, Any]:
         "ece_uncalibrated": test.get("ece_uncalibrated"),
         "baseline_accuracy": test.get("baseline_accuracy"),
         "lift_over_baseline": test.get("lift"),
+        "shipped_weights": shipped_weights_note(train),
     }
 
 
@@ -163,7 +166,7 @@ def build_summary(root: Path, params: Params, result: dict[str, Any], wall_s: fl
         "val_accuracy": train.get("val_accuracy"),
         "epochs": train.get("epochs"),
         "train_img_per_s": train.get("train_img_per_s"),
-        **held_out_scores(test),
+        **held_out_scores(test, train),
         "onnx": export.get("onnx"),
         "onnx_max_abs_diff": export.get("max_abs_diff"),
         "ort_latency_ms_p50": export.get("ort_latency_ms_p50"),

@@ -241,6 +241,7 @@ def summarize(project: Path, workdir: Path, data_rev: str | None, data_md5: str,
     """The flow's result: what ran, what it produced, and the gate's decision."""
     paths = params.report_paths(workdir)
     metrics = read_json(paths["test_metrics"]) if paths["test_metrics"].exists() else {}
+    train = read_json(paths["train_metrics"]) if paths["train_metrics"].exists() else None
     return {
         "flow_run_id": run_id,
         "project": str(project),
@@ -252,7 +253,7 @@ def summarize(project: Path, workdir: Path, data_rev: str | None, data_md5: str,
         "stages_skipped": [s for s, o in outcomes.items() if o == "skipped"],
         "pushed": pushed,
         "test_metrics": {k: metrics[k] for k in METRIC_ROWS if k in metrics},
-        "quality": held_out_scores(metrics),   # read here: an isolated copy is gone once the flow returns
+        "quality": held_out_scores(metrics, train),   # read here: an isolated copy is gone once the flow returns
         "per_class": metrics.get("per_class", {}),
         "paths": {name: path.relative_to(workdir).as_posix() for name, path in paths.items()},
         "publish": published,
