@@ -46,3 +46,10 @@ def test_a_fresh_clone_without_data_is_told_what_to_do_before_a_server_starts(fr
     else:   # the pinned version is named, and where it was looked for
         assert "the version data/raw.dvc pins (" in proc.stderr and "storage/dvc" in proc.stderr
     assert not list(fresh_clone.glob(".prefect/*.db")), "a Prefect server database was created"
+
+
+def test_the_readme_quotes_the_message_a_fresh_clone_without_data_gets() -> None:
+    """What the README tells a new user to expect is what the command prints (the test above runs it)."""
+    readme = " ".join((REPO_ROOT / "README.md").read_text().split())
+    assert "`error: no data: data/raw has no images`" in readme
+    assert "`make demo`" in readme and "`dvc add data/raw`" in readme
