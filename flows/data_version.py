@@ -20,9 +20,9 @@ from pathlib import Path
 
 import yaml
 
-from flows.processes import pid_alive
 from tasks.handoff.lineage import dvc_pointer_hash
 from tasks.lib.config_support import yaml_error_text
+from tasks.lib.io import process_alive
 
 COPY_PREFIX = "retrain-"         # tempfile.mkdtemp(prefix=...): where isolated copies live
 OWNER_FILE = "owner.pid"         # beside the copy: the process that made it, so a killed run's copy can go
@@ -147,7 +147,7 @@ def sweep_stale_copies(root: Path, log: logging.Logger | logging.LoggerAdapter) 
         if not workdir.parent.name.startswith(COPY_PREFIX) or not owner.is_file():
             continue
         pid = owner.read_text().strip()
-        if pid.isdigit() and pid_alive(int(pid)):
+        if pid.isdigit() and process_alive(int(pid)):
             continue
         log.info("Removing the working copy %s of a run that did not finish (process %s is gone)", workdir, pid)
         subprocess.run(["git", "worktree", "remove", "--force", str(workdir)], cwd=root, capture_output=True)

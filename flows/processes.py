@@ -77,16 +77,6 @@ def sigterm_as_interrupt() -> Iterator[None]:
         signal.signal(signal.SIGTERM, previous)
 
 
-def pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
 def guard(cmd: list[str]) -> int:
     """Run cmd in its own group; on SIGTERM/SIGINT/SIGHUP (or the parent's death) stop that group.
 

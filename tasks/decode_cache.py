@@ -45,7 +45,8 @@ from tasks.lib.cli import StageError, progress, stage_main
 from tasks.lib.config import Params
 from tasks.lib.image_cache import AUGMENT, CACHE_FORMAT, EVAL, geometry, rows_digest, split_variants
 from tasks.lib.images import BadImage, ImageLimits, load_rgb
-from tasks.lib.io import SPLITS, SplitColumns, read_split_columns, sha256_file, storage_error, write_json
+from tasks.lib.io import (SPLITS, SplitColumns, process_alive, read_split_columns, sha256_file, storage_error,
+                          write_json)
 from tasks.lib.parallel import imap_unordered, worker_count
 from tasks.lib.preprocess import Preprocessing, imagenet_preprocessing, resize_and_crop, train_preprocessing
 from tasks.lib.row_store import (SegmentWriter, SplitPlan, copy_runs, drop_segment, failing_segments, index_keys,
@@ -315,16 +316,6 @@ def remove_abandoned_builds(out_dir: Path) -> None:
         if kind in ("tmp", "old") and pid.isdigit() and not process_alive(int(pid)):
             log.info("removing %s, left by a build that was stopped (process %s is gone)", folder, pid)
             shutil.rmtree(folder, ignore_errors=True)
-
-
-def process_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:      # another user's process
-        return True
-    return True
 
 
 def replace_dir(new: Path, target: Path) -> None:

@@ -39,7 +39,7 @@ from tasks.lib.check_store import CheckResult, CheckStore, Signature, lookup_che
 from tasks.lib.cli import StageError, progress, stage_main
 from tasks.lib.config import Params, PrepareParams
 from tasks.lib.images import BadImage, ImageLimits, decode, open_checked, read_file, to_rgb
-from tasks.lib.io import SplitRow, write_json, write_split
+from tasks.lib.io import SplitRow, process_alive, write_json, write_split
 from tasks.lib.parallel import batched, imap_unordered, worker_count
 from tasks.lib.scan import Candidate, FolderScan
 from tasks.lib.splits import (Checked, ImageTable, Splits, assign_splits, check_leakage, dedupe, per_class,
@@ -340,18 +340,8 @@ def remove_stale_staging(out_dir: Path) -> None:
     """Staging folders left by a run that was killed (its process is gone)."""
     for folder in out_dir.glob(f"{STAGING_PREFIX}*"):
         pid = folder.name.removeprefix(STAGING_PREFIX)
-        if not (pid.isdigit() and _alive(int(pid))):
+        if not (pid.isdigit() and process_alive(int(pid))):
             shutil.rmtree(folder, ignore_errors=True)
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 def run(params: Params) -> dict[str, Any]:

@@ -213,3 +213,14 @@ def read_split_rows(path: Path | str) -> Iterator[SplitRow]:
 def split_digest(path: Path | str) -> str:
     """Hash of a split file's content: two models were tested on the same data iff these match."""
     return sha256_file(path)
+
+
+def process_alive(pid: int) -> bool:
+    """Whether a process with this id exists (another user's counts): is a temporary folder or lock still in use?"""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
