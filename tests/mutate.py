@@ -95,6 +95,9 @@ EQUIVALENT: dict[str, tuple[str, str]] = {
         "ok = lift - gate.min_lift_over_baseline >= 1e-9   # strictly more: a tie with the baseline does not beat it",
         "in practice: differs only when the lift is exactly 1e-9 above the limit, the edge of the float-noise "
         "allowance"),
+    GATE + "x_class_difference__mutmut_31": (
+        'what = "; ".join(parts) or ("same names in another order" if mine or theirs else "class list unknown")',
+        "reached only when both lists hold the same names, so one is empty exactly when the other is"),
     STATS + "x_binomial_two_sided__mutmut_2": (
         "if n == 1:",
         "the sum gives p = 1 for n = 0 as well, and the early return gives p = 1 for n = 1 as the sum does"),

@@ -221,3 +221,33 @@ def test_an_unknown_paired_test_refuses_and_says_how_to_go_on():
     assert {"check": "significance", "ok": False, "reason": reason} in decision["checks"]
     assert decision["reason"] == reason
     assert decision["delta"] == 0.25
+
+
+# --------------------------------------------------------------------------- the class-mismatch sentence
+
+def test_the_class_mismatch_sentence_names_a_few_classes_and_how_many_more() -> None:
+    from tasks.handoff.gate import class_difference
+
+    many = [f"c{i:02d}" for i in range(8)]
+    assert class_difference(many[:2], many, "v7") == \
+        "class names differ from production v7 (missing: c02, c03, c04 and 3 more)"
+    assert class_difference(["b", "a"], ["a"], None) == "class names differ from production (new: b)"
+    assert class_difference([], many[:4]) == "class names differ from production (missing: c00, c01, c02 and 1 more)"
+    assert class_difference(["x", "y", "z"], ["a"]) == "class names differ from production (new: x, y, z; missing: a)"
+
+
+def test_the_class_mismatch_sentence_tells_reordered_classes_from_an_unknown_list() -> None:
+    from tasks.handoff.gate import class_difference
+
+    assert class_difference(["b", "a"], ["a", "b"]) == "class names differ from production (same names in another order)"
+    assert class_difference(None, None) == "class names differ from production (class list unknown)"
+    assert class_difference(["a"], None) == "class names differ from production (new: a)"
+
+
+def test_the_class_mismatch_reason_names_production_and_says_what_to_do() -> None:
+    from tasks.handoff.gate import classes_differ_reason
+
+    reason = classes_differ_reason(["cat"], ["dog"], "20261207T120000.000Z-1a2b3c4d")
+    assert reason == ("class names differ from production 20261207T120000.000Z-1a2b3c4d (new: cat; missing: dog): "
+                      "publish it under a new project.name, or `registry promote --force` it if it really "
+                      "replaces production")
