@@ -165,7 +165,7 @@ SUMMARY_KEYS = {"stages", "stages_run", "stages_skipped", "data_md5", "n_images"
                 "weights_sha256", "val_accuracy", "epochs", "train_img_per_s", "test_accuracy", "test_accuracy_ci95",
                 "macro_f1", "macro_f1_ci95", "ece", "ece_uncalibrated", "baseline_accuracy", "lift_over_baseline",
                 "onnx", "onnx_max_abs_diff", "ort_latency_ms_p50", "registry_version", "promoted", "reason",
-                "model_card", "flow_run_id", "flow_state"}
+                "model_card", "flow_run_id", "flow_state", "shipped_weights"}
 
 
 def blocks_running(clone: Path, command: str, outputs: dict[int, str]) -> list[dict]:
@@ -185,6 +185,7 @@ def check_what_the_pipeline_commands_said(clone: Path, demo: list[dict], retrain
     stages = list(yaml.safe_load((clone / "dvc.yaml").read_text())["stages"])
     summary, again = demo
     assert set(summary) == SUMMARY_KEYS
+    assert summary["shipped_weights"].startswith("The shipped weights are epoch ")
     assert summary["stages_run"] == stages and summary["flow_state"] == "Completed"
     assert summary["promoted"] is True and "bootstrap" in summary["reason"]
     assert Path(summary["model_card"]).exists() and (clone / summary["onnx"]).exists()
