@@ -4,7 +4,7 @@
 so whatever a resumed run needs must live in the resume state, outside DVC's
 outputs. These tests stop the real stage after its best epoch (SIGTERM and
 SIGKILL to the whole `dvc repro` process group, as a terminal, a timeout or a
-container stop does; SIGKILL of the stage alone under the flow), run it again,
+container stop does; SIGTERM and SIGKILL of the stage alone under the flow), run it again,
 and compare model.pt with an uninterrupted run's.
 """
 
@@ -168,8 +168,9 @@ def flow_project(tmp_path: Path) -> Path:
     return repo
 
 
-def stop_stage_after_its_best_epoch(project: Path, stopped: dict[str, Any], flow_done: threading.Event) -> None:
-    """Watch the resume state; two epochs after the best one, SIGKILL the train stage (only that process)."""
+def stop_stage_after_its_best_epoch(project: Path, stopped: dict[str, Any], flow_done: threading.Event,
+                                    sig: signal.Signals) -> None:
+    """Watch the resume state; two epochs after the best one, send sig to the train stage (only that process)."""
     last = project / "artifacts" / "train" / "resume" / "last.pt"
     seen = None
     while not flow_done.is_set():
@@ -178,7 +179,7 @@ def stop_stage_after_its_best_epoch(project: Path, stopped: dict[str, Any], flow
             progress = torch.load(last, weights_only=True)["progress"]
             if progress["bad_epochs"] >= 2:
                 for stage in train_stages():
-                    stage.kill()
+                    stage.send_signal(sig)
                     stopped["progress"] = progress
                 return
         time.sleep(0.02)
@@ -196,18 +197,19 @@ def train_stages() -> list[psutil.Process]:
     return found
 
 
-@pytest.mark.slow(seconds=140)   # two flow runs over the real stages, export included, and a straight train
+@pytest.mark.slow(seconds=140)   # each: two flow runs over the real stages, export included, and a straight train
 @pytest.mark.timeout(600)
 @pytest.mark.usefixtures("prefect_harness")
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGKILL], ids=["SIGTERM", "SIGKILL"])
 def test_the_retrain_flow_finishes_a_train_stage_killed_after_its_best_epoch(
-        flow_project: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+        flow_project: Path, monkeypatch: pytest.MonkeyPatch, sig: signal.Signals) -> None:
     from flows.retrain import retrain
     from tests.flows.helpers import state_of
 
     monkeypatch.setenv("OMP_NUM_THREADS", "1")   # the stages and the reference run below: the same arithmetic
     stopped: dict[str, Any] = {}
     flow_done = threading.Event()
-    watcher = threading.Thread(target=stop_stage_after_its_best_epoch, args=(flow_project, stopped, flow_done))
+    watcher = threading.Thread(target=stop_stage_after_its_best_epoch, args=(flow_project, stopped, flow_done, sig))
     watcher.start()
     try:
         name, message, _ = state_of(retrain(root=str(flow_project), publish=False, return_state=True))
