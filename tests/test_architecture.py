@@ -109,7 +109,7 @@ def test_stage_code_never_imports_prefect_dvc_or_the_handoff() -> None:
             assert not bad, f"stage {name}: {path.relative_to(REPO_ROOT)} imports {sorted(bad)}"
 
 
-# What may import what (the layers of the README's Architecture section).
+# What may import what (the layers of docs/architecture.md).
 ALLOWED = {
     "tasks/lib": ("tasks.lib",),
     "tasks/training": ("tasks.lib", "tasks.training"),

@@ -1,4 +1,5 @@
-"""Every `bash` block of README.md, in order, in a fresh clone, as a new user would paste them.
+"""Every `bash` block of README.md and of the docs pages, in order, in a fresh clone, as a new user would paste
+them.
 
 Markers (an HTML comment on the line before a block, invisible on GitHub):
     <!-- readme-test: skip (why) -->                  the whole block is left out
@@ -31,6 +32,11 @@ SMALL = ["data.demo.per_class=12", "model.arch=mobilenet_v3_small", "model.weigh
          "export.latency_runs=5", "export.parity_batch_sizes=[1,2]",
          # a random-init net on 120 images need not beat the pixel baseline: the commands are what is tested
          "gate.min_lift_over_baseline=null"]
+
+
+# README.md first (it sets everything up), then the reference pages it links to.
+PAGES = ("README.md", "docs/architecture.md", "docs/data.md", "docs/training.md", "docs/operations.md",
+         "docs/registry.md", "docs/security.md", "docs/development.md", "docs/testing.md")
 
 
 @dataclass
@@ -68,6 +74,17 @@ def readme_blocks(text: str) -> list[Block]:
             pending = []
         i += 1
     return blocks
+
+
+def page_blocks(root: Path) -> list[tuple[str, Block]]:
+    """Every bash block of every page, as (page, block), in reading order."""
+    return [(page, block) for page in PAGES for block in readme_blocks((root / page).read_text())]
+
+
+def test_every_markdown_page_is_read() -> None:
+    """A new docs page whose commands the README test would silently leave out fails here."""
+    pages = {"README.md", *(f"docs/{p.name}" for p in (REPO_ROOT / "docs").glob("*.md"))}
+    assert pages == set(PAGES)
 
 
 def script(block: Block) -> str:
@@ -116,19 +133,19 @@ def test_every_readme_command_runs_as_written(tmp_path: Path) -> None:
     env.update(GIT_AUTHOR_NAME="readme", GIT_AUTHOR_EMAIL="readme@example.invalid",
                GIT_COMMITTER_NAME="readme", GIT_COMMITTER_EMAIL="readme@example.invalid")
     ran = []
-    outputs: dict[int, str] = {}
-    for block in readme_blocks((clone / "README.md").read_text()):
+    outputs: dict[tuple[str, int], str] = {}
+    for page, block in page_blocks(clone):
         if block.skip:
             continue
         if stamp.exists():  # the linked venv is installed: the clone's newer files must not reinstall it
             os.utime(stamp)
         proc = subprocess.run(["bash", "-c", script(block)], cwd=clone, env=env, capture_output=True, text=True,
                               timeout=900)
-        assert proc.returncode == 0, (f"README.md line {block.line} failed (exit {proc.returncode}):\n"
+        assert proc.returncode == 0, (f"{page} line {block.line} failed (exit {proc.returncode}):\n"
                                       f"{script(block)}\nstdout:\n{proc.stdout[-3000:]}\nstderr:\n"
                                       f"{proc.stderr[-5000:]}")
-        ran.append(block.line)
-        outputs[block.line] = proc.stdout
+        ran.append((page, block.line))
+        outputs[page, block.line] = proc.stdout
     assert len(ran) >= 4
     check_what_the_pipeline_commands_said(clone, blocks_running(clone, "make demo", outputs),
                                           blocks_running(clone, "python -m flows.retrain", outputs))
@@ -168,13 +185,13 @@ SUMMARY_KEYS = {"stages", "stages_run", "stages_skipped", "data_md5", "n_images"
                 "model_card", "flow_run_id", "flow_state", "shipped_weights"}
 
 
-def blocks_running(clone: Path, command: str, outputs: dict[int, str]) -> list[dict]:
-    """The JSON lines printed by the README blocks that run `command` (each such command prints one)."""
+def blocks_running(clone: Path, command: str, outputs: dict[tuple[str, int], str]) -> list[dict]:
+    """The JSON lines printed by the blocks that run `command` (each such command prints one)."""
     lines = []
-    for block in readme_blocks((clone / "README.md").read_text()):
-        if block.line in outputs and any(line.lstrip().startswith((command, f".venv/bin/{command}"))
-                                         or f" {command}" in line for line in block.commands):
-            lines += [json.loads(line) for line in outputs[block.line].splitlines() if line.startswith("{")]
+    for page, block in page_blocks(clone):
+        if (page, block.line) in outputs and any(line.lstrip().startswith((command, f".venv/bin/{command}"))
+                                                 or f" {command}" in line for line in block.commands):
+            lines += [json.loads(line) for line in outputs[page, block.line].splitlines() if line.startswith("{")]
     return lines
 
 
