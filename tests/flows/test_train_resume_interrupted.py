@@ -24,8 +24,8 @@ from typing import Any
 import psutil
 import pytest
 import torch
-import yaml
 
+from tasks.lib.config import apply_overrides_to_file
 from tasks.lib.io import write_split
 from tests.conftest import init_dvc_repo, run, write_image_folder
 from tests.flows.conftest import git_commit
@@ -41,18 +41,6 @@ PARAMS = {
 }
 THREADS = {"OMP_NUM_THREADS": "1"}   # the same arithmetic in every run: equal weights, not merely close
 EPOCH_LINE = re.compile(r"train INFO epoch (\d+) \(head\)")
-
-
-def set_params(root: Path, values: dict[str, Any]) -> None:
-    """Write dotted keys into root/params.yaml (the stages read it, as `dvc repro` runs them)."""
-    params = yaml.safe_load((root / "params.yaml").read_text())
-    for key, value in values.items():
-        node = params
-        *parents, leaf = key.split(".")
-        for part in parents:
-            node = node[part]
-        node[leaf] = value
-    (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
 
 
 def best_model(root: Path) -> dict[str, Any]:
@@ -92,7 +80,7 @@ def stage_project(tmp_path_factory: pytest.TempPathFactory) -> Path:
     DVC's run cache would then restore its output instead of training."""
     repo = init_dvc_repo(tmp_path_factory.mktemp("interrupt") / "repo")
     write_project(repo, per_class=40)
-    set_params(repo, PARAMS)
+    apply_overrides_to_file(repo / "params.yaml", PARAMS)
     write_split(repo / "data" / "prepared" / "test.csv", [])   # decode_cache reads all three splits
     run(["dvc", "repro", "--single-item", "decode_cache"], repo, env=THREADS)
     return repo
@@ -159,7 +147,7 @@ def flow_project(tmp_path: Path) -> Path:
     write_image_folder(repo / "data" / "raw", classes=3, per_class=40, size=36)
     write_weights(repo / "pretrained", ARCH)
     backbone = repo / "pretrained" / "backbone.pt"
-    set_params(repo, {**PARAMS, "model.weights": "pretrained/backbone.pt", "model.sha256": sha256_file(backbone),
+    apply_overrides_to_file(repo / "params.yaml", {**PARAMS, "model.weights": "pretrained/backbone.pt", "model.sha256": sha256_file(backbone),
                       # This random backbone's logits run into the hundreds: parity to 1e-3, not 1e-4.
                       "export.latency_runs": 5, "export.atol": 1e-3})
     (repo / ".gitignore").write_text("__pycache__/\n")

@@ -15,7 +15,7 @@ import torch
 import yaml
 
 from tasks.lib.cli import StageError
-from tasks.lib.config import Params, PrepareParams, load_params
+from tasks.lib.config import Params, PrepareParams, apply_overrides_to_file, load_params
 from tasks.lib.io import SplitRow, read_split, sha256_file, write_json, write_split
 from tasks.lib.models import build_backbone, build_model, find_head, load_checkpoint
 from tasks.prepare import prepare
@@ -303,14 +303,7 @@ def test_dvc_repro_train(tmp_path: Path) -> None:
     repo = init_dvc_repo(tmp_path / "repo")
     write_project(repo)
     overrides = {k: v for k, v in tiny_overrides(repo).items() if not k.endswith(("_dir", ".out_dir"))}
-    params = yaml.safe_load((repo / "params.yaml").read_text())
-    for key, value in overrides.items():
-        node = params
-        *parents, leaf = key.split(".")
-        for part in parents:
-            node = node[part]
-        node[leaf] = value
-    (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    apply_overrides_to_file(repo / "params.yaml", overrides)
     write_split(repo / "data" / "prepared" / "test.csv", [])  # decode_cache wants all three splits
     run(["dvc", "repro", "-s", "decode_cache"], repo)
     run(["dvc", "repro", "-s", "train"], repo)
