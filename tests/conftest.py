@@ -32,6 +32,13 @@ os.environ["ORT_DISABLE_TELEMETRY"] = "1"
 os.environ["AWS_EC2_METADATA_DISABLED"] = "true"
 os.environ["PATH"] = f"{VENV_BIN}{os.pathsep}{os.environ['PATH']}"
 
+# `make mutate` (tests/mutate.py): while mutmut records which test calls which function, a child
+# process (`python -m tasks...`, `dvc repro`) must not inherit its "stats" mode, in which mutated code
+# looks for mutmut's settings in the child's folder and fails. mutmut keeps its own copy of the mode in
+# this process; children of a run that tests one mutant still inherit that mutant.
+if os.environ.get("MUTANT_UNDER_TEST") in ("stats", "list_all_tests"):
+    del os.environ["MUTANT_UNDER_TEST"]
+
 
 # What the pipeline writes inside a project: tests work in temporary folders and must leave these alone.
 CHECKOUT_OUTPUTS = (".cache", ".prefect", "artifacts", "registry", "data/prepared", "dvclive", "metrics")
