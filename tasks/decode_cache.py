@@ -41,10 +41,12 @@ from typing import Any
 
 import numpy as np
 
-from tasks.lib.cli import StageError, progress, stage_main
+from tasks.lib.cli import stage_main
 from tasks.lib.config import Params
+from tasks.lib.errors import StageError
 from tasks.lib.image_cache import AUGMENT, CACHE_FORMAT, EVAL, geometry, rows_digest, split_variants
 from tasks.lib.images import BadImage, ImageLimits, load_rgb
+from tasks.lib.progress import progress
 from tasks.lib.io import (SPLITS, SplitColumns, process_alive, read_split_columns, sha256_file, storage_error,
                           write_json)
 from tasks.lib.parallel import imap_unordered, worker_count

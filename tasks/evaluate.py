@@ -24,16 +24,18 @@ import torch
 from PIL import Image, ImageDraw, ImageOps
 from torch.utils.data import DataLoader
 
-from tasks.lib.cli import StageError, progress, stage_main
+from tasks.lib import figures
+from tasks.lib.baseline import fit_pixel_baseline
+from tasks.lib.cli import stage_main
 from tasks.lib.config import Params
 from tasks.lib.data import EvalDataset, read_classes, read_rows
+from tasks.lib.errors import StageError
 from tasks.lib.images import BadImage, load_rgb
 from tasks.lib.io import SplitRow, atomic_path, split_digest, write_json
-from tasks.lib.baseline import fit_pixel_baseline
-from tasks.lib import figures
 from tasks.lib.metrics import compute_metrics, confusion_matrix, reliability_bins
 from tasks.lib.models import load_checkpoint
 from tasks.lib.onnx_classifier import softmax
+from tasks.lib.progress import progress
 from tasks.lib.uncertainty import bootstrap_macro_f1, interval_text, wilson_interval
 
 __all__ = ["compute_metrics", "run", "predict_probs", "write_plots"]

@@ -32,9 +32,10 @@ import onnxruntime as ort
 import torch
 from torch import nn
 
-from tasks.lib.cli import StageError, stage_main
+from tasks.lib.cli import stage_main
 from tasks.lib.config import ExportParams, Params
 from tasks.lib.data import read_rows
+from tasks.lib.errors import StageError
 from tasks.lib.images import INPUT_CONTRACT, BadImage, load_rgb
 
 logging.getLogger("onnx_ir").setLevel(logging.WARNING)  # ~64 "Replaced initializer" INFO lines per export

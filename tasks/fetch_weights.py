@@ -50,9 +50,10 @@ from urllib.parse import urlparse
 
 import torch
 
-from tasks.lib.cli import StageError, stage_main
+from tasks.lib.cli import stage_main
 from tasks.lib.config import ModelParams, Params
 from tasks.lib.download import ensure_cached, sidecar_path
+from tasks.lib.errors import StageError
 from tasks.lib.io import atomic_path, sha256_file, write_json
 from tasks.lib.models import TIMM_ARCHS, build_backbone, check_arch
 from tasks.lib.preprocess import IMAGENET_MEAN, IMAGENET_STD, Preprocessing

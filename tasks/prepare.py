@@ -36,11 +36,13 @@ import numpy as np
 from PIL import ImageOps
 
 from tasks.lib.check_store import CheckResult, CheckStore, Signature, lookup_check
-from tasks.lib.cli import StageError, progress, stage_main
+from tasks.lib.cli import stage_main
 from tasks.lib.config import Params, PrepareParams
+from tasks.lib.errors import StageError
 from tasks.lib.images import BadImage, ImageLimits, decode, open_checked, read_file, to_rgb
 from tasks.lib.io import SplitRow, process_alive, write_json, write_split
 from tasks.lib.parallel import batched, imap_unordered, worker_count
+from tasks.lib.progress import progress
 from tasks.lib.scan import Candidate, FolderScan
 from tasks.lib.splits import (Checked, ImageTable, Splits, assign_splits, check_leakage, dedupe, per_class,
                               predefined_splits)

@@ -34,8 +34,8 @@ from tasks.handoff.gate import classes_differ_reason, decide, paired_test
 from tasks.handoff.lineage import LineageError, build_lineage
 from tasks.handoff.registry import Registry, RegistryError, new_version_id, open_registry
 from tasks.handoff.registry_pointer import utcnow
-from tasks.lib.cli import StageError
 from tasks.lib.config import Params
+from tasks.lib.errors import StageError
 from tasks.lib.io import read_json, sha256_bytes, sha256_file, split_digest
 
 

@@ -21,9 +21,9 @@ from pathlib import Path
 from typing import Any
 
 from tasks.handoff.registry import MARKER, Registry, RegistryError, open_registry
-from tasks.lib.cli import StageError
 from tasks.lib.config import DEFAULT_PARAMS, Params, ParamsError, load_params
 from tasks.lib.console import printable, quiet_broken_pipe
+from tasks.lib.errors import StageError
 from tasks.lib.io import StorageError
 
 TABLE_WIDTH = 100

@@ -22,11 +22,9 @@ from pydantic import BaseModel, ValidationError
 from pydantic.fields import FieldInfo
 from pydantic_core import PydanticUndefined
 
+from tasks.lib.errors import ParamsError
+
 MAX_YAML_VALUES = 10_000  # params.yaml holds about 120 values; see count_values
-
-
-class ParamsError(ValueError):
-    """params.yaml (or an override) is invalid; the message lists every problem."""
 
 
 # --------------------------------------------------------------------------- reading YAML safely

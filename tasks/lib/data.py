@@ -15,9 +15,9 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from tasks.lib.cli import progress
 from tasks.lib.images import ImageLimits, load_rgb, pixel_limit
 from tasks.lib.io import SplitRow, read_json, read_split
+from tasks.lib.progress import progress
 
 # Moved to tasks.lib.preprocess (torch-free, for the decode_cache stage); still importable from here.
 from tasks.lib.preprocess import TRAIN_MARGIN, Preprocessing, preprocess, resize_and_crop, train_preprocessing  # noqa: E402, F401, I001

@@ -21,8 +21,9 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from tasks.lib.cli import StageError, progress, setup_logging
 from tasks.lib.config import DEFAULT_PARAMS, ParamsError, load_params
+from tasks.lib.errors import StageError
+from tasks.lib.progress import progress, setup_logging
 
 log = logging.getLogger("demo_data")
 

@@ -14,16 +14,14 @@ from __future__ import annotations
 import hashlib
 import http.client
 import logging
-import sys
 import time
 import urllib.error
 import urllib.request
 from pathlib import Path
 
-from tqdm import tqdm
-
-from tasks.lib.cli import StageError
+from tasks.lib.errors import StageError
 from tasks.lib.io import CHUNK, STORAGE_PROBLEMS, atomic_path, atomic_write_text, sha256_file, storage_error
+from tasks.lib.progress import progress
 
 log = logging.getLogger(__name__)
 
@@ -131,8 +129,7 @@ def _content_length(response: http.client.HTTPResponse) -> int | None:
 def _stream(response: http.client.HTTPResponse, tmp: Path, total: int | None, name: str) -> tuple[str, int]:
     """Copy the body to tmp with a byte progress bar; return (sha256, bytes received)."""
     digest, received = hashlib.sha256(), 0
-    bar = tqdm(total=total, desc=f"download {name}", unit="B", unit_scale=True, unit_divisor=1024,
-               file=sys.stderr, mininterval=0.1 if sys.stderr.isatty() else 5.0, leave=False)
+    bar = progress(desc=f"download {name}", total=total, unit="B", unit_scale=True)
     try:
         with open(tmp, "wb") as out:
             while chunk := response.read(CHUNK):

@@ -38,8 +38,8 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from tasks.lib.cli import StageError
 from tasks.lib.config import Params
+from tasks.lib.errors import StageError
 from tasks.lib.images import BadImage
 from tasks.lib.io import SplitRow, read_json
 from tasks.lib.preprocess import Preprocessing

@@ -20,6 +20,7 @@ from typing import Any, BinaryIO
 import numpy as np
 
 from tasks.lib.columns import PackedStrings
+from tasks.lib.errors import StorageError
 
 SPLITS = ("train", "val", "test")
 CHUNK = 1 << 20
@@ -36,17 +37,6 @@ STORAGE_PROBLEMS = {
     errno.EPERM: ("operation not permitted (permissions, or an immutable file or folder)", _PERMISSION),
     errno.EROFS: ("the file system is read-only", _PERMISSION),
 }
-
-
-class StorageError(OSError):
-    """A write failed because of the disk (full, quota) or permissions; the message names the path and what to do."""
-
-    def __init__(self, code: int, message: str, path: str):
-        super().__init__(code, message, path)
-        self.message = message
-
-    def __str__(self) -> str:
-        return self.message
 
 
 def storage_error(err: OSError, path: Path | str) -> OSError:

@@ -13,7 +13,7 @@ from typing import Any
 
 import torch
 
-from tasks.lib.cli import StageError
+from tasks.lib.errors import StageError
 from tasks.lib.io import read_json, sha256_file
 
 RECORD_NAME = "weights.json"

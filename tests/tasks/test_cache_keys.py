@@ -35,9 +35,9 @@ from torch import nn
 from tasks import decode_cache
 from tasks.decode_cache import build_cache
 from tasks.lib import row_store
-from tasks.lib.cli import StageError
 from tasks.lib.config import load_params
 from tasks.lib.data import decode_arrays, read_classes
+from tasks.lib.errors import StageError
 from tasks.lib.image_cache import AUGMENT, EVAL, load_arrays, training_images
 from tasks.lib.images import ImageLimits
 from tasks.lib.io import SPLITS, SplitRow, read_json, read_split, sha256_file, write_json, write_split

@@ -17,11 +17,11 @@ import yaml
 from PIL import Image
 
 from tasks.decode_cache import build_cache
+from tasks.lib import row_store
 from tasks.lib.augment import device_batch
-from tasks.lib.cli import StageError
 from tasks.lib.config import load_params
 from tasks.lib.data import EvalDataset, decode_arrays, train_preprocessing
-from tasks.lib import row_store
+from tasks.lib.errors import StageError
 from tasks.lib.image_cache import (AUGMENT, EVAL, MappedImages, SegmentedRows, load_arrays, open_split, read_meta,
                                    training_images)
 from tasks.lib.images import load_rgb

@@ -12,8 +12,8 @@ from PIL import Image
 
 from tasks.evaluate import run as evaluate
 from tasks.evaluate import worst_mistakes
-from tasks.lib.cli import StageError
 from tasks.lib.config import Params
+from tasks.lib.errors import StageError
 from tasks.lib.io import SplitRow, sha256_file, write_json, write_split
 from tasks.lib.metrics import compute_metrics, confusion_matrix, reliability_bins
 from tasks.lib.models import build_model, default_preprocessing, save_checkpoint

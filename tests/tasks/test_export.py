@@ -17,9 +17,9 @@ import yaml
 from torch import nn
 
 from tasks import export
-from tasks.lib.cli import StageError
 from tasks.lib.config import Params
 from tasks.lib.data import read_classes
+from tasks.lib.errors import StageError
 from tasks.lib.io import read_split, sha256_file
 from tasks.lib.onnx_classifier import load_classifier
 from tasks.lib.preprocess import Preprocessing

@@ -17,9 +17,9 @@ import pytest
 import torch
 
 from tasks.fetch_weights import PACKAGED_SHA256, fetch_weights, map_by_position
-from tasks.lib.download import ensure_cached
-from tasks.lib.cli import StageError
 from tasks.lib.config import ModelParams
+from tasks.lib.download import ensure_cached
+from tasks.lib.errors import StageError
 from tasks.lib.io import sha256_file
 from tasks.lib.models import build_backbone
 from tasks.lib.weights import STATE_NAME, load_backbone_state

@@ -24,8 +24,8 @@ from onnx import TensorProto, helper
 
 from tasks.handoff.publish import publish_candidate
 from tasks.handoff.registry import open_registry
-from tasks.lib.cli import StageError
 from tasks.lib.config import Params
+from tasks.lib.errors import StageError
 from tasks.lib.io import SplitRow, read_split, sha256_file, split_digest, write_json, write_split
 from tasks.lib.preprocess import Preprocessing
 from tests.conftest import REPO_ROOT, run, write_image_folder
@@ -486,8 +486,8 @@ CRASH_SCRIPT = """
 import os, signal, sys
 from pathlib import Path
 import tasks.handoff.registry_files as registry_files
-from tasks.lib.config import load_params
 from tasks.handoff.publish import publish_candidate
+from tasks.lib.config import load_params
 
 stage = sys.argv[1]
 registry_files.CRASH_HOOK = lambda at: os.kill(os.getpid(), signal.SIGKILL) if at == stage else None

@@ -6,8 +6,10 @@ from pathlib import Path
 
 import pytest
 
-from tasks.lib.cli import StageError, stage_main
+from tasks.lib.cli import stage_main
 from tasks.lib.config import Params
+from tasks.lib.errors import StageError, TransientError
+from tasks.lib.progress import progress
 from tests.conftest import REPO_ROOT
 
 PARAMS = ["--params", str(REPO_ROOT / "params.yaml")]
@@ -54,3 +56,26 @@ def test_missing_inputs_are_expected_errors(tmp_path: Path, capsys: pytest.Captu
 
     assert stage_main(reads_a_missing_file, "test stage", PARAMS) == 1
     assert "classes.json" in capsys.readouterr().err
+
+
+def test_a_transient_failure_exits_75_so_the_flow_retries_it(capsys: pytest.CaptureFixture) -> None:
+    def network_hiccup(params: Params) -> None:
+        raise TransientError("https://example.org/w.pth: connection reset; the flow retries the stage")
+
+    assert stage_main(network_hiccup, "test stage", PARAMS) == 75
+    assert capsys.readouterr().err == "error: https://example.org/w.pth: connection reset; the flow retries the stage\n"
+
+
+def test_the_log_progress_writes_a_line_per_quarter_not_per_item(capsys: pytest.CaptureFixture) -> None:
+    # Under pytest stderr is not a terminal, so this is what a stage's log shows.
+    assert list(progress(range(8), desc="checking", unit="img")) == list(range(8))
+    lines = capsys.readouterr().err.splitlines()
+    assert [line.split(" img,")[0] for line in lines] == [f"checking: {n}/8 ({25 * n // 2}%)" for n in (2, 4, 6, 8)]
+
+
+def test_a_bar_that_is_not_shown_still_counts_without_writing(capsys: pytest.CaptureFixture) -> None:
+    bar = progress(desc="worker", total=4, show=False)
+    bar.update(2)
+    bar.set_postfix(loss="0.1")
+    bar.close()
+    assert capsys.readouterr().err == ""

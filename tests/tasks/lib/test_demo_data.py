@@ -7,9 +7,9 @@ from pathlib import Path
 
 import pytest
 
-from tasks.lib.cli import StageError
 from tasks.lib.config import DemoParams
 from tasks.lib.demo_data import CLASS_NAMES, materialise
+from tasks.lib.errors import StageError
 
 SOURCE = DemoParams().source_dir
 needs_fashion = pytest.mark.usefixtures("fashion_mnist")  # fails without the files, saying how to install them

@@ -108,7 +108,7 @@ def small_disk(tmp_path: Path):
 
 def test_decode_cache_blames_a_full_disk_not_the_data(tmp_path: Path, small_disk: Path):
     from tasks.decode_cache import build_cache
-    from tasks.lib.cli import StageError
+    from tasks.lib.errors import StageError
     from tests.tasks.test_decode_cache import PREPS, write_photos
 
     rows = write_photos(tmp_path / "raw") * 4                      # 48 rows of 24 and 28 px: ~300 KiB of arrays

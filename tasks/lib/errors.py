@@ -1,0 +1,38 @@
+"""The failures a stage expects, each with a message that names the file or key and says what to do.
+
+The bottom floor of the library: it imports nothing from the project, so every module
+(and the flows) can raise and catch these without pulling in the command line.
+`tasks.lib.cli.stage_main` turns an expected error into one line and exit status 1, a
+TransientError into exit status 75 (EX_TEMPFAIL: the flow retries the stage), and lets
+anything else keep its traceback, because anything else is a bug.
+"""
+
+from __future__ import annotations
+
+EX_TEMPFAIL = 75  # sysexits.h: "temporary failure, the user is invited to retry"
+
+
+class StageError(RuntimeError):
+    """A stage cannot go on; the message says what is wrong and what to do."""
+
+
+class TransientError(StageError):
+    """A failure worth retrying as it is (a network or remote-storage hiccup): the stage exits 75."""
+
+
+class ParamsError(ValueError):
+    """params.yaml (or an override) is invalid; the message lists every problem."""
+
+
+class StorageError(OSError):
+    """A write failed because of the disk (full, quota) or permissions; the message names the path and what to do."""
+
+    def __init__(self, code: int, message: str, path: str):
+        super().__init__(code, message, path)
+        self.message = message
+
+    def __str__(self) -> str:
+        return self.message
+
+
+EXPECTED_ERRORS = (StageError, ParamsError, FileNotFoundError, StorageError)
