@@ -1,9 +1,11 @@
-"""dvc.yaml's code deps cover everything each stage imports, so `dvc repro` never skips changed code.
+"""Each stage's code deps in dvc.yaml are exactly its import closure, so `dvc repro` re-runs what an edit changed.
 
 Every project module a stage's command imports, directly or through other
-project modules (imports inside functions included), must lie under one of
-the stage's deps. A stage whose code changed but whose deps miss that file
-would be skipped, and a stale model published.
+project modules (imports inside functions included), must be a dep of the
+stage: a stage whose code changed but whose deps miss that file would be
+skipped, and a stale model published. And nothing else may be: a phantom dep
+(a file the stage never imports, or a whole folder) re-runs the stage, hours
+of training perhaps, for an edit that cannot change its output.
 """
 
 from __future__ import annotations
@@ -30,9 +32,12 @@ def module_file(name: str) -> Path | None:
     return None
 
 
-def imported_modules(path: Path) -> set[str]:
-    """Every module an import statement in the file names, at any depth of the code."""
-    package = ".".join(path.relative_to(REPO_ROOT).with_suffix("").parts[:-1])
+def imported_modules(path: Path, package: str | None = None) -> set[str]:
+    """Every module an import statement in the file names, at any depth of the code.
+
+    package: the file's package, for relative imports (default: from its place in the repository)."""
+    if package is None:
+        package = ".".join(path.relative_to(REPO_ROOT).with_suffix("").parts[:-1])
     names: set[str] = set()
     for node in ast.walk(ast.parse(path.read_text(), str(path))):
         if isinstance(node, ast.Import):
@@ -76,28 +81,41 @@ def stage_module(stage: dict) -> Path:
     return found
 
 
-def covered(path: Path, deps: list[str]) -> bool:
-    rel = path.relative_to(REPO_ROOT).as_posix()
-    return any(rel == dep or rel.startswith(dep.rstrip("/") + "/") for dep in deps)
+def code_deps(stage: dict) -> set[str]:
+    """The deps of a stage that are project code (files or folders under tasks/ or flows/)."""
+    deps = [d if isinstance(d, str) else next(iter(d)) for d in stage["deps"]]
+    return {d.rstrip("/") for d in deps if d.split("/")[0] in PROJECT_PACKAGES}
+
+
+def import_closure(stage: dict) -> set[str]:
+    """The files a stage's command runs: its module and what it imports. An empty __init__.py runs no code,
+    so it is no dep; one that gains code becomes one."""
+    return {p.relative_to(REPO_ROOT).as_posix() for p in closure(stage_module(stage))
+            if p.name != "__init__.py" or p.read_text().strip()}
+
+
+def paste_list(stage: dict) -> str:
+    """The code deps to paste into the stage's deps in dvc.yaml: its own module first, then the rest sorted."""
+    own = stage_module(stage).relative_to(REPO_ROOT).as_posix()
+    return "\n".join(f"      - {path}" for path in [own] + sorted(import_closure(stage) - {own}))
 
 
 @pytest.mark.parametrize("name", sorted(stages()))
-def test_stage_deps_cover_every_imported_project_file(name: str) -> None:
+def test_stage_code_deps_are_exactly_its_import_closure(name: str) -> None:
     stage = stages()[name]
-    deps = [d if isinstance(d, str) else next(iter(d)) for d in stage["deps"]]
-    files = closure(stage_module(stage))
-    missing = sorted(p.relative_to(REPO_ROOT).as_posix() for p in files
-                     if p.name != "__init__.py" and not covered(p, deps))
-    assert not missing, f"stage {name} imports {missing} but dvc.yaml does not list them (or their folder) as deps"
+    deps, needed = code_deps(stage), import_closure(stage)
+    missing, phantom = sorted(needed - deps), sorted(deps - needed)
+    assert not missing and not phantom, (
+        f"dvc.yaml's stage {name}: deps miss {missing} (imported: an edit there would not re-run it) and list "
+        f"{phantom} (not imported: an edit there re-runs it for nothing). Replace its code deps "
+        f"(the tasks/ lines) with:\n{paste_list(stage)}")
 
 
 def test_the_check_sees_imports_inside_functions(tmp_path: Path) -> None:
-    """A stage that imports a module only inside a function still depends on it."""
-    files = closure(REPO_ROOT / "tasks" / "train.py")
-    assert REPO_ROOT / "tasks" / "lib" / "weights.py" in files
-    assert REPO_ROOT / "tasks" / "training" / "phases.py" in files
-    # And a dep list without the training package is caught.
-    assert not all(covered(p, ["tasks/train.py", "tasks/lib"]) for p in files if p.name != "__init__.py")
+    """A module imported only inside a function is still run, so it is still a dep."""
+    module = tmp_path / "stage.py"
+    module.write_text("def main():\n    from tasks.lib import io\n    from .lib.config import load_params\n")
+    assert {"tasks.lib.io", "tasks.lib.config.load_params"} <= imported_modules(module, package="tasks")
 
 
 def test_stage_code_never_imports_prefect_dvc_or_the_handoff() -> None:
@@ -139,3 +157,8 @@ def test_predict_never_imports_torch() -> None:
     reached = closure(REPO_ROOT / "tasks" / "handoff" / "predict.py")
     heavy = {m for p in reached for m in imported_modules(p) if m.split(".")[0] in ("torch", "torchvision", "timm")}
     assert not heavy, f"predict reaches imports of {sorted(heavy)}"
+
+
+if __name__ == "__main__":   # `python -m tests.test_architecture`: every stage's code deps, to paste into dvc.yaml
+    for stage_name, spec in stages().items():
+        print(f"{stage_name}:\n{paste_list(spec)}")

@@ -216,6 +216,8 @@ CHANGES: dict[str, tuple[Change, set[str]]] = {
     "code tasks/evaluate.py": (edit_code("tasks/evaluate.py"), {"evaluate"}),
     "code tasks/export.py": (edit_code("tasks/export.py"), {"export"}),
     "code tasks/lib/config.py": (edit_code("tasks/lib/config.py"), ALL),   # every stage reads params through it
+    # A library module re-runs only the stages that import it: the gate's statistics are evaluate's alone.
+    "code tasks/lib/uncertainty.py": (edit_code("tasks/lib/uncertainty.py"), {"evaluate"}),
     "data image added": (add_image, UNRECORDED_DATA),
     "data image bytes changed": (change_image_bytes, UNRECORDED_DATA),
     "data image deleted": (delete_image, UNRECORDED_DATA),
