@@ -181,9 +181,9 @@ def prepare_features(work: Path, raw: Path, workers: int) -> tuple[Any, Any]:
     import torch
 
     from tasks.lib.config import load_params
-    from tasks.lib.data import read_rows
     from tasks.lib.image_cache import training_images
     from tasks.lib.models import build_model, default_preprocessing, feature_extractor
+    from tasks.lib.split_files import read_split, split_path
     from tasks.training.phases import Data, PhaseRunner, Record
     from tasks.training.runtime import Runtime
     from tasks.training.state import Progress
@@ -208,7 +208,7 @@ def prepare_features(work: Path, raw: Path, workers: int) -> tuple[Any, Any]:
         """Phase 1's feature extraction (train + val) through PhaseRunner.features and the feature cache."""
         done = 0
         for split in ("train", "val"):
-            rows = read_rows(work / "prepared", split)
+            rows = read_split(split_path(work / "prepared", split))
             (images,) = training_images(params, split, rows, [prep])
             data = Data(images, None, torch.zeros(len(rows), dtype=torch.int64), images, torch.zeros(len(rows)),
                         torch.tensor(prep.mean), torch.tensor(prep.std), 10)

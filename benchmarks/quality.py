@@ -55,7 +55,8 @@ from PIL import Image  # noqa: E402
 from tasks.lib.config import load_params  # noqa: E402
 from tasks.lib.demo_data import CLASS_NAMES as FASHION_CLASSES  # noqa: E402
 from tasks.lib.demo_data import IMAGES_FILE, LABELS_FILE, choose_subset, read_idx  # noqa: E402
-from tasks.lib.io import SplitRow, read_json  # noqa: E402
+from tasks.lib.io import read_json  # noqa: E402
+from tasks.lib.split_files import SplitRow  # noqa: E402
 from tasks.lib.uncertainty import bootstrap_macro_f1, interval_text, wilson_interval  # noqa: E402
 
 TEST_IMAGES, TEST_LABELS = "t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz"
@@ -423,11 +424,11 @@ def measure(args: argparse.Namespace, chosen: set[str], work: Path) -> dict[str,
         write_dataset(args.dataset, Path(params.data.raw_dir), params, args.source)
         stage_seconds["prepare"] = run_stage("prepare", params_file)
     stages = [s for s in STAGES if s != "prepare"] if "project" in chosen else ["fetch_weights"]
-    from tasks.lib.data import read_classes, read_rows
+    from tasks.lib.split_files import read_classes, read_split, split_path
 
     prepared, raw = Path(params.data.prepared_dir), Path(params.data.raw_dir)
     class_names = read_classes(prepared)
-    train, val, test = (Split(read_rows(prepared, s), raw) for s in ("train", "val", "test"))
+    train, val, test = (Split(read_split(split_path(prepared, s)), raw) for s in ("train", "val", "test"))
     tests = {"test split": test}
     if args.official_test == "on" or (args.official_test == "auto" and is_fashion(class_names)):
         official = official_fashion_test(args.source, work, class_names, args.official_limit)

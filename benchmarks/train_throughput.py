@@ -60,10 +60,11 @@ from torchvision import transforms as T  # noqa: E402
 
 from tasks.decode_cache import build_cache  # noqa: E402
 from tasks.lib.config import TrainParams  # noqa: E402
-from tasks.lib.data import train_preprocessing  # noqa: E402
 from tasks.lib.image_cache import AUGMENT, EVAL, MappedImages, open_split  # noqa: E402
-from tasks.lib.io import SplitRow, sha256_file, write_split  # noqa: E402
+from tasks.lib.io import sha256_file  # noqa: E402
 from tasks.lib.models import build_model, default_preprocessing, feature_extractor, head_module  # noqa: E402
+from tasks.lib.preprocess import train_preprocessing  # noqa: E402
+from tasks.lib.split_files import SplitRow, write_split  # noqa: E402
 from tasks.training.batches import Batch  # noqa: E402
 from tasks.training.freezing import set_train_mode, set_trainable  # noqa: E402
 from tasks.training.optim import make_optimizer, maybe_compile, warmup_cosine  # noqa: E402

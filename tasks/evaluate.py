@@ -28,14 +28,16 @@ from tasks.lib import figures
 from tasks.lib.baseline import fit_pixel_baseline
 from tasks.lib.cli import stage_main
 from tasks.lib.config import Params
-from tasks.lib.data import EvalDataset, read_classes, read_rows
+from tasks.lib.data import EvalDataset
 from tasks.lib.errors import StageError
 from tasks.lib.images import BadImage, load_rgb
-from tasks.lib.io import SplitRow, atomic_path, split_digest, write_json
+from tasks.lib.io import atomic_path, write_json
 from tasks.lib.metrics import compute_metrics, confusion_matrix, reliability_bins
 from tasks.lib.models import load_checkpoint
 from tasks.lib.onnx_classifier import softmax
 from tasks.lib.progress import progress
+from tasks.lib.split_files import read_classes, read_split, split_path
+from tasks.lib.split_files import SplitRow, split_digest
 from tasks.lib.uncertainty import bootstrap_macro_f1, interval_text, wilson_interval
 
 __all__ = ["compute_metrics", "run", "predict_probs", "write_plots"]
@@ -52,7 +54,7 @@ def run(params: Params) -> dict[str, Any]:
     model, meta = load_checkpoint(Path(params.train.out_dir) / "model.pt")
     class_names = list(meta["class_names"])
     _check_classes(params.data.prepared_dir, class_names)
-    rows = read_rows(params.data.prepared_dir, "test")
+    rows = read_split(split_path(params.data.prepared_dir, "test"))
     if not rows:
         raise StageError(f"{params.data.prepared_dir}/test.csv lists no images; the test split needs at least one "
                          "(add data or raise prepare.test)")
@@ -100,7 +102,7 @@ def calibration_metrics(raw_probs: np.ndarray, labels: np.ndarray, class_names: 
 def baseline_metrics(params: Params, test_rows: list[SplitRow], labels: np.ndarray, accuracy: float,
                      num_classes: int) -> dict[str, Any]:
     """Pixel logistic regression fitted on the train split, scored on the same test images (tasks.lib.baseline)."""
-    train_rows = read_rows(params.data.prepared_dir, "train")
+    train_rows = read_split(split_path(params.data.prepared_dir, "train"))
     raw_dir = Path(params.data.raw_dir)
     try:
         baseline = fit_pixel_baseline(train_rows, raw_dir, num_classes, params.evaluate.baseline_max_images)

@@ -34,15 +34,16 @@ from torch import nn
 
 from tasks.lib.cli import stage_main
 from tasks.lib.config import ExportParams, Params
-from tasks.lib.data import read_rows
 from tasks.lib.errors import StageError
 from tasks.lib.images import INPUT_CONTRACT, BadImage, load_rgb
+from tasks.lib.split_files import read_split, split_path
 
 logging.getLogger("onnx_ir").setLevel(logging.WARNING)  # ~64 "Replaced initializer" INFO lines per export
-from tasks.lib.io import SplitRow, atomic_path, sha256_file, write_json
+from tasks.lib.io import atomic_path, sha256_file, write_json
 from tasks.lib.models import load_checkpoint
 from tasks.lib.onnx_classifier import INPUT_NAME, OUTPUT_NAME, PROBABILITIES_NAME, Classifier, load_classifier
 from tasks.lib.preprocess import Preprocessing, preprocess
+from tasks.lib.split_files import SplitRow
 from tasks.lib.weights import weights_sha256
 
 log = logging.getLogger(__name__)
@@ -99,7 +100,7 @@ def run(params: Params) -> dict[str, Any]:
         stale.unlink(missing_ok=True)  # a failed export must not leave an older model looking current
     model, meta = load_checkpoint(Path(params.train.out_dir) / "model.pt")
     prep: Preprocessing = meta["preprocessing"]
-    rows = read_rows(params.data.prepared_dir, "test")
+    rows = read_split(split_path(params.data.prepared_dir, "test"))
     if not rows:
         raise StageError(f"{params.data.prepared_dir}/test.csv lists no images; parity needs held-out images")
     images, names = load_parity_images(rows, params.data.raw_dir, prep, max(cfg.parity_batch_sizes))

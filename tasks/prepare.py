@@ -40,10 +40,11 @@ from tasks.lib.cli import stage_main
 from tasks.lib.config import Params, PrepareParams
 from tasks.lib.errors import StageError
 from tasks.lib.images import BadImage, ImageLimits, decode, open_checked, read_file, to_rgb
-from tasks.lib.io import SplitRow, process_alive, write_json, write_split
+from tasks.lib.io import process_alive, write_json
 from tasks.lib.parallel import batched, imap_unordered, worker_count
 from tasks.lib.progress import progress
 from tasks.lib.scan import Candidate, FolderScan
+from tasks.lib.split_files import SplitRow, write_split
 from tasks.lib.splits import (Checked, ImageTable, Splits, assign_splits, check_leakage, dedupe, per_class,
                               predefined_splits)
 

@@ -15,7 +15,7 @@ from typing import Any
 
 from tasks.lib.config import Params
 from tasks.lib.console import printable
-from tasks.lib.io import SPLITS
+from tasks.lib.split_files import SPLITS
 
 # Markdown that could make a value a link, code, or a new table cell; HTML is escaped as entities.
 _MARKDOWN_ACTIVE = re.compile(r"([\\`\[\]|])")

@@ -36,7 +36,8 @@ from tasks.handoff.registry import Registry, RegistryError, new_version_id, open
 from tasks.handoff.registry_pointer import utcnow
 from tasks.lib.config import Params
 from tasks.lib.errors import StageError
-from tasks.lib.io import read_json, sha256_bytes, sha256_file, split_digest
+from tasks.lib.io import read_json, sha256_bytes, sha256_file
+from tasks.lib.split_files import split_digest
 
 
 @dataclass
@@ -234,10 +235,10 @@ def score_onnx(onnx_path: Path, prepared_dir: Path, raw_dir: Path, class_names: 
     The same metric code as the evaluate stage (tasks.lib.metrics), so the gate compares like with like;
     limits (tasks.lib.images.ImageLimits) are prepare's, so every image prepare accepted is read.
     """
-    from tasks.lib.data import read_rows
     from tasks.lib.images import BadImage
     from tasks.lib.metrics import compute_metrics
     from tasks.lib.onnx_classifier import ModelError, load_classifier
+    from tasks.lib.split_files import read_split, split_path
 
     try:
         classifier = load_classifier(onnx_path)
@@ -245,7 +246,7 @@ def score_onnx(onnx_path: Path, prepared_dir: Path, raw_dir: Path, class_names: 
         raise ValueError(str(err)) from None
     if classifier.class_names != class_names:
         raise ValueError(f"{onnx_path}: its classes {classifier.class_names} differ from the test split's {class_names}")
-    rows = read_rows(prepared_dir, "test")
+    rows = read_split(split_path(prepared_dir, "test"))
     try:
         probs = classifier.score_files([Path(raw_dir) / r.path for r in rows], limits=limits)
     except BadImage as err:
@@ -328,7 +329,7 @@ def _check_consistent(onnx_path: Path, onnx_sha256: str, report_path: Path, repo
 
 
 def _class_names(prepared: Path) -> list[str]:
-    from tasks.lib.data import read_classes  # local: tasks.lib.data imports torch, which `registry list` does not need
+    from tasks.lib.split_files import read_classes
 
     return read_classes(prepared)
 

@@ -25,7 +25,7 @@ from PIL import Image
 from torch.nn import functional as F
 
 from tasks.lib.images import load_rgb
-from tasks.lib.io import SplitRow
+from tasks.lib.split_files import SplitRow
 
 BASELINE_SIDE = 28      # Fashion-MNIST's own size; larger images are shrunk to it
 GREY_SAMPLE = 50        # images looked at to decide whether the data set is grey

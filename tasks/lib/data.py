@@ -1,7 +1,6 @@
-"""Reading the prepared splits: PyTorch datasets for evaluation, decoded arrays for training.
+"""The torch side of the prepared splits: a dataset for evaluation, decoded arrays and batches for training.
 
-Split files (written by tasks.prepare) list paths relative to data.raw_dir,
-class indices and content hashes; classes.json lists class names in index order.
+The split files themselves are read by tasks.lib.split_files (torch-free).
 """
 
 from __future__ import annotations
@@ -16,24 +15,17 @@ import torch
 from torch.utils.data import Dataset
 
 from tasks.lib.images import ImageLimits, load_rgb, pixel_limit
-from tasks.lib.io import SplitRow, read_json, read_split
+from tasks.lib.preprocess import Preprocessing, preprocess, resize_and_crop
 from tasks.lib.progress import progress
+from tasks.lib.split_files import SplitRow
 
-# Moved to tasks.lib.preprocess (torch-free, for the decode_cache stage); still importable from here.
-from tasks.lib.preprocess import TRAIN_MARGIN, Preprocessing, preprocess, resize_and_crop, train_preprocessing  # noqa: E402, F401, I001
-
-
-def read_classes(prepared_dir: Path | str) -> list[str]:
-    """Class names in index order, as written by the prepare stage."""
-    path = Path(prepared_dir) / "classes.json"
-    classes = read_json(path)
-    if not isinstance(classes, list) or len(classes) < 2:
-        raise ValueError(f"{path}: expected a list of at least two class names; re-run the prepare stage")
-    return [str(c) for c in classes]
+# Until tasks.train imports them from tasks.lib.split_files and tasks.lib.preprocess.
+from tasks.lib.preprocess import train_preprocessing  # noqa: E402,F401
+from tasks.lib.split_files import labels_of, read_classes, read_split, split_path  # noqa: E402,F401
 
 
 def read_rows(prepared_dir: Path | str, split: str) -> list[SplitRow]:
-    return read_split(Path(prepared_dir) / f"{split}.csv")
+    return read_split(split_path(prepared_dir, split))
 
 
 class EvalDataset(Dataset):
@@ -89,10 +81,6 @@ def decode_arrays(rows: list[SplitRow], raw_dir: Path | str, preps: Sequence[Pre
         for _ in progress(pool.map(fill, range(len(rows))), desc=desc, total=len(rows), unit="img"):
             pass
     return arrays
-
-
-def labels_of(rows: list[SplitRow]) -> np.ndarray:
-    return np.asarray([row.label for row in rows], dtype=np.int64)
 
 
 def batch_order(n: int, batch_size: int, *, shuffle: bool, seed: int = 0, rank: int = 0, world: int = 1,

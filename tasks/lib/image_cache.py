@@ -41,9 +41,10 @@ import numpy as np
 from tasks.lib.config import Params
 from tasks.lib.errors import StageError
 from tasks.lib.images import BadImage
-from tasks.lib.io import SplitRow, read_json
+from tasks.lib.io import read_json
 from tasks.lib.preprocess import Preprocessing
 from tasks.lib.row_store import variant_key
+from tasks.lib.split_files import SplitRow
 
 if TYPE_CHECKING:
     import torch

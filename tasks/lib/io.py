@@ -1,4 +1,4 @@
-"""Small file helpers every stage shares: atomic writes, hashes, split files, disk errors a person can act on.
+"""Small file helpers every stage shares: atomic writes, hashes, disk errors a person can act on.
 
 Nothing here imports torch, so the predict command and the registry can use it.
 """
@@ -6,23 +6,17 @@ Nothing here imports torch, so the predict command and the registry can use it.
 from __future__ import annotations
 
 import contextlib
-import csv
 import errno
 import hashlib
 import json
 import os
 import tempfile
-from collections.abc import Iterable, Iterator
-from dataclasses import dataclass
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, BinaryIO
 
-import numpy as np
-
-from tasks.lib.columns import PackedStrings
 from tasks.lib.errors import StorageError
 
-SPLITS = ("train", "val", "test")
 CHUNK = 1 << 20
 
 # errno -> (what happened, what to do): the failures of a write that are the disk's or the
@@ -140,69 +134,6 @@ def sha256_stream(handle: BinaryIO) -> str:
     while chunk := handle.read(CHUNK):
         digest.update(chunk)
     return digest.hexdigest()
-
-
-@dataclass(frozen=True, slots=True)
-class SplitRow:
-    """One image of a split: path relative to the raw data folder, class index, content hash."""
-
-    path: str
-    label: int
-    sha256: str
-
-
-@dataclass(frozen=True)
-class SplitColumns:
-    """A split file read whole as columns (about 110 bytes per image instead of a SplitRow's 350)."""
-
-    paths: PackedStrings
-    labels: np.ndarray       # int64
-    sha256: np.ndarray       # S64: the hex digests
-
-    def __len__(self) -> int:
-        return len(self.paths)
-
-    def __iter__(self) -> Iterator[SplitRow]:
-        """The rows one at a time (none is kept)."""
-        for i, path in enumerate(self.paths):
-            yield SplitRow(path, int(self.labels[i]), self.sha256[i].decode())
-
-
-def write_split(path: Path | str, rows: Iterable[SplitRow]) -> None:
-    with atomic_path(path) as tmp, open(tmp, "w", newline="") as handle:
-        writer = csv.writer(handle)
-        writer.writerow(["path", "label", "sha256"])
-        for row in rows:
-            writer.writerow([row.path, row.label, row.sha256])
-
-
-def read_split(path: Path | str) -> list[SplitRow]:
-    return list(read_split_rows(path))
-
-
-def read_split_columns(path: Path | str) -> SplitColumns:
-    """read_split's rows as columns, for the stages whose memory must not grow by an object per image."""
-    paths, labels, hashes = PackedStrings(), [], bytearray()
-    for row in read_split_rows(path):
-        paths.append(row.path)
-        labels.append(row.label)
-        hashes += row.sha256.encode()
-    return SplitColumns(paths, np.asarray(labels, dtype=np.int64), np.frombuffer(bytes(hashes), dtype="S64"))
-
-
-def read_split_rows(path: Path | str) -> Iterator[SplitRow]:
-    """read_split, one row at a time."""
-    path = Path(path)
-    if not path.exists():
-        raise FileNotFoundError(f"{path}: split file not found; run the prepare stage first (dvc repro prepare)")
-    with open(path, newline="") as handle:
-        for r in csv.DictReader(handle):
-            yield SplitRow(r["path"], int(r["label"]), r["sha256"])
-
-
-def split_digest(path: Path | str) -> str:
-    """Hash of a split file's content: two models were tested on the same data iff these match."""
-    return sha256_file(path)
 
 
 def process_alive(pid: int) -> bool:

@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from tasks.lib.images import IMAGE_SUFFIXES, file_kind
-from tasks.lib.io import SPLITS
+from tasks.lib.split_files import SPLITS
 
 
 @dataclass(frozen=True, slots=True)

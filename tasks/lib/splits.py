@@ -24,8 +24,8 @@ import numpy as np
 from tasks.lib.check_store import CheckResult
 from tasks.lib.columns import PackedStrings
 from tasks.lib.config import PrepareParams
-from tasks.lib.io import SPLITS
 from tasks.lib.scan import Candidate
+from tasks.lib.split_files import SPLITS
 
 SPLIT_ORDER = {name: i for i, name in enumerate(SPLITS)}
 

@@ -39,7 +39,8 @@ from flows.dvc_runner import read_stages
 from flows.retrain import stale_stages
 from tasks.handoff.registry import open_registry
 from tasks.lib.config import load_params
-from tasks.lib.io import SplitRow, sha256_file, write_json, write_split
+from tasks.lib.io import sha256_file, write_json
+from tasks.lib.split_files import SplitRow, write_split
 from tests.conftest import init_dvc_repo, run, write_image_folder
 from tests.flows.conftest import git_commit
 from tests.flows.helpers import run_logs, state_of

@@ -26,7 +26,7 @@ import pytest
 import torch
 
 from tasks.lib.config import apply_overrides_to_file
-from tasks.lib.io import write_split
+from tasks.lib.split_files import write_split
 from tests.conftest import init_dvc_repo, run, write_image_folder
 from tests.flows.conftest import git_commit
 from tests.tasks.test_train import ARCH, write_project, write_weights

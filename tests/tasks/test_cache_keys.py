@@ -36,13 +36,15 @@ from tasks import decode_cache
 from tasks.decode_cache import build_cache
 from tasks.lib import row_store
 from tasks.lib.config import load_params
-from tasks.lib.data import decode_arrays, read_classes
+from tasks.lib.data import decode_arrays
 from tasks.lib.errors import StageError
 from tasks.lib.image_cache import AUGMENT, EVAL, load_arrays, training_images
 from tasks.lib.images import ImageLimits
-from tasks.lib.io import SPLITS, SplitRow, read_json, read_split, sha256_file, write_json, write_split
+from tasks.lib.io import read_json, sha256_file, write_json
 from tasks.lib.models import build_model, feature_extractor
 from tasks.lib.preprocess import Preprocessing, train_preprocessing
+from tasks.lib.split_files import read_classes
+from tasks.lib.split_files import SPLITS, SplitRow, read_split, write_split
 from tasks.lib.weights import load_backbone_state
 from tasks.train import load_data, preprocessing_for
 from tasks.training import features as feature_cache

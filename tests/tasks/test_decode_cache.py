@@ -20,13 +20,15 @@ from tasks.decode_cache import build_cache
 from tasks.lib import row_store
 from tasks.lib.augment import device_batch
 from tasks.lib.config import load_params
-from tasks.lib.data import EvalDataset, decode_arrays, train_preprocessing
+from tasks.lib.data import EvalDataset, decode_arrays
 from tasks.lib.errors import StageError
+from tasks.lib.preprocess import train_preprocessing
 from tasks.lib.image_cache import (AUGMENT, EVAL, MappedImages, SegmentedRows, load_arrays, open_split, read_meta,
                                    training_images)
 from tasks.lib.images import load_rgb
-from tasks.lib.io import SPLITS, SplitRow, sha256_file, write_split
+from tasks.lib.io import sha256_file
 from tasks.lib.preprocess import Preprocessing, resize_and_crop
+from tasks.lib.split_files import SPLITS, SplitRow, write_split
 from tests.conftest import REPO_ROOT, init_dvc_repo, run
 
 PREP = Preprocessing(crop_size=24, resize_size=24)

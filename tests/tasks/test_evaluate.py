@@ -14,9 +14,10 @@ from tasks.evaluate import run as evaluate
 from tasks.evaluate import worst_mistakes
 from tasks.lib.config import Params
 from tasks.lib.errors import StageError
-from tasks.lib.io import SplitRow, sha256_file, write_json, write_split
+from tasks.lib.io import sha256_file, write_json
 from tasks.lib.metrics import compute_metrics, confusion_matrix, reliability_bins
 from tasks.lib.models import build_model, default_preprocessing, save_checkpoint
+from tasks.lib.split_files import SplitRow, write_split
 from tests.conftest import write_image_folder
 
 CLASSES = ["class_0", "class_1", "class_2"]

@@ -18,11 +18,12 @@ from torch import nn
 
 from tasks import export
 from tasks.lib.config import Params
-from tasks.lib.data import read_classes
 from tasks.lib.errors import StageError
-from tasks.lib.io import read_split, sha256_file
+from tasks.lib.io import sha256_file
 from tasks.lib.onnx_classifier import load_classifier
 from tasks.lib.preprocess import Preprocessing
+from tasks.lib.split_files import read_classes
+from tasks.lib.split_files import read_split
 from tasks.train import train
 from tests.conftest import init_dvc_repo, run
 from tests.realistic import CLASS_NAMES, oracle_input, wrong_orders

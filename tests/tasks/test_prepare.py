@@ -17,11 +17,12 @@ from tasks.lib import check_store
 from tasks.lib.check_store import CheckStore
 from tasks.lib.config import PrepareParams
 from tasks.lib.config import load_params
-from tasks.lib.data import read_classes
 from tasks.lib.errors import StageError
 from tasks.lib.images import BadImage, load_rgb
-from tasks.lib.io import read_split, sha256_file
+from tasks.lib.io import sha256_file
 from tasks.lib.scan import FolderScan
+from tasks.lib.split_files import read_classes
+from tasks.lib.split_files import read_split
 from tasks.lib.splits import split_fraction
 from tasks.prepare import Counts, prepare
 from tests.conftest import REPO_ROOT, init_dvc_repo, run, write_image_folder

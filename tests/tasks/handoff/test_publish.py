@@ -26,8 +26,9 @@ from tasks.handoff.publish import publish_candidate
 from tasks.handoff.registry import open_registry
 from tasks.lib.config import Params
 from tasks.lib.errors import StageError
-from tasks.lib.io import SplitRow, read_split, sha256_file, split_digest, write_json, write_split
+from tasks.lib.io import sha256_file, write_json
 from tasks.lib.preprocess import Preprocessing
+from tasks.lib.split_files import SplitRow, read_split, split_digest, write_split
 from tests.conftest import REPO_ROOT, run, write_image_folder
 
 CLASSES = ["class_0", "class_1", "class_2"]

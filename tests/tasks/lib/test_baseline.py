@@ -9,7 +9,7 @@ import pytest
 from PIL import Image
 
 from tasks.lib.baseline import fit_pixel_baseline, pixel_geometry, pixel_matrix, stratified_subset
-from tasks.lib.io import SplitRow
+from tasks.lib.split_files import SplitRow
 
 
 @pytest.fixture(scope="module")

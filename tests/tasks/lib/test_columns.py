@@ -9,7 +9,7 @@ import pytest
 
 from tasks.lib import columns
 from tasks.lib.columns import PackedStrings
-from tasks.lib.io import SplitRow, read_split, read_split_columns, write_split
+from tasks.lib.split_files import SplitRow, read_split, read_split_columns, write_split
 
 
 def awkward_names(n: int, seed: int = 0) -> list[str]:

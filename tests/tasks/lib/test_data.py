@@ -8,19 +8,13 @@ import numpy as np
 import pytest
 import torch
 
-from tasks.lib.data import (
-    EvalDataset,
-    batch_order,
-    decode_arrays,
-    labels_of,
-    read_classes,
-    read_rows,
-    to_device,
-    train_preprocessing,
-)
+from tasks.lib.data import EvalDataset, batch_order, decode_arrays, to_device
 from tasks.lib.images import BadImage, load_rgb
-from tasks.lib.io import SplitRow, sha256_file, write_json, write_split
+from tasks.lib.io import sha256_file, write_json
+from tasks.lib.preprocess import train_preprocessing
 from tasks.lib.preprocess import Preprocessing, preprocess, resize_and_crop
+from tasks.lib.split_files import labels_of, read_classes, read_split, split_path
+from tasks.lib.split_files import SplitRow, write_split
 from tests.conftest import write_image_folder
 from tests.realistic import CLASS_NAMES, oracle_input, oracle_resize_crop, oracle_rgb, write_realistic_folder
 
@@ -75,7 +69,7 @@ def test_eval_dataset_and_readers_still_work(tmp_path: Path, rows: tuple[Path, l
     write_split(prepared / "val.csv", split)
     write_json(prepared / "classes.json", ["class_0", "class_1"])
     assert read_classes(prepared) == ["class_0", "class_1"]
-    assert read_rows(prepared, "val") == split
+    assert read_split(split_path(prepared, "val")) == split
     prep = Preprocessing(crop_size=16, resize_size=18)
     x, y = EvalDataset(split, raw, prep)[0]
     np.testing.assert_array_equal(x.numpy(), preprocess(load_rgb(raw / split[0].path), prep))

@@ -10,18 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from tasks.lib.io import (
-    CHUNK,
-    SplitRow,
-    atomic_path,
-    atomic_write_text,
-    read_json,
-    read_split,
-    sha256_file,
-    split_digest,
-    write_json,
-    write_split,
-)
+from tasks.lib.io import CHUNK, atomic_path, atomic_write_text, read_json, sha256_file, write_json
+from tasks.lib.split_files import SplitRow, read_split, split_digest, write_split
 
 
 def test_a_failed_write_keeps_the_old_file_and_leaves_no_temporary(tmp_path: Path) -> None:

@@ -113,7 +113,7 @@ def test_decode_cache_blames_a_full_disk_not_the_data(tmp_path: Path, small_disk
 
     rows = write_photos(tmp_path / "raw") * 4                      # 48 rows of 24 and 28 px: ~300 KiB of arrays
     for name in ("train", "val", "test"):
-        from tasks.lib.io import write_split
+        from tasks.lib.split_files import write_split
 
         write_split(tmp_path / "prepared" / f"{name}.csv", rows if name == "train" else rows[:1])
     with pytest.raises((StageError, StorageError)) as err:

@@ -12,8 +12,8 @@ import pytest
 
 from tasks.lib.check_store import CheckResult
 from tasks.lib.config import PrepareParams
-from tasks.lib.io import SPLITS
 from tasks.lib.scan import Candidate
+from tasks.lib.split_files import SPLITS
 from tasks.lib.splits import (SPLIT_ORDER, Checked, ImageTable, assign_splits, check_leakage, dedupe, per_class,
                               predefined_splits, split_fraction)
 
