@@ -13,7 +13,6 @@ import contextvars
 import logging
 import os
 import re
-import signal
 import subprocess
 import sys
 import threading
@@ -25,7 +24,8 @@ from typing import IO, Literal
 
 import yaml
 
-from flows.processes import guarded, spawn
+from flows.processes import guarded, spawn, stop_process_group
+from tasks.lib.errors import EX_TEMPFAIL
 
 TAIL_LINES = 40
 # A progress bar redraws with '\r'; log a redraw at most this often so the run log stays readable.
@@ -38,13 +38,8 @@ DVC_STAGE_LINE = re.compile(r"^(Running stage '|Stage ')")
 DVC_HINT_LINES = re.compile(r"^(To track the changes with git, run:|To enable auto staging, run:|"
                             r"dvc config core\.autostage true|git add \S+|"
                             r"Use `dvc push` to send your updates to remote storage\.)")
-# Words of a failure that may pass on a retry (network, remote storage); anything else fails the same way again.
-# HTTP codes count only beside the words that make them one ("HTTP 503", "status 500"), so that
-# "500 files missing" is not a network error.
-TRANSIENT = re.compile(r"timed? ?out|timeout|connection (reset|refused|aborted|error)|temporar|unreachable|"
-                       r"name resolution|too many requests|\b(http|status|code)\W{0,3}(429|50[0234])\b|"
-                       r"\b(429|50[0234]) (too many|internal server|bad gateway|service|gateway)|"
-                       r"\bssl\b|broken pipe|reset by peer|throttl|slow ?down|service unavailable", re.IGNORECASE)
+# `dvc repro` exits 255 whatever its stage exited with; its error line says the stage's own status.
+DVC_STAGE_STATUS = re.compile(r"failed to run: .*, exited with (-?\d+)$")
 
 StageOutcome = Literal["ran", "skipped"]
 
@@ -54,7 +49,8 @@ class CommandFailed(RuntimeError):
 
 
 class TransientFailure(CommandFailed):
-    """A failure that may pass on a retry (network, remote storage): the only kind the flow retries."""
+    """The command (or the stage under `dvc repro`) exited 75, EX_TEMPFAIL: its failure may pass on a retry
+    (network, remote storage), the only kind the flow retries. The stage decides, not its output's words."""
 
 
 @dataclass
@@ -151,25 +147,11 @@ def _wait(proc: subprocess.Popen, timeout_s: float | None) -> bool:
         proc.wait(timeout=timeout_s)
         return False
     except subprocess.TimeoutExpired:
-        _kill_group(proc)
+        stop_process_group(proc, KILL_GRACE_S)
         return True
     except BaseException:  # the flow itself is cancelled or interrupted: do not leave the stage running
-        _kill_group(proc)
+        stop_process_group(proc, KILL_GRACE_S)
         raise
-
-
-def _kill_group(proc: subprocess.Popen) -> None:
-    """SIGTERM the process group (dvc + stage), then SIGKILL whatever is left after a grace period."""
-    for sig, grace in ((signal.SIGTERM, KILL_GRACE_S), (signal.SIGKILL, 5.0)):
-        try:
-            os.killpg(proc.pid, sig)
-        except ProcessLookupError:
-            break
-        try:
-            proc.wait(timeout=grace)
-            break
-        except subprocess.TimeoutExpired:
-            continue
 
 
 def _pump(stream: IO[bytes], log: logging.Logger | logging.LoggerAdapter, tail: deque[str],
@@ -211,14 +193,18 @@ def run_checked(cmd: list[str], cwd: Path, log: logging.Logger | logging.LoggerA
         raise CommandFailed(f"{what} timed out after {timeout_s:g} s and was stopped; "
                             f"last output: {error_summary(result)}")
     if result.returncode != 0:
-        kind = TransientFailure if is_transient(result) else CommandFailed
-        raise kind(f"{what} failed (exit {result.returncode}): {error_summary(result)}")
+        status = exit_status(result)
+        kind = TransientFailure if status == EX_TEMPFAIL else CommandFailed
+        raise kind(f"{what} failed (exit {status}): {error_summary(result)}")
     return result
 
 
-def is_transient(result: CommandResult) -> bool:
-    """Whether a failed command's own words say the failure may pass (a timeout, a dropped connection)."""
-    return result.timed_out is False and any(TRANSIENT.search(line) for line in result.stderr_tail + result.stdout_tail)
+def exit_status(result: CommandResult) -> int:
+    """The failed command's own exit status or, under `dvc repro`, its stage's."""
+    for line in reversed(result.stderr_tail):
+        if (match := DVC_STAGE_STATUS.search(line.strip())) is not None:
+            return int(match.group(1))
+    return result.returncode
 
 
 def error_summary(result: CommandResult, max_lines: int = 6) -> str:

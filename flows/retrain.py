@@ -43,11 +43,12 @@ from flows.server import run_flow_command
 from tasks.lib.config import Params, ParamsError, apply_overrides_to_file, load_params
 from tasks.lib.io import read_json
 
-# Only I/O is retried: a download or a transfer can fail and then work; a
-# training bug fails the same way every time, so retrying it only wastes hours.
-IO_RETRIES = 3
-IO_BACKOFF = exponential_backoff(backoff_factor=5)  # 5 s, 10 s, 20 s (with jitter)
-IO_STAGES = frozenset({"fetch_weights"})
+# The one retry layer around a stage: a stage that exits 75 (EX_TEMPFAIL, tasks.lib.errors.TransientError:
+# a download or remote storage failed and may work later) runs again; any other failure would repeat, and
+# a training bug retried only wastes hours. Transfers (`dvc pull`/`dvc push`) are retried request by
+# request inside DVC's remote clients, so the flow adds no layer around them.
+RETRIES = 3
+BACKOFF = exponential_backoff(backoff_factor=5)  # 5 s, 10 s, 20 s (with jitter)
 TIMED_STAGES = frozenset({"train"})  # bounded by train.timeout_minutes
 METRIC_ROWS = ("accuracy", "balanced_accuracy", "macro_f1", "weighted_f1", "top_k_accuracy",
                "log_loss", "ece", "n_test")
@@ -57,7 +58,7 @@ METRIC_ROWS = ("accuracy", "balanced_accuracy", "macro_f1", "weighted_f1", "top_
 
 
 def transient_only(task: Any, task_run: Any, state: Any) -> bool:
-    """Prefect retry condition: retry a network or storage hiccup, never a failure that would repeat."""
+    """Prefect retry condition: retry a stage that exited 75, never a failure that would repeat."""
     return isinstance(state.result(raise_on_failure=False), TransientFailure)
 
 
@@ -65,8 +66,7 @@ class DataChanged(RuntimeError):
     """The data folder differs from the version its .dvc file pins."""
 
 
-@task(name="make data version present", retries=IO_RETRIES, retry_delay_seconds=IO_BACKOFF,
-      retry_jitter_factor=0.5, retry_condition_fn=transient_only, cache_policy=NO_CACHE)
+@task(name="make data version present", cache_policy=NO_CACHE)
 def pull_data(workdir: Path, raw_dir: Path) -> str:
     """Check out (from the cache) or pull (from the remote) the data that the .dvc file pins; its hash."""
     log = get_run_logger()
@@ -105,7 +105,8 @@ def stale_stages(workdir: Path, stages: list[str], raw_dir: Path) -> list[str]:
     return stages[first:]
 
 
-@task(name="dvc repro", cache_policy=NO_CACHE)
+@task(name="dvc repro", retries=RETRIES, retry_delay_seconds=BACKOFF, retry_jitter_factor=0.5,
+      retry_condition_fn=transient_only, cache_policy=NO_CACHE)
 def repro_stage(workdir: Path, stage: str, timeout_s: float | None = None) -> str:
     """`dvc repro --single-item <stage>`: 'ran' or 'skipped' (unchanged, or restored from the DVC run cache).
 
@@ -120,8 +121,7 @@ def repro_stage(workdir: Path, stage: str, timeout_s: float | None = None) -> st
     return outcome
 
 
-@task(name="dvc push", retries=IO_RETRIES, retry_delay_seconds=IO_BACKOFF, retry_jitter_factor=0.5,
-      retry_condition_fn=transient_only, cache_policy=NO_CACHE)
+@task(name="dvc push", cache_policy=NO_CACHE)
 def push_outputs(workdir: Path, remote: str | None = None) -> None:
     """Send the data and every stage output to the DVC remote."""
     cmd = ["dvc", "push"] + (["-r", remote] if remote else [])
@@ -185,7 +185,8 @@ def run_pipeline(project: Path, workdir: Path, data_rev: str | None, params: Par
     to_run = stale_stages(workdir, stages, params.data.raw_dir)
     outcomes = {stage: "skipped" for stage in stages}
     for stage in to_run:
-        outcomes[stage] = stage_task(stage)(workdir, stage, stage_timeout_s(stage, params))
+        outcomes[stage] = repro_stage.with_options(name=f"dvc repro {stage}")(workdir, stage,
+                                                                             stage_timeout_s(stage, params))
     if push:
         push_outputs(workdir, remote)
     if publish:
@@ -220,15 +221,6 @@ def working_copy(project: Path, data_rev: str | None, overrides: list[str], raw_
         return
     with isolated_copy(project, data_rev, log) as workdir:
         yield workdir
-
-
-def stage_task(stage: str) -> Any:
-    """repro_stage named after its stage; retried with backoff only when the stage is I/O."""
-    options: dict[str, Any] = {"name": f"dvc repro {stage}"}
-    if stage in IO_STAGES:
-        options.update(retries=IO_RETRIES, retry_delay_seconds=IO_BACKOFF, retry_jitter_factor=0.5,
-                       retry_condition_fn=transient_only)
-    return repro_stage.with_options(**options)
 
 
 def stage_timeout_s(stage: str, params: Params) -> float | None:

@@ -18,7 +18,8 @@ from tests.conftest import init_dvc_repo, run, write_image_folder
 # so the flow's own logic (skipping, isolation, locking, failures) is tested quickly. The
 # real dvc.yaml runs in test_retrain_real_pipeline. Stage behaviour is driven by params
 # so that DVC sees every change: train fails when train.head.epochs is 0 and sleeps
-# train.seed seconds (for the timeout test).
+# train.seed seconds (for the timeout test); fetch_weights exits 75 (a transient failure)
+# once when the project holds a file fail-once-transient.
 TINY_DVC_YAML = """\
 stages:
   prepare:
@@ -49,7 +50,7 @@ stages:
 """
 
 TINY_STAGE = '''\
-"""A stand-in stage: hashes its inputs into out/<stage>.txt; train can fail or sleep on purpose."""
+"""A stand-in stage: hashes its inputs into out/<stage>.txt; train and fetch_weights can fail on purpose."""
 import hashlib, json, pathlib, sys, time
 import yaml
 
@@ -65,6 +66,9 @@ if stage == "train":
         print("some progress before the failure", flush=True)
         sys.exit("error: train.head.epochs is 0, so there is nothing to train; set it to 1 or more")
     time.sleep(params["train"]["seed"])
+if stage == "fetch_weights" and pathlib.Path("fail-once-transient").exists():   # a network hiccup, once
+    pathlib.Path("fail-once-transient").unlink()
+    sys.exit(75)
 if stage == "evaluate":
     pathlib.Path("metrics").mkdir(parents=True, exist_ok=True)
     json.dump({"accuracy": 0.75, "macro_f1": 0.7, "ece": 0.05, "n_test": 4,

@@ -13,8 +13,8 @@ import pytest
 
 import yaml
 
-from flows.dvc_runner import (CommandFailed, CommandResult, TransientFailure, dvc_error, error_summary, is_transient,
-                              read_stages, run_checked, run_streamed, stage_outcome)
+from flows.dvc_runner import (CommandFailed, CommandResult, TransientFailure, dvc_error, error_summary, read_stages,
+                              run_checked, run_streamed, stage_outcome)
 from tests.conftest import REPO_ROOT
 
 
@@ -191,20 +191,33 @@ def test_dvc_error_keeps_the_warning_that_names_the_missing_files_and_the_whole_
     assert dvc_error(["nothing went wrong"]) == []
 
 
-@pytest.mark.parametrize("line, transient", [
-    ("ERROR: failed to push data to the cloud - Read timed out.", True),
-    ("ConnectionResetError: [Errno 104] Connection reset by peer", True),
-    ("botocore.exceptions.ClientError: An error occurred (503) ... HTTP 503 Service Unavailable", True),
-    ("aiohttp.client_exceptions.ClientResponseError: 502, message='Bad Gateway', status 502", True),
-    ("Temporary failure in name resolution", True),
-    ("ssl.SSLError: [SSL: UNEXPECTED_EOF_WHILE_READING]", True),
-    ("ERROR: 500 files failed to download", False),          # a count, not an HTTP status
-    ("error: train.head.epochs is 0, so there is nothing to train", False),
-    ("ERROR: failed to pull data from the cloud - Checkout failed for following targets:", False),
-    ("ValueError: classes differ: dressl", False),
+@pytest.mark.parametrize("code, transient", [
+    ("sys.exit(75)", True),                                                  # EX_TEMPFAIL: the stage says retry
+    ("print('ConnectionResetError: Connection reset by peer', file=sys.stderr); sys.exit(1)", False),
+    ("print('HTTP 503 Service Unavailable', file=sys.stderr); sys.exit(1)", False),
+    ("sys.exit(1)", False),
 ])
-def test_only_words_of_a_passing_failure_count_as_transient(line: str, transient: bool) -> None:
-    assert is_transient(CommandResult(returncode=1, stderr_tail=[line])) is transient
+def test_only_exit_status_75_counts_as_transient_not_the_words_of_the_error(log, tmp_path: Path, code: str,
+                                                                            transient: bool) -> None:
+    """The stage knows whether its failure may pass (tasks.lib.errors.TransientError exits 75); its output's
+    words do not decide, so a stage that prints a network error while failing for good is not retried."""
+    logger, _ = log
+    with pytest.raises(CommandFailed) as failed:
+        run_checked(python(f"import sys; {code}"), tmp_path, logger, "stage fetch_weights")
+    assert isinstance(failed.value, TransientFailure) is transient
+
+
+@pytest.mark.slow(seconds=10)
+@pytest.mark.parametrize("status, transient", [(75, True), (1, False)])
+def test_the_status_of_a_stage_under_dvc_repro_is_the_stages_own(log, tiny_project: Path, status: int,
+                                                                 transient: bool) -> None:
+    """`dvc repro` exits 255 whatever its stage exited with, and says the stage's status in its error line."""
+    logger, _ = log
+    with (tiny_project / "dvc.yaml").open("a") as f:
+        f.write(f"  flaky:\n    cmd: python -c 'import sys; sys.exit({status})'\n")
+    with pytest.raises(CommandFailed, match=f"exited with {status}") as failed:
+        run_checked(["dvc", "repro", "--single-item", "flaky"], tiny_project, logger, "stage flaky")
+    assert isinstance(failed.value, TransientFailure) is transient
 
 
 def test_a_hopeless_dvc_failure_is_not_retried_and_its_whole_message_is_shown(log, tmp_path: Path) -> None:
