@@ -1,6 +1,6 @@
-"""One retrain at a time per project: an fcntl lock file in the project's .dvc/tmp.
+"""One retrain at a time per project: a lock file in the project's .dvc/tmp (`filelock`, an flock on Linux).
 
-`flock` locks belong to an open file, so two flows in one process exclude each
+An flock belongs to an open file, so two flows in one process exclude each
 other as well as two processes do, and the kernel drops the lock when its
 holder dies: a crashed run never leaves a stale lock behind. The file records
 who holds it, so a waiting run can say what it waits for.
@@ -8,7 +8,6 @@ who holds it, so a waiting run can say what it waits for.
 
 from __future__ import annotations
 
-import fcntl
 import json
 import os
 import socket
@@ -18,8 +17,9 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Callable
 
+from filelock import FileLock, Timeout
+
 LOCK_NAME = "retrain.lock"
-POLL_S = 0.5
 
 
 class RetrainBusy(RuntimeError):
@@ -37,41 +37,30 @@ def retrain_lock(root: Path, wait_s: float, owner: dict[str, Any],
     """Hold the project's retrain lock; wait up to wait_s for it (0: fail at once), else raise RetrainBusy."""
     path = lock_path(root)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    record = json.dumps({**owner, "pid": os.getpid(), "host": socket.gethostname(), "since": time.time()},
+                        default=str).encode()
+    # The holder's record goes into the locked file itself, the moment it holds it; emptied on release.
+    lock = FileLock(path, preserve_lock_file=True, on_acquired=lambda fd: _write(fd, record))
     try:
-        _acquire(fd, path, wait_s, on_wait)
-        _write_owner(fd, {**owner, "pid": os.getpid(), "host": socket.gethostname(), "since": time.time()})
+        lock.acquire(timeout=0)
+    except Timeout:
+        on_wait(read_owner(path))
         try:
-            yield path
-        finally:
-            os.ftruncate(fd, 0)
-            fcntl.flock(fd, fcntl.LOCK_UN)
+            lock.acquire(timeout=wait_s)
+        except Timeout:
+            raise RetrainBusy(f"another retrain of this project is running ({describe_holder(read_owner(path))}); "
+                              f"it holds {path}. Wait for it to finish, or raise lock_wait_minutes "
+                              f"to queue behind it") from None
+    try:
+        yield path
     finally:
-        os.close(fd)
+        path.write_bytes(b"")
+        lock.release()
 
 
-def _acquire(fd: int, path: Path, wait_s: float, on_wait: Callable[[dict[str, Any]], None]) -> None:
-    deadline = time.monotonic() + wait_s
-    told = False
-    while True:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            return
-        except BlockingIOError:
-            holder = read_owner(path)
-            if time.monotonic() >= deadline:
-                raise RetrainBusy(f"another retrain of this project is running ({describe_holder(holder)}); "
-                                  f"it holds {path}. Wait for it to finish, or raise lock_wait_minutes "
-                                  f"to queue behind it") from None
-            if not told:
-                on_wait(holder)
-                told = True
-            time.sleep(POLL_S)
-
-
-def _write_owner(fd: int, owner: dict[str, Any]) -> None:
+def _write(fd: int, record: bytes) -> None:
     os.ftruncate(fd, 0)
-    os.pwrite(fd, json.dumps(owner, default=str).encode(), 0)
+    os.pwrite(fd, record, 0)
 
 
 def read_owner(path: Path) -> dict[str, Any]:
