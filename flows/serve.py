@@ -28,18 +28,7 @@ from types import FrameType
 from typing import TYPE_CHECKING
 
 from flows.processes import spawn, stop_process_group
-from flows.server import (
-    Server,
-    ServerError,
-    advertise,
-    port_in_use,
-    project_setting,
-    running_server,
-    start_server,
-    startup_timeout_s,
-    usable_home,
-    withdraw,
-)
+from flows.server import ServerError, project_server, project_setting, usable_home
 from tasks.lib.config import ParamsError, load_params
 
 if TYPE_CHECKING:
@@ -103,35 +92,26 @@ def serve_deployments(params_path: Path, paused: bool) -> int:
     return 0
 
 
-def the_server(root: Path, port: int) -> tuple[Server, bool]:
-    """(server, started here): PREFECT_API_URL's, the project's running one, or a new one on port."""
-    if url := os.environ.get("PREFECT_API_URL"):
-        return Server(url), False
-    if url := running_server(root):
-        return Server(url), False
-    if port_in_use(port):
-        raise ServerError(f"port {port} on 127.0.0.1 is taken by another program; "
-                          f"choose another with `python -m flows.serve --port N` (make serve PORT=N)")
-    return start_server(root, port, startup_timeout_s(root), say=lambda text: print(text, file=sys.stderr)), True
-
-
 def supervise(root: Path, args: argparse.Namespace) -> int:
     """Server, then runner; on Ctrl-C/SIGTERM stop the runner (and its flow runs), then the server."""
     _stop_on_signals()
-    server: Server | None = None
     runner: subprocess.Popen | None = None
     try:
-        server, started = the_server(root, args.port)
-        if started:
-            advertise(root, server)
-        cmd = [sys.executable, "-m", "flows.serve", "--runner", "--params", str(args.params.resolve())]
-        runner = spawn(cmd + (["--paused"] if args.paused else []), root,
-                       {**os.environ, "PREFECT_API_URL": server.url})
-        print(f"Serving retrain/scheduled and watch/data-change against {server.url}\n"
-              f"Prefect UI: {server.ui_url}   (Ctrl-C stops)", file=sys.stderr, flush=True)
-        code = runner.wait()
-        print(f"the runner exited with code {code}; see its messages above", file=sys.stderr)
-        return 1
+        with project_server(root, lambda text: print(text, file=sys.stderr), args.port, advertised=True) as url:
+            try:
+                cmd = [sys.executable, "-m", "flows.serve", "--runner", "--params", str(args.params.resolve())]
+                runner = spawn(cmd + (["--paused"] if args.paused else []), root,
+                               {**os.environ, "PREFECT_API_URL": url})
+                print(f"Serving retrain/scheduled and watch/data-change against {url}\n"
+                      f"Prefect UI: {url.removesuffix('/api')}   (Ctrl-C stops)", file=sys.stderr, flush=True)
+                code = runner.wait()
+                print(f"the runner exited with code {code}; see its messages above", file=sys.stderr)
+                return 1
+            finally:
+                signal.signal(signal.SIGINT, signal.SIG_IGN)  # a second Ctrl-C must not interrupt the clean-up
+                signal.signal(signal.SIGTERM, signal.SIG_IGN)
+                if runner is not None:
+                    stop_process_group(runner, RUNNER_STOP_GRACE_S)
     except ServerError as err:
         print(f"error: {err}", file=sys.stderr)
         return 1
@@ -139,13 +119,6 @@ def supervise(root: Path, args: argparse.Namespace) -> int:
         print(f"{stop}: stopping", file=sys.stderr, flush=True)
         return 0
     finally:
-        signal.signal(signal.SIGINT, signal.SIG_IGN)  # a second Ctrl-C must not interrupt the clean-up
-        signal.signal(signal.SIGTERM, signal.SIG_IGN)
-        if runner is not None:
-            stop_process_group(runner, RUNNER_STOP_GRACE_S)
-        if server is not None:
-            withdraw(root, server)
-            server.stop()
         print("flows.serve stopped", file=sys.stderr)
 
 

@@ -25,7 +25,7 @@ import time
 import tomllib
 import urllib.request
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
@@ -47,10 +47,6 @@ class Server:
     url: str
     process: subprocess.Popen | None = None
     log_path: Path | None = None
-
-    @property
-    def ui_url(self) -> str:
-        return self.url.removesuffix("/api")
 
     def stop(self) -> None:
         """Stop a server this command started (its whole process group), by its process id."""
@@ -165,8 +161,12 @@ def startup_timeout_s(root: Path) -> float:
 
 
 @contextmanager
-def project_server(root: Path, say: Callable[[str], None] = lambda _: None) -> Iterator[str]:
-    """The API address every Prefect call of this command uses; a server started here stops on exit."""
+def project_server(root: Path, say: Callable[[str], None] = lambda _: None, port: int | None = None,
+                   advertised: bool = False) -> Iterator[str]:
+    """The API address every Prefect call of this command uses; a server started here stops on exit.
+
+    port: where to start one (default: any free port); advertised: other commands of the project reuse
+    the server started here while it runs (`make serve`)."""
     usable_home(root)   # Prefect's clients keep files there too, whichever server they talk to
     if url := os.environ.get("PREFECT_API_URL"):
         yield url
@@ -175,10 +175,19 @@ def project_server(root: Path, say: Callable[[str], None] = lambda _: None) -> I
         say(f"Using the project's running Prefect server {url.removesuffix('/api')}")
         yield url
         return
-    server = start_server(root, free_port(), startup_timeout_s(root), say)
+    if port is not None and port_in_use(port):
+        raise ServerError(f"port {port} on 127.0.0.1 is taken by another program; "
+                          f"choose another with `python -m flows.serve --port N` (make serve PORT=N)")
+    server = start_server(root, port or free_port(), startup_timeout_s(root), say)
+    path = state_path(root)
+    if advertised:
+        path.write_text(json.dumps({"url": server.url, "pid": server.process.pid}))
     try:
         yield server.url
     finally:
+        with suppress(OSError, ValueError):   # withdrawn only while it still names this server
+            if advertised and json.loads(path.read_text()).get("pid") == server.process.pid:
+                path.unlink()
         server.stop()
 
 
@@ -242,18 +251,3 @@ def drain_prefect_workers(timeout_s: float = 10.0) -> None:
             worker.drain_all(timeout=timeout_s)
         except RuntimeError:  # never started
             pass
-
-
-def advertise(root: Path, server: Server) -> None:
-    """Let other commands of this project reuse the server (`make serve` does this)."""
-    path = state_path(root)
-    path.write_text(json.dumps({"url": server.url, "pid": server.process.pid if server.process else None}))
-
-
-def withdraw(root: Path, server: Server) -> None:
-    path = state_path(root)
-    try:
-        if server.process and json.loads(path.read_text()).get("pid") == server.process.pid:
-            path.unlink()
-    except (OSError, ValueError):
-        pass
