@@ -11,6 +11,7 @@ of training perhaps, for an edit that cannot change its output.
 from __future__ import annotations
 
 import ast
+import re
 from pathlib import Path
 
 import pytest
@@ -105,10 +106,10 @@ def test_stage_code_deps_are_exactly_its_import_closure(name: str) -> None:
     stage = stages()[name]
     deps, needed = code_deps(stage), import_closure(stage)
     missing, phantom = sorted(needed - deps), sorted(deps - needed)
-    assert not missing and not phantom, (
-        f"dvc.yaml's stage {name}: deps miss {missing} (imported: an edit there would not re-run it) and list "
-        f"{phantom} (not imported: an edit there re-runs it for nothing). Replace its code deps "
-        f"(the tasks/ lines) with:\n{paste_list(stage)}")
+    problems = [f"misses {missing}, which it imports (an edit there would not re-run it)"] * bool(missing) + \
+               [f"lists {phantom}, which it does not import (an edit there re-runs it for nothing)"] * bool(phantom)
+    assert not problems, (f"dvc.yaml's stage {name} {' and '.join(problems)}. Replace its code deps (the tasks/ "
+                          f"lines) with:\n{paste_list(stage)}")
 
 
 def test_the_check_sees_imports_inside_functions(tmp_path: Path) -> None:
@@ -158,6 +159,27 @@ def test_predict_never_imports_torch() -> None:
     heavy = {m for p in reached for m in imported_modules(p) if m.split(".")[0] in ("torch", "torchvision", "timm")}
     assert not heavy, f"predict reaches imports of {sorted(heavy)}"
 
+
+
+# --------------------------------------------------------------------------- docs/architecture.md
+
+ARCHITECTURE = REPO_ROOT / "docs" / "architecture.md"
+CODE_PATH = re.compile(r"\b(?:tasks|flows|benchmarks|tests)/[\w./-]*\w/?")
+
+
+def test_every_path_the_architecture_page_names_exists() -> None:
+    named = set(CODE_PATH.findall(ARCHITECTURE.read_text()))
+    gone = sorted(path for path in named if not (REPO_ROOT / path).exists())
+    assert not gone, f"docs/architecture.md names {gone}, which do not exist: fix or drop them"
+
+
+def test_the_architecture_page_names_every_module() -> None:
+    """A maintainer finds every module of tasks/ and flows/ on the page, with what it is for."""
+    named = set(CODE_PATH.findall(ARCHITECTURE.read_text()))
+    modules = [p for package in PROJECT_PACKAGES for p in sorted((REPO_ROOT / package).rglob("*.py"))
+               if p.name != "__init__.py"]
+    unnamed = [p.relative_to(REPO_ROOT).as_posix() for p in modules if p.relative_to(REPO_ROOT).as_posix() not in named]
+    assert not unnamed, f"docs/architecture.md does not name {unnamed}: add each, by its path, to the module table"
 
 if __name__ == "__main__":   # `python -m tests.test_architecture`: every stage's code deps, to paste into dvc.yaml
     for stage_name, spec in stages().items():
