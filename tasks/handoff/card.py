@@ -14,7 +14,7 @@ import re
 from typing import Any
 
 from tasks.lib.config import Params
-from tasks.lib.console import printable
+from tasks.lib.console import terminal_safe
 from tasks.lib.split_files import SPLITS
 
 # Markdown that could make a value a link, code, or a new table cell; HTML is escaped as entities.
@@ -268,7 +268,7 @@ def _md(value: object) -> str:
     """A value from data as inert Markdown on one line, wherever it sits: control characters and newlines shown
     as escapes, HTML as entities, the characters that make links, code or table cells backslash-escaped, and
     so is a block marker at its start (a class named `# x` must not become a heading of the card)."""
-    text = _MARKDOWN_ACTIVE.sub(r"\\\1", html.escape(printable(value, one_line=True), quote=False))
+    text = _MARKDOWN_ACTIVE.sub(r"\\\1", html.escape(terminal_safe(value, one_line=True), quote=False))
     text = re.sub(r"^ +", lambda spaces: "&#32;" * len(spaces.group()), text)
     return _BLOCK_MARKER.sub(lambda marker: f"{marker.group()[:-1]}\\{marker.group()[-1]}", text)
 

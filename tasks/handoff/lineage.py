@@ -117,8 +117,8 @@ def build_lineage(params: Params, root: Path, *, onnx_sha256: str, test_split_sh
                   flow_run_id: str | None) -> dict[str, Any]:
     """The full record; refuses a dirty git tree unless registry.allow_dirty is set.
 
-    weights_sha256 comes from the caller (tasks.lib.weights.weights_sha256): that module
-    imports torch, and this one is read by the registry, which predict uses without torch.
+    weights_record is the export report's copy of the checkpoint's record (tasks.lib.weights);
+    weights_sha256 names those weights (tasks.lib.weights.weights_sha256).
     """
     commit, dirty, dirty_files = git_state(root, params.reports.dir)
     if dirty and not params.registry.allow_dirty:

@@ -37,7 +37,7 @@ from typing import Any
 import numpy as np
 
 from tasks.handoff.registry import Registry, RegistryError
-from tasks.lib.console import printable, quiet_broken_pipe
+from tasks.lib.console import quiet_broken_pipe, terminal_safe
 from tasks.lib.images import DEFAULT_MAX_ASPECT_RATIO, BadImage, ImageLimits, is_image_name
 from tasks.lib.io import sha256_file
 from tasks.lib.onnx_classifier import Classifier, ModelError, load_classifier
@@ -108,15 +108,15 @@ def _predict_batch(classifier: Classifier, files: list[Path], k: int, limits: Im
 
 def format_table(results: list[dict[str, Any]]) -> str:
     """One line per file: the path, then label (probability) for each of the top k, or the error."""
-    shown = [{**r, "file": printable(r["file"], one_line=True)} for r in results]
+    shown = [{**r, "file": terminal_safe(r["file"], one_line=True)} for r in results]
     width = max(len(r["file"]) for r in shown)
     lines = []
     for r in shown:
         if "error" in r:
-            lines.append(f"{r['file']:<{width}}  ERROR {printable(r['error'], one_line=True)}")
+            lines.append(f"{r['file']:<{width}}  ERROR {terminal_safe(r['error'], one_line=True)}")
         else:
             lines.append(f"{r['file']:<{width}}  " + "  ".join(
-                f"{printable(p['label'], one_line=True)} {p['probability']:.4f}" for p in r["predictions"]))
+                f"{terminal_safe(p['label'], one_line=True)} {p['probability']:.4f}" for p in r["predictions"]))
     return "\n".join(lines)
 
 
@@ -196,7 +196,7 @@ def main(argv: list[str] | None = None) -> int:
             classifier = load_classifier(model_path, args.threads)
             return _predict(classifier, inputs, args)
     except ModelError as err:
-        print(f"error: {printable(err)}", file=sys.stderr)
+        print(f"error: {terminal_safe(err)}", file=sys.stderr)
         return EXIT_BAD_MODEL
 
 
@@ -204,7 +204,7 @@ def _predict(classifier: Classifier, inputs: list[Path], args: argparse.Namespac
     files = input_files(inputs)
     first = next(files, None)
     if first is None:
-        print(f"error: no image files in {printable(', '.join(map(str, inputs)))}", file=sys.stderr)
+        print(f"error: no image files in {terminal_safe(', '.join(map(str, inputs)))}", file=sys.stderr)
         return EXIT_SOME_FAILED
     batches = predict_batches(classifier, itertools.chain([first], files), args.top_k, args.batch_size,
                               args.max_aspect_ratio)

@@ -36,12 +36,16 @@ from tasks.handoff.registry import Registry, RegistryError, new_version_id, open
 from tasks.handoff.registry_pointer import utcnow
 from tasks.lib.config import Params
 from tasks.lib.errors import StageError
+from tasks.lib.images import ImageLimits
 from tasks.lib.io import read_json, sha256_bytes, sha256_file
-from tasks.lib.split_files import split_digest
+from tasks.lib.metrics import compute_metrics
+from tasks.lib.onnx_classifier import ModelError, load_classifier, score_onnx
+from tasks.lib.split_files import labels_of, read_classes, read_split, split_digest, split_path
+from tasks.lib.weights import weights_sha256
 
 
 @dataclass
-class Candidate:
+class CandidateArtifacts:
     """The artifacts of one pipeline run that make up a registry version."""
 
     onnx_path: Path
@@ -74,7 +78,7 @@ def publish_candidate(params: Params, root: Path, flow_run_id: str | None,
         lineage = build_lineage(params, root, onnx_sha256=candidate.onnx_sha256,
                                 test_split_sha256=candidate.test_split_sha256,
                                 weights_record=candidate.weights_record,
-                                weights_sha256=_weights_sha256(candidate.weights_record),
+                                weights_sha256=weights_sha256(candidate.weights_record),
                                 checkpoint_sha256=candidate.checkpoint_sha256, flow_run_id=flow_run_id)
         registry = open_registry(params, Path(registry_root or root))
         existing = registry.find_by_onnx(candidate.onnx_sha256)
@@ -85,7 +89,7 @@ def publish_candidate(params: Params, root: Path, flow_run_id: str | None,
         raise StageError(str(err)) from None
 
 
-def _publish_new(params: Params, root: Path, registry: Registry, candidate: Candidate,
+def _publish_new(params: Params, root: Path, registry: Registry, candidate: CandidateArtifacts,
                  lineage: dict[str, Any]) -> dict[str, Any]:
     production = registry.production()
     decision = _gate(params, root, registry, production, candidate, lineage)
@@ -112,7 +116,7 @@ def _publish_new(params: Params, root: Path, registry: Registry, candidate: Cand
 
 
 def _regate_existing(params: Params, root: Path, registry: Registry, version: str,
-                     candidate: Candidate, run_lineage: dict[str, Any]) -> dict[str, Any]:
+                     candidate: CandidateArtifacts, run_lineage: dict[str, Any]) -> dict[str, Any]:
     """The same ONNX file is already a version: note the reproduction beside it and gate that version again.
 
     The metrics are this run's (same model bytes, current test split), so a changed split
@@ -147,7 +151,7 @@ class ProductionSide:
     unscored: str | None = None
 
 
-def _gate(params: Params, root: Path, registry: Registry, production: str | None, candidate: Candidate,
+def _gate(params: Params, root: Path, registry: Registry, production: str | None, candidate: CandidateArtifacts,
           lineage: dict[str, Any]) -> dict[str, Any]:
     """The gate decision, with both models' metrics on the candidate's test split and the paired test of
     their predictions on the same images."""
@@ -164,7 +168,7 @@ def _gate(params: Params, root: Path, registry: Registry, production: str | None
 
 
 def _production_side(params: Params, root: Path, registry: Registry, production: str | None,
-                     candidate: Candidate) -> ProductionSide:
+                     candidate: CandidateArtifacts) -> ProductionSide:
     """Production's ONNX file, verified, scored on the candidate's test images (a second or two).
 
     Production's stored metrics and predictions are never read: they describe what it scored once,
@@ -186,9 +190,9 @@ def _production_side(params: Params, root: Path, registry: Registry, production:
         onnx_path = Path(tmp) / "model.onnx"
         onnx_path.write_bytes(onnx_bytes)
         try:
-            metrics, probs = score_onnx(onnx_path, prepared, root / params.data.raw_dir, _class_names(prepared),
-                                        top_k=params.evaluate.top_k, bins=params.evaluate.calibration_bins,
-                                        limits=params.prepare.limits())
+            metrics, probs = score_test_split(onnx_path, prepared, root / params.data.raw_dir, read_classes(prepared),
+                                              top_k=params.evaluate.top_k, bins=params.evaluate.calibration_bins,
+                                              limits=params.prepare.limits())
         except ValueError as err:  # e.g. the class set changed: no comparison is possible, so no promotion
             # name the registry file, not the temporary copy that is gone once this returns
             message = str(err).replace(str(onnx_path), registry.url(production, "model.onnx"))
@@ -227,32 +231,17 @@ def damaged_production(registry: Registry, version: str, problems: list[str]) ->
             f"from a backup, or `registry rollback` to make the previous production version current again")
 
 
-def score_onnx(onnx_path: Path, prepared_dir: Path, raw_dir: Path, class_names: list[str], *,
-               top_k: int, bins: int, limits: Any = None) -> tuple[dict[str, Any], np.ndarray]:
-    """Metrics and probabilities of an ONNX model on the prepared test split, with the preprocessing from its own
-    metadata.
+def score_test_split(onnx_path: Path, prepared_dir: Path, raw_dir: Path, class_names: list[str], *,
+                     top_k: int, bins: int, limits: ImageLimits | None = None) -> tuple[dict[str, Any], np.ndarray]:
+    """Metrics and probabilities of an ONNX model on the prepared test split (ValueError when it cannot be scored).
 
-    The same metric code as the evaluate stage (tasks.lib.metrics), so the gate compares like with like;
-    limits (tasks.lib.images.ImageLimits) are prepare's, so every image prepare accepted is read.
+    The same metric code as the evaluate stage (tasks.lib.metrics), so the gate compares like with like.
     """
-    from tasks.lib.images import BadImage
-    from tasks.lib.metrics import compute_metrics
-    from tasks.lib.onnx_classifier import ModelError, load_classifier
-    from tasks.lib.split_files import read_split, split_path
-
-    try:
-        classifier = load_classifier(onnx_path)
-    except ModelError as err:
-        raise ValueError(str(err)) from None
-    if classifier.class_names != class_names:
-        raise ValueError(f"{onnx_path}: its classes {classifier.class_names} differ from the test split's {class_names}")
-    rows = read_split(split_path(prepared_dir, "test"))
-    try:
-        probs = classifier.score_files([Path(raw_dir) / r.path for r in rows], limits=limits)
-    except BadImage as err:
-        raise ValueError(f"{err}; re-run prepare (dvc repro prepare)") from None
-    metrics = compute_metrics(probs, np.array([r.label for r in rows]), class_names, top_k, bins)
-    return {**metrics, "test_split_sha256": split_digest(Path(prepared_dir) / "test.csv")}, probs
+    test_file = split_path(prepared_dir, "test")
+    rows = read_split(test_file)
+    probs = score_onnx(onnx_path, class_names, [Path(raw_dir) / r.path for r in rows], limits)
+    metrics = compute_metrics(probs, labels_of(rows), class_names, top_k, bins)
+    return {**metrics, "test_split_sha256": split_digest(test_file)}, probs
 
 
 def _move_pointer(registry: Registry, version: str, production: str | None, decision: dict[str, Any]) -> bool:
@@ -286,31 +275,32 @@ def _json_bytes(obj: Any) -> bytes:
 # --------------------------------------------------------------------------- reading the artifacts
 
 
-def read_candidate(params: Params, root: Path) -> Candidate:
+def read_candidate(params: Params, root: Path) -> CandidateArtifacts:
     """Load the candidate's artifacts and check they describe one and the same model and test split."""
     paths = params.report_paths(root)
     onnx_path, report_path, metrics_path = paths["onnx"], paths["export_report"], paths["test_metrics"]
     predictions_path = paths["test_predictions"]
     prepared = root / params.data.prepared_dir
-    for path in (onnx_path, report_path, metrics_path, predictions_path, prepared / "test.csv"):
+    test_file = split_path(prepared, "test")
+    for path in (onnx_path, report_path, metrics_path, predictions_path, test_file):
         if not path.exists():
             raise StageError(f"{path}: not found; run the pipeline first (dvc repro) so there is a model to publish")
     onnx_sha256 = sha256_file(onnx_path)
     report, metrics, predictions = read_json(report_path), read_json(metrics_path), read_json(predictions_path)
-    test_split = split_digest(prepared / "test.csv")
+    test_split = split_digest(test_file)
     _check_consistent(onnx_path, onnx_sha256, report_path, report, metrics_path, metrics, test_split)
     if predictions.get("test_split_sha256") != test_split:
         raise StageError(f"{predictions_path} was computed on another test split than the current test.csv; "
                          "re-run the evaluate stage (dvc repro evaluate)")
-    class_names = _class_names(prepared)
+    class_names = read_classes(prepared)
     _check_onnx_classes(onnx_path, class_names)
     checkpoint = root / params.train.out_dir / "model.pt"
-    return Candidate(
+    return CandidateArtifacts(
         onnx_path=onnx_path, onnx_sha256=onnx_sha256, class_names=class_names,
         metrics=metrics, metrics_bytes=metrics_path.read_bytes(),
         predictions=predictions, predictions_bytes=predictions_path.read_bytes(),
         export_report=report, export_report_bytes=report_path.read_bytes(),
-        test_split_sha256=test_split, weights_record=_weights_record(params, root, checkpoint),
+        test_split_sha256=test_split, weights_record=_weights_record(params, root, report),
         checkpoint_sha256=sha256_file(checkpoint) if checkpoint.exists() else None,
         train_metrics=_optional_json(paths["train_metrics"]),
         data_report=_optional_json(paths["data_report"]),
@@ -328,41 +318,26 @@ def _check_consistent(onnx_path: Path, onnx_sha256: str, report_path: Path, repo
                          "re-run the evaluate stage (dvc repro evaluate)")
 
 
-def _class_names(prepared: Path) -> list[str]:
-    from tasks.lib.split_files import read_classes
-
-    return read_classes(prepared)
-
-
 def _check_onnx_classes(onnx_path: Path, class_names: list[str]) -> None:
-    import onnxruntime as ort
-
-    meta = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"]).get_modelmeta()
-    raw = meta.custom_metadata_map.get("class_names")
-    if raw is None or json.loads(raw) != class_names:
-        raise StageError(f"{onnx_path}: metadata class_names {raw} do not match classes.json {class_names}; "
+    try:
+        onnx_classes = load_classifier(onnx_path).class_names
+    except ModelError as err:
+        raise StageError(f"{err}; re-run the export stage (dvc repro export)") from None
+    if onnx_classes != class_names:
+        raise StageError(f"{onnx_path}: metadata class_names {onnx_classes} do not match classes.json {class_names}; "
                          "re-run the export stage (dvc repro export)")
 
 
-def _weights_record(params: Params, root: Path, checkpoint: Path) -> dict[str, Any]:
-    """The pretrained-weights record the model was trained from: the checkpoint's copy, else weights.json."""
-    if checkpoint.exists():
-        import torch
-
-        payload = torch.load(checkpoint, map_location="cpu", weights_only=True)
-        if isinstance(payload.get("weights"), dict):
-            return payload["weights"]
+def _weights_record(params: Params, root: Path, export_report: dict[str, Any]) -> dict[str, Any]:
+    """The pretrained-weights record the model was trained from: the export report's copy of the checkpoint's,
+    else weights.json (an export report written before it carried one)."""
+    if isinstance(export_report.get("weights"), dict):
+        return export_report["weights"]
     path = params.report_paths(root)["weights"]
     if not path.exists():
-        raise StageError(f"neither {checkpoint} nor {path} records the pretrained weights; "
-                         "run the fetch_weights and train stages (dvc repro train)")
+        raise StageError(f"neither the export report nor {path} records the pretrained weights; "
+                         "run the pipeline (dvc repro export)")
     return read_json(path)
-
-
-def _weights_sha256(record: dict[str, Any]) -> str | None:
-    from tasks.lib.weights import weights_sha256  # local: it imports torch, which `registry list` does not need
-
-    return weights_sha256(record)
 
 
 def _figures(paths: dict[str, Path]) -> dict[str, bytes]:

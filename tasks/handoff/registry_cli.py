@@ -22,7 +22,7 @@ from typing import Any
 
 from tasks.handoff.registry import MARKER, Registry, RegistryError, open_registry
 from tasks.lib.config import DEFAULT_PARAMS, Params, ParamsError, load_params
-from tasks.lib.console import printable, quiet_broken_pipe
+from tasks.lib.console import quiet_broken_pipe, terminal_safe
 from tasks.lib.errors import StageError
 from tasks.lib.io import StorageError
 
@@ -85,8 +85,8 @@ def format_table(rows: list[dict[str, Any]]) -> str:
 
 
 def _line(cells: list[str], reason_width: int) -> str:
-    padded = [printable(c, one_line=True)[:w].ljust(w) for c, (_, _, w) in zip(cells, COLUMNS, strict=False)]
-    reason = printable(cells[-1], one_line=True)
+    padded = [terminal_safe(c, one_line=True)[:w].ljust(w) for c, (_, _, w) in zip(cells, COLUMNS, strict=False)]
+    reason = terminal_safe(cells[-1], one_line=True)
     if len(reason) > reason_width:
         reason = reason[:reason_width - 1] + "…"
     return "  ".join([*padded, reason]).rstrip()
@@ -103,7 +103,7 @@ def _cmd_list(reg: Registry, args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(rows, indent=2))
     elif not rows:
-        print(f"{printable(reg.url())}: no versions yet")
+        print(f"{terminal_safe(reg.url())}: no versions yet")
     else:
         print(format_table(rows))
     problems += [d for row in rows for d in row["damaged"]]
@@ -112,7 +112,7 @@ def _cmd_list(reg: Registry, args: argparse.Namespace) -> int:
 
 def _report(problems: list[str]) -> int:
     for problem in problems:
-        print(f"error: {printable(problem)}", file=sys.stderr)
+        print(f"error: {terminal_safe(problem)}", file=sys.stderr)
     return 1 if problems else 0
 
 
@@ -139,15 +139,15 @@ def _cmd_show(reg: Registry, args: argparse.Namespace) -> int:
                  "card": _json_or_none(reg, version, "card.json", problems),
                  "decision": _json_or_none(reg, version, "decision.json", problems),
                  "reproductions": reg.reproductions(version)}
-        print(printable(json.dumps(shown, indent=2)))
+        print(terminal_safe(json.dumps(shown, indent=2)))
     else:
         try:
-            print(printable(reg.read_bytes(version, "README.md").decode("utf-8", errors="replace")))
+            print(terminal_safe(reg.read_bytes(version, "README.md").decode("utf-8", errors="replace")))
         except RegistryError as err:
             problems.append(str(err))
         for note in reg.reproductions(version):
             differs = [key for key, same in note.get("same_as_published", {}).items() if not same]
-            print(printable(f"Reproduced {note.get('at')} by flow run {note.get('flow_run_id')}: the same ONNX file"
+            print(terminal_safe(f"Reproduced {note.get('at')} by flow run {note.get('flow_run_id')}: the same ONNX file"
                             + (f", from another {', '.join(differs)}" if differs else ", from the same inputs")))
     return _report(problems)
 
@@ -164,7 +164,7 @@ def _cmd_verify(reg: Registry, args: argparse.Namespace) -> int:
     version = _production_or_named(reg, args.version, "verify")
     problems = reg.verify(version)
     for problem in problems:
-        print(f"{version}: {printable(problem)}")
+        print(f"{version}: {terminal_safe(problem)}")
     if not problems:
         print(f"{version}: ok (every file matches its sha256, lineage complete)")
     return 1 if problems else 0
@@ -179,7 +179,7 @@ def _cmd_promote(reg: Registry, args: argparse.Namespace) -> int:
         return 0
     differ = reg.class_names_differ(args.version, reg.production()) if args.force else None
     if differ:
-        print(f"warning: {printable(differ)}; promoting anyway (--force)", file=sys.stderr)
+        print(f"warning: {terminal_safe(differ)}; promoting anyway (--force)", file=sys.stderr)
     entry = reg.promote(args.version, args.reason, force=args.force)
     print(f"{reg.model_name}: production is now {entry['version']} (was {entry['from']})")
     return 0
@@ -248,7 +248,7 @@ def main(argv: list[str] | None = None) -> int:
                    "verify": _cmd_verify, "repair": _cmd_repair}[args.command]
         return handler(reg, args)
     except (RegistryError, ParamsError, StageError, FileNotFoundError, StorageError) as err:
-        print(f"error: {printable(err)}", file=sys.stderr)
+        print(f"error: {terminal_safe(err)}", file=sys.stderr)
         return 1
 
 

@@ -37,6 +37,7 @@ from tasks.lib.config_support import (
     set_dotted,
 )
 from tasks.lib.console import quiet_broken_pipe
+from tasks.lib.io import atomic_write_text
 
 __all__ = ["DEFAULT_PARAMS", "Params", "ParamsError", "apply_overrides_to_file", "load_params", "parse_override",
            "schema_keys"]
@@ -388,8 +389,6 @@ def apply_overrides_to_file(path: Path | str, overrides: dict[str, Any] | list[s
     raw = read_yaml(path)
     for key, value in parse_overrides(overrides).items():
         set_dotted(raw, key, value)
-    from tasks.lib.io import atomic_write_text  # local: io imports nothing from here
-
     atomic_write_text(path, yaml.safe_dump(raw, sort_keys=False))
     return params
 

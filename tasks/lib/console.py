@@ -24,7 +24,7 @@ EXIT_BROKEN_PIPE = 141  # what a shell reports for a process ended by SIGPIPE (1
 F = TypeVar("F", bound=Callable[..., int])
 
 
-def printable(text: object, *, one_line: bool = False) -> str:
+def terminal_safe(text: object, *, one_line: bool = False) -> str:
     """`text` with every control or reordering character shown as an escape (`\\x1b`, `\\u202e`).
 
     one_line also escapes tabs and newlines, for a value that sits in one cell of a table.

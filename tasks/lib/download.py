@@ -5,8 +5,9 @@ pin; the pin is a full SHA-256, or (trust on first use) a file-name hash prefix
 whose full hash is then written next to the file (`<file>.sha256`) and
 enforced from then on. The body is streamed to a temporary file in the same
 folder and renamed only once complete and verified. Connection errors, 5xx,
-408 and 429 answers and dropped connections retry with exponential backoff;
-other 4xx answers fail at once.
+408 and 429 answers and dropped connections retry with exponential backoff
+(the one retry layer for a download: once they are spent the stage fails with
+exit 1, not 75, so the flow does not retry it again); other 4xx answers fail at once.
 """
 
 from __future__ import annotations
@@ -19,15 +20,11 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
-from tasks.lib.errors import StageError
+from tasks.lib.errors import StageError, TransientError
 from tasks.lib.io import CHUNK, STORAGE_PROBLEMS, atomic_path, atomic_write_text, sha256_file, storage_error
 from tasks.lib.progress import progress
 
 log = logging.getLogger(__name__)
-
-
-class TransientError(Exception):
-    """A download failure worth retrying (connection error, 5xx, dropped connection)."""
 
 
 def ensure_cached(url: str, dest: Path, *, sha256: str | None, hash_prefix: str | None = None, offline: bool = False,

@@ -4,57 +4,41 @@ DVC's own plots (`dvc plots show`) draw the JSON/TSV data with JavaScript
 fetched from a CDN; these PNGs need nothing. The train stage draws the
 training curves, evaluate the confusion matrix, per-class F1 and the
 reliability diagram; publish copies them into the registry version, where
-the model card shows them. A machine without matplotlib (a bare GPU image)
-skips them with a warning: no stage depends on a picture.
+the model card shows them.
 """
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+from matplotlib.figure import Figure   # no pyplot: no global figure state, no display backend
 
 from tasks.lib.io import atomic_path
-
-log = logging.getLogger(__name__)
 
 PNG_NAMES = ("curves.png", "confusion.png", "per_class_f1.png", "reliability.png")
 DPI = 100
 
 
-def _pyplot() -> Any | None:
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")   # no display: files only
-        import matplotlib.pyplot as plt
-    except ImportError:
-        log.warning("matplotlib is not installed: no PNG figures (the DVC plot data is still written)")
-        return None
-    return plt
-
-
-def _save(fig: Any, path: Path) -> bool:
-    """Lay out, write atomically and close the figure; True (the figure was drawn)."""
+def _save(fig: Figure, path: Path) -> bool:
+    """Lay out and write the figure atomically; True (the figure was drawn)."""
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     with atomic_path(path) as tmp:
         # No timestamps or software tags: the same numbers give the same bytes.
         fig.savefig(tmp, format="png", dpi=DPI, metadata={"Software": None})
-    _pyplot().close(fig)
     return True
 
 
 def training_curves(history: list[dict[str, Any]], path: Path) -> bool:
     """Loss and validation accuracy / macro-F1 per epoch, the phases told apart."""
-    plt = _pyplot()
-    if plt is None or not history:
+    if not history:
         return False
     epochs = [row["epoch"] for row in history]
-    fig, (loss_ax, score_ax) = plt.subplots(1, 2, figsize=(10, 3.8))
+    fig = Figure(figsize=(10, 3.8))
+    loss_ax, score_ax = fig.subplots(1, 2)
     loss_ax.plot(epochs, [r["train_loss"] for r in history], marker="o", label="train loss")
     loss_ax.plot(epochs, [r["val_loss"] for r in history], marker="o", label="val loss")
     score_ax.plot(epochs, [r["val_accuracy"] for r in history], marker="o", label="val accuracy")
@@ -76,14 +60,12 @@ def _shade_phases(ax: Any, history: list[dict[str, Any]]) -> None:
 
 def confusion(matrix: np.ndarray, class_names: Sequence[str], path: Path) -> bool:
     """Counts, actual class down, predicted across; each cell shaded by its share of the row."""
-    plt = _pyplot()
-    if plt is None:
-        return False
     k = len(class_names)
     rows = matrix.sum(axis=1, keepdims=True)
     share = np.divide(matrix, rows, out=np.zeros(matrix.shape, dtype=float), where=rows > 0)
     side = min(14, 2.5 + 0.55 * k)
-    fig, ax = plt.subplots(figsize=(side, side * 0.85))
+    fig = Figure(figsize=(side, side * 0.85))
+    ax = fig.subplots()
     ax.imshow(share, cmap="Blues", vmin=0, vmax=1)
     if k <= 30:
         for i in range(k):
@@ -100,11 +82,9 @@ def confusion(matrix: np.ndarray, class_names: Sequence[str], path: Path) -> boo
 
 
 def per_class_f1(class_names: Sequence[str], f1: Sequence[float], path: Path) -> bool:
-    plt = _pyplot()
-    if plt is None:
-        return False
     order = np.argsort(f1)
-    fig, ax = plt.subplots(figsize=(7, min(14, 1 + 0.3 * len(class_names))))
+    fig = Figure(figsize=(7, min(14, 1 + 0.3 * len(class_names))))
+    ax = fig.subplots()
     ax.barh([_short(class_names[i]) for i in order], [f1[i] for i in order], color="tab:blue")
     ax.set_xlim(0, 1)
     ax.set_xlabel("F1 on the test split")
@@ -114,10 +94,8 @@ def per_class_f1(class_names: Sequence[str], f1: Sequence[float], path: Path) ->
 
 def reliability(curves: dict[str, list[dict[str, Any]]], path: Path) -> bool:
     """Accuracy against mean confidence per bin (tasks.lib.metrics.reliability_bins), one line per curve."""
-    plt = _pyplot()
-    if plt is None:
-        return False
-    fig, ax = plt.subplots(figsize=(5, 5))
+    fig = Figure(figsize=(5, 5))
+    ax = fig.subplots()
     ax.plot([0, 1], [0, 1], color="0.6", linestyle="--", label="perfect calibration")
     for name, bins in curves.items():
         ax.plot([b["confidence"] for b in bins], [b["accuracy"] for b in bins], marker="o", label=name)

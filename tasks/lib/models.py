@@ -18,6 +18,7 @@ import torch
 import torchvision
 from torch import nn
 
+from tasks.lib.io import atomic_path
 from tasks.lib.preprocess import Preprocessing, imagenet_preprocessing
 
 TIMM_ARCHS = frozenset({"efficientnet_lite0"})
@@ -132,8 +133,6 @@ def default_preprocessing(arch: str, image_size: int, crop_pct: float = 1.0) -> 
 def save_checkpoint(path: Path | str, model: nn.Module, *, arch: str, class_names: list[str],
                     preprocessing: Preprocessing, weights: dict[str, Any], extra: dict[str, Any] | None = None) -> None:
     """The trained model and everything needed to rebuild and call it, written atomically."""
-    from tasks.lib.io import atomic_path
-
     payload = {
         "format_version": CHECKPOINT_FORMAT,
         "arch": arch,

@@ -2,8 +2,8 @@
 
 Torch-free on purpose: `predict` runs on production boxes that have no torch.
 The export stage checks parity and int8 accuracy through it, publish re-scores
-the production model on a new test split through it, and predict classifies
-files through it, so the three cannot disagree about preprocessing or softmax.
+the production model on a new test split through it (`score_onnx`), and predict
+classifies files through it, so the three cannot disagree about preprocessing or softmax.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 
-from tasks.lib.images import ImageLimits, image_limits, load_rgb
+from tasks.lib.images import BadImage, ImageLimits, image_limits, load_rgb
 from tasks.lib.preprocess import Preprocessing, preprocess
 
 INPUT_NAME, OUTPUT_NAME = "input", "logits"
@@ -134,6 +134,22 @@ def load_classifier(path: Path | str, threads: int = 0) -> Classifier:
                             _preprocessing(path, _json_value(path, meta, "preprocessing")), str(path))
     _check_output_size(path, classifier)
     return classifier
+
+
+def score_onnx(onnx_path: Path, class_names: list[str], paths: Sequence[Path], limits: ImageLimits | None = None
+               ) -> np.ndarray:
+    """Probabilities of the ONNX model at onnx_path on image files, with the preprocessing from its own metadata.
+
+    ValueError naming the file when the model is unusable (ModelError), its classes are not
+    `class_names`, or an image no longer reads; limits (prepare's) let every image prepare accepted be read.
+    """
+    classifier = load_classifier(onnx_path)
+    if classifier.class_names != class_names:
+        raise ModelError(f"{onnx_path}: its classes {classifier.class_names} differ from the test split's {class_names}")
+    try:
+        return classifier.score_files(paths, limits=limits)
+    except BadImage as err:
+        raise ValueError(f"{err}; re-run prepare (dvc repro prepare)") from None
 
 
 def _json_value(path: Path, meta: dict[str, str], key: str) -> object:

@@ -9,7 +9,7 @@ Layout: one folder per variant (`variant_key`: the geometry, the JPEG draft
 size, Pillow's version and ROW_FORMAT: anything that changes the pixels). In
 it, segments: `<split>.<build>.npy` (uint8 rows), `<split>.<build>.keys.npy`
 (each row's sha256) and `<split>.<build>.sum.json` (the sha256 of the keys
-file and of each CHECK_BLOCK of the rows), never changed once written. The
+file and of each block of the rows: tasks.lib.segment_checks), never changed once written. The
 checksums are written last: a segment without them is incomplete and never
 read. `<split>.uses.json` lists the segments the split's last build reads its
 rows from, in order.
@@ -44,7 +44,6 @@ import os
 import shutil
 import time
 from collections.abc import Iterator, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -54,6 +53,7 @@ from numpy.lib.format import open_memmap
 
 from tasks.lib.io import atomic_path, sha256_file, write_json
 from tasks.lib.preprocess import Preprocessing
+from tasks.lib.segment_checks import drop_segment, read_sums, seal_segment, sums_path
 
 log = logging.getLogger("decode_cache")
 
@@ -62,7 +62,6 @@ KEEP_VARIANTS = 4
 MAX_SEGMENTS = 8          # segments one split reads from; beyond it the small ones are merged
 GARBAGE_FACTOR = 2.0      # a segment holding more than this times the rows a split uses from it is merged
 STALE_INCOMPLETE_S = 86400   # an incomplete segment this old belongs to no running build
-CHECK_BLOCK = 1 << 23     # rows bytes hashed as one piece (8 MiB): a large segment is checked on every core at once
 
 
 def variant_key(prep: Preprocessing, draft_size: int | None) -> str:
@@ -128,8 +127,8 @@ def _read_index_keys(path: Path) -> np.ndarray:
     return np.concatenate(parts) if parts else np.empty(0, dtype=f"S{KEY_BYTES}")
 
 
-def segment_name(sums_path: Path) -> str:
-    return sums_path.name.removesuffix(".sum.json")
+def segment_name(sums_file: Path) -> str:
+    return sums_file.name.removesuffix(".sum.json")
 
 
 def complete_segments(variant_dir: Path) -> list[str]:
@@ -167,52 +166,10 @@ def stored_rows(variant_dir: Path, prefer: Sequence[str] = ()) -> StoredRows:
     return StoredRows(files, sizes, all_keys[order], file_index[order], row[order])
 
 
-# --------------------------------------------------------------------------- checksums
-
-
-def seal_segment(data: Path) -> None:
-    """Record the checksums of a written segment (its rows file and keys file): the mark of a finished segment."""
-    keys = data.with_name(data.name.removesuffix(".npy") + ".keys.npy")
-    size = data.stat().st_size
-    write_json(_sums_path(data), {"bytes": size, "block_bytes": CHECK_BLOCK, "blocks": block_digests(data, size),
-                                  "keys_sha256": sha256_file(keys)})
-
-
-def failing_segments(segments: Sequence[Path], threads: int = 1) -> dict[Path, str]:
-    """The segments (rows files) whose content differs from their checksums, each with what differs.
-
-    Every CHECK_BLOCK of every segment is hashed on `threads` threads at once (hashlib lets go of the GIL)."""
-    sums, blocks = {}, []
-    for data in segments:
-        sums[data] = _read_sums(data) or "its checksums are gone (pruned by another build meanwhile?)"
-        if isinstance(sums[data], dict):
-            blocks += [(data, at) for at in range(0, sums[data]["bytes"], CHECK_BLOCK)]
-    with ThreadPoolExecutor(max(1, threads)) as pool:
-        digests = dict(zip(blocks, pool.map(lambda block: _block_digest(*block), blocks)))
-    failing = {}
-    for data, recorded in sums.items():
-        if isinstance(recorded, str):
-            failing[data] = recorded
-            continue
-        size = _size(data)
-        if size != recorded["bytes"]:
-            failing[data] = f"{size} bytes, {recorded['bytes']} when written (truncated or replaced)"
-        elif [digests[(data, at)] for at in range(0, size, CHECK_BLOCK)] != recorded["blocks"]:
-            failing[data] = "its rows differ from what was written (changed bytes, or another segment's file)"
-    return failing
-
-
-def drop_segment(data: Path, why: str) -> None:
-    """Delete a segment that failed its check (checksums first: what is left is an unfinished segment)."""
-    log.warning("%s: %s; dropped from the row store, its images are decoded again", data, why)
-    for path in (_sums_path(data), data.with_name(data.name.removesuffix(".npy") + ".keys.npy"), data):
-        path.unlink(missing_ok=True)
-
-
 def _checked_keys(variant_dir: Path, name: str) -> np.ndarray | None:
     """A finished segment's index keys, after its keys file matched its checksum; None: gone, or dropped."""
     data, keys = variant_dir / f"{name}.npy", variant_dir / f"{name}.keys.npy"
-    sums = _read_sums(data)
+    sums = read_sums(data)
     if sums is None:                  # deleted by a concurrent build's pruning: decode instead
         return None
     try:
@@ -222,53 +179,10 @@ def _checked_keys(variant_dir: Path, name: str) -> np.ndarray | None:
             raise ValueError("its keys file differs from what was written")
         return _read_index_keys(keys)
     except (OSError, ValueError) as err:
-        if _sums_path(data).exists():     # still there, so not pruned meanwhile: broken
+        if sums_path(data).exists():     # still there, so not pruned meanwhile: broken
             drop_segment(data, str(err))
         return None
 
-
-def _read_sums(data: Path) -> dict | str | None:
-    """A segment's checksums; None when there are none (unfinished or pruned), a string saying why when unusable."""
-    try:
-        sums = json.loads(_sums_path(data).read_text())
-    except FileNotFoundError:
-        return None
-    except (OSError, ValueError) as err:
-        return f"unreadable checksums ({err})"
-    fields = {"bytes": int, "block_bytes": int, "blocks": list, "keys_sha256": str}
-    if not isinstance(sums, dict) or any(not isinstance(sums.get(k), t) for k, t in fields.items()) \
-            or sums["block_bytes"] != CHECK_BLOCK:
-        return "unusable checksums (not written by this version)"
-    return sums
-
-
-def _sums_path(data: Path) -> Path:
-    return data.with_name(data.name.removesuffix(".npy") + ".sum.json")
-
-
-def _size(path: Path) -> int | None:
-    try:
-        return path.stat().st_size
-    except FileNotFoundError:
-        return None
-
-
-def block_digests(path: Path, size: int) -> list[str]:
-    return [_block_digest(path, at) for at in range(0, size, CHECK_BLOCK)]
-
-
-def _block_digest(path: Path, at: int) -> str | None:
-    """sha256 of bytes [at, at + CHECK_BLOCK) of a file (fewer at its end); None when it cannot be read."""
-    digest = hashlib.sha256()
-    try:
-        with open(path, "rb", buffering=0) as handle:
-            left = CHECK_BLOCK
-            while left and (chunk := os.pread(handle.fileno(), min(left, 1 << 20), at)):
-                digest.update(chunk)
-                at, left = at + len(chunk), left - len(chunk)
-    except OSError:
-        return None
-    return digest.hexdigest()
 
 
 # --------------------------------------------------------------------------- planning one split's build
@@ -379,7 +293,7 @@ class SegmentWriter:
         return self.path
 
     def discard(self) -> None:
-        for path in (_sums_path(self.path), self.variant_dir / f"{self.name}.keys.npy", self.path):
+        for path in (sums_path(self.path), self.variant_dir / f"{self.name}.keys.npy", self.path):
             path.unlink(missing_ok=True)
 
 
@@ -410,8 +324,8 @@ def prune_segments(variant_dir: Path) -> None:
         name = data.name.removesuffix(".npy")
         if name in live:
             continue
-        if _sums_path(data).exists() or data.stat().st_mtime < stale_before:
-            for path in (_sums_path(data), variant_dir / f"{name}.keys.npy", data):    # unfinished first
+        if sums_path(data).exists() or data.stat().st_mtime < stale_before:
+            for path in (sums_path(data), variant_dir / f"{name}.keys.npy", data):    # unfinished first
                 path.unlink(missing_ok=True)
 
 

@@ -32,7 +32,7 @@ from tasks.lib.split_files import SPLITS
 
 
 @dataclass(frozen=True, slots=True)
-class Candidate:
+class FoundFile:
     """A file found in the raw folder: where it is, its class and (for predefined layouts) its split."""
 
     path: str  # relative to raw_dir, POSIX separators
@@ -52,7 +52,7 @@ class Problem:
         return {"path": self.path, "reason": self.reason, "detail": self.detail}
 
 
-def printable(name: str) -> str:
+def name_as_text(name: str) -> str:
     """A file name as text; bytes that are not UTF-8 appear as \\xNN."""
     return os.fsencode(name).decode("utf-8", "backslashreplace")
 
@@ -79,7 +79,7 @@ class FolderScan:
     def __post_init__(self) -> None:
         self.root = os.path.realpath(self.raw_dir)
 
-    def candidates(self) -> Iterator[Candidate]:
+    def candidates(self) -> Iterator[FoundFile]:
         top = self._folders(self.raw_dir, "")
         if {name for name, _ in top} == set(SPLITS):
             self.layout = "predefined"
@@ -91,7 +91,7 @@ class FolderScan:
             self.classes.add(label)
             for rel in self._walk(folder, folder.relative_to(self.raw_dir).as_posix()):
                 self.n_candidates += 1
-                yield Candidate(rel, label, split)
+                yield FoundFile(rel, label, split)
 
     # ---- the walk
     def _folders(self, folder: Path, prefix: str) -> list[tuple[str, Path]]:
@@ -155,5 +155,5 @@ class FolderScan:
         return "file"
 
     def _report(self, rel: str, reason: str, detail: str) -> str:
-        self.problems.append(Problem(printable(rel), reason, detail))
+        self.problems.append(Problem(name_as_text(rel), reason, detail))
         return "skip"

@@ -24,7 +24,7 @@ import numpy as np
 from tasks.lib.check_store import CheckResult
 from tasks.lib.columns import PackedStrings
 from tasks.lib.config import PrepareParams
-from tasks.lib.scan import Candidate
+from tasks.lib.scan import FoundFile
 from tasks.lib.split_files import SPLITS
 
 SPLIT_ORDER = {name: i for i, name in enumerate(SPLITS)}
@@ -43,7 +43,7 @@ class Checked:
     detail: str = ""
 
     @classmethod
-    def of(cls, c: Candidate, sha256: str, check: CheckResult) -> Checked:
+    def of(cls, c: FoundFile, sha256: str, check: CheckResult) -> Checked:
         return cls(c.path, c.label_name, c.split, sha256, check.dhash, check.reason, check.detail)
 
 

@@ -4,20 +4,23 @@
 `tasks.lib.models.build_backbone(arch)`; `<model.out_dir>/weights.json` records
 arch, weights, source, sha256 and the pretrained preprocessing. The train
 stage reads both through `load_backbone_state`; `tasks.fetch_weights` writes them.
+The export stage copies the checkpoint's record into its report, which is where
+publish reads it (`weights_sha256` names the weights in the lineage).
 """
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
-
-import torch
+from typing import TYPE_CHECKING, Any
 
 from tasks.lib.errors import StageError
 from tasks.lib.io import read_json, sha256_file
 
 RECORD_NAME = "weights.json"
 STATE_NAME = "backbone.pt"
+
+if TYPE_CHECKING:
+    import torch
 
 
 def load_backbone_state(out_dir: Path | str) -> tuple[dict[str, torch.Tensor] | None, dict[str, Any]]:
@@ -32,6 +35,8 @@ def load_backbone_state(out_dir: Path | str) -> tuple[dict[str, torch.Tensor] | 
                                 "re-run fetch_weights (dvc repro fetch_weights)")
     if record.get("file_sha256") and sha256_file(path) != record["file_sha256"]:
         raise StageError(f"{path}: sha256 differs from {out_dir / RECORD_NAME}; the file changed, re-run fetch_weights")
+    import torch   # here, not at the top: publish reads weights_sha256 and needs no torch for it
+
     return torch.load(path, map_location="cpu", weights_only=True), record
 
 

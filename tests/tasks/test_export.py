@@ -20,10 +20,10 @@ from tasks import export
 from tasks.lib.config import Params
 from tasks.lib.errors import StageError
 from tasks.lib.io import sha256_file
+from tasks.lib.models import load_checkpoint
 from tasks.lib.onnx_classifier import load_classifier
 from tasks.lib.preprocess import Preprocessing
-from tasks.lib.split_files import read_classes
-from tasks.lib.split_files import read_split
+from tasks.lib.split_files import read_classes, read_split
 from tasks.train import train
 from tests.conftest import init_dvc_repo, run
 from tests.realistic import CLASS_NAMES, oracle_input, wrong_orders
@@ -50,6 +50,8 @@ def test_export_is_validated_and_self_describing(tmp_path: Path, arch: str) -> N
     assert 0 <= report["max_abs_diff"] <= params.export.atol
     assert report["parity_batch_sizes"] == [1, 3, 8] and report["parity_images"] == 8
     assert report["onnx_sha256"] == export.sha256_file(model_path)
+    # publish takes the pretrained-weights record from here, never from torch.load of the checkpoint
+    assert report["weights"] == load_checkpoint(Path(params.train.out_dir) / "model.pt")[1]["weights"]
     assert report["opset"] == 18 and "dynamo" in report["exporter"]
     assert report["ort_latency_ms_p50"] > 0 and report["ort_latency_ms_p95"] >= report["ort_latency_ms_p50"]
     assert report["ort_throughput_img_per_s_b32"] > 0

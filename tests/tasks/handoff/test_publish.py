@@ -169,11 +169,11 @@ def set_candidate(root: Path, *, weight: np.ndarray = GOOD, tag: str = "a", macr
     labels = [r.label for r in rows]
     onnx_path = root / "artifacts/export/model.onnx"
     if macro_f1 is None:
-        from tasks.handoff.publish import score_onnx
+        from tasks.handoff.publish import score_test_split
 
         make_onnx(onnx_path, weight, class_names, tag=tag)
-        metrics, probs = score_onnx(onnx_path, root / "data/prepared", root / "data/raw", class_names, top_k=3,
-                                    bins=15)
+        metrics, probs = score_test_split(onnx_path, root / "data/prepared", root / "data/raw", class_names,
+                                          top_k=3, bins=15)
         predicted = [int(p) for p in probs.argmax(axis=1)]
         metrics["baseline_accuracy"] = 0.05     # evaluate's pixel baseline, far below these toy models
     else:
@@ -471,6 +471,21 @@ def test_stale_metrics_are_refused_with_the_stage_to_rerun(project):
     metrics_path.write_text(json.dumps({**json.loads(metrics_path.read_text()), "test_split_sha256": "0" * 64}))
     with pytest.raises(StageError, match="metrics/evaluate.json was computed on another test split.*dvc repro evaluate"):
         publish_candidate(params, root, None)
+
+
+def test_the_weights_record_comes_from_the_export_report_never_from_unpickling_the_checkpoint(project):
+    root, params = project
+    set_candidate(root, macro_f1=0.8)
+    record = {"arch": "resnet18", "weights": "IMAGENET1K_V1", "source": "torchvision", "sha256": "cd" * 32}
+    report_path = root / "metrics/export.json"
+    write_json(report_path, {**json.loads(report_path.read_text()), "weights": record})
+    checkpoint = root / params.train.out_dir / "model.pt"
+    checkpoint.parent.mkdir(parents=True, exist_ok=True)
+    checkpoint.write_bytes(b"not a pickle: publish must not load it")
+    result = publish_candidate(params, root, None)
+    lineage = open_registry(params, root).read_json(result["registry_version"], "lineage.json")
+    assert lineage["weights"] == record and lineage["weights_sha256"] == "cd" * 32
+    assert lineage["checkpoint_sha256"] == sha256_file(checkpoint)
 
 
 def test_missing_lineage_blocks_promotion(project):

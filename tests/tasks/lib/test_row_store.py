@@ -9,6 +9,7 @@ import numpy as np
 
 from tasks.lib import row_store
 from tasks.lib.row_store import StoredRows, _read_index_keys, copy_runs, index_keys, plan_split
+from tasks.lib.segment_checks import seal_segment
 
 
 def hex_digests(n: int, salt: str = "") -> np.ndarray:
@@ -48,7 +49,7 @@ def test_a_stored_key_is_found_in_the_first_segment_that_has_it(tmp_path) -> Non
     for name, part in (("old", shas[:4]), ("new", shas[2:])):
         np.save(tmp_path / f"{name}.npy", np.zeros((len(part), 1, 1, 3), np.uint8))
         np.save(tmp_path / f"{name}.keys.npy", part)
-        row_store.seal_segment(tmp_path / f"{name}.npy")
+        seal_segment(tmp_path / f"{name}.npy")
     (tmp_path / "half.npy").write_bytes(b"")        # no checksums: unfinished, never read
     np.save(tmp_path / "half.keys.npy", shas)
     for prefer, owner in ((["old"], "old"), (["new"], "new")):

@@ -12,7 +12,7 @@ import pytest
 
 from tasks.lib.check_store import CheckResult
 from tasks.lib.config import PrepareParams
-from tasks.lib.scan import Candidate
+from tasks.lib.scan import FoundFile
 from tasks.lib.split_files import SPLITS
 from tasks.lib.splits import (SPLIT_ORDER, Checked, ImageTable, assign_splits, check_leakage, dedupe, per_class,
                               predefined_splits, split_fraction)
@@ -66,7 +66,7 @@ def random_items(rng: random.Random, n: int, predefined: bool) -> list[Checked]:
             split = rng.choice(SPLITS) if predefined else None
             path = f"{split + '/' if split else ''}c{c}/{rng.choice(['', 'sub/', 'sub-', 'é'])}{i:03d}.png"
             dhash = rng.getrandbits(64) if rng.random() < 0.5 else (1 << 64) - 1 - rng.getrandbits(3)
-            items.append(Checked.of(Candidate(path, f"c{c}", split), rng.choice(pool), CheckResult("", "", dhash)))
+            items.append(Checked.of(FoundFile(path, f"c{c}", split), rng.choice(pool), CheckResult("", "", dhash)))
     rng.shuffle(items)
     return items
 
@@ -109,7 +109,7 @@ def test_columnar_tables_equal_the_object_per_image_algorithm(seed: int) -> None
 
 
 def test_a_content_hash_in_two_splits_is_refused() -> None:
-    items = [Checked.of(Candidate(f"c/{i}.png", "c"), "ab" * 32, CheckResult("", "", None)) for i in range(2)]
+    items = [Checked.of(FoundFile(f"c/{i}.png", "c"), "ab" * 32, CheckResult("", "", None)) for i in range(2)]
     table = table_of(items)
     with pytest.raises(AssertionError, match=r"leakage: c/\d.png"):
         check_leakage(table, {"train": np.array([0]), "val": np.array([1]), "test": np.array([], np.int64)},
@@ -117,7 +117,7 @@ def test_a_content_hash_in_two_splits_is_refused() -> None:
 
 
 def test_a_trailing_zero_byte_of_a_hash_survives() -> None:
-    table = table_of([Checked.of(Candidate("c/a.png", "c"), "ff" * 31 + "00", CheckResult("", "", None))])
+    table = table_of([Checked.of(FoundFile("c/a.png", "c"), "ff" * 31 + "00", CheckResult("", "", None))])
     assert table.sha256(0) == "ff" * 31 + "00"
 
 
@@ -125,7 +125,7 @@ def test_the_table_costs_far_less_than_an_object_per_image() -> None:
     """About 80 bytes per image (measured 83); the list of Checked objects it replaced held 340, measured the same way."""
     n = 20_000
     rng = random.Random(0)
-    items = (Checked.of(Candidate(f"class_{i % 10:02d}/img_{i:07d}.jpg", f"class_{i % 10:02d}"),
+    items = (Checked.of(FoundFile(f"class_{i % 10:02d}/img_{i:07d}.jpg", f"class_{i % 10:02d}"),
                         f"{rng.getrandbits(256):064x}", CheckResult("", "", None)) for i in range(n))
     tracemalloc.start()
     try:
@@ -142,7 +142,7 @@ def test_the_table_costs_far_less_than_an_object_per_image() -> None:
 def test_hashes_that_share_their_first_bytes_are_told_apart() -> None:
     """Leakage is found by 8-byte prefixes first; equal prefixes are compared in full, across the whole run."""
     same_start = ["ab" * 8 + "00" * 24, "ab" * 8 + "11" * 24, "ab" * 8 + "00" * 24]
-    items = [Checked.of(Candidate(f"c/{i}.png", "c"), sha, CheckResult("", "", None)) for i, sha in enumerate(same_start)]
+    items = [Checked.of(FoundFile(f"c/{i}.png", "c"), sha, CheckResult("", "", None)) for i, sha in enumerate(same_start)]
     table = table_of(items)
     distinct = {"train": np.array([0]), "val": np.array([1]), "test": np.array([], np.int64)}
     assert check_leakage(table, distinct, PrepareParams())["exact_cross_split"] == 0
