@@ -108,9 +108,10 @@ def head_module(model: nn.Module) -> nn.Module:
 
 
 def feature_extractor(model: nn.Module) -> nn.Module:
-    """The model with its head swapped for Identity: outputs what the head takes in.
+    """A deep copy of the model with its head swapped for Identity: outputs what the head takes in.
 
-    Shares parameters with `model`; used for the cached-feature head phase.
+    Its own parameters, equal to `model`'s while the backbone is frozen (the head
+    phase, which uses it); `model` keeps its head.
     """
     import copy
 
