@@ -190,7 +190,7 @@ def prepare_features(work: Path, raw: Path, workers: int) -> tuple[Any, Any]:
 
     torch.set_num_threads(workers)
     params = load_params(REPO_ROOT / "params.yaml", {
-        "data.raw_dir": str(raw), "data.prepared_dir": str(work / "prepared"), "cache.dir": str(work / "decoded"),
+        "data.raw_dir": str(raw), "data.prepared_dir": str(work / "prepared"), "cache.out_dir": str(work / "decoded"),
         "cache.features_dir": str(work / "cache" / "features"), "model.arch": ARCH, "train.image_size": IMAGE_SIZE,
         "train.device": "cpu", "train.channels_last": False})
     prep = default_preprocessing(ARCH, IMAGE_SIZE)

@@ -138,7 +138,7 @@ def is_fashion(class_names: list[str]) -> bool:
 def write_params(work: Path, base: Path, device: str, overrides: list[str], data: Path | None) -> tuple[Path, Any]:
     """base params with every output under work/ (inputs too unless --data), then -S; validated, resolved."""
     fixed: dict[str, Any] = {
-        "cache.dir": str(work / "artifacts" / "decoded"), "cache.store_dir": str(work / "cache" / "decoded"),
+        "cache.out_dir": str(work / "artifacts" / "decoded"), "cache.store_dir": str(work / "cache" / "decoded"),
         "cache.features_dir": str(work / "cache" / "features"), "prepare.cache_dir": str(work / "cache" / "prepare"),
         "model.out_dir": str(work / "artifacts" / "weights"),
         "train.out_dir": str(work / "artifacts" / "train"), "evaluate.out_dir": str(work / "artifacts" / "evaluate"),

@@ -124,7 +124,7 @@ def write_params(work: Path, profile: Path, device: str, overrides: list[str], t
     fixed = {
         **BENCHMARK_OVERRIDES,
         "data.raw_dir": str(work / "data" / "raw"), "data.prepared_dir": str(work / "data" / "prepared"),
-        "cache.dir": str(work / "artifacts" / "decoded"), "model.out_dir": str(work / "artifacts" / "weights"),
+        "cache.out_dir": str(work / "artifacts" / "decoded"), "model.out_dir": str(work / "artifacts" / "weights"),
         "model.hub_dir": str(work / "hub"), "train.out_dir": str(work / "artifacts" / "train"),
         "evaluate.out_dir": str(work / "artifacts" / "evaluate"), "reports.dir": str(work / "metrics"),
         "cache.store_dir": str(work / "cache" / "decoded"), "cache.features_dir": str(work / "cache" / "features"),

@@ -333,12 +333,12 @@ def replace_dir(new: Path, target: Path) -> None:
 
 
 def run(params: Params) -> dict[str, Any]:
-    """The stage: every split of data.prepared_dir into cache.dir."""
+    """The stage: every split of data.prepared_dir into cache.out_dir."""
     preps = cache_preprocessings(params)
-    summary = build_cache(params.data.prepared_dir, params.data.raw_dir, params.cache.dir, preps,
+    summary = build_cache(params.data.prepared_dir, params.data.raw_dir, params.cache.out_dir, preps,
                           limits=params.prepare.limits(), workers=params.cache.num_workers,
                           store_dir=params.cache.store_dir, draft=params.cache.jpeg_draft)
-    log.info("decoded cache in %s: %s", params.cache.dir, ", ".join(
+    log.info("decoded cache in %s: %s", params.cache.out_dir, ", ".join(
         f"{split} {info['n_images']} images ({info['decoded']} decoded)" for split, info in summary.items()))
     return summary
 

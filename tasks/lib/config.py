@@ -128,8 +128,8 @@ class PrepareParams(Section):
 
 
 class CacheParams(Section):
-    dir: Path = Field(Path("artifacts/decoded"), description="Stage decode_cache writes decoded uint8 images here "
-                      "(memory-mapped .npy, one folder per split; rebuilt from the split files, never committed).")
+    out_dir: Path = Field(Path("artifacts/decoded"), description="Stage decode_cache writes decoded uint8 images "
+                          "here (memory-mapped .npy, one folder per split; rebuilt from the split files, never committed).")
     margin: float = Field(1.15, ge=1.0, le=2.0, description="Train images are stored this much larger than "
                           "train.image_size, the room random resized crops take from.")
     num_workers: int = Field(0, ge=0, description="Processes decoding images; 0 means one per CPU core.")
@@ -143,6 +143,14 @@ class CacheParams(Section):
     features_dir: Path = Field(Path(".cache/features"), description="Backbone features of the frozen head phase, "
                                "per image, weights and preprocessing, reused by the next training run; git-ignored, "
                                "safe to delete.")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _renamed_keys(cls, data: Any) -> Any:
+        if isinstance(data, dict) and "dir" in data:    # params files written before the rename
+            raise ValueError("cache.dir is now called cache.out_dir (it is the decode_cache stage's output, not a "
+                             "cache like store_dir and features_dir): rename the key in the params file or -S override")
+        return data
 
 
 # --------------------------------------------------------------------------- model / weights

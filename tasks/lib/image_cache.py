@@ -1,7 +1,7 @@
 """The decoded image cache: its format, and reading it back fast.
 
 `python -m tasks.decode_cache` (the stage) writes it; the train stage reads it
-through `training_images`. Layout of cache.dir, one folder per split:
+through `training_images`. Layout of cache.out_dir, one folder per split:
 
     <split>/eval.<k>.npy  uint8 (n_k, S, S, 3) segments: the evaluation
                           preprocessing at train.image_size
@@ -245,10 +245,10 @@ def training_images(params: Params, split: str, rows: Sequence[SplitRow], preps:
     one is never read; decoding instead is correct, only slower, and says so.
     """
     try:
-        arrays = load_arrays(params.cache.dir, split, rows, preps)
-        meta = read_meta(params.cache.dir, split)
-        check_draft(meta, params.cache.jpeg_draft, Path(params.cache.dir) / split)
-        pixels = [meta["arrays"][find_variant(meta, p, Path(params.cache.dir))].get("pixels", "") for p in preps]
+        arrays = load_arrays(params.cache.out_dir, split, rows, preps)
+        meta = read_meta(params.cache.out_dir, split)
+        check_draft(meta, params.cache.jpeg_draft, Path(params.cache.out_dir) / split)
+        pixels = [meta["arrays"][find_variant(meta, p, Path(params.cache.out_dir))].get("pixels", "") for p in preps]
     except (FileNotFoundError, StageError) as err:
         log.warning("%s; decoding the %s images in memory instead", err, split)
         from tasks.lib.data import decode_arrays

@@ -34,7 +34,7 @@ from torch import nn
 
 from tasks import decode_cache
 from tasks.decode_cache import build_cache
-from tasks.lib import row_store
+from tasks.lib import row_store, segment_checks
 from tasks.lib.config import load_params
 from tasks.lib.data import decode_arrays
 from tasks.lib.errors import StageError
@@ -178,7 +178,7 @@ OTHER_GEOMETRY = {"crop_size": Preprocessing(20, 28), "resize_size": Preprocessi
 @pytest.mark.parametrize("geometry", OTHER_GEOMETRY)
 def test_the_decoded_cache_is_not_read_for_a_preprocessing_that_differs_in_one_geometry_field(
         geometry: str, decode_baselines: dict[bool, Path]) -> None:
-    """The train stage reads cache.dir only for the preprocessing it was built with; otherwise it decodes."""
+    """The train stage reads cache.out_dir only for the preprocessing it was built with; otherwise it decodes."""
     root = decode_baselines[False].parent
     decoded_cache = root / "out-draft-False"            # Decode() built it
     other = OTHER_GEOMETRY[geometry]
@@ -188,7 +188,7 @@ def test_the_decoded_cache_is_not_read_for_a_preprocessing_that_differs_in_one_g
     val = read_split(root / "prepared" / "val.csv")
     with pytest.raises(StageError, match="dvc repro decode_cache"):
         load_arrays(decoded_cache, "val", val, [other])
-    params = load_params(REPO_ROOT / "params.yaml", {"cache.dir": str(decoded_cache), "data.raw_dir": str(root / "raw"),
+    params = load_params(REPO_ROOT / "params.yaml", {"cache.out_dir": str(decoded_cache), "data.raw_dir": str(root / "raw"),
                                                       "train.num_workers": 1, "cache.jpeg_draft": False})
     (same,) = training_images(params, "val", val, [EVAL_PREP])
     assert Path(same.array.filename).parent == decoded_cache / "val"       # the cache, for what it was built for
@@ -206,7 +206,7 @@ def test_the_decoded_cache_is_not_read_when_jpeg_draft_changed_since_it_was_buil
     val = read_split(root / "prepared" / "val.csv")
     for built_with in (False, True):
         params = load_params(REPO_ROOT / "params.yaml", {
-            "cache.dir": str(root / f"out-draft-{built_with}"), "data.raw_dir": str(root / "raw"),
+            "cache.out_dir": str(root / f"out-draft-{built_with}"), "data.raw_dir": str(root / "raw"),
             "train.num_workers": 1, "cache.jpeg_draft": not built_with})
         (images,) = training_images(params, "val", val, [EVAL_PREP])
         assert not hasattr(images.array, "filename")          # decoded in memory, not the cache's memory map
@@ -231,7 +231,7 @@ class Features:
 
     def compute(self, root: Path, store: Path) -> tuple[torch.Tensor, list[str]]:
         """What training computes, through the real loader, model builder and PhaseRunner."""
-        params = tiny_params(root, **{"cache.features_dir": str(store), "cache.dir": str(root / "nowhere"),
+        params = tiny_params(root, **{"cache.features_dir": str(store), "cache.out_dir": str(root / "nowhere"),
                                       **self.overrides})
         state, record = load_backbone_state(params.model.out_dir)
         prep = preprocessing_for(params.model.arch, params.train.image_size, record)
@@ -295,10 +295,10 @@ def mirrored(extractor: nn.Module) -> nn.Module:
 
 def decoded_by_the_stage(project: Path, out: Path, **cache: Any) -> dict[str, Any]:
     """Run the decode_cache stage into out; the overrides that make training read it."""
-    params = tiny_params(project, **{"cache.dir": str(out / "decoded"), "cache.store_dir": str(out / "rows"),
+    params = tiny_params(project, **{"cache.out_dir": str(out / "decoded"), "cache.store_dir": str(out / "rows"),
                                      "cache.num_workers": 1, **{f"cache.{k}": v for k, v in cache.items()}})
     decode_cache.run(params)
-    return {"cache.dir": str(out / "decoded")}
+    return {"cache.out_dir": str(out / "decoded")}
 
 
 @dataclass(frozen=True)
@@ -401,7 +401,7 @@ def test_each_feature_setting_alone_misses_the_feature_cache_and_equals_features
 
 def test_the_feature_key_names_the_device_type(feature_baseline: FeatureBaseline) -> None:
     """No GPU here: the key itself must differ between devices (the rest of the path is the one tested above)."""
-    params = tiny_params(feature_baseline.project, **{"cache.dir": str(feature_baseline.project / "nowhere")})
+    params = tiny_params(feature_baseline.project, **{"cache.out_dir": str(feature_baseline.project / "nowhere")})
     state, record = load_backbone_state(params.model.out_dir)
     prep = preprocessing_for(params.model.arch, params.train.image_size, record)
     data = load_data(params, prep, CPU, 3)

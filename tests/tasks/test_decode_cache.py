@@ -17,7 +17,7 @@ import yaml
 from PIL import Image
 
 from tasks.decode_cache import build_cache
-from tasks.lib import row_store
+from tasks.lib import row_store, segment_checks
 from tasks.lib.augment import device_batch
 from tasks.lib.config import load_params
 from tasks.lib.data import EvalDataset, decode_arrays
@@ -170,7 +170,7 @@ def test_dvc_repro_builds_the_cache_and_skips_it_when_nothing_changed(tmp_path: 
 def test_training_reads_the_cache_when_it_matches_and_decodes_when_it_does_not(
         built: tuple[Path, Path, dict[str, list[SplitRow]]], caplog: pytest.LogCaptureFixture) -> None:
     raw, decoded, splits = built
-    params = load_params(REPO_ROOT / "params.yaml", {"cache.dir": str(decoded), "data.raw_dir": str(raw),
+    params = load_params(REPO_ROOT / "params.yaml", {"cache.out_dir": str(decoded), "data.raw_dir": str(raw),
                                                       "cache.num_workers": 1, "cache.jpeg_draft": False,
                                                       "cache.store_dir": str(decoded.parent / "store")})
     marked = np.load(decoded / "train" / "eval.0.npy", mmap_mode="r+")
@@ -192,7 +192,7 @@ def test_the_train_stage_reads_its_images_from_the_cache(built: tuple[Path, Path
 
     raw, decoded, _ = built
     params = load_params(REPO_ROOT / "params.yaml", {
-        "cache.dir": str(decoded), "data.raw_dir": str(raw), "data.prepared_dir": str(tmp_path / "prepared"),
+        "cache.out_dir": str(decoded), "data.raw_dir": str(raw), "data.prepared_dir": str(tmp_path / "prepared"),
         "train.image_size": 24, "cache.margin": 1.15, "train.finetune.augment": True,
         "cache.store_dir": str(tmp_path / "store"), "cache.jpeg_draft": False})     # as `built` built it
     data = load_data(params, PREP, Runtime(device=torch.device("cpu"), amp_dtype=None), num_classes=2)
@@ -426,7 +426,7 @@ def test_an_image_changed_between_prepare_and_the_build_is_refused_and_nothing_i
     assert store_content(tmp_path / "store") == stored and arrays_of(tmp_path / "out") == built
 
     # training's own decoding (no cache) refuses it the same way: its features would be kept under that hash
-    params = load_params(REPO_ROOT / "params.yaml", {"cache.dir": str(tmp_path / "nowhere"),
+    params = load_params(REPO_ROOT / "params.yaml", {"cache.out_dir": str(tmp_path / "nowhere"),
                                                       "data.raw_dir": str(raw), "train.num_workers": 1})
     with pytest.raises(StageError, match="trouser.jpg: changed_since_prepare.*dvc repro prepare"):
         training_images(params, "val", splits["val"] + [trouser], [PREP])
@@ -474,7 +474,7 @@ def flip_byte(path: Path, at: int) -> None:
 @pytest.mark.parametrize("damage", ["flipped", "truncated", "swapped", "keys"])
 def test_a_damaged_segment_is_dropped_with_a_warning_and_rebuilt_equal_to_a_build_from_scratch(
         tmp_path: Path, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch, damage: str) -> None:
-    monkeypatch.setattr(row_store, "CHECK_BLOCK", 1000)      # several blocks a segment, hashed on two threads
+    monkeypatch.setattr(segment_checks, "CHECK_BLOCK", 1000)      # several blocks a segment, hashed on two threads
     raw, store = tmp_path / "raw", tmp_path / "store"
     rows = [photo(raw / f"img_{i:02d}.jpg", i) for i in range(10)]
     splits = {"train": rows[:6], "val": rows[6:8], "test": rows[8:]}

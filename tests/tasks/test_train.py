@@ -79,7 +79,7 @@ def tiny_overrides(root: Path, **extra: Any) -> dict[str, Any]:
 
 def cache_overrides(root: Path) -> dict[str, str]:
     """Every cache under the test's own folder: a shared one would hand a later test features it did not compute."""
-    return {"cache.dir": str(root / "artifacts" / "decoded"), "cache.store_dir": str(root / "cache" / "decoded"),
+    return {"cache.out_dir": str(root / "artifacts" / "decoded"), "cache.store_dir": str(root / "cache" / "decoded"),
             "cache.features_dir": str(root / "cache" / "features"), "prepare.cache_dir": str(root / "cache" / "prepare"),
             "reports.dir": str(root / "metrics")}
 

@@ -31,6 +31,15 @@ def test_unknown_key_names_path_and_allowed_keys(tmp_path: Path):
     assert "epochs" in str(err.value) and "lr" in str(err.value)
 
 
+def test_the_renamed_cache_dir_says_its_new_name_from_a_file_or_an_override(tmp_path: Path):
+    renamed = r"cache\.dir is now called cache\.out_dir .*rename the key"
+    with pytest.raises(ParamsError, match=renamed + r".*params\.yaml"):
+        load_params(write(tmp_path, "cache:\n  dir: artifacts/decoded\n"))
+    with pytest.raises(ParamsError, match=renamed + r".*-S cache\.dir=elsewhere"):
+        load_params(REPO_ROOT / "params.yaml", ["cache.dir=elsewhere"])
+    assert load_params(REPO_ROOT / "params.yaml").cache.out_dir == Path("artifacts/decoded")
+
+
 def test_wrong_type_and_range_name_key_value_and_rule(tmp_path: Path):
     with pytest.raises(ParamsError) as err:
         load_params(write(tmp_path, "train:\n  batch_size: many\n  head:\n    lr: -1\nprepare:\n  bad_files: ignore\n"))

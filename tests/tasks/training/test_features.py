@@ -28,7 +28,7 @@ CPU = Runtime(device=torch.device("cpu"), amp_dtype=None)
 
 def features(root: Path, features_dir: Path, **overrides: object) -> tuple[torch.Tensor, list[str]]:
     """What the head phase computes for the train split, through the real PhaseRunner."""
-    params = tiny_params(root, **{"cache.features_dir": str(features_dir), "cache.dir": str(root / "nowhere"),
+    params = tiny_params(root, **{"cache.features_dir": str(features_dir), "cache.out_dir": str(root / "nowhere"),
                                   **overrides})
     state, record = load_backbone_state(params.model.out_dir)
     prep = preprocessing_for(params.model.arch, params.train.image_size, record)
