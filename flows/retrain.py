@@ -365,9 +365,11 @@ def main(argv: list[str] | None = None) -> int:
     if args.data_rev is None and (problem := missing_data(root, params.data.raw_dir)):
         print(f"error: {problem}", file=sys.stderr)
         return 2
-    try:  # model.arch against the model builder: imports torchvision, a few seconds
-        load_params(root / "params.yaml", args.set, check_arch=True)
-    except ParamsError as err:
+    from tasks.lib.models import check_arch   # model.arch against the model builder: imports torchvision
+
+    try:
+        check_arch(params.model.arch)
+    except ValueError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     state = run_flow_command(root, lambda: retrain(

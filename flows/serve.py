@@ -29,7 +29,7 @@ from typing import TYPE_CHECKING
 
 from flows.processes import spawn, stop_process_group
 from flows.server import ServerError, project_server, project_setting, usable_home
-from tasks.lib.config import ParamsError, load_params
+from tasks.lib.config import load_params
 
 if TYPE_CHECKING:
     from prefect.deployments.runner import RunnerDeployment
@@ -133,8 +133,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--runner", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     try:  # bad params fail here, before any server starts
-        load_params(args.params, check_arch=not args.runner)
-    except ParamsError as err:
+        params = load_params(args.params)
+        if not args.runner:   # the model builder imports torchvision: seconds the runner does not spend
+            from tasks.lib.models import check_arch
+
+            check_arch(params.model.arch)
+    except ValueError as err:   # ParamsError, or a model.arch the model builder does not know
         print(f"error: {err}", file=sys.stderr)
         return 2
     if args.runner:

@@ -27,7 +27,7 @@ from flows.data_version import DataVersionError, check_rev, md5_at
 from flows.retrain import retrain
 from flows.server import run_flow_command
 from tasks.handoff.registry import open_registry
-from tasks.lib.config import Params, ParamsError, load_params
+from tasks.lib.config import Params, load_params
 from tasks.lib.io import read_json, write_json
 
 STATE_NAME = "watch-state.json"
@@ -112,9 +112,11 @@ def main(argv: list[str] | None = None) -> int:
                         "(default: schedule.data_branch)")
     args = parser.parse_args(argv)
     root = Path.cwd()
+    from tasks.lib.models import check_arch   # imports torchvision (seconds): only when a person runs the command
+
     try:  # a bad params.yaml fails here, in a second, before any server starts
-        load_params(root / "params.yaml", check_arch=True)
-    except ParamsError as err:
+        check_arch(load_params(root / "params.yaml").model.arch)
+    except ValueError as err:   # ParamsError, or a model.arch the model builder does not know
         print(f"error: {err}", file=sys.stderr)
         return 2
     # The project's server (or the one PREFECT_API_URL names), as retrain and serve use.

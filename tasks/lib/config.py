@@ -23,7 +23,6 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationIn
 from tasks.lib.config_support import (
     ParamsError,
     check_cron,
-    check_model_arch,
     check_timezone,
     count_values,
     describe,
@@ -165,13 +164,6 @@ class ModelParams(Section):
     download_retries: int = Field(3, ge=0, le=20, description="Retries of a failed download, with exponential backoff.")
     download_timeout_s: float = Field(60, gt=0, le=3600, description="Seconds a stalled download waits for data before it counts as failed (and is retried).")
     out_dir: Path = Field(Path("artifacts/weights"), description="fetch_weights writes the verified weights and their record here.")
-
-    @field_validator("arch")
-    @classmethod
-    def _known_arch(cls, arch: str, info: ValidationInfo) -> str:
-        if (info.context or {}).get("check_arch"):
-            check_model_arch(arch)
-        return arch
 
     @model_validator(mode="after")
     def _pin_applies(self) -> ModelParams:
@@ -370,13 +362,12 @@ class Params(Section):
         return hashlib.sha256(canonical.encode()).hexdigest()
 
 
-def load_params(path: Path | str = DEFAULT_PARAMS, overrides: dict[str, Any] | list[str] | None = None, *,
-                check_arch: bool = False) -> Params:
+def load_params(path: Path | str = DEFAULT_PARAMS, overrides: dict[str, Any] | list[str] | None = None) -> Params:
     """Read, override and validate params; raise ParamsError naming each bad key and where it came from.
 
-    check_arch also checks model.arch against the model builder, which imports torchvision
-    (several seconds): the config CLI and the flow's override check ask for it, and every
-    stage that builds a model checks it anyway; the registry and predict never need it.
+    model.arch is checked against the model builder only by those who build a model or want
+    to fail early (tasks.lib.models.check_arch: it imports torchvision, several seconds);
+    the registry and predict read params without it.
     """
     path = Path(path)
     raw = read_yaml(path)
@@ -385,15 +376,15 @@ def load_params(path: Path | str = DEFAULT_PARAMS, overrides: dict[str, Any] | l
         set_dotted(raw, key, value)
     count_values(raw, f"{path} with its overrides")
     try:
-        return Params.model_validate(raw, context={"check_arch": check_arch})
+        return Params.model_validate(raw)
     except ValidationError as err:
         raise ParamsError(describe(path, err, parsed, Params)) from None
 
 
 def apply_overrides_to_file(path: Path | str, overrides: dict[str, Any] | list[str]) -> Params:
-    """Validate overrides (model.arch included), then write them into params.yaml (how a flow sets them for DVC)."""
+    """Validate overrides, then write them into params.yaml (how a flow sets them for DVC)."""
     path = Path(path)
-    params = load_params(path, overrides, check_arch=True)
+    params = load_params(path, overrides)
     raw = read_yaml(path)
     for key, value in parse_overrides(overrides).items():
         set_dotted(raw, key, value)
@@ -426,7 +417,7 @@ def main(argv: list[str] | None = None) -> int:
               else format_schema_table(schema_rows(Params)))
         return 0
     try:
-        params = load_params(args.path, args.set, check_arch=True)
+        params = load_params(args.path, args.set)
     except ParamsError as err:
         print(err, file=sys.stderr)
         return 2

@@ -1,16 +1,13 @@
 """What the params schema (tasks.lib.config) needs besides its fields: safe YAML reading, `-S` override
-parsing, value checks that need another library (cron, time zone, model architecture), error wording
-and the `--schema` table.
+parsing, value checks that need another library (cron, time zone), error wording and the `--schema` table.
 
 Kept apart from the schema so the schema file stays a readable list of options. Nothing
-here imports torch: the model-architecture check imports the model builder only when
-asked to (`load_params(..., check_arch=True)`), because importing torchvision costs
-seconds and the registry and predict read params on boxes without it.
+here imports torch: model.arch is checked by whoever builds a model (tasks.lib.models.check_arch),
+because importing torchvision costs seconds and the registry and predict read params on boxes without it.
 """
 
 from __future__ import annotations
 
-import importlib
 import re
 import types
 import typing
@@ -228,15 +225,6 @@ def check_timezone(name: str) -> None:
         zoneinfo.ZoneInfo(name)
     except (zoneinfo.ZoneInfoNotFoundError, ValueError):
         raise ValueError(f"unknown time zone {name!r}; use an IANA name such as UTC or Europe/Paris") from None
-
-
-def check_model_arch(arch: str) -> None:
-    """The model builder (tasks.lib.models) knows `arch`; raises ValueError naming the key.
-
-    Imported by name, at call time only: it imports torchvision, which takes seconds
-    and does not exist on the boxes where the registry and predict run.
-    """
-    importlib.import_module("tasks.lib.models").check_arch(arch)
 
 
 def numeric(annotation: Any) -> bool:

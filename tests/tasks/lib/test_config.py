@@ -10,6 +10,7 @@ import pytest
 import yaml
 
 from tasks.lib.config import ParamsError, apply_overrides_to_file, load_params, main, schema_keys
+from tasks.lib.models import check_arch
 from tests.conftest import REPO_ROOT, run
 
 
@@ -252,9 +253,9 @@ def test_a_billion_laughs_document_is_refused_at_once(tmp_path: Path):
 def test_model_arch_is_checked_when_asked_and_the_schema_import_stays_torch_free(tmp_path: Path):
     path = write(tmp_path, "model:\n  arch: resnet19\n")
     assert load_params(path).model.arch == "resnet19"  # readers that build no model do not pay for torchvision
-    with pytest.raises(ParamsError, match="model.arch = 'resnet19': model.arch 'resnet19' is not a torchvision"):
-        load_params(path, check_arch=True)
-    assert load_params(write(tmp_path, "model:\n  arch: resnet18\n"), check_arch=True).model.arch == "resnet18"
+    with pytest.raises(ValueError, match="model.arch 'resnet19' is not a torchvision"):
+        check_arch(load_params(path).model.arch)   # what a command that builds a model, or a flow's check, calls
+    check_arch(load_params(write(tmp_path, "model:\n  arch: resnet18\n")).model.arch)
     proc = run([sys.executable, "-c", "import sys, tasks.lib.config as c; c.load_params(sys.argv[1]); "
                 "print(sorted(m for m in ('torch', 'torchvision') if m in sys.modules))", str(path)], REPO_ROOT)
     assert proc.stdout.strip() == "[]"
