@@ -26,8 +26,8 @@ from flows.data_version import dvc_file, md5_in_workspace, raw_has_files
 from flows.dvc_runner import read_stages, subprocess_env
 from flows.lock import RetrainBusy, retrain_lock
 from tasks.handoff.card import shipped_weights_note
-from tasks.lib.cli import StageError
 from tasks.lib.config import Params, ParamsError, load_params
+from tasks.lib.errors import StageError
 from tasks.lib.io import read_json, sha256_file
 
 
