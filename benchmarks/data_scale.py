@@ -184,9 +184,9 @@ def prepare_features(work: Path, raw: Path, workers: int) -> tuple[Any, Any]:
     from tasks.lib.image_cache import training_images
     from tasks.lib.models import build_model, default_preprocessing, feature_extractor
     from tasks.lib.split_files import read_split, split_path
-    from tasks.training.phases import Data, PhaseRunner, Record
+    from tasks.training.loop import Data, Run
+    from tasks.training.phases import features
     from tasks.training.runtime import Runtime
-    from tasks.training.state import Progress
 
     torch.set_num_threads(workers)
     params = load_params(REPO_ROOT / "params.yaml", {
@@ -205,15 +205,15 @@ def prepare_features(work: Path, raw: Path, workers: int) -> tuple[Any, Any]:
     rt = Runtime(device=torch.device("cpu"), amp_dtype=None)
 
     def extract(_: Any) -> dict[str, Any]:
-        """Phase 1's feature extraction (train + val) through PhaseRunner.features and the feature cache."""
+        """Phase 1's feature extraction (train + val) through tasks.training.phases.features and the feature cache."""
         done = 0
         for split in ("train", "val"):
             rows = read_split(split_path(work / "prepared", split))
             (images,) = training_images(params, split, rows, [prep])
             data = Data(images, None, torch.zeros(len(rows), dtype=torch.int64), images, torch.zeros(len(rows)),
                         torch.tensor(prep.mean), torch.tensor(prep.std), 10)
-            runner = PhaseRunner(params.train, rt, data, model, Record(Progress(), None, None))
-            runner.features(feature_extractor(model), images, f"features {split}")
+            run = Run(params.train, rt, data, model, features_dir=params.cache.features_dir)
+            features(run, feature_extractor(model), images, f"features {split}")
             done += len(rows)
         return {"images": done}
 

@@ -33,11 +33,9 @@ nor model choice ever sees. A table, then one JSON line.
 from __future__ import annotations
 
 import argparse
-import gzip
 import json
 import os
 import shutil
-import subprocess
 import sys
 import tempfile
 import time
@@ -49,18 +47,17 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT))
 
 import numpy as np  # noqa: E402
-import yaml  # noqa: E402
 from PIL import Image  # noqa: E402
 
+from benchmarks.stages import STAGES, log, run_stage, work_paths, write_params  # noqa: E402
 from tasks.lib.config import load_params  # noqa: E402
 from tasks.lib.demo_data import CLASS_NAMES as FASHION_CLASSES  # noqa: E402
-from tasks.lib.demo_data import IMAGES_FILE, LABELS_FILE, choose_subset, read_idx  # noqa: E402
+from tasks.lib.demo_data import read_idx  # noqa: E402
 from tasks.lib.io import read_json  # noqa: E402
 from tasks.lib.split_files import SplitRow  # noqa: E402
 from tasks.lib.uncertainty import bootstrap_macro_f1, interval_text, wilson_interval  # noqa: E402
 
 TEST_IMAGES, TEST_LABELS = "t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz"
-STAGES = ("prepare", "decode_cache", "fetch_weights", "train", "evaluate")
 SVM_MAX_TRAIN = 20_000        # an RBF SVM costs O(n^2): above this it trains on a stratified subset
 TUTORIAL_LR, TUTORIAL_MOMENTUM, TUTORIAL_STEP, TUTORIAL_GAMMA = 0.001, 0.9, 7, 0.1
 # On 2 CPU cores one full fine-tuning epoch of the demo costs ~30-45 s, about what the project's whole
@@ -135,38 +132,16 @@ def is_fashion(class_names: list[str]) -> bool:
 # --------------------------------------------------------------------------- params and stages
 
 
-def write_params(work: Path, base: Path, device: str, overrides: list[str], data: Path | None) -> tuple[Path, Any]:
+def project_params(work: Path, base: Path, device: str, overrides: list[str], data: Path | None) -> tuple[Path, Any]:
     """base params with every output under work/ (inputs too unless --data), then -S; validated, resolved."""
-    fixed: dict[str, Any] = {
-        "cache.out_dir": str(work / "artifacts" / "decoded"), "cache.store_dir": str(work / "cache" / "decoded"),
-        "cache.features_dir": str(work / "cache" / "features"), "prepare.cache_dir": str(work / "cache" / "prepare"),
-        "model.out_dir": str(work / "artifacts" / "weights"),
-        "train.out_dir": str(work / "artifacts" / "train"), "evaluate.out_dir": str(work / "artifacts" / "evaluate"),
-        "reports.dir": str(work / "metrics"),
-        "train.resume": "never",
-    }
+    fixed: dict[str, Any] = {**work_paths(work), "train.resume": "never"}
     if device != "auto":
         fixed.update({"train.device": device, "evaluate.device": device})
-    if data is None:
-        fixed.update({"data.raw_dir": str(work / "data" / "raw"), "data.prepared_dir": str(work / "data" / "prepared")})
-    else:
+    if data is not None:
         project = load_params(data / "params.yaml")
         fixed.update({"data.raw_dir": str((data / project.data.raw_dir).resolve()),
                       "data.prepared_dir": str((data / project.data.prepared_dir).resolve())})
-    params = load_params(base, [f"{key}={json.dumps(value)}" for key, value in fixed.items()] + overrides)
-    path = work / "params.yaml"
-    path.write_text(yaml.safe_dump(params.model_dump(mode="json"), sort_keys=False))
-    return path, params
-
-
-def run_stage(stage: str, params_file: Path) -> float:
-    """One stage in its own process, as DVC starts it; its output goes to stderr. Returns its wall time."""
-    started = time.perf_counter()
-    code = subprocess.call([sys.executable, "-m", f"tasks.{stage}", "--params", str(params_file)], cwd=REPO_ROOT,
-                           stdout=sys.stderr)
-    if code != 0:
-        raise SystemExit(f"error: stage {stage} failed (exit {code}); its output is above")
-    return time.perf_counter() - started
+    return write_params(work, base, fixed, overrides)
 
 
 # --------------------------------------------------------------------------- scoring
@@ -369,10 +344,6 @@ def environment(device: str) -> dict[str, Any]:
             "date_utc": time.strftime("%Y-%m-%d %H:%M", time.gmtime())}
 
 
-def log(message: str) -> None:
-    print(message, file=sys.stderr, flush=True)
-
-
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     where = parser.add_mutually_exclusive_group()
@@ -418,7 +389,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def measure(args: argparse.Namespace, chosen: set[str], work: Path) -> dict[str, Any]:
-    params_file, params = write_params(work, args.profile, args.device, args.set, args.data)
+    params_file, params = project_params(work, args.profile, args.device, args.set, args.data)
     stage_seconds: dict[str, float] = {}
     if args.data is None and not (Path(params.data.prepared_dir) / "test.csv").exists():
         write_dataset(args.dataset, Path(params.data.raw_dir), params, args.source)
@@ -440,7 +411,6 @@ def measure(args: argparse.Namespace, chosen: set[str], work: Path) -> dict[str,
         log("== pixel baselines")
         models.update(pixel_baselines(train, tests, class_names))
     for stage in stages:
-        log(f"== {stage}")
         stage_seconds[stage] = run_stage(stage, params_file)
     if "tutorial" in chosen:
         on_gpu = environment(args.device)["device"] == "cuda"

@@ -26,7 +26,6 @@ import argparse
 import json
 import os
 import shutil
-import subprocess
 import sys
 import tempfile
 import time
@@ -41,13 +40,13 @@ import numpy as np  # noqa: E402
 import yaml  # noqa: E402
 from PIL import Image  # noqa: E402
 
+from benchmarks.stages import STAGES, log, run_stage, work_paths, write_params  # noqa: E402
 from tasks.lib.config import load_params  # noqa: E402
 from tasks.lib.demo_data import CLASS_NAMES, IMAGES_FILE, LABELS_FILE, choose_subset, read_idx  # noqa: E402
 
 TEST_IMAGES, TEST_LABELS = "t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz"
 VAL_PER_CLASS = 500           # 5,000 val images held out of the 60,000, stratified
 SPLIT_SEED = 0
-STAGES = ("prepare", "decode_cache", "fetch_weights", "train", "evaluate")
 TARGET_ACCURACY = 0.94
 TRAIN_BUDGET_S = 60.0
 
@@ -119,45 +118,26 @@ def _write_chunk(job: tuple[Path, Path, str, np.ndarray]) -> int:
 # --------------------------------------------------------------------------- params and stages
 
 
-def write_params(work: Path, profile: Path, device: str, overrides: list[str], tiny: bool) -> Path:
+def project_params(work: Path, profile: Path, device: str, overrides: list[str], tiny: bool) -> Path:
     """The profile with the benchmark's overrides (paths under work/, then --tiny, then -S), validated, resolved."""
-    fixed = {
-        **BENCHMARK_OVERRIDES,
-        "data.raw_dir": str(work / "data" / "raw"), "data.prepared_dir": str(work / "data" / "prepared"),
-        "cache.out_dir": str(work / "artifacts" / "decoded"), "model.out_dir": str(work / "artifacts" / "weights"),
-        "model.hub_dir": str(work / "hub"), "train.out_dir": str(work / "artifacts" / "train"),
-        "evaluate.out_dir": str(work / "artifacts" / "evaluate"), "reports.dir": str(work / "metrics"),
-        "cache.store_dir": str(work / "cache" / "decoded"), "cache.features_dir": str(work / "cache" / "features"),
-        "prepare.cache_dir": str(work / "cache" / "prepare"),
-        "train.device": device, "evaluate.device": device,
-        **(TINY_OVERRIDES if tiny else {}),
-    }
-    params = load_params(profile, [f"{key}={json.dumps(value)}" for key, value in fixed.items()] + overrides)
-    path = work / "params.yaml"
-    path.write_text(yaml.safe_dump(params.model_dump(mode="json"), sort_keys=False))
-    return path
+    fixed = {**BENCHMARK_OVERRIDES, **work_paths(work), "model.hub_dir": str(work / "hub"),
+             "train.device": device, "evaluate.device": device, **(TINY_OVERRIDES if tiny else {})}
+    return write_params(work, profile, fixed, overrides)[0]
 
 
-def run_stage(stage: str, params_file: Path, work: Path) -> float:
-    """One stage in its own process, as DVC would start it; its output goes to stderr. Returns its wall time."""
-    if stage == "train":   # the stage itself, with a hook that notes when each epoch ended
+def run_stages(params_file: Path, work: Path) -> dict[str, float]:
+    """Every stage in its own process, as DVC would start it; train with a hook that notes when each epoch ended."""
+    seconds = {}
+    for stage in STAGES:
         cmd = [sys.executable, str(Path(__file__).resolve()), "_train", str(params_file), str(work / "curve.jsonl")]
-    else:
-        cmd = [sys.executable, "-m", f"tasks.{stage}", "--params", str(params_file)]
-    log(f"== {stage}: {' '.join(cmd)}")
-    started = time.time()
-    (work / f"{stage}.started").write_text(repr(started))
-    code = subprocess.call(cmd, cwd=REPO_ROOT, stdout=sys.stderr)
-    seconds = time.time() - started
-    if code != 0:
-        raise SystemExit(f"error: stage {stage} failed (exit {code}) after {seconds:.1f} s; its output is above")
-    log(f"== {stage}: {seconds:.1f} s")
+        (work / f"{stage}.started").write_text(repr(time.time()))
+        seconds[stage] = round(run_stage(stage, params_file, cmd if stage == "train" else None), 2)
     return seconds
 
 
 def train_with_curve(params_file: str, curve_file: str) -> int:
     """`_train`: what `python -m tasks.train` runs, plus a line in curve_file at the end of every epoch."""
-    from tasks.lib.cli import setup_logging
+    from tasks.lib.progress import setup_logging
     from tasks.train import Hooks, run, train
 
     setup_logging()
@@ -247,10 +227,6 @@ def print_table(result: dict[str, Any]) -> None:
           f"{result['budget_s']:.0f} s)")
 
 
-def log(message: str) -> None:
-    print(message, file=sys.stderr, flush=True)
-
-
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--source", type=Path, default=Path("/usr/share/datasets/fashion-mnist"),
@@ -285,8 +261,8 @@ def main(argv: list[str] | None = None) -> int:
         started = time.time()
         counts = write_fashion(args.source, work / "data" / "raw", args.subset, args.workers)
         log(f"wrote {counts} PNGs in {time.time() - started:.1f} s")
-        params_file = write_params(work, args.profile, args.device, args.set, args.tiny)
-        seconds = {stage: round(run_stage(stage, params_file, work), 2) for stage in STAGES}
+        params_file = project_params(work, args.profile, args.device, args.set, args.tiny)
+        seconds = run_stages(params_file, work)
         result = report(work, counts, seconds, args)
     finally:
         if not args.keep:

@@ -8,14 +8,15 @@
               and timed, read through MappedImages into pinned memory by
               the batch producer's thread, one batch ahead) +
               tasks.lib.augment on the device + tasks.train's own
-              epoch loop (PhaseRunner.train_epoch; bf16 autocast and
+              phases and epoch loop (tasks.training.phases and
+              tasks.training.loop.run_epoch; bf16 autocast and
               channels_last on CUDA, --compile for torch.compile).
 (c) ceiling   the same epoch loop and model step on a synthetic batch already on
               the device: what (b) would reach if the data path cost nothing.
 
 Each for the frozen phase (only the head trains; (b) trains it on features
 computed once and kept on the device, the step replayed from a CUDA graph on
-CUDA (tasks.training.resident), and also re-runs the frozen backbone under
+CUDA (tasks.training.cuda_graph), and also re-runs the frozen backbone under
 no_grad every epoch to show what caching saves) and the unfreeze phase (full
 fine-tuning). --profile DIR adds torch.profiler tables of (b) to DIR/profile.txt.
 
@@ -41,7 +42,8 @@ import tempfile
 import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ProcessPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -62,16 +64,13 @@ from tasks.decode_cache import build_cache  # noqa: E402
 from tasks.lib.config import TrainParams  # noqa: E402
 from tasks.lib.image_cache import AUGMENT, EVAL, MappedImages, open_split  # noqa: E402
 from tasks.lib.io import sha256_file  # noqa: E402
-from tasks.lib.models import build_model, default_preprocessing, feature_extractor, head_module  # noqa: E402
+from tasks.lib.models import build_model, default_preprocessing, head_module  # noqa: E402
 from tasks.lib.preprocess import train_preprocessing  # noqa: E402
 from tasks.lib.split_files import SplitRow, write_split  # noqa: E402
 from tasks.training.batches import Batch  # noqa: E402
-from tasks.training.freezing import set_train_mode, set_trainable  # noqa: E402
-from tasks.training.optim import make_optimizer, maybe_compile, warmup_cosine  # noqa: E402
-from tasks.training.phases import Data, PhaseRunner, Record  # noqa: E402
-from tasks.training.resident import ResidentHead, graph_safe  # noqa: E402
-from tasks.training.runtime import Runtime, pick_precision, setup_runtime  # noqa: E402
-from tasks.training.state import Progress  # noqa: E402
+from tasks.training.loop import Data, Phase, Run, epoch_order, phase_step, run_epoch  # noqa: E402
+from tasks.training.phases import finetune_phase, head_phase  # noqa: E402
+from tasks.training.runtime import pick_precision, setup_runtime  # noqa: E402
 
 NUM_CLASSES = 10
 MARGIN = 1.15                 # cache.margin's default
@@ -296,27 +295,17 @@ def free_gpu(device: torch.device) -> None:
 # --------------------------------------------------------------------------- (b) and (c): the project's loop
 
 
-@dataclass
-class Project:
-    """The pieces tasks.train wires together, built here on the decoded cache instead of params files."""
-
-    cfg: TrainParams
-    rt: Runtime
-    runner: PhaseRunner
-    model: nn.Module
-
-
-def project_setup(arch: str, decoded: Path, s: Settings, compile_model: bool) -> Project:
-    """tasks.train's runtime, data and PhaseRunner, fed by the memory-mapped cache."""
+def project_run(arch: str, decoded: Path, s: Settings, compile_model: bool, **train: Any) -> Run:
+    """tasks.train's Run (runtime, data, model), fed by the memory-mapped cache instead of params files."""
     cfg = TrainParams(image_size=s.image_size, batch_size=s.batch_size, device=s.device.type, compile=compile_model,
-                      deterministic=False, early_stopping_patience=0)
+                      deterministic=False, early_stopping_patience=0, **train)
     rt = setup_runtime(cfg)
     eval_x, labels = open_split(decoded, "train", EVAL)
-    big_x, _ = open_split(decoded, "train", AUGMENT)
+    margin_x, _ = open_split(decoded, "train", AUGMENT)
     prep = default_preprocessing(arch, s.image_size)
     y = torch.from_numpy(labels)
     pin = rt.device.type == "cuda"
-    data = Data(train_eval=MappedImages(eval_x, pin), train_big=MappedImages(big_x, pin), train_y=y,
+    data = Data(train_eval=MappedImages(eval_x, pin), train_margin=MappedImages(margin_x, pin), train_y=y,
                 val_x=MappedImages(eval_x[:1], pin), val_y=y[:1],
                 mean=torch.tensor(prep.mean, device=rt.device), std=torch.tensor(prep.std, device=rt.device),
                 num_classes=NUM_CLASSES)
@@ -324,122 +313,77 @@ def project_setup(arch: str, decoded: Path, s: Settings, compile_model: bool) ->
     if cfg.channels_last:
         model = model.to(memory_format=torch.channels_last)
     # pretrained=True: the project's recipe (BatchNorm keeps pretrained statistics when unfrozen).
-    runner = PhaseRunner(cfg, rt, data, model, Record(Progress(), None, None), pretrained=True)
-    return Project(cfg, rt, runner, model)
+    return Run(cfg, rt, data, model, pretrained=True)
 
 
-def epoch_runner(p: Project, phase: str, optimizer: torch.optim.Optimizer, logits: Callable | ResidentHead,
-                 augment: bool, images: bool = True) -> Callable[[], int]:
-    """A function running one epoch of tasks.train's PhaseRunner.train_epoch; it returns the images done."""
-    scheduler = warmup_cosine(optimizer, 0, 10**9)
-    scaler = torch.amp.GradScaler(p.rt.device.type, enabled=p.rt.amp_dtype == torch.float16)
-    per_epoch = sum(len(idx) for idx in p.runner.batches(phase, 0))
+def epoch_runner(run: Run, phase: Phase) -> Callable[[], int]:
+    """A function running one epoch of the phase through tasks.training.loop.run_epoch; it returns the images done."""
+    step = phase_step(run, phase)
+    per_epoch = sum(len(idx) for idx in epoch_order(run, phase.name, 0))
 
     def epoch() -> int:
-        generator = torch.Generator().manual_seed(p.runner.progress.global_epoch) if augment else None
-        p.runner.train_epoch(phase, 0, 1, optimizer, scheduler, scaler, logits, generator, images=images)
-        p.runner.progress.global_epoch += 1
+        run_epoch(run, phase, step)
+        run.progress.global_epoch += 1
         return per_epoch
 
     return epoch
 
 
-def resident_head(p: Project, head: nn.Module, feats: torch.Tensor, labels: torch.Tensor
-                  ) -> tuple[ResidentHead, torch.optim.Optimizer]:
-    """What run_head trains on cached features: features, labels and order on the device, a graph-safe AdamW."""
-    optimizer = make_optimizer(p.cfg, [{"params": list(head.parameters()), "lr": p.cfg.head.lr}])
-    optimizer = graph_safe(optimizer, p.rt, p.cfg.cuda_graphs)
-    return ResidentHead(head, feats, labels, p.runner.loss_fn, p.rt), optimizer
+def synthetic_batch(x: torch.Tensor, labels: torch.Tensor, idx: torch.Tensor,
+                    generator: torch.Generator | None = None) -> Batch:
+    """(c): a batch already on the device, never read from anywhere."""
+    return Batch(idx, labels[: len(idx)], x[: len(idx)])
 
 
 def frozen_rates(arch: str, decoded: Path, s: Settings) -> dict[str, Rate]:
     """(b) frozen: features once, then head epochs on them; and head epochs re-running the backbone; (c) frozen."""
-    p = project_setup(arch, decoded, s, compile_model=False)
-    cfg, model, runner = p.cfg, p.model, p.runner
-    for param in model.parameters():
-        param.requires_grad_(False)
-    head = head_module(model)
-    for param in head.parameters():
-        param.requires_grad_(True)
-    model.eval()                      # as run_head: BatchNorm and dropout stay as pretrained
-    extractor = maybe_compile(feature_extractor(model).eval(), cfg)
-    n = len(runner.data.train_y)
-    holder: dict[str, torch.Tensor] = {}
+    run = project_run(arch, decoded, s, compile_model=False)
+    n = len(run.data.train_y)
+    holder: dict[str, Phase] = {}
 
-    def extract() -> int:
-        holder["feats"] = runner.features(extractor, runner.data.train_eval, None)
+    def extract() -> int:     # head_phase computes the features of train and val (val is one image here)
+        holder["phase"] = head_phase(run, cache_features=True)
         return n
 
-    rates = {"project_feature_extract": measure(s.device, extract, warmup=lambda: runner.features(
-        extractor, MappedImages(runner.data.train_eval.array[: 2 * s.batch_size]), None), repeats=s.repeats)}
-    feats = holder["feats"]
-    # (c): the same resident step on synthetic features and labels that were never read from anywhere.
-    synthetic = torch.randn(feats.shape, device=p.rt.device, generator=None)
-    fake_labels = torch.randint(0, NUM_CLASSES, (n,))
-    for key, (x, y) in (("project_frozen", (feats, runner.data.train_y)), ("ceiling_frozen", (synthetic, fake_labels))):
-        resident, optimizer = resident_head(p, head, x, y)
-        epoch = epoch_runner(p, "head", optimizer, resident, augment=False)
+    small = replace(run, data=replace(run.data, train_eval=MappedImages(run.data.train_eval.array[: 2 * s.batch_size])))
+    rates = {"project_feature_extract": measure(s.device, extract, warmup=lambda: head_phase(small, True),
+                                                repeats=s.repeats)}
+    cached = holder["phase"]
+    feats = cached.make_batch.args[0]
+    # (c): the same step on synthetic features and labels that were never read from anywhere.
+    synthetic = replace(cached, make_batch=partial(synthetic_batch, torch.randn(s.batch_size, *feats.shape[1:],
+                                                                                device=run.rt.device),
+                                                   torch.randint(0, NUM_CLASSES, (s.batch_size,), device=run.rt.device)))
+    for key, phase in (("project_frozen", cached), ("ceiling_frozen", synthetic)):
+        epoch = epoch_runner(run, phase)
         rates[key] = measure(s.device, epoch, warmup=epoch, min_seconds=MIN_SECONDS, repeats=s.repeats)
     if s.profile:
-        resident, optimizer = resident_head(p, head, feats, runner.data.train_y)
-        epoch = epoch_runner(p, "head", optimizer, resident, augment=False)
-        profile_steps(s, f"{arch}_frozen_cached", epoch, epochs=3)
-
-    def backbone_logits(batch: Batch) -> torch.Tensor:
-        with torch.no_grad(), p.rt.autocast():
-            out = extractor(batch.x).float()
-        return head(out)
-
-    optimizer = make_optimizer(cfg, [{"params": list(head.parameters()), "lr": cfg.head.lr}])
-    epoch = epoch_runner(p, "head", optimizer, backbone_logits, augment=False)
-    rates["project_frozen_backbone"] = measure(s.device, epoch, warmup=lambda: warm_steps(p, s, backbone_logits),
-                                               repeats=s.repeats)
-    del p, model, extractor, feats
+        profile_steps(s, f"{arch}_frozen_cached", epoch_runner(run, cached), epochs=3)
+    backbone = epoch_runner(run, head_phase(run, cache_features=False))
+    rates["project_frozen_backbone"] = measure(s.device, backbone, warmup=backbone, repeats=s.repeats)
+    del run, cached, synthetic, feats
     free_gpu(s.device)
     return rates
 
 
-def warm_steps(p: Project, s: Settings, logits: Callable) -> None:
-    """A few forward passes so cuDNN autotuning / compilation stays out of the timed epochs."""
-    idx = torch.arange(min(s.batch_size, len(p.runner.data.train_y)))
-    for _ in range(max(1, s.warmup)):
-        logits(p.runner.make_batch(idx, None)).float().sum().item()
-
-
 def unfreeze_rates(arch: str, decoded: Path, s: Settings, compile_model: bool) -> dict[str, Rate]:
-    """(b) unfreeze: run_finetune's step with everything trainable, random crops on the device; (c) synthetic."""
-    p = project_setup(arch, decoded, s, compile_model)
-    cfg, model, runner, rt = p.cfg, p.model, p.runner, p.rt
-    set_trainable(model, "all", 1)
-    head_ids = {id(q) for q in head_module(model).parameters()}
-    optimizer = make_optimizer(cfg, [
-        {"params": list(head_module(model).parameters()), "lr": cfg.finetune.lr},
-        {"params": [q for q in model.parameters() if id(q) not in head_ids],
-         "lr": cfg.finetune.lr * cfg.finetune.backbone_lr_scale}])
-    trained = maybe_compile(model, cfg)
-    set_train_mode(model, runner.pretrained)
-
-    def real_logits(batch: Batch) -> torch.Tensor:
-        with rt.autocast():
-            return trained(batch.x).float()
-
-    memory = torch.channels_last if cfg.channels_last else torch.contiguous_format
-    synthetic = torch.randn(s.batch_size, 3, s.image_size, s.image_size, device=rt.device).contiguous(
+    """(b) unfreeze: finetune_phase's step with everything trainable, random crops on the device; (c) synthetic."""
+    run = project_run(arch, decoded, s, compile_model, finetune={"unfreeze": "all", "augment": True})
+    phase = finetune_phase(run)
+    memory = torch.channels_last if run.cfg.channels_last else torch.contiguous_format
+    x = torch.randn(s.batch_size, 3, s.image_size, s.image_size, device=run.rt.device).contiguous(
         memory_format=memory)
-
-    def synthetic_logits(batch: Batch) -> torch.Tensor:
-        with rt.autocast():
-            return trained(synthetic[: len(batch.idx)]).float()
-
+    labels = torch.randint(0, NUM_CLASSES, (s.batch_size,), device=run.rt.device)
+    synthetic = replace(phase, make_batch=partial(synthetic_batch, x, labels))
     rates = {}
     suffix = "_compiled" if compile_model else ""
-    for key, logits, images in (("project_unfreeze", real_logits, True), ("ceiling_unfreeze", synthetic_logits, False)):
-        epoch = epoch_runner(p, "finetune", optimizer, logits, augment=True, images=images)
+    for key, timed in (("project_unfreeze", phase), ("ceiling_unfreeze", synthetic)):
+        epoch = epoch_runner(run, timed)
         rates[key + suffix] = measure(s.device, epoch, warmup=epoch, min_images=s.steps * s.batch_size,
                                       repeats=s.repeats)
     if s.profile:
-        profile_steps(s, f"{arch}_unfreeze{suffix}", epoch_runner(p, "finetune", optimizer, real_logits, augment=True))
-    del p, model, trained, optimizer
+        profile_steps(s, f"{arch}_unfreeze{suffix}", epoch_runner(run, phase))
+    del run, phase, synthetic
     free_gpu(s.device)
     return rates
 

@@ -17,15 +17,16 @@ far: `dvc repro` deletes model.pt before it re-runs an interrupted stage, so
 model.pt is written only at the end, from best.pt. The test split is never read here.
 
 Outputs: model.pt, resume/last.pt and resume/best.pt in train.out_dir; in reports.dir: train.json (the metrics) and
-train/ (per-epoch curves: plots/metrics/*.tsv through dvclive, and curves.png).
+train/ (per-epoch curves: plots/metrics/*.tsv, and curves.png).
 Several GPUs: `train.nproc_per_node: N` re-launches this module under torchrun.
 The GPU profile for real datasets is params.gpu.yaml (see its header).
-The pieces live in `tasks/training/`: the epoch loop of both phases
-(`phases`), batches made ahead of the step (`batches`), the head on cached
-features resident on the device (`resident`), the loss check that never waits
-(`monitor`), what trains when (`freezing`), loss/optimizer/schedule (`optim`),
-device, precision, seeding and DDP (`runtime`), the resume state (`state`) and
-the training curves (`plots`).
+The pieces live in `tasks/training/`: the epoch loop as plain functions
+(`loop`: train_epoch, validate, fit_phase over a `Step`), what trains in each
+phase (`phases`), batches made ahead of the step (`batches`), the step replayed
+from a CUDA graph (`cuda_graph`), the loss check that never waits (`monitor`),
+what trains when (`freezing`), the step's parts (`optim`), features kept across
+runs (`features`), device, precision, seeding and DDP (`runtime`), the resume
+state (`state`) and the training curves (`plots`).
 """
 
 from __future__ import annotations
@@ -38,19 +39,21 @@ from typing import Any
 
 import torch
 
-from tasks.lib.cli import StageError, stage_main
+from tasks.lib.cli import stage_main
 from tasks.lib.config import Params
-from tasks.lib.data import labels_of, read_classes, read_rows, train_preprocessing
+from tasks.lib.errors import StageError
 from tasks.lib.figures import training_curves
 from tasks.lib.image_cache import training_images
 from tasks.lib.images import BadImage
 from tasks.lib.io import write_json
 from tasks.lib.models import build_model, default_preprocessing, unwrap
-from tasks.lib.preprocess import Preprocessing
+from tasks.lib.preprocess import Preprocessing, train_preprocessing
+from tasks.lib.split_files import labels_of, read_classes, read_split, split_path
 from tasks.lib.weights import load_backbone_state
 from tasks.training.calibration import calibration_report, fit_temperature
-from tasks.training.phases import Data, Hooks, NonFiniteLoss, PhaseRunner, Record
-from tasks.training.plots import Plots
+from tasks.training.loop import Data, Hooks, NonFiniteLoss, Run, fit_phase, predict
+from tasks.training.phases import finetune_phase, head_phase
+from tasks.training.plots import write_curves
 from tasks.training.runtime import Runtime, launch_ddp, setup_runtime, teardown_runtime
 from tasks.training.state import Checkpointer, Progress, restore, run_fingerprint, training_data_sha256
 
@@ -88,39 +91,40 @@ def train(params: Params, hooks: Hooks | None = None, cache_features: bool | Non
 def _train(params: Params, rt: Runtime, hooks: Hooks, cache_features: bool | None) -> dict[str, Any]:
     cfg = params.train
     classes = read_classes(params.data.prepared_dir)
-    backbone_state, record = load_backbone_state(params.model.out_dir)
-    arch = str(record.get("arch") or params.model.arch)
+    backbone_state, weights = load_backbone_state(params.model.out_dir)
+    arch = str(weights.get("arch") or params.model.arch)
     if arch != params.model.arch:
         raise StageError(f"{params.model.out_dir}/weights.json is for {arch!r} but model.arch is "
                          f"{params.model.arch!r}; re-run fetch_weights (dvc repro fetch_weights)")
-    prep = preprocessing_for(arch, cfg.image_size, record)
+    prep = preprocessing_for(arch, cfg.image_size, weights)
     data = load_data(params, prep, rt, len(classes))
     model = build_model(arch, len(classes), backbone_state).to(rt.device)
     if cfg.channels_last:
         model = model.to(memory_format=torch.channels_last)
 
-    fingerprint = run_fingerprint(params, record)
+    fingerprint = run_fingerprint(params, weights)
     progress, resume_state = restore(cfg.out_dir / "resume", fingerprint, model, cfg.resume == "auto")
-    ckpt = Checkpointer(cfg.out_dir, arch, classes, prep, record, fingerprint,
+    ckpt = Checkpointer(cfg.out_dir, arch, classes, prep, weights, fingerprint,
                         training_data_sha256(params.data.prepared_dir))
     if resume_state is not None and rt.main:
         ckpt.keep_best(model, progress)
     reports = params.report_paths(Path("."))
-    live = Plots(reports["train_plots"], progress.history) if rt.main else None
-    steps = PhaseRunner(cfg, rt, data, model, Record(progress, ckpt, live), hooks, backbone_state is not None)
+    training = Run(cfg, rt, data, model, progress, ckpt, reports["train_plots"], hooks,
+                   pretrained=backbone_state is not None, features_dir=params.cache.features_dir)
 
     if progress.phase == "head":
-        steps.run_head(resume_state, cache_features)
+        if cfg.head.epochs > 0:
+            fit_phase(training, head_phase(training, cache_features), resume_state)
         resume_state = None
         progress.phase, progress.epochs_done, progress.phase_stopped, progress.bad_epochs = "finetune", 0, False, 0
     if cfg.finetune.unfreeze != "none" and cfg.finetune.epochs > 0:
-        steps.run_finetune(resume_state, cache_features)
+        fit_phase(training, finetune_phase(training, cache_features), resume_state)
 
-    metrics = summary_metrics(progress, rt, arch, record)
-    metrics.update(calibrate(steps, model, ckpt, rt))
+    metrics = summary_metrics(progress, rt, arch, weights)
+    metrics.update(calibrate(training))
     if rt.main:
-        live.close()
         ckpt.save_resume(model, None, None, None, progress, finished=True)
+        write_curves(reports["train_plots"], progress.history)   # also when a resumed run had no epoch left
         training_curves(progress.history, reports["train_plots"] / "curves.png")
         write_json(reports["train_metrics"], metrics)
     log.info("best val macro-F1 %.4f (accuracy %.4f) at epoch %d; model: %s", progress.best_metric,
@@ -131,10 +135,11 @@ def _train(params: Params, rt: Runtime, hooks: Hooks, cache_features: bool | Non
 # --------------------------------------------------------------------------- weights and data
 
 
-def preprocessing_for(arch: str, image_size: int, record: dict[str, Any]) -> Preprocessing:
-    """The eval preprocessing at train.image_size, with the pretrained weights' mean/std when recorded."""
+def preprocessing_for(arch: str, image_size: int, weights: dict[str, Any]) -> Preprocessing:
+    """The eval preprocessing at train.image_size, with the pretrained weights' mean/std when weights.json
+    records them."""
     prep = default_preprocessing(arch, image_size)
-    recorded = record.get("preprocessing") or {}
+    recorded = weights.get("preprocessing") or {}
     if recorded.get("mean") and recorded.get("std"):
         prep = Preprocessing(prep.crop_size, prep.resize_size, prep.interpolation,
                              tuple(float(v) for v in recorded["mean"]), tuple(float(v) for v in recorded["std"]))
@@ -144,7 +149,7 @@ def preprocessing_for(arch: str, image_size: int, record: dict[str, Any]) -> Pre
 def load_data(params: Params, prep: Preprocessing, rt: Runtime, num_classes: int) -> Data:
     """Decode train and val once: train at the eval crop (and with a margin if a phase augments), val at the eval crop."""
     cfg, prepared = params.train, params.data.prepared_dir
-    train_rows, val_rows = read_rows(prepared, "train"), read_rows(prepared, "val")
+    train_rows, val_rows = (read_split(split_path(prepared, split)) for split in ("train", "val"))
     if not train_rows or not val_rows:
         raise StageError(f"{prepared}: the train and val splits must both have images; re-run prepare with more data")
     augments = cfg.head.augment or (cfg.finetune.augment and cfg.finetune.unfreeze != "none")
@@ -158,7 +163,7 @@ def load_data(params: Params, prep: Preprocessing, rt: Runtime, num_classes: int
         raise StageError(f"{err}; the raw data changed since prepare ran: re-run it (dvc repro prepare)") from None
     return Data(
         train_eval=train_arrays[0],
-        train_big=train_arrays[1] if augments else None,
+        train_margin=train_arrays[1] if augments else None,
         train_y=torch.from_numpy(labels_of(train_rows)),
         val_x=val_array,
         val_y=torch.from_numpy(labels_of(val_rows)),
@@ -171,18 +176,18 @@ def load_data(params: Params, prep: Preprocessing, rt: Runtime, num_classes: int
 # --------------------------------------------------------------------------- calibration
 
 
-def calibrate(steps: PhaseRunner, model: torch.nn.Module, ckpt: Checkpointer, rt: Runtime) -> dict[str, float]:
+def calibrate(training: Run) -> dict[str, float]:
     """Fit the temperature on the best epoch's validation logits; write model.pt, the best epoch with it
     (tasks.training.calibration)."""
-    if rt.world > 1:
+    if training.rt.world > 1:
         torch.distributed.barrier()   # rank 0 wrote best.pt; every rank reads the same best epoch
-    best = ckpt.load_best()
-    unwrap(model).load_state_dict(best["state_dict"])
-    logits = steps.predict(model, steps.data.val_x, "calibration")
-    temperature = fit_temperature(logits, steps.data.val_y)
-    report = calibration_report(logits, steps.data.val_y, temperature)
-    if rt.main:
-        ckpt.save_model(best, report)
+    best = training.ckpt.load_best()
+    unwrap(training.model).load_state_dict(best["state_dict"])
+    logits = predict(training, training.model, training.data.val_x, "calibration")
+    temperature = fit_temperature(logits, training.data.val_y)
+    report = calibration_report(logits, training.data.val_y, temperature)
+    if training.rt.main:
+        training.ckpt.save_model(best, report)
     log.info("temperature %.3f fitted on the validation split: val NLL %.4f -> %.4f", temperature,
              report["val_nll_before"], report["val_nll_after"])
     return report
@@ -191,7 +196,7 @@ def calibrate(steps: PhaseRunner, model: torch.nn.Module, ckpt: Checkpointer, rt
 # --------------------------------------------------------------------------- summary
 
 
-def summary_metrics(progress: Progress, rt: Runtime, arch: str, record: dict[str, Any]) -> dict[str, Any]:
+def summary_metrics(progress: Progress, rt: Runtime, arch: str, weights: dict[str, Any]) -> dict[str, Any]:
     """metrics.json: the best epoch's validation numbers plus how the run went."""
     best = next((r for r in progress.history if r["epoch"] == progress.best_epoch), None)
     if best is None:
@@ -210,8 +215,8 @@ def summary_metrics(progress: Progress, rt: Runtime, arch: str, record: dict[str
         "precision": str(rt.amp_dtype).removeprefix("torch.") if rt.amp_dtype else "fp32",
         "world_size": rt.world,
         "arch": arch,
-        "weights": record.get("weights"),
-        "weights_sha256": record.get("sha256"),
+        "weights": weights.get("weights"),
+        "weights_sha256": weights.get("sha256"),
     }
 
 

@@ -213,12 +213,12 @@ class MappedImages:
     """
 
     def __init__(self, array: np.ndarray | SegmentedRows, pin: bool = False, keys: Sequence[str] | None = None,
-                 pixels: str = "", features_dir: Path | None = None) -> None:
+                 pixels: str = "") -> None:
         self.array, self.pin = array, pin
         self.shape = tuple(array.shape)
-        # What tasks.training.features keys stored backbone features by: each row's content hash, how the
-        # pixels were made (tasks.lib.row_store.variant_key) and where the features are kept.
-        self.keys, self.pixels, self.features_dir = keys, pixels, features_dir
+        # What tasks.training.features keys stored backbone features by: each row's content hash and how the
+        # pixels were made (tasks.lib.row_store.variant_key).
+        self.keys, self.pixels = keys, pixels
 
     def __len__(self) -> int:
         return self.shape[0]
@@ -261,5 +261,5 @@ def training_images(params: Params, split: str, rows: Sequence[SplitRow], preps:
                 from None
         pixels = [variant_key(p, None) for p in preps]
     keys = [row.sha256 for row in rows]
-    return [MappedImages(array, pin, keys, key, params.cache.features_dir) if key else MappedImages(array, pin)
+    return [MappedImages(array, pin, keys, key) if key else MappedImages(array, pin)
             for array, key in zip(arrays, pixels)]

@@ -35,20 +35,18 @@ import logging
 import os
 import shutil
 import uuid
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 import torch
 from torch import nn
 
 from tasks.lib.io import CHUNK, storage_error
+from tasks.training.runtime import Runtime
 
-if TYPE_CHECKING:
-    from tasks.training.phases import PhaseRunner
-
-log = logging.getLogger("train")
+log = logging.getLogger(__name__)
 
 MAX_CHUNKS = 8
 KEEP_CONTEXTS = 4
@@ -56,20 +54,24 @@ FORMAT = 2               # 2: chunks named by their checksum
 
 _unwritable: set[Path] = set()   # feature caches this process could not write to: warned about once
 
+Images = Any   # what `compute` takes: len() and indexing by an index tensor (a MappedImages, or `Rows` of one)
 
-def cached_features(runner: PhaseRunner, extractor: nn.Module, images: Any, desc: str) -> torch.Tensor:
-    """The backbone features of every image, from the store where present, computed (and stored) for the rest."""
-    keys, store_dir = getattr(images, "keys", None), getattr(images, "features_dir", None)
-    if not keys or store_dir is None:
-        return runner.predict(extractor, images, desc=desc)
-    store = FeatureStore(Path(store_dir), context_key(runner, extractor, images.pixels))
+
+def cached_features(compute: Callable[[Images, str], torch.Tensor], images: Any, context: str, store_dir: Path,
+                    rt: Runtime, desc: str) -> torch.Tensor:
+    """compute(images, desc) for every image, from the store where present, computed (and stored) for the rest.
+
+    `images.keys` are the images' content hashes; `context` (from `context_key`) is everything else that
+    decides what `compute` returns."""
+    keys = images.keys
+    store = FeatureStore(Path(store_dir), context)
     found = store.load(keys)
     missing = [i for i, key in enumerate(keys) if key not in found]
     log.info("%s: %d of %d images from the feature cache %s", desc, len(keys) - len(missing), len(keys), store.dir)
-    fresh = runner.predict(extractor, Rows(images, missing), desc=desc) if missing else None
-    if fresh is not None and runner.rt.main:
+    fresh = compute(Rows(images, missing), desc) if missing else None
+    if fresh is not None and rt.main:
         store.add([keys[i] for i in missing], fresh.cpu().numpy())
-    if fresh is not None and runner.rt.world > 1:
+    if fresh is not None and rt.world > 1:
         # Rank 0 may merge and delete chunks while adding: no rank reads the store for the next set
         # before that is done, so every rank finds the same rows and computes (and gathers) the same rest.
         torch.distributed.barrier()
@@ -80,14 +82,14 @@ def cached_features(runner: PhaseRunner, extractor: nn.Module, images: Any, desc
     for i, key in enumerate(keys):
         if key in found:
             out[i] = found[key]
-    result = torch.from_numpy(out).to(runner.rt.device)
+    result = torch.from_numpy(out).to(rt.device)
     if fresh is not None:
         result[torch.as_tensor(missing, device=result.device)] = fresh.float()
     return result
 
 
 class Rows:
-    """A view of some rows of a MappedImages: what PhaseRunner.predict needs (len, indexing by a tensor)."""
+    """A view of some rows of a MappedImages: what `compute` needs (len, indexing by a tensor)."""
 
     def __init__(self, images: Any, rows: Sequence[int]) -> None:
         self.images, self.rows = images, torch.as_tensor(list(rows), dtype=torch.int64)
@@ -99,16 +101,14 @@ class Rows:
         return self.images[self.rows[index]]
 
 
-def context_key(runner: PhaseRunner, extractor: nn.Module, pixels: str) -> str:
-    """Everything besides the image that decides its features (see the module docstring)."""
+def context_key(extractor: nn.Module, recipe: str) -> str:
+    """A hash of the extractor (its class and every weight and buffer) and `recipe`, the rest of what decides
+    its outputs (how the pixels were made, the device-side preprocessing, device, dtype, torch version)."""
     digest = hashlib.sha256()
     for name, tensor in extractor.state_dict().items():
         digest.update(name.encode())
         digest.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
-    cfg, rt, data = runner.cfg, runner.rt, runner.data
-    recipe = (f"format{FORMAT}/{type(extractor).__name__}/{pixels}/{data.mean.tolist()}/{data.std.tolist()}/"
-              f"{cfg.image_size}/{cfg.channels_last}/{rt.device.type}/{rt.amp_dtype}/{torch.__version__}")
-    digest.update(recipe.encode())
+    digest.update(f"format{FORMAT}/{type(extractor).__name__}/{recipe}".encode())
     return digest.hexdigest()[:24]
 
 

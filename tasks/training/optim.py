@@ -1,14 +1,57 @@
-"""Loss, optimizer, learning-rate schedule and compilation of the train stage."""
+"""What one training step is made of: loss, optimizer, learning-rate schedule, loss scaling, and the step itself."""
 
 from __future__ import annotations
 
 import math
-from typing import Any
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
 
 from tasks.lib.config import TrainParams
+from tasks.training.batches import Batch
+from tasks.training.monitor import LossMeter
+
+if TYPE_CHECKING:
+    from tasks.training.cuda_graph import CudaGraphStep
+
+
+@dataclass
+class Step:
+    """One phase's training step: logits of a batch, the loss, and what a step updates."""
+
+    model: Callable[[Batch], torch.Tensor]           # a batch's logits (float32)
+    loss: nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    scaler: torch.amp.GradScaler
+    graph: CudaGraphStep | None = None               # replays the step on CUDA (tasks.training.cuda_graph)
+
+
+def make_step(model: Callable[[Batch], torch.Tensor], loss: nn.Module, optimizer: torch.optim.Optimizer,
+              warmup_steps: int, total_steps: int, fp16: bool) -> Step:
+    """A Step with the warmup + cosine schedule and a GradScaler (enabled for fp16 only)."""
+    device = next(p.device for group in optimizer.param_groups for p in group["params"])
+    return Step(model, loss, optimizer, warmup_cosine(optimizer, warmup_steps, total_steps),
+                torch.amp.GradScaler(device.type, enabled=fp16))
+
+
+def plain_step(step: Step, batch: Batch, meter: LossMeter,
+               on_loss: Callable[[torch.Tensor], torch.Tensor] | None = None) -> None:
+    """Forward, loss, backward and the optimizer's update for one batch; the loss is summed on the device."""
+    loss = step.loss(step.model(batch), batch.y)
+    if on_loss is not None:
+        loss = on_loss(loss)
+    step.optimizer.zero_grad(set_to_none=True)
+    step.scaler.scale(loss).backward()
+    with warnings.catch_warnings():   # a graph-safe optimizer warns when it runs outside a graph
+        warnings.filterwarnings("ignore", message=".*capturable=True.*")
+        step.scaler.step(step.optimizer)
+    step.scaler.update()
+    meter.add(loss, len(batch.y))
 
 
 def make_loss(cfg: TrainParams, labels: torch.Tensor, num_classes: int, device: torch.device) -> nn.Module:

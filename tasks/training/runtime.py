@@ -28,11 +28,11 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from tasks.lib.cli import StageError
+from tasks.lib.errors import StageError
 from tasks.lib.config import Params, TrainParams
 from tasks.lib.io import read_json
 
-log = logging.getLogger("train")
+log = logging.getLogger(__name__)
 
 
 @dataclass

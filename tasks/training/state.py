@@ -34,7 +34,7 @@ from tasks.lib.io import atomic_path, sha256_file
 from tasks.lib.models import save_checkpoint, unwrap
 from tasks.lib.preprocess import Preprocessing
 
-log = logging.getLogger("train")
+log = logging.getLogger(__name__)
 
 RESUME_FORMAT = 2        # 2: the best epoch's weights are resume/best.pt, no longer model.pt
 

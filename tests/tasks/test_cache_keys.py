@@ -34,7 +34,7 @@ from torch import nn
 
 from tasks import decode_cache
 from tasks.decode_cache import build_cache
-from tasks.lib import row_store, segment_checks
+from tasks.lib import row_store
 from tasks.lib.config import load_params
 from tasks.lib.data import decode_arrays
 from tasks.lib.errors import StageError
@@ -49,9 +49,10 @@ from tasks.lib.weights import load_backbone_state
 from tasks.train import load_data, preprocessing_for
 from tasks.training import features as feature_cache
 from tasks.training.freezing import set_trainable, split_frozen_prefix
-from tasks.training.phases import PhaseRunner, Record
+from tasks.training.loop import Run
+from tasks.training.phases import feature_context
+from tasks.training.phases import features as computed_features
 from tasks.training.runtime import Runtime
-from tasks.training.state import Progress
 from tests.conftest import REPO_ROOT
 from tests.tasks.test_decode_cache import arrays_of
 from tests.tasks.test_train import ARCH, one_thread, tiny_params, write_weights  # noqa: F401
@@ -230,7 +231,7 @@ class Features:
     network: Callable[[nn.Module], nn.Module] | None = None
 
     def compute(self, root: Path, store: Path) -> tuple[torch.Tensor, list[str]]:
-        """What training computes, through the real loader, model builder and PhaseRunner."""
+        """What training computes, through the real loader, model builder and tasks.training.phases.features."""
         params = tiny_params(root, **{"cache.features_dir": str(store), "cache.out_dir": str(root / "nowhere"),
                                       **self.overrides})
         state, record = load_backbone_state(params.model.out_dir)
@@ -239,7 +240,7 @@ class Features:
         data = load_data(params, prep, self.rt, len(classes))
         model = build_model(params.model.arch, len(classes), state).eval()
         cfg = params.train.model_copy(update={"image_size": self.image_size or params.train.image_size})
-        runner = PhaseRunner(cfg, self.rt, data, model, Record(Progress(), None, None))
+        run = Run(cfg, self.rt, data, model, features_dir=params.cache.features_dir)
         if self.cut is None:
             extractor = feature_extractor(model)
         else:
@@ -247,7 +248,7 @@ class Features:
             extractor, _ = split_frozen_prefix(model, first[0], cfg.image_size)
         if self.network is not None:
             extractor = self.network(extractor)
-        return runner.features(extractor, data.train_eval, "features train"), data.train_eval.keys
+        return computed_features(run, extractor, data.train_eval, "features train"), data.train_eval.keys
 
 
 def write_photo_project(root: Path) -> None:
@@ -406,9 +407,7 @@ def test_the_feature_key_names_the_device_type(feature_baseline: FeatureBaseline
     prep = preprocessing_for(params.model.arch, params.train.image_size, record)
     data = load_data(params, prep, CPU, 3)
     model = build_model(params.model.arch, 3, state).eval()
-    runner = PhaseRunner(params.train, CPU, data, model, Record(Progress(), None, None))
     extractor = feature_extractor(model)
-    on_cpu = feature_cache.context_key(runner, extractor, data.train_eval.pixels)
-    assert feature_cache.context_key(runner, extractor, data.train_eval.pixels) == on_cpu
-    runner.rt = Runtime(device=torch.device("cuda"), amp_dtype=None)     # only the device's type is read
-    assert feature_cache.context_key(runner, extractor, data.train_eval.pixels) != on_cpu
+    keys = [feature_context(Run(params.train, Runtime(device=torch.device(device), amp_dtype=None), data, model),
+                            extractor, data.train_eval.pixels) for device in ("cpu", "cpu", "cuda")]
+    assert keys[0] == keys[1] != keys[2]     # only the device's type is read

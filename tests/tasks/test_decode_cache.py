@@ -196,7 +196,7 @@ def test_the_train_stage_reads_its_images_from_the_cache(built: tuple[Path, Path
         "train.image_size": 24, "cache.margin": 1.15, "train.finetune.augment": True,
         "cache.store_dir": str(tmp_path / "store"), "cache.jpeg_draft": False})     # as `built` built it
     data = load_data(params, PREP, Runtime(device=torch.device("cpu"), amp_dtype=None), num_classes=2)
-    for images, variant, split in ((data.train_eval, EVAL, "train"), (data.train_big, AUGMENT, "train"),
+    for images, variant, split in ((data.train_eval, EVAL, "train"), (data.train_margin, AUGMENT, "train"),
                                    (data.val_x, EVAL, "val")):
         assert isinstance(images.array, np.memmap)
         assert Path(images.array.filename) == decoded / split / f"{variant}.0.npy"    # built from scratch: one segment

@@ -14,14 +14,15 @@ import pytest
 import torch
 import yaml
 
-from tasks.lib.cli import StageError
+from tasks.lib.errors import StageError
 from tasks.lib.config import Params, PrepareParams, apply_overrides_to_file, load_params
-from tasks.lib.io import SplitRow, read_split, sha256_file, write_json, write_split
+from tasks.lib.io import sha256_file, write_json
 from tasks.lib.models import build_backbone, build_model, find_head, load_checkpoint
+from tasks.lib.split_files import SplitRow, read_split, write_split
 from tasks.prepare import prepare
 from tasks.train import Hooks, NonFiniteLoss, train
-from tasks.training.phases import PhaseRunner
 from tasks.training.freezing import backbone_blocks, set_trainable
+from tasks.training import loop
 from tasks.training.runtime import pick_precision
 from tests.conftest import REPO_ROOT, init_dvc_repo, run, write_image_folder
 from tests.realistic import oracle_input, write_realistic_folder
@@ -215,7 +216,7 @@ def test_a_non_finite_loss_stops_with_a_clear_error_and_keeps_the_last_checkpoin
 @pytest.mark.slow
 def test_resume_ignores_a_state_from_other_params(project: Path, caplog: pytest.LogCaptureFixture) -> None:
     train(tiny_params(project, **{"train.finetune.unfreeze": "none"}))
-    caplog.set_level("INFO", logger="train")
+    caplog.set_level("INFO", logger="tasks.training")
     train(tiny_params(project, **{"train.finetune.unfreeze": "none", "train.head.epochs": 1}))
     assert "other params or data; starting fresh" in caplog.text
     caplog.clear()
@@ -225,7 +226,7 @@ def test_resume_ignores_a_state_from_other_params(project: Path, caplog: pytest.
 
 KILLER = """
 import os, signal, sys
-from tasks.lib.cli import setup_logging
+from tasks.lib.progress import setup_logging
 from tasks.lib.config import load_params
 from tasks.train import Hooks, train
 
@@ -361,10 +362,11 @@ def test_pretrained_weights_beat_random_init_with_few_labels(tmp_path: Path, fas
 
 def held_out_accuracy(checkpoint: Path, raw: Path, prepared: Path) -> float:
     """Accuracy on val + test through the eval preprocessing (val alone, ~30 images, is too few to compare)."""
-    from tasks.lib.data import EvalDataset, read_rows
+    from tasks.lib.data import EvalDataset
+    from tasks.lib.split_files import read_split, split_path
 
     model, meta = load_checkpoint(checkpoint)
-    rows = read_rows(prepared, "val") + read_rows(prepared, "test")
+    rows = read_split(split_path(prepared, "val")) + read_split(split_path(prepared, "test"))
     x, y = zip(*EvalDataset(rows, raw, meta["preprocessing"]))
     with torch.no_grad():
         pred = model(torch.stack(x)).argmax(1)
@@ -374,7 +376,7 @@ def held_out_accuracy(checkpoint: Path, raw: Path, prepared: Path) -> float:
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_trains_on_cuda_with_mixed_precision_and_channels_last(project: Path, caplog: pytest.LogCaptureFixture) -> None:
-    caplog.set_level("INFO", logger="train")
+    caplog.set_level("INFO", logger="tasks.training")
     params = tiny_params(project, **{"train.device": "auto", "train.channels_last": True, "train.precision": "auto",
                                      "train.head.epochs": 3})
     train(params)
@@ -383,7 +385,7 @@ def test_trains_on_cuda_with_mixed_precision_and_channels_last(project: Path, ca
     assert metrics["precision"] == ("bfloat16" if torch.cuda.is_bf16_supported() else "float16")
     assert metrics["val_accuracy"] > 0.6
     if metrics["precision"] == "bfloat16":   # fp16's loss scaling keeps the head step eager
-        assert "head step captured in a CUDA graph" in caplog.text
+        assert "training step captured in a CUDA graph" in caplog.text
     model, _ = load_checkpoint(project / "artifacts" / "train" / "model.pt")
     assert all(torch.isfinite(p).all() for p in model.parameters())
 
@@ -539,13 +541,13 @@ def test_early_stopping_counts_ties_as_no_better_restarts_on_a_better_epoch_and_
     """Only the validation score is scripted (so ties and plateaus fall on known epochs); the training,
     checkpoints and model.pt are real. model.pt is the best epoch across both phases, in its weights."""
     classes = write_realistic_project(tmp_path)
-    real_scores = PhaseRunner.val_metrics
+    real_scores, epochs = loop.validate, iter(SCRIPTED_F1)
 
-    def scripted(runner: PhaseRunner, logits: torch.Tensor) -> dict[str, float]:
-        return {**real_scores(runner, logits), "val_macro_f1": SCRIPTED_F1[runner.progress.global_epoch]}
+    def scripted(logits: torch.Tensor, y: torch.Tensor) -> dict[str, float]:
+        return {**real_scores(logits, y), "val_macro_f1": next(epochs)}
 
-    monkeypatch.setattr(PhaseRunner, "val_metrics", scripted)
-    caplog.set_level("INFO", logger="train")
+    monkeypatch.setattr(loop, "validate", scripted)
+    caplog.set_level("INFO", logger="tasks.training")
     out = tmp_path / "artifacts" / "train"
     snapshots, hooks = epoch_snapshots(out)
     metrics = train(tiny_params(tmp_path, **{

@@ -14,34 +14,33 @@ from torch import nn
 from tasks.lib.config import TrainParams
 from tasks.lib.image_cache import MappedImages
 from tasks.training.batches import Batch, BatchProducer
+from tasks.training.loop import Data, Run, epoch_order, image_batch
 from tasks.training.monitor import LossMeter
-from tasks.training.phases import Data, PhaseRunner, Record
 from tasks.training.runtime import Runtime, gather_rows, shard
-from tasks.training.state import Progress
 
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
 
-def runner(device: str = "cpu", n: int = 37, side: int = 20, size: int = 16) -> PhaseRunner:
-    """A PhaseRunner over random uint8 images (train with a margin for crops), as tasks.train builds it."""
+def make_run(device: str = "cpu", n: int = 37, side: int = 20, size: int = 16) -> Run:
+    """A Run over random uint8 images (train with a margin for crops), as tasks.train builds it."""
     rng = np.random.default_rng(0)
     dev = torch.device(device)
     pin = dev.type == "cuda"
     big = MappedImages(rng.integers(0, 256, (n, side, side, 3), dtype=np.uint8), pin)
     small = MappedImages(rng.integers(0, 256, (n, size, size, 3), dtype=np.uint8), pin)
     labels = torch.from_numpy(rng.integers(0, 3, n))
-    data = Data(train_eval=small, train_big=big, train_y=labels, val_x=small, val_y=labels,
+    data = Data(train_eval=small, train_margin=big, train_y=labels, val_x=small, val_y=labels,
                 mean=torch.tensor([0.5, 0.4, 0.3], device=dev), std=torch.tensor([0.2, 0.3, 0.4], device=dev),
                 num_classes=3)
     cfg = TrainParams(image_size=size, batch_size=8, device=device, channels_last=device == "cuda")
-    return PhaseRunner(cfg, Runtime(dev, None), data, nn.Identity(), Record(Progress(), None, None))
+    return Run(cfg, Runtime(dev, None), data, nn.Identity())
 
 
-def synchronous_and_produced(r: PhaseRunner, seed: int, depth: int | None = None) -> tuple[list[Batch], list[Batch]]:
-    order = r.batches("finetune", seed)
+def synchronous_and_produced(r: Run, seed: int, depth: int | None = None) -> tuple[list[Batch], list[Batch]]:
+    order = epoch_order(r, "finetune", seed)
     sync_generator = torch.Generator().manual_seed(seed)
-    synchronous = [r.make_batch(idx, sync_generator) for idx in order]     # what the loop did before
-    make = partial(r.make_batch, generator=torch.Generator().manual_seed(seed))
+    synchronous = [image_batch(r, idx, sync_generator) for idx in order]     # what the loop did before
+    make = partial(image_batch, r, generator=torch.Generator().manual_seed(seed))
     with BatchProducer(order, make, r.rt.device, depth=depth) as batches:
         produced = list(batches)
     return synchronous, produced
@@ -55,10 +54,10 @@ def assert_same_batches(a: list[Batch], b: list[Batch]) -> None:
 
 
 def test_made_ahead_batches_equal_the_synchronous_ones_bit_for_bit() -> None:
-    synchronous, produced = synchronous_and_produced(runner(), seed=5)
+    synchronous, produced = synchronous_and_produced(make_run(), seed=5)
     assert_same_batches(synchronous, produced)
     assert produced[0].x.shape == (8, 3, 16, 16)
-    _, other_seed = synchronous_and_produced(runner(), seed=6)
+    _, other_seed = synchronous_and_produced(make_run(), seed=6)
     assert not torch.equal(produced[0].x, other_seed[0].x)   # the comparison can fail: crops depend on the seed
 
 
@@ -129,7 +128,7 @@ def test_shards_cover_every_row_once_and_gather_in_order() -> None:
 @pytest.mark.gpu
 @needs_cuda
 def test_on_cuda_batches_made_on_a_side_stream_equal_the_synchronous_ones() -> None:
-    r = runner("cuda", n=300, side=40, size=32)
+    r = make_run("cuda", n=300, side=40, size=32)
     synchronous, produced = synchronous_and_produced(r, seed=3)
     assert produced[0].x.is_cuda and produced[0].x.is_contiguous(memory_format=torch.channels_last)
     assert_same_batches(synchronous, produced)

@@ -10,15 +10,15 @@ from pathlib import Path
 import pytest
 import torch
 
-from tasks.lib.data import read_classes
-from tasks.lib.io import SplitRow, read_split, sha256_file, write_split
+from tasks.lib.io import sha256_file
 from tasks.lib.models import build_model, feature_extractor
+from tasks.lib.split_files import SplitRow, read_classes, read_split, write_split
 from tasks.lib.weights import load_backbone_state
 from tasks.train import load_data, preprocessing_for
 from tasks.training.features import MAX_CHUNKS
-from tasks.training.phases import PhaseRunner, Record
+from tasks.training.loop import Run
+from tasks.training.phases import features as computed_features
 from tasks.training.runtime import Runtime
-from tasks.training.state import Progress
 from tests.conftest import write_image_folder
 from tests.tasks.lib.test_io_errors import full_disk  # noqa: F401
 from tests.tasks.test_train import one_thread, tiny_params, write_project, write_weights  # noqa: F401
@@ -27,7 +27,7 @@ CPU = Runtime(device=torch.device("cpu"), amp_dtype=None)
 
 
 def features(root: Path, features_dir: Path, **overrides: object) -> tuple[torch.Tensor, list[str]]:
-    """What the head phase computes for the train split, through the real PhaseRunner."""
+    """What the head phase computes for the train split, through the real loader and phases.features."""
     params = tiny_params(root, **{"cache.features_dir": str(features_dir), "cache.out_dir": str(root / "nowhere"),
                                   **overrides})
     state, record = load_backbone_state(params.model.out_dir)
@@ -35,8 +35,8 @@ def features(root: Path, features_dir: Path, **overrides: object) -> tuple[torch
     classes = read_classes(params.data.prepared_dir)
     data = load_data(params, prep, CPU, len(classes))
     model = build_model(params.model.arch, len(classes), state).eval()
-    runner = PhaseRunner(params.train, CPU, data, model, Record(Progress(), None, None))
-    return runner.features(feature_extractor(model), data.train_eval, "features train"), data.train_eval.keys
+    run = Run(params.train, CPU, data, model, features_dir=params.cache.features_dir)
+    return computed_features(run, feature_extractor(model), data.train_eval, "features train"), data.train_eval.keys
 
 
 def add_images(root: Path, n: int, seed: int) -> None:
@@ -53,7 +53,7 @@ def add_images(root: Path, n: int, seed: int) -> None:
 
 def test_features_are_reused_for_unchanged_images_and_equal_recomputed_ones(
         tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
-    caplog.set_level(logging.INFO, logger="train")
+    caplog.set_level(logging.INFO, logger="tasks.training")
     write_project(tmp_path)
     store = tmp_path / "features"
     first, keys = features(tmp_path, store)
@@ -77,7 +77,7 @@ def test_features_are_reused_for_unchanged_images_and_equal_recomputed_ones(
 
 def test_other_weights_or_preprocessing_never_reuse_features(tmp_path: Path, caplog: pytest.LogCaptureFixture
                                                              ) -> None:
-    caplog.set_level(logging.INFO, logger="train")
+    caplog.set_level(logging.INFO, logger="tasks.training")
     write_project(tmp_path)
     store = tmp_path / "features"
     features(tmp_path, store)
@@ -92,7 +92,7 @@ def test_other_weights_or_preprocessing_never_reuse_features(tmp_path: Path, cap
 
 
 def test_chunks_are_merged_and_torn_writes_are_never_read(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
-    caplog.set_level(logging.INFO, logger="train")
+    caplog.set_level(logging.INFO, logger="tasks.training")
     write_project(tmp_path)
     store = tmp_path / "features"
     features(tmp_path, store)
@@ -115,7 +115,7 @@ def contexts(store: Path) -> set[Path]:
 @pytest.mark.parametrize("damage", ["flipped", "truncated", "swapped"])
 def test_a_damaged_chunk_is_dropped_with_a_warning_and_its_features_computed_again(
         tmp_path: Path, caplog: pytest.LogCaptureFixture, damage: str) -> None:
-    caplog.set_level(logging.INFO, logger="train")
+    caplog.set_level(logging.INFO, logger="tasks.training")
     write_project(tmp_path)
     store = tmp_path / "features"
     first, _ = features(tmp_path, store)
@@ -137,7 +137,7 @@ def test_a_damaged_chunk_is_dropped_with_a_warning_and_its_features_computed_aga
         chunk = context / foreign.name
     caplog.clear()
     again, _ = features(tmp_path, store)
-    warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING" and r.name == "train"]
+    warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING" and r.name == "tasks.training.features"]
     assert warnings == [f"{chunk}: its bytes do not match its checksum (the file name); dropped from the feature "
                         f"cache, its images' features are computed again"]
     assert "0 of 18 images from the feature cache" in caplog.text
@@ -147,12 +147,12 @@ def test_a_damaged_chunk_is_dropped_with_a_warning_and_its_features_computed_aga
 
 def test_a_full_disk_under_the_feature_cache_means_training_without_it_after_one_warning(
         tmp_path: Path, full_disk: Path, caplog: pytest.LogCaptureFixture) -> None:
-    caplog.set_level(logging.INFO, logger="train")
+    caplog.set_level(logging.INFO, logger="tasks.training")
     write_project(tmp_path)
     store = full_disk / "features"
     first, _ = features(tmp_path, store)
     again, _ = features(tmp_path, store)             # the val set of the same run, say
-    warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING" and r.name == "train"]
+    warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING" and r.name == "tasks.training.features"]
     assert len(warnings) == 1 and warnings[0].startswith(f"{store}/") and "the disk is full" in warnings[0]
     assert f"training goes on without storing features in the cache {store}" in warnings[0]
     assert not [p for p in store.rglob("*") if p.is_file()]       # no chunk, no temporary file left

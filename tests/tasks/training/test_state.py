@@ -12,8 +12,9 @@ import torch
 from torch import nn
 
 from tasks.lib.config import Params
-from tasks.lib.io import SplitRow, write_json, write_split
+from tasks.lib.io import write_json
 from tasks.lib.preprocess import Preprocessing
+from tasks.lib.split_files import SplitRow, write_split
 from tasks.training.state import (
     Checkpointer,
     Progress,
@@ -100,7 +101,7 @@ def test_anything_else_starts_fresh_and_leaves_the_model_alone(params: Params, c
         torch.save({**torch.load(path, weights_only=True), "format": 1}, path)
     untouched = nn.Linear(4, 2)
     before = {k: v.clone() for k, v in untouched.state_dict().items()}
-    with caplog.at_level(logging.INFO, logger="train"):
+    with caplog.at_level(logging.INFO, logger="tasks.training"):
         progress, state = restore(path.parent, "other" if case == "other params" else "fp", untouched,
                                   enabled=case != "disabled")
     assert progress == Progress() and state is None

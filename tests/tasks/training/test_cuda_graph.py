@@ -1,6 +1,8 @@
-"""The head on cached features, resident on the device: the loop's own arithmetic, and on CUDA a graph replay."""
+"""The step on cached inputs: the plain loop's own arithmetic everywhere, and on CUDA a graph replay of it."""
 
 from __future__ import annotations
+
+from functools import partial
 
 import pytest
 import torch
@@ -8,8 +10,10 @@ from torch import nn
 
 from tasks.lib.config import TrainParams
 from tasks.lib.data import batch_order
-from tasks.training.optim import make_loss, make_optimizer, warmup_cosine
-from tasks.training.resident import WARMUP_STEPS, ResidentHead, graph_safe
+from tasks.training.batches import BatchProducer
+from tasks.training.cuda_graph import WARMUP_STEPS, CudaGraphStep, can_graph, graph_safe
+from tasks.training.loop import cached_batch, fp32_logits, train_epoch
+from tasks.training.optim import Step, make_loss, make_optimizer, make_step, warmup_cosine
 from tasks.training.runtime import Runtime
 
 N, DIM, CLASSES, BATCH, EPOCHS = 100, 32, 4, 16, 3
@@ -27,24 +31,26 @@ def orders() -> list[list[torch.Tensor]]:
     return [batch_order(N, BATCH, shuffle=True, seed=epoch) for epoch in range(EPOCHS)]
 
 
-def train_resident(device: str, graphs: bool) -> tuple[nn.Linear, ResidentHead, list[float]]:
+def train_loop(device: str, graphs: bool) -> tuple[nn.Linear, Step, list[float]]:
+    """The head on cached features through the loop's own train_epoch, with a CUDA graph when asked."""
     feats, labels, head = problem(device)
     cfg = TrainParams(batch_size=BATCH, label_smoothing=0.1)
     rt = Runtime(torch.device(device), None)
     optimizer = graph_safe(make_optimizer(cfg, [{"params": list(head.parameters()), "lr": 0.01}]), rt, graphs)
-    scheduler = warmup_cosine(optimizer, 2, EPOCHS * len(orders()[0]))
-    resident = ResidentHead(head, feats, labels, make_loss(cfg, labels, CLASSES, rt.device), rt)
-    scaler = torch.amp.GradScaler(device, enabled=False)
+    step = make_step(partial(fp32_logits, head), make_loss(cfg, labels, CLASSES, rt.device), optimizer, 2,
+                     EPOCHS * len(orders()[0]), fp16=False)
+    if graphs and device == "cuda" and can_graph(step):
+        step.graph = CudaGraphStep(rt.device)
+    make = partial(cached_batch, feats, labels.to(device))
     losses = []
-    for order in orders():
-        meter, steps = resident.epoch(order, optimizer, scheduler, scaler, None)
-        assert list(steps) == list(range(len(order)))
-        losses.append(meter.mean())
-    return head, resident, losses
+    for epoch, order in enumerate(orders()):
+        with BatchProducer(order, make, rt.device) as batches:
+            losses.append(train_epoch(step, batches, rt, "head", epoch))
+    return head, step, losses
 
 
 def train_reference(device: str) -> tuple[nn.Linear, list[float]]:
-    """The epoch loop as it was: labels and indices from the host every step, loss summed per step."""
+    """The textbook loop: labels and indices from the host every step, loss summed per step."""
     feats, labels, head = problem(device)
     cfg = TrainParams(batch_size=BATCH, label_smoothing=0.1)
     optimizer = make_optimizer(cfg, [{"params": list(head.parameters()), "lr": 0.01}])
@@ -65,10 +71,10 @@ def train_reference(device: str) -> tuple[nn.Linear, list[float]]:
     return head, losses
 
 
-def test_on_the_cpu_the_resident_head_is_the_old_loop_bit_for_bit() -> None:
-    head, resident, losses = train_resident("cpu", graphs=True)
+def test_on_the_cpu_the_loop_on_cached_inputs_is_the_textbook_loop_bit_for_bit() -> None:
+    head, step, losses = train_loop("cpu", graphs=True)
     reference, reference_losses = train_reference("cpu")
-    assert resident.graph is None   # no graphs off CUDA
+    assert step.graph is None   # no graphs off CUDA
     assert torch.equal(head.weight, reference.weight) and torch.equal(head.bias, reference.bias)
     assert losses == reference_losses and losses[-1] < losses[0]
 
@@ -84,11 +90,11 @@ def test_graph_safe_keeps_other_optimizers_and_devices_as_they_are() -> None:
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_on_cuda_the_graph_replays_the_same_training() -> None:
-    head, resident, losses = train_resident("cuda", graphs=True)
-    assert resident.graph is not None and resident.eager_steps == WARMUP_STEPS + EPOCHS   # + each short last batch
-    eager, _, eager_losses = train_resident("cuda", graphs=False)
+    head, step, losses = train_loop("cuda", graphs=True)
+    assert step.graph is not None and step.graph.graph is not None and step.graph.warm_steps == WARMUP_STEPS
+    eager, _, eager_losses = train_loop("cuda", graphs=False)
     reference, reference_losses = train_reference("cuda")
-    assert eager_losses == pytest.approx(reference_losses, rel=1e-6)   # graphs off: the old loop
+    assert eager_losses == pytest.approx(reference_losses, rel=1e-6)   # graphs off: the textbook loop
     torch.testing.assert_close(eager.weight, reference.weight, rtol=1e-6, atol=1e-7)
     # The graph runs AdamW's fused kernel: the same update, rounded differently in the last bits.
     torch.testing.assert_close(head.weight, reference.weight, rtol=1e-4, atol=1e-5)
