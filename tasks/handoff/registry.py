@@ -337,5 +337,7 @@ def _sha256_fs(fs: Any, path: str) -> str:
 
 def open_registry(params: Params, root: Path | None = None) -> Registry:
     """The registry named by params; a relative local path is taken relative to `root`."""
-    uri = params.registry.uri if root is None else params.registry.location(root)
+    uri = params.registry.uri
+    if root is not None and "://" not in uri and not Path(uri).is_absolute():
+        uri = str(Path(root) / uri)
     return Registry(uri, params.project.name, params.registry.storage_options)

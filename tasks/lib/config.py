@@ -18,7 +18,8 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
+from pydantic import (AfterValidator, BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator,
+                      model_validator)
 
 from tasks.lib.config_support import (
     ParamsError,
@@ -37,9 +38,6 @@ from tasks.lib.config_support import (
 )
 from tasks.lib.console import quiet_broken_pipe
 from tasks.lib.io import atomic_write_text
-
-__all__ = ["DEFAULT_PARAMS", "Params", "ParamsError", "apply_overrides_to_file", "load_params", "parse_override",
-           "schema_keys"]
 
 DEFAULT_PARAMS = Path("params.yaml")
 MAX_SEED = 2**32 - 1  # numpy's and torch's seeds are unsigned 32-bit
@@ -262,10 +260,6 @@ class ReportsParams(Section):
                       "that git tracks (not ignored), so `dvc exp show`, `dvc metrics diff` and `dvc plots diff` "
                       "compare experiments and commits.")
 
-    def file(self, name: str) -> Path:
-        """train.json, evaluate.json, export.json; the plots of each stage in train/ and evaluate/."""
-        return self.dir / name
-
 
 # --------------------------------------------------------------------------- handoff
 
@@ -300,30 +294,14 @@ class RegistryParams(Section):
             raise ValueError("must name a directory or an fsspec URL (e.g. registry, s3://bucket/models)")
         return uri
 
-    def location(self, root: Path | str) -> str:
-        """The store's URL: a relative local path is taken relative to the project root `root`."""
-        if "://" in self.uri or Path(self.uri).is_absolute():
-            return self.uri
-        return str(Path(root) / self.uri)
-
 
 class ScheduleParams(Section):
-    cron: str = Field("0 3 * * 1", description="When the retrain deployment runs (weekly, Monday 03:00).")
-    timezone: str = Field("UTC", description="IANA time zone of the cron schedule (UTC, Europe/Paris, ...).")
+    cron: Annotated[str, AfterValidator(check_cron)] = Field(
+        "0 3 * * 1", description="When the retrain deployment runs (weekly, Monday 03:00).")
+    timezone: Annotated[str, AfterValidator(check_timezone)] = Field(
+        "UTC", description="IANA time zone of the cron schedule (UTC, Europe/Paris, ...).")
     watch_interval_minutes: int = Field(10, ge=1, description="How often the watch flow looks for new data.")
     data_branch: str = Field("main", description="Git branch the watch flow checks for a new data version.")
-
-    @field_validator("cron")
-    @classmethod
-    def _valid_cron(cls, cron: str) -> str:
-        check_cron(cron)
-        return cron
-
-    @field_validator("timezone")
-    @classmethod
-    def _valid_timezone(cls, name: str) -> str:
-        check_timezone(name)
-        return name
 
 
 class Params(Section):
@@ -346,14 +324,14 @@ class Params(Section):
         return {
             "data_report": root / self.data.prepared_dir / "report.json",
             "weights": root / self.model.out_dir / "weights.json",
-            "train_metrics": root / self.reports.file("train.json"),
-            "test_metrics": root / self.reports.file("evaluate.json"),
+            "train_metrics": root / self.reports.dir / "train.json",
+            "test_metrics": root / self.reports.dir / "evaluate.json",
             "test_predictions": root / self.evaluate.out_dir / "predictions.json",
             "worst_mistakes": root / self.evaluate.out_dir / "worst_mistakes.png",
             "onnx": root / self.export.out_dir / "model.onnx",
-            "export_report": root / self.reports.file("export.json"),
-            "train_plots": root / self.reports.file("train"),
-            "evaluate_plots": root / self.reports.file("evaluate"),
+            "export_report": root / self.reports.dir / "export.json",
+            "train_plots": root / self.reports.dir / "train",
+            "evaluate_plots": root / self.reports.dir / "evaluate",
         }
 
     def digest(self) -> str:
@@ -365,9 +343,7 @@ class Params(Section):
 def load_params(path: Path | str = DEFAULT_PARAMS, overrides: dict[str, Any] | list[str] | None = None) -> Params:
     """Read, override and validate params; raise ParamsError naming each bad key and where it came from.
 
-    model.arch is checked against the model builder only by those who build a model or want
-    to fail early (tasks.lib.models.check_arch: it imports torchvision, several seconds);
-    the registry and predict read params without it.
+    model.arch is checked by whoever builds a model (tasks.lib.models.check_arch imports torchvision).
     """
     path = Path(path)
     raw = read_yaml(path)
@@ -392,24 +368,12 @@ def apply_overrides_to_file(path: Path | str, overrides: dict[str, Any] | list[s
     return params
 
 
-def schema_keys(model: type[BaseModel] = Params, prefix: str = "") -> set[str]:
-    """Every dotted key the schema knows, sections included (used to check dvc.yaml)."""
-    keys: set[str] = set()
-    for name, field in model.model_fields.items():
-        dotted = f"{prefix}{name}"
-        keys.add(dotted)
-        if isinstance(field.annotation, type) and issubclass(field.annotation, BaseModel):
-            keys |= schema_keys(field.annotation, f"{dotted}.")
-    return keys
-
-
 @quiet_broken_pipe
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m tasks.lib.config", description=__doc__.split("\n\n")[0])
     parser.add_argument("path", nargs="?", default=str(DEFAULT_PARAMS))
     parser.add_argument("-S", "--set", action="append", default=[], metavar="KEY=VALUE", help="override a key")
-    parser.add_argument("--schema", action="store_true", help="print every key: type, allowed values, default, "
-                        "description")
+    parser.add_argument("--schema", action="store_true", help="print every key: type, allowed values, default, description")
     parser.add_argument("--json", action="store_true", help="with --schema: the raw JSON Schema instead")
     args = parser.parse_args(argv)
     if args.schema:

@@ -203,7 +203,7 @@ def set_dotted(raw: dict[str, Any], dotted: str, value: Any) -> None:
 # --------------------------------------------------------------------------- checks that need another library
 
 
-def check_cron(cron: str) -> None:
+def check_cron(cron: str) -> str:
     """A five-field cron expression (six with seconds), as Prefect schedules it; raises ValueError."""
     import datetime as dt
 
@@ -215,9 +215,10 @@ def check_cron(cron: str) -> None:
         CronSim(cron, dt.datetime(2026, 1, 1))
     except (CronSimError, ValueError) as err:
         raise ValueError(f"not a cron expression ({err}); e.g. '0 3 * * 1' is Mondays at 03:00") from None
+    return cron
 
 
-def check_timezone(name: str) -> None:
+def check_timezone(name: str) -> str:
     """An IANA time zone name; raises ValueError."""
     import zoneinfo
 
@@ -225,6 +226,7 @@ def check_timezone(name: str) -> None:
         zoneinfo.ZoneInfo(name)
     except (zoneinfo.ZoneInfoNotFoundError, ValueError):
         raise ValueError(f"unknown time zone {name!r}; use an IANA name such as UTC or Europe/Paris") from None
+    return name
 
 
 def numeric(annotation: Any) -> bool:
@@ -362,3 +364,14 @@ def format_schema_table(rows: list[tuple[str, str, str, str]]) -> str:
     widths = [max(len(r[i]) for r in [header, *rows]) for i in range(3)]
     return "\n".join("  ".join([*(cell.ljust(w) for cell, w in zip(row[:3], widths, strict=True)), row[3]]).rstrip()
                      for row in [header, *rows])
+
+
+def schema_keys(model: type[BaseModel], prefix: str = "") -> set[str]:
+    """Every dotted key a schema knows, sections included (used to check dvc.yaml)."""
+    keys: set[str] = set()
+    for name, field in model.model_fields.items():
+        dotted = f"{prefix}{name}"
+        keys.add(dotted)
+        if isinstance(field.annotation, type) and issubclass(field.annotation, BaseModel):
+            keys |= schema_keys(field.annotation, f"{dotted}.")
+    return keys

@@ -9,7 +9,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tasks.lib.config import ParamsError, apply_overrides_to_file, load_params, main, schema_keys
+from tasks.lib.config import Params, ParamsError, apply_overrides_to_file, load_params, main
+from tasks.lib.config_support import schema_keys
 from tasks.lib.models import check_arch
 from tests.conftest import REPO_ROOT, run
 
@@ -160,7 +161,7 @@ def test_every_dvc_params_entry_exists_in_schema():
     dvc_yaml = yaml.safe_load((REPO_ROOT / "dvc.yaml").read_text())
     entries = _dvc_params_entries(dvc_yaml)
     assert entries, "dvc.yaml declares no params"
-    unknown = [e for e in entries if e not in schema_keys()]
+    unknown = [e for e in entries if e not in schema_keys(Params)]
     assert not unknown, f"dvc.yaml params not in the schema: {unknown}"
 
 
@@ -169,7 +170,7 @@ def test_every_dvc_template_variable_exists_in_schema():
 
     text = (REPO_ROOT / "dvc.yaml").read_text()
     variables = set(re.findall(r"\$\{\s*(\w[\w.]*)\s*\}", text))
-    assert variables and variables <= schema_keys()
+    assert variables and variables <= schema_keys(Params)
 
 
 # --------------------------------------------------------------------------- hardening: values the schema refuses
