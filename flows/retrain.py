@@ -40,7 +40,7 @@ from flows.demo import held_out_scores
 from flows.dvc_runner import TransientFailure, read_stages, run_checked, run_streamed, stage_outcome
 from flows.lock import describe_holder, retrain_lock
 from flows.server import run_flow_command
-from tasks.lib.config import Params, ParamsError, apply_overrides_to_file, load_params
+from tasks.lib.config import Params, apply_overrides_to_file, load_params
 from tasks.lib.io import read_json
 
 # The one retry layer around a stage: a stage that exits 75 (EX_TEMPFAIL, tasks.lib.errors.TransientError:
@@ -356,20 +356,15 @@ def holds(place: Path, md5: str) -> bool:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     root = Path.cwd()
-    try:  # a bad params.yaml or -S fails here, in a second, before any server starts
+    try:  # a bad params.yaml or -S, no data or an unknown model.arch fail here, before any server starts
         params = load_params(root / "params.yaml", args.set)
-    except ParamsError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    # A fresh clone has no data: say so now, not after a server start and a DVC traceback.
-    if args.data_rev is None and (problem := missing_data(root, params.data.raw_dir)):
-        print(f"error: {problem}", file=sys.stderr)
-        return 2
-    from tasks.lib.models import check_arch   # model.arch against the model builder: imports torchvision
+        # A fresh clone has no data: say so now, not after a server start and a DVC traceback.
+        if args.data_rev is None and (problem := missing_data(root, params.data.raw_dir)):
+            raise ValueError(problem)
+        from tasks.lib.models import check_arch   # imports torchvision (seconds): after the cheap checks
 
-    try:
         check_arch(params.model.arch)
-    except ValueError as err:
+    except ValueError as err:   # ParamsError is one
         print(f"error: {err}", file=sys.stderr)
         return 2
     state = run_flow_command(root, lambda: retrain(
