@@ -26,7 +26,6 @@ import tomllib
 import urllib.request
 from collections.abc import Iterator
 from contextlib import contextmanager, suppress
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
@@ -38,20 +37,6 @@ STOP_GRACE_S = 8.0
 
 class ServerError(RuntimeError):
     """The local Prefect server could not be started; the message says why and where its log is."""
-
-
-@dataclass
-class Server:
-    """A Prefect server on 127.0.0.1: its API address, and the process when this command started it."""
-
-    url: str
-    process: subprocess.Popen | None = None
-    log_path: Path | None = None
-
-    def stop(self) -> None:
-        """Stop a server this command started (its whole process group), by its process id."""
-        if self.process is not None:
-            stop_process_group(self.process, STOP_GRACE_S)
 
 
 def project_setting(root: Path, env: str, keys: tuple[str, ...], default: str) -> str:
@@ -124,9 +109,14 @@ def port_in_use(port: int) -> bool:
         return sock.connect_ex(("127.0.0.1", port)) == 0
 
 
-def start_server(root: Path, port: int, timeout_s: float, say: Callable[[str], None] = lambda _: None) -> Server:
+def api_url(port: int) -> str:
+    return f"http://127.0.0.1:{port}/api"
+
+
+def start_server(root: Path, port: int, timeout_s: float,
+                 say: Callable[[str], None] = lambda _: None) -> subprocess.Popen:
     """`prefect server start` on 127.0.0.1:port with the project's settings; wait until it answers."""
-    url = f"http://127.0.0.1:{port}/api"
+    url = api_url(port)
     home = usable_home(root)
     log_path = home / f"server-{port}.log"
     env = {**os.environ, "PREFECT_HOME": str(home), "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
@@ -136,17 +126,16 @@ def start_server(root: Path, port: int, timeout_s: float, say: Callable[[str], N
     with log_path.open("ab") as log:
         # SIGKILL on our death: a server still starting up defers SIGTERM for tens of seconds on busy
         # cores (measured), and SQLite's journal makes a killed server safe to restart.
-        server = Server(url, spawn(cmd, root, env, stdout=log, stderr=subprocess.STDOUT,
-                                   death_signal=signal.SIGKILL), log_path)
+        process = spawn(cmd, root, env, stdout=log, stderr=subprocess.STDOUT, death_signal=signal.SIGKILL)
     deadline = time.monotonic() + timeout_s
     while not healthy(url, timeout_s=1.0):
-        if server.process.poll() is not None or time.monotonic() > deadline:
-            server.stop()
+        if process.poll() is not None or time.monotonic() > deadline:
+            stop_process_group(process, STOP_GRACE_S)
             tail = log_path.read_text(errors="replace")[-2000:]
             raise ServerError(f"the Prefect server on port {port} did not start within {timeout_s:g} s "
                               f"(log {log_path}):\n{tail}")
         time.sleep(0.5)
-    return server
+    return process
 
 
 def startup_timeout_s(root: Path) -> float:
@@ -178,17 +167,18 @@ def project_server(root: Path, say: Callable[[str], None] = lambda _: None, port
     if port is not None and port_in_use(port):
         raise ServerError(f"port {port} on 127.0.0.1 is taken by another program; "
                           f"choose another with `python -m flows.serve --port N` (make serve PORT=N)")
-    server = start_server(root, port or free_port(), startup_timeout_s(root), say)
+    port = port or free_port()
+    process = start_server(root, port, startup_timeout_s(root), say)
     path = state_path(root)
     if advertised:
-        path.write_text(json.dumps({"url": server.url, "pid": server.process.pid}))
+        path.write_text(json.dumps({"url": api_url(port), "pid": process.pid}))
     try:
-        yield server.url
+        yield api_url(port)
     finally:
         with suppress(OSError, ValueError):   # withdrawn only while it still names this server
-            if advertised and json.loads(path.read_text()).get("pid") == server.process.pid:
+            if advertised and json.loads(path.read_text()).get("pid") == process.pid:
                 path.unlink()
-        server.stop()
+        stop_process_group(process, STOP_GRACE_S)   # its whole process group, by its process id
 
 
 @contextmanager
