@@ -49,6 +49,9 @@ def imported_modules(path: Path, package: str | None = None) -> set[str]:
                 base = ".".join(package.split(".")[: len(package.split(".")) - node.level + 1] + ([base] if base else []))
             names.add(base)
             names |= {f"{base}.{alias.name}" for alias in node.names}  # `from tasks.lib import io`
+        elif isinstance(node, ast.Call) and getattr(node.func, "attr", None) == "import_module" and node.args \
+                and isinstance(node.args[0], ast.Constant):   # importlib.import_module("tasks.lib.models")
+            names.add(str(node.args[0].value))
     return names
 
 
@@ -117,6 +120,14 @@ def test_the_check_sees_imports_inside_functions(tmp_path: Path) -> None:
     module = tmp_path / "stage.py"
     module.write_text("def main():\n    from tasks.lib import io\n    from .lib.config import load_params\n")
     assert {"tasks.lib.io", "tasks.lib.config.load_params"} <= imported_modules(module, package="tasks")
+
+
+def test_the_check_sees_a_module_imported_by_name(tmp_path: Path) -> None:
+    """importlib.import_module with a literal name runs that module as an import statement would."""
+    module = tmp_path / "config.py"
+    module.write_text("import importlib\n\ndef check(arch):\n"
+                      "    importlib.import_module('tasks.lib.models').check_arch(arch)\n")
+    assert "tasks.lib.models" in imported_modules(module, package="tasks.lib")
 
 
 def test_stage_code_never_imports_prefect_dvc_or_the_handoff() -> None:
