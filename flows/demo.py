@@ -25,7 +25,7 @@ import yaml
 from flows.data_version import dvc_file, md5_in_workspace, raw_has_files
 from flows.dvc_runner import read_stages, subprocess_env
 from flows.lock import RetrainBusy, retrain_lock
-from tasks.handoff.card import shipped_weights_note
+from flows.summary import held_out_scores
 from tasks.lib.config import Params, ParamsError, load_params
 from tasks.lib.errors import StageError
 from tasks.lib.io import read_json, sha256_file
@@ -119,23 +119,6 @@ def need(path: Path, missing: list[Path]) -> dict[str, Any]:
         missing.append(path)
         return {}
     return read_json(path)
-
-
-def held_out_scores(test: dict[str, Any], train: dict[str, Any] | None = None) -> dict[str, Any]:
-    """The held-out scores a person judges a model by, with their 95% intervals, the pixel baseline and the lift,
-    and which training phase and epoch the shipped weights come from; the same fields in `make demo`'s and
-    `python -m flows.retrain`'s summary lines."""
-    return {
-        "test_accuracy": test.get("accuracy"),
-        "test_accuracy_ci95": [test.get("accuracy_ci_low"), test.get("accuracy_ci_high")],
-        "macro_f1": test.get("macro_f1"),
-        "macro_f1_ci95": [test.get("macro_f1_ci_low"), test.get("macro_f1_ci_high")],
-        "ece": test.get("ece"),
-        "ece_uncalibrated": test.get("ece_uncalibrated"),
-        "baseline_accuracy": test.get("baseline_accuracy"),
-        "lift_over_baseline": test.get("lift"),
-        "shipped_weights": shipped_weights_note(train),
-    }
 
 
 def build_summary(root: Path, params: Params, result: dict[str, Any], wall_s: float) -> dict[str, Any]:

@@ -36,12 +36,11 @@ from prefect.tasks import exponential_backoff
 
 from flows.data_version import (DataVersionError, dvc_file, is_workspace_version, isolated_copy, md5_in_workspace,
                                 raw_has_files)
-from flows.demo import held_out_scores
 from flows.dvc_runner import TransientFailure, read_stages, run_checked, run_streamed, stage_outcome
 from flows.lock import describe_holder, retrain_lock
 from flows.server import run_flow_command
+from flows.summary import metrics_markdown, outputs_markdown, result_line, summarize
 from tasks.lib.config import Params, apply_overrides_to_file, load_params
-from tasks.lib.io import read_json
 
 # The one retry layer around a stage: a stage that exits 75 (EX_TEMPFAIL, tasks.lib.errors.TransientError:
 # a download or remote storage failed and may work later) runs again; any other failure would repeat, and
@@ -50,8 +49,6 @@ from tasks.lib.io import read_json
 RETRIES = 3
 BACKOFF = exponential_backoff(backoff_factor=5)  # 5 s, 10 s, 20 s (with jitter)
 TIMED_STAGES = frozenset({"train"})  # bounded by train.timeout_minutes
-METRIC_ROWS = ("accuracy", "balanced_accuracy", "macro_f1", "weighted_f1", "top_k_accuracy",
-               "log_loss", "ece", "n_test")
 
 
 # --------------------------------------------------------------------------- tasks
@@ -227,68 +224,6 @@ def stage_timeout_s(stage: str, params: Params) -> float | None:
     return params.train.timeout_minutes * 60 if stage in TIMED_STAGES else None
 
 
-def summarize(project: Path, workdir: Path, data_rev: str | None, data_md5: str, params: Params,
-              outcomes: dict[str, str], published: dict[str, Any] | None, run_id: str,
-              pushed: bool) -> dict[str, Any]:
-    """The flow's result: what ran, what it produced, and the gate's decision."""
-    paths = params.report_paths(workdir)
-    metrics = read_json(paths["test_metrics"]) if paths["test_metrics"].exists() else {}
-    train = read_json(paths["train_metrics"]) if paths["train_metrics"].exists() else None
-    return {
-        "flow_run_id": run_id,
-        "project": str(project),
-        "isolated": workdir != project,   # the paths below were in a temporary copy, removed after the run
-        "data_rev": data_rev,
-        "data_md5": data_md5,
-        "stages": list(outcomes),
-        "stages_run": [s for s, o in outcomes.items() if o == "ran"],
-        "stages_skipped": [s for s, o in outcomes.items() if o == "skipped"],
-        "pushed": pushed,
-        "test_metrics": {k: metrics[k] for k in METRIC_ROWS if k in metrics},
-        "quality": held_out_scores(metrics, train),   # read here: an isolated copy is gone once the flow returns
-        "per_class": metrics.get("per_class", {}),
-        "paths": {name: path.relative_to(workdir).as_posix() for name, path in paths.items()},
-        "publish": published,
-    }
-
-
-def metrics_markdown(summary: dict[str, Any]) -> str:
-    """Overall and per-class test metrics as markdown tables."""
-    metrics = summary["test_metrics"]
-    if not metrics:
-        return "# Test metrics\n\nNo test metrics were found (evaluate did not write them).\n"
-    lines = ["# Test metrics (held-out split)", "", "| metric | value |", "|---|---|"]
-    lines += [f"| {name} | {_fmt(value)} |" for name, value in metrics.items()]
-    if summary["per_class"]:
-        lines += ["", "| class | precision | recall | f1 | support |", "|---|---|---|---|---|"]
-        for name, row in summary["per_class"].items():
-            lines.append(f"| {name} | " + " | ".join(_fmt(row.get(k)) for k in ("precision", "recall", "f1", "support"))
-                         + " |")
-    return "\n".join(lines) + "\n"
-
-
-def outputs_markdown(summary: dict[str, Any], workdir: Path) -> str:
-    """Stage outcomes, output paths and the gate's decision as markdown."""
-    published = summary["publish"] or {}
-    lines = ["# Retrain outputs", "", f"Data version: `{summary['data_md5']}` (rev `{summary['data_rev'] or 'workspace'}`)",
-             "", "| stage | outcome |", "|---|---|"]
-    lines += [f"| {stage} | {'ran' if stage in summary['stages_run'] else 'skipped'} |" for stage in summary["stages"]]
-    lines += ["", "| output | path |", "|---|---|"]
-    lines += [f"| {name} | `{path}` |" for name, path in summary["paths"].items()]
-    if published:
-        lines += [f"| model card | `{published.get('model_card')}` |", "",
-                  f"Registry version **{published.get('registry_version')}**: promoted = "
-                  f"**{published.get('promoted')}** ({published.get('reason')})"]
-    if summary["isolated"]:
-        lines += ["", "These paths were in an isolated working copy (for the data version or the overrides), "
-                      "removed after the run; the outputs stay in the DVC cache and the model in the registry."]
-    return "\n".join(lines) + "\n"
-
-
-def _fmt(value: Any) -> str:
-    return f"{value:.4f}" if isinstance(value, float) else str(value)
-
-
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m flows.retrain", description=__doc__.split("\n\n")[0])
     parser.add_argument("--data-rev", help="git revision (tag, branch, commit) of the data version")
@@ -297,16 +232,6 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--no-publish", action="store_true", help="skip the gate and publish step")
     parser.add_argument("--lock-wait-minutes", type=float, default=60.0)
     return parser.parse_args(argv)
-
-
-def result_line(result: dict[str, Any]) -> dict[str, Any]:
-    """What a person reads after a run: stages, held-out scores against the baseline and the gate's decision."""
-    published = result.get("publish") or {}
-    return {"flow_run_id": result["flow_run_id"], "data_md5": result["data_md5"],
-            "stages_run": result["stages_run"], "stages_skipped": result["stages_skipped"],
-            **result.get("quality", {}),
-            **{key: published.get(key) for key in ("registry_version", "promoted", "reason", "model_card")
-               if published}}
 
 
 def missing_data(root: Path, raw_dir: Path) -> str | None:

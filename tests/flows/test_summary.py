@@ -4,8 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from flows.demo import held_out_scores
-from flows.retrain import result_line, summarize
+from flows.summary import held_out_scores, result_line, summarize
 from tasks.lib.config import load_params
 from tasks.lib.io import write_json
 from tests.conftest import REPO_ROOT
