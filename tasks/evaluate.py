@@ -40,8 +40,6 @@ from tasks.lib.split_files import read_classes, read_split, split_path
 from tasks.lib.split_files import SplitRow, split_digest
 from tasks.lib.uncertainty import bootstrap_macro_f1, interval_text, wilson_interval
 
-__all__ = ["compute_metrics", "run", "predict_probs", "write_plots"]
-
 log = logging.getLogger(__name__)
 TILE = 128          # side of one image in the worst-mistakes grid
 CAPTION = 30        # caption height under each tile (two lines of Pillow's default font)
@@ -54,9 +52,10 @@ def run(params: Params) -> dict[str, Any]:
     model, meta = load_checkpoint(Path(params.train.out_dir) / "model.pt")
     class_names = list(meta["class_names"])
     _check_classes(params.data.prepared_dir, class_names)
-    rows = read_split(split_path(params.data.prepared_dir, "test"))
+    test_file = split_path(params.data.prepared_dir, "test")
+    rows = read_split(test_file)
     if not rows:
-        raise StageError(f"{params.data.prepared_dir}/test.csv lists no images; the test split needs at least one "
+        raise StageError(f"{test_file} lists no images; the test split needs at least one "
                          "(add data or raise prepare.test)")
     device = _device(cfg.device)
     logits = predict_logits(model, rows, params.data.raw_dir, meta["preprocessing"], cfg.batch_size, device)
@@ -67,7 +66,7 @@ def run(params: Params) -> dict[str, Any]:
     metrics.update(intervals(probs.argmax(axis=1), labels, len(class_names)))
     metrics.update(calibration_metrics(raw_probs, labels, class_names, cfg.calibration_bins, temperature))
     metrics.update(baseline_metrics(params, rows, labels, metrics["accuracy"], len(class_names)))
-    metrics["test_split_sha256"] = split_digest(Path(params.data.prepared_dir) / "test.csv")
+    metrics["test_split_sha256"] = split_digest(test_file)
     reports = params.report_paths(Path("."))
     write_plots(reports["evaluate_plots"], probs, labels, class_names, metrics["per_class"],
                 bins=cfg.calibration_bins, uncalibrated=raw_probs)

@@ -100,9 +100,10 @@ def run(params: Params) -> dict[str, Any]:
         stale.unlink(missing_ok=True)  # a failed export must not leave an older model looking current
     model, meta = load_checkpoint(Path(params.train.out_dir) / "model.pt")
     prep: Preprocessing = meta["preprocessing"]
-    rows = read_split(split_path(params.data.prepared_dir, "test"))
+    test_file = split_path(params.data.prepared_dir, "test")
+    rows = read_split(test_file)
     if not rows:
-        raise StageError(f"{params.data.prepared_dir}/test.csv lists no images; parity needs held-out images")
+        raise StageError(f"{test_file} lists no images; parity needs held-out images")
     images, names = load_parity_images(rows, params.data.raw_dir, prep, max(cfg.parity_batch_sizes))
     metadata = build_metadata(params, meta)
     model = Calibrated(model, float(meta.get("temperature") or 1.0))

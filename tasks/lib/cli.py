@@ -20,10 +20,6 @@ from tasks.lib.images import set_image_limits
 from tasks.lib.io import storage_error
 from tasks.lib.progress import setup_logging
 
-# Until every caller imports them from their own modules (tasks.lib.errors, tasks.lib.progress).
-from tasks.lib.errors import StageError  # noqa: E402,F401
-from tasks.lib.progress import LogProgress, progress  # noqa: E402,F401
-
 
 def stage_main(run: Callable[[Params], Any], description: str, argv: list[str] | None = None) -> int:
     """Parse --params / -S, load and validate params, run the stage, map expected errors to exit 1."""

@@ -71,10 +71,6 @@ def is_image_name(path: Path) -> bool:
     return path.suffix.lower() in IMAGE_SUFFIXES
 
 
-def is_hidden(path: Path) -> bool:
-    return path.name.startswith(".")
-
-
 # --------------------------------------------------------------------------- reading bytes
 
 

@@ -55,7 +55,7 @@ from tasks.lib.io import atomic_path, sha256_file, write_json
 from tasks.lib.preprocess import Preprocessing
 from tasks.lib.segment_checks import drop_segment, read_sums, seal_segment, sums_path
 
-log = logging.getLogger("decode_cache")
+log = logging.getLogger(__name__)
 
 ROW_FORMAT = 2            # bump when the decoding or the segment files change (2: checksums)
 KEEP_VARIANTS = 4

@@ -18,7 +18,7 @@ from pathlib import Path
 
 from tasks.lib.io import sha256_file, write_json
 
-log = logging.getLogger("decode_cache")
+log = logging.getLogger(__name__)
 
 CHECK_BLOCK = 1 << 23     # rows bytes hashed as one piece (8 MiB): a large segment is checked on every core at once
 
