@@ -106,8 +106,8 @@ def draft_size_for(preps: dict[str, Preprocessing], draft: bool) -> int | None:
 
 
 def build_cache(prepared_dir: Path, raw_dir: Path, out_dir: Path, preps: dict[str, Preprocessing], *,
-                splits: Sequence[str] = SPLITS, max_pixels: int = 89_478_485, limits: ImageLimits | None = None,
-                workers: int = 0, store_dir: Path | None = None, draft: bool = False) -> dict[str, Any]:
+                splits: Sequence[str] = SPLITS, limits: ImageLimits = ImageLimits(), workers: int = 0,
+                store_dir: Path | None = None, draft: bool = False) -> dict[str, Any]:
     """Decode every split into out_dir; built beside it and swapped in whole, so a crash leaves no half cache.
 
     store_dir: where the rows are kept for the next build (tasks.lib.row_store);
@@ -117,7 +117,6 @@ def build_cache(prepared_dir: Path, raw_dir: Path, out_dir: Path, preps: dict[st
     remove_abandoned_builds(out_dir)
     tmp = out_dir.parent / f".{out_dir.name}.tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
-    limits = limits or ImageLimits(max_pixels=max_pixels)
     store = Path(store_dir) if store_dir else tmp / ".rows"
     draft_size = draft_size_for(preps, draft)
     summary: dict[str, Any] = {}
