@@ -64,7 +64,7 @@ MODULES: dict[str, list[str]] = {
 
 # mutant name -> (a line its diff adds, why no caller can tell it from the original). "In practice": a caller
 # could tell only at one exact float, the edge of a float-noise allowance, which no metric lands on.
-GATE, STATS = "tasks.handoff.gate.", "tasks.lib.uncertainty."
+GATE, STATS, PREDICT = "tasks.handoff.gate.", "tasks.lib.uncertainty.", "tasks.handoff.predict."
 EQUIVALENT: dict[str, tuple[str, str]] = {
     GATE + "x__check__mutmut_1": (
         'def _check(name: str, ok: bool, reason: str = "XXXX", **detail: Any) -> dict[str, Any]:',
@@ -104,6 +104,24 @@ EQUIVALENT: dict[str, tuple[str, str]] = {
     STATS + "x_bootstrap_macro_f1__mutmut_19": (
         "picks = np.random.default_rng(seed).integers(n, size=(samples, n))",
         "numpy's integers(n) draws from [0, n) like integers(0, n), the same numbers from the same seed"),
+    PREDICT + "x__image_files__mutmut_11": (
+        "if entry.is_dir(follow_symlinks=None):",
+        "os.DirEntry.is_dir takes follow_symlinks as a truth value: None is False"),
+    PREDICT + "x__predict_batch__mutmut_16": (
+        'results[i]["error"] = f"{err.reason}: {err.detail}" if (err.detail) or True else err.reason',
+        "every BadImage the image loader raises has a detail (each reason, and every truncation of every format)"),
+    PREDICT + "x__predict_batch__mutmut_27": (
+        "for (i, _), row in zip(ready, probs, strict=None):",
+        "Classifier.probabilities raises ModelError unless it returns exactly one row per image"),
+    PREDICT + "x__predict_batch__mutmut_30": (
+        "for (i, _), row in zip(ready, probs, ):",
+        "Classifier.probabilities raises ModelError unless it returns exactly one row per image"),
+    PREDICT + "x__predict_batch__mutmut_31": (
+        "for (i, _), row in zip(ready, probs, strict=False):",
+        "Classifier.probabilities raises ModelError unless it returns exactly one row per image"),
+    PREDICT + "x__predict_batch__mutmut_39": (
+        'best = np.argsort(-row, kind="STABLE")[:k]',
+        "numpy reads a sort kind case-insensitively: STABLE is the same stable sort"),
 }
 
 CAUGHT = {"killed", "timeout", "segfault", "caught by type check"}

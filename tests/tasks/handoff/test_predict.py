@@ -358,3 +358,231 @@ def test_results_are_printed_a_batch_at_a_time_in_input_order(tmp_path: Path, im
     shown = [r["file"] for r in json.loads(out)] if as_json else [line.split()[0] for line in out.splitlines()]
     assert shown == expected
     assert read_before_output[0] == 2      # the first batch was printed before the next image was read
+
+
+# --------------------------------------------------------------------------- what a user reads: every value checked
+#
+# In process (mutation testing switches its planted bugs inside this process), with models whose
+# probabilities an independent oracle knows: a linear layer over the channel means of the input.
+
+def linear_model(path: Path, class_names: list[str], weight: np.ndarray, bias: np.ndarray, crop: int = 32) -> Path:
+    """logits = mean of each input channel @ weight (3 x classes) + bias; no probabilities output, so predict
+    reports the softmax of the logits. Preprocessing: resize + crop to `crop`, mean 0.5, std 0.25."""
+    from onnx import TensorProto, helper
+
+    n = len(class_names)
+    nodes = [helper.make_node("GlobalAveragePool", ["input"], ["pooled"]),
+             helper.make_node("Flatten", ["pooled"], ["flat"], axis=1),
+             helper.make_node("Gemm", ["flat", "weight", "bias"], ["logits"])]
+    graph = helper.make_graph(
+        nodes, "linear",
+        [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["batch", 3, crop, crop])],
+        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", n])],
+        [helper.make_tensor("weight", TensorProto.FLOAT, [3, n], np.asarray(weight, np.float32).flatten().tolist()),
+         helper.make_tensor("bias", TensorProto.FLOAT, [n], np.asarray(bias, np.float32).tolist())])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 9
+    prep = {"crop_size": crop, "resize_size": crop, "interpolation": "bilinear", "mean": [0.5] * 3, "std": [0.25] * 3}
+    helper.set_model_props(model, {"class_names": json.dumps(class_names), "preprocessing": json.dumps(prep)})
+    onnx.save(model, str(path))
+    return path
+
+
+def softmax64(logits: np.ndarray) -> np.ndarray:
+    exp = np.exp(np.asarray(logits, np.float64) - np.max(logits))
+    return exp / exp.sum()
+
+
+def tree_order(root: Path, files: list[Path]) -> list[Path]:
+    """Depth first, each folder's names in code-point order: sorting by the path's components."""
+    return sorted(files, key=lambda path: path.relative_to(root).parts)
+
+
+def test_predictions_are_the_models_top_k_probabilities_for_realistic_images(tmp_path: Path, capsys) -> None:
+    """Non-square JPEG/PNG images (RGB, grayscale, RGBA) and class names with spaces, digits and accents: each
+    file's top 3 (the default) labels, indexes and probabilities are the ones recomputed from the metadata's
+    preprocessing with an independent oracle, best first; the JSON is one indented array whatever the batching."""
+    from tasks.handoff import predict as predict_module
+    from tests.realistic import CLASS_NAMES, COLOURS, oracle_input, write_realistic_folder
+
+    inbox = tmp_path / "inbox"
+    written = write_realistic_folder(inbox, per_class=2)
+    weight = (np.asarray(COLOURS, np.float64).T / 255 - 0.5) * 3   # each class leans towards its own colour
+    bias = np.array([0.3, -0.2, 0.1, 0.0, -0.4, 0.2])
+    model = linear_model(tmp_path / "model.onnx", list(CLASS_NAMES), weight, bias)
+    prep = json.loads(next(p.value for p in onnx.load(str(model)).metadata_props if p.key == "preprocessing"))
+
+    code = predict_module.main([str(model), str(inbox), "--json", "--batch-size", "5", "--threads", "1"])
+    out = capsys.readouterr().out
+    assert code == 0
+    results = json.loads(out)
+    assert out == json.dumps(results, indent=2) + "\n"       # one array, indented as one, across three batches
+    files = tree_order(inbox, [inbox / w.path for w in written])
+    assert [r["file"] for r in results] == [str(path) for path in files]
+    for result, path in zip(results, files, strict=True):
+        probs = softmax64(oracle_input(path, prep).astype(np.float64).mean(axis=(1, 2)) @ weight + bias)
+        best = sorted(range(len(CLASS_NAMES)), key=lambda j: -probs[j])[:3]
+        assert result["predictions"] == [
+            {"label": CLASS_NAMES[j], "index": j, "probability": pytest.approx(probs[j], abs=2e-6)} for j in best
+        ], path.name
+        assert all(p["probability"] == round(p["probability"], 6) for p in result["predictions"])  # 6 decimals
+
+    assert predict_module.main([str(model), str(inbox)]) == 0   # the table: one batch, names aligned
+    width = max(len(r["file"]) for r in results)
+    assert capsys.readouterr().out.splitlines() == [
+        f"{r['file']:<{width}}  " + "  ".join(f"{p['label']} {p['probability']:.4f}" for p in r["predictions"])
+        for r in results]
+
+
+def test_tied_probabilities_are_listed_in_class_order(tmp_path: Path, capsys) -> None:
+    """A model can give several classes exactly the same probability (its float32 output saturates): top-k then
+    lists them in class order, the same on every machine, and k is clamped to 1..the number of classes."""
+    from tasks.handoff import predict as predict_module
+
+    names = [f"class {i}" for i in range(10)]
+    model = linear_model(tmp_path / "model.onnx", names, np.zeros((3, 10)), np.array([0.0, 1.0] * 5))
+    image = tmp_path / "photo.png"
+    Image.new("RGB", (48, 32), (90, 140, 200)).save(image)
+    high, low = np.e / (5 * np.e + 5), 1 / (5 * np.e + 5)    # softmax of five logits 1 and five logits 0
+    order = [1, 3, 5, 7, 9, 0, 2, 4, 6, 8]
+    for top_k, shown in (("4", 4), ("1", 1), ("99", 10)):
+        assert predict_module.main([str(model), str(image), "--json", "-k", top_k]) == 0
+        predictions = json.loads(capsys.readouterr().out)[0]["predictions"]
+        assert predictions == [{"label": names[i], "index": i, "probability": round(high if i % 2 else low, 6)}
+                               for i in order[:shown]]
+
+
+def write_inbox(inbox: Path) -> None:
+    """Images as a user's folder holds them, beside what a scan must skip: hidden files and folders, files
+    that are not images by name, and a link back to the folder itself (followed, it would never end)."""
+    for name, size in (("Z.PNG", (40, 30)), ("b.png", (30, 45)), ("sub/c.jpg", (64, 48)), ("two\nlines.png", (32, 32)),
+                       ("wide.png", (120, 40)), (".hidden.png", (32, 32)), (".cache/d.png", (32, 32))):
+        (inbox / name).parent.mkdir(parents=True, exist_ok=True)
+        Image.new("RGB", size, (200, 120, 40)).save(inbox / name, format="JPEG" if name.endswith("jpg") else "PNG")
+    (inbox / "empty.jpg").write_bytes(b"")
+    (inbox / "notes.txt").write_text("not an image name: skipped when scanning a folder")
+    (inbox / "README").write_text("no suffix")
+    (inbox / "loop").symlink_to(inbox, target_is_directory=True)
+
+
+def test_each_file_gets_its_predictions_or_its_own_error_in_order(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                                   capsys) -> None:
+    """What a user sees for a folder plus named files, as a table and as JSON, and the count of failures."""
+    from tasks.handoff import predict as predict_module
+
+    monkeypatch.chdir(tmp_path)
+    write_inbox(tmp_path / "inbox")
+    # Logits 2, 1, 0 whatever the image: softmax e^2, e, 1 over their sum.
+    model = linear_model(tmp_path / "model.onnx", ["red", "green", "blue"], np.zeros((3, 3)), np.array([2.0, 1, 0]))
+    total = np.e ** 2 + np.e + 1
+    top = [{"label": name, "index": i, "probability": round(value / total, 6)}
+           for i, (name, value) in enumerate((("red", np.e ** 2), ("green", np.e), ("blue", 1.0)))]
+    args = [str(model), "inbox", "inbox/notes.txt", "missing.png", "--max-aspect-ratio", "2.5"]
+    expected = [
+        {"file": "inbox/Z.PNG", "predictions": top},
+        {"file": "inbox/b.png", "predictions": top},
+        {"file": "inbox/empty.jpg", "error": "empty_file: zero bytes"},
+        {"file": "inbox/sub/c.jpg", "predictions": top},
+        {"file": "inbox/two\nlines.png", "predictions": top},
+        {"file": "inbox/wide.png", "error": "extreme_aspect_ratio: 120x40 is more than 2.5:1"},
+        {"file": "inbox/notes.txt",
+         "error": "not_an_image: not one of the supported formats (JPEG, PNG, BMP, GIF, TIFF, WEBP, PPM)"},
+        {"file": "missing.png", "error": "FileNotFoundError: No such file or directory"},
+    ]
+
+    assert predict_module.main([*args, "--json", "--batch-size", "3"]) == 1
+    out, err = capsys.readouterr()
+    assert out == json.dumps(expected, indent=2) + "\n"
+    assert err == "4 of 8 file(s) could not be predicted\n"
+
+    assert predict_module.main(args) == 1
+    out, err = capsys.readouterr()
+    assert out.splitlines() == [
+        "inbox/Z.PNG           red 0.6652  green 0.2447  blue 0.0900",
+        "inbox/b.png           red 0.6652  green 0.2447  blue 0.0900",
+        "inbox/empty.jpg       ERROR empty_file: zero bytes",
+        "inbox/sub/c.jpg       red 0.6652  green 0.2447  blue 0.0900",
+        "inbox/two\\nlines.png  red 0.6652  green 0.2447  blue 0.0900",
+        "inbox/wide.png        ERROR extreme_aspect_ratio: 120x40 is more than 2.5:1",
+        "inbox/notes.txt       ERROR not_an_image: not one of the supported formats (JPEG, PNG, BMP, GIF, TIFF, "
+        "WEBP, PPM)",
+        "missing.png           ERROR FileNotFoundError: No such file or directory",
+    ]
+    assert err == "4 of 8 file(s) could not be predicted\n"
+
+
+def test_the_aspect_ratio_limit_is_the_one_given(tmp_path: Path, capsys) -> None:
+    """A 60:1 strip is refused under the default limit (prepare's 50:1) and predicted when the user allows it."""
+    from tasks.handoff import predict as predict_module
+
+    model = linear_model(tmp_path / "model.onnx", ["red", "green", "blue"], np.zeros((3, 3)), np.zeros(3))
+    strip = tmp_path / "strip.png"
+    Image.new("L", (600, 10), 128).save(strip)
+    assert predict_module.main([str(model), str(strip), "--json"]) == 1
+    assert json.loads(capsys.readouterr().out) == [
+        {"file": str(strip), "error": "extreme_aspect_ratio: 600x10 is more than 50:1"}]
+    assert predict_module.main([str(model), str(strip), "--json", "--max-aspect-ratio", "60.5"]) == 0
+    assert [p["probability"] for p in json.loads(capsys.readouterr().out)[0]["predictions"]] == [0.333333] * 3
+
+
+def test_folders_without_images_are_named_in_the_error(tmp_path: Path, capsys) -> None:
+    from tasks.handoff import predict as predict_module
+
+    model = linear_model(tmp_path / "model.onnx", ["red", "green", "blue"], np.zeros((3, 3)), np.zeros(3))
+    empty, notes = tmp_path / "empty", tmp_path / "only notes"
+    empty.mkdir()
+    notes.mkdir()
+    (notes / "notes.txt").write_text("no images here")
+    (notes / ".hidden.png").write_bytes(b"")
+    assert predict_module.main([str(model), str(empty), str(notes)]) == 1
+    assert capsys.readouterr() == ("", f"error: no image files in {empty}, {notes}\n")
+
+
+def test_the_table_keeps_one_line_per_file_whatever_a_name_or_error_holds() -> None:
+    from tasks.handoff.predict import format_table
+
+    table = format_table([
+        {"file": "a\tb.png", "error": "truncated: decoder said\nsomething on two lines"},
+        {"file": "c.png", "predictions": [{"label": "x", "index": 0, "probability": 0.75},
+                                          {"label": "y\nz", "index": 1, "probability": 0.25}]},
+    ])
+    assert table.splitlines() == ["a\\tb.png  ERROR truncated: decoder said\\nsomething on two lines",
+                                  "c.png     x 0.7500  y\\nz 0.2500"]
+
+
+@pytest.mark.parametrize(("as_json", "printed"), [(True, "[]\n"), (False, "")])
+def test_no_results_print_an_empty_json_array_or_nothing(capsys, as_json: bool, printed: str) -> None:
+    from tasks.handoff.predict import print_results
+
+    assert print_results(iter([]), as_json) == (0, 0)
+    assert capsys.readouterr().out == printed
+
+
+def test_predict_batches_reads_16_files_at_a_time_unless_told(tmp_path: Path) -> None:
+    from tasks.handoff import predict as predict_module
+
+    model = linear_model(tmp_path / "model.onnx", ["red", "green", "blue"], np.zeros((3, 3)), np.zeros(3))
+    classifier = predict_module.load_classifier(model)
+    files = [tmp_path / f"missing_{i:02d}.png" for i in range(17)]   # each gets its own error: no image is needed
+    assert [len(batch) for batch in predict_module.predict_batches(classifier, files, top_k=1)] == [16, 1]
+
+
+def test_command_line_defaults_are_the_documented_ones() -> None:
+    """3 labels, 16 files per batch, onnxruntime's one thread per core (0), prepare's 50:1 aspect limit."""
+    from tasks.handoff.predict import build_parser
+
+    args = build_parser().parse_args(["model.onnx", "photo.jpg"])
+    assert (args.top_k, args.batch_size, args.threads, args.max_aspect_ratio, args.json) == (3, 16, 0, 50.0, False)
+    assert (args.registry, args.name, args.version) == (None, None, None)
+    assert args.paths == [Path("model.onnx"), Path("photo.jpg")]
+
+
+def test_help_is_the_documented_text(monkeypatch: pytest.MonkeyPatch, capsys) -> None:
+    """`predict --help` as a user reads it; a change to it is deliberate: update predict_help.txt beside this file."""
+    from tasks.handoff import predict as predict_module
+
+    monkeypatch.setenv("COLUMNS", "100")   # argparse wraps to the terminal's width
+    with pytest.raises(SystemExit) as exit_info:
+        predict_module.main(["--help"])
+    assert exit_info.value.code == 0
+    assert capsys.readouterr().out == (Path(__file__).parent / "predict_help.txt").read_text()
