@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from flows.processes import sigterm_as_interrupt, spawn, stop_process_group
+from tasks.lib.io import process_alive
 
 STATE_NAME = "server.json"
 STOP_GRACE_S = 8.0
@@ -92,10 +93,10 @@ def running_server(root: Path) -> str | None:
     """The API address of the project's advertised server (`make serve`) when it answers, else None."""
     try:
         state = json.loads(state_path(root).read_text())
-        os.kill(int(state["pid"]), 0)
+        alive = process_alive(int(state["pid"]))
     except (OSError, ValueError, KeyError, TypeError):
         return None
-    return state["url"] if healthy(state["url"]) else None
+    return state["url"] if alive and healthy(state["url"]) else None
 
 
 def free_port() -> int:
