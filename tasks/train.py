@@ -44,7 +44,6 @@ from tasks.lib.config import Params
 from tasks.lib.errors import StageError
 from tasks.lib.figures import training_curves
 from tasks.lib.image_cache import training_images
-from tasks.lib.images import BadImage
 from tasks.lib.io import write_json
 from tasks.lib.models import build_model, default_preprocessing, unwrap
 from tasks.lib.preprocess import Preprocessing, train_preprocessing
@@ -147,20 +146,16 @@ def preprocessing_for(arch: str, image_size: int, weights: dict[str, Any]) -> Pr
 
 
 def load_data(params: Params, prep: Preprocessing, rt: Runtime, num_classes: int) -> Data:
-    """Decode train and val once: train at the eval crop (and with a margin if a phase augments), val at the eval crop."""
+    """Train at the eval crop (and with a margin if a phase augments), val at the eval crop, from the decoded cache."""
     cfg, prepared = params.train, params.data.prepared_dir
     train_rows, val_rows = (read_split(split_path(prepared, split)) for split in ("train", "val"))
     if not train_rows or not val_rows:
         raise StageError(f"{prepared}: the train and val splits must both have images; re-run prepare with more data")
     augments = cfg.head.augment or (cfg.finetune.augment and cfg.finetune.unfreeze != "none")
     preps = [prep, train_preprocessing(prep, params.cache.margin)] if augments else [prep]
-    pin = rt.device.type == "cuda"
-    try:
-        # The decode_cache stage's memory-mapped arrays; decoded here only when that cache is missing or stale.
-        train_arrays = training_images(params, "train", train_rows, preps, pin)
-        (val_array,) = training_images(params, "val", val_rows, [prep], pin)
-    except BadImage as err:
-        raise StageError(f"{err}; the raw data changed since prepare ran: re-run it (dvc repro prepare)") from None
+    # The decode_cache stage's memory-mapped arrays, checked against the split files and the preprocessing.
+    train_arrays = training_images(params, "train", train_rows, preps, pin=rt.device.type == "cuda")
+    (val_array,) = training_images(params, "val", val_rows, [prep], pin=rt.device.type == "cuda")
     return Data(
         train_eval=train_arrays[0],
         train_margin=train_arrays[1] if augments else None,

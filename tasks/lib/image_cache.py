@@ -21,7 +21,7 @@ The segments are hard links into the stage's row store (tasks.lib.row_store):
 a retrain that adds images adds a segment instead of rewriting the array. A
 build from scratch has one segment in split order.
 
-Readers: `training_images` (the cache when it matches, else decoding),
+Readers: `training_images` (the train stage's, checked against its rows),
 `load_arrays` / `open_split` (checked memory maps: a plain one for a single
 segment in split order, else `SegmentedRows`) and `MappedImages` (batches out
 of either, fast). Torch is imported only where a batch is made, so the stage's
@@ -31,7 +31,6 @@ decoding workers never import it.
 from __future__ import annotations
 
 import hashlib
-import logging
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -40,16 +39,12 @@ import numpy as np
 
 from tasks.lib.config import Params
 from tasks.lib.errors import StageError
-from tasks.lib.images import BadImage
 from tasks.lib.io import read_json
 from tasks.lib.preprocess import Preprocessing
-from tasks.lib.row_store import variant_key
 from tasks.lib.split_files import SplitRow
 
 if TYPE_CHECKING:
     import torch
-
-log = logging.getLogger("decode_cache")
 
 CACHE_FORMAT = 2         # 2: segments and a rows file per array
 EVAL, AUGMENT = "eval", "augment"
@@ -173,7 +168,7 @@ class SegmentedRows:
 
 def load_arrays(cache_dir: Path | str, split: str, rows: Sequence[SplitRow], preps: Sequence[Preprocessing],
                 mmap_mode: str = "r") -> list[np.ndarray | SegmentedRows]:
-    """Drop-in for tasks.lib.data.decode_arrays: one memory-mapped array per preprocessing, checked against rows."""
+    """One memory-mapped array per preprocessing, checked against rows."""
     meta = read_meta(cache_dir, split)
     if meta["rows_sha256"] != rows_digest(rows):
         raise StageError(f"{Path(cache_dir) / split}: built from other {split} rows than "
@@ -239,27 +234,17 @@ class MappedImages:
 
 def training_images(params: Params, split: str, rows: Sequence[SplitRow], preps: Sequence[Preprocessing],
                     pin: bool = False) -> list[MappedImages]:
-    """The train stage's images of one split: from the cache when it matches rows and preprocessing, else decoded now.
+    """The train stage's images of one split: the decode_cache stage's arrays, checked before use.
 
-    The cache is verified before use (rows digest, array geometry), so a stale
-    one is never read; decoding instead is correct, only slower, and says so.
+    A cache built from other rows, another geometry or another cache.jpeg_draft is an error that says to
+    rebuild it (`dvc repro decode_cache`, which runs before train); it is never read, and the train stage
+    never decodes images itself.
     """
-    try:
-        arrays = load_arrays(params.cache.out_dir, split, rows, preps)
-        meta = read_meta(params.cache.out_dir, split)
-        check_draft(meta, params.cache.jpeg_draft, Path(params.cache.out_dir) / split)
-        pixels = [meta["arrays"][find_variant(meta, p, Path(params.cache.out_dir))].get("pixels", "") for p in preps]
-    except (FileNotFoundError, StageError) as err:
-        log.warning("%s; decoding the %s images in memory instead", err, split)
-        from tasks.lib.data import decode_arrays
-
-        try:
-            arrays = decode_arrays(list(rows), params.data.raw_dir, preps, limits=params.prepare.limits(),
-                                   workers=params.train.num_workers, desc=f"decoding {split}")
-        except BadImage as bad:
-            raise StageError(f"{bad}; the raw data changed since prepare ran: re-run it (dvc repro prepare)") \
-                from None
-        pixels = [variant_key(p, None) for p in preps]
+    out_dir = Path(params.cache.out_dir)
+    arrays = load_arrays(out_dir, split, rows, preps)
+    meta = read_meta(out_dir, split)
+    check_draft(meta, params.cache.jpeg_draft, out_dir / split)
+    pixels = [meta["arrays"][find_variant(meta, p, out_dir)].get("pixels", "") for p in preps]
     keys = [row.sha256 for row in rows]
     return [MappedImages(array, pin, keys, key) if key else MappedImages(array, pin)
             for array, key in zip(arrays, pixels)]

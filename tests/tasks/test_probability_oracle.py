@@ -27,7 +27,7 @@ import torch
 import torchvision
 from PIL import Image, ImageOps
 
-from tasks import evaluate, export
+from tasks import decode_cache, evaluate, export
 from tasks.lib.config import Params
 from tasks.lib.io import write_json
 from tasks.prepare import run as prepare
@@ -115,6 +115,7 @@ def handoff(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]
     write_weights(Path(params.model.out_dir), params.model.arch)
     set_weights_mean_std(Path(params.model.out_dir))
     prepare(params)
+    decode_cache.run(params)
     train(params)
     widen_recorded_preprocessing(Path(params.train.out_dir) / "model.pt")
     metrics = evaluate.run(params)

@@ -18,7 +18,8 @@ from tasks.lib.errors import StageError
 from tasks.lib.config import Params, PrepareParams, apply_overrides_to_file, load_params
 from tasks.lib.io import sha256_file, write_json
 from tasks.lib.models import build_backbone, build_model, find_head, load_checkpoint
-from tasks.lib.split_files import SplitRow, read_split, write_split
+from tasks.lib.split_files import SPLITS, SplitRow, read_split, split_path, write_split
+from tasks.decode_cache import build_cache, cache_preprocessings
 from tasks.prepare import prepare
 from tasks.train import Hooks, NonFiniteLoss, train
 from tasks.training.freezing import backbone_blocks, set_trainable
@@ -86,7 +87,19 @@ def cache_overrides(root: Path) -> dict[str, str]:
 
 
 def tiny_params(root: Path, **extra: Any) -> Params:
-    return load_params(REPO_ROOT / "params.yaml", tiny_overrides(root, **extra))
+    """Params for the tiny project under root, its decoded cache built once its split files exist."""
+    return decoded(load_params(REPO_ROOT / "params.yaml", tiny_overrides(root, **extra)))
+
+
+def decoded(params: Params) -> Params:
+    """params, with the decode_cache stage's arrays built for the splits there are (as `dvc repro` builds them
+    before train, which reads nothing else)."""
+    prepared = params.data.prepared_dir
+    if split_path(prepared, "train").exists():
+        build_cache(prepared, params.data.raw_dir, params.cache.out_dir, cache_preprocessings(params),
+                    splits=[s for s in SPLITS if split_path(prepared, s).exists()], limits=params.prepare.limits(),
+                    workers=1, store_dir=params.cache.store_dir, draft=params.cache.jpeg_draft)
+    return params
 
 
 def write_params_file(root: Path, name: str = "params.yaml", **extra: Any) -> Path:
@@ -319,6 +332,18 @@ def test_dvc_repro_train(tmp_path: Path) -> None:
     assert "Stage 'train' didn't change" in run(["dvc", "repro", "-s", "train"], repo).stdout
 
 
+def test_training_reads_only_the_decoded_cache_and_says_how_to_build_it(project: Path) -> None:
+    """No decoding of its own: without the decode_cache stage's arrays, or with arrays of another geometry,
+    the stage stops with the command that builds them, and trains nothing."""
+    unbuilt = load_params(REPO_ROOT / "params.yaml", tiny_overrides(project))
+    with pytest.raises(FileNotFoundError, match="decoded cache not found; build it with `dvc repro decode_cache`"):
+        train(unbuilt)
+    tiny_params(project)      # built for 32 px
+    with pytest.raises(StageError, match="train.image_size or cache.margin changed since the build: rebuild"):
+        train(unbuilt.model_copy(update={"train": unbuilt.train.model_copy(update={"image_size": 40})}))
+    assert not (project / "artifacts" / "train" / "resume").exists()
+
+
 def test_wrong_arch_in_weights_is_a_clear_error(project: Path) -> None:
     write_weights(project / "artifacts" / "weights", "resnet18")
     with pytest.raises(StageError, match="weights.json is for 'resnet18' but model.arch is 'mobilenet_v3_small'"):
@@ -349,11 +374,11 @@ def test_pretrained_weights_beat_random_init_with_few_labels(tmp_path: Path, fas
     for weights in ("packaged", "none"):
         out = tmp_path / f"weights_{weights}"
         fetch_weights(ModelParams(arch="efficientnet_lite0", weights=weights, out_dir=out, offline=True))
-        params = load_params(REPO_ROOT / "params.yaml", {
+        params = decoded(load_params(REPO_ROOT / "params.yaml", {
             "data.raw_dir": str(raw), "data.prepared_dir": str(prepared), "model.out_dir": str(out),
             "train.out_dir": str(tmp_path / f"train_{weights}"), "train.image_size": 96, "train.batch_size": 32,
             "train.head.epochs": 15, "train.finetune.epochs": 2, "train.finetune.unfreeze": "last_n",
-            "train.early_stopping_patience": 0, "train.device": "cpu", **cache_overrides(tmp_path)})
+            "train.early_stopping_patience": 0, "train.device": "cpu", **cache_overrides(tmp_path)}))
         train(params)
         accuracy[weights] = held_out_accuracy(tmp_path / f"train_{weights}" / "model.pt", raw, prepared)
     print(f"held-out accuracy with 20 labels per class: {accuracy}")

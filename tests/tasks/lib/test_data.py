@@ -1,4 +1,4 @@
-"""The training data path: decode once into arrays, batch orders, eval dataset unchanged."""
+"""The training data path: the decoded arrays, batch orders, eval dataset unchanged."""
 
 from __future__ import annotations
 
@@ -8,11 +8,13 @@ import numpy as np
 import pytest
 import torch
 
-from tasks.lib.data import EvalDataset, batch_order, decode_arrays, to_device
-from tasks.lib.images import BadImage, load_rgb
+from tasks.decode_cache import build_cache
+from tasks.lib.data import EvalDataset, batch_order, to_device
+from tasks.lib.image_cache import AUGMENT, EVAL, open_split
+from tasks.lib.images import load_rgb
 from tasks.lib.io import sha256_file, write_json
 from tasks.lib.preprocess import train_preprocessing
-from tasks.lib.preprocess import Preprocessing, preprocess, resize_and_crop
+from tasks.lib.preprocess import Preprocessing, preprocess
 from tasks.lib.split_files import labels_of, read_classes, read_split, split_path
 from tasks.lib.split_files import SplitRow, write_split
 from tests.conftest import write_image_folder
@@ -24,27 +26,6 @@ def rows(tmp_path: Path) -> tuple[Path, list[SplitRow]]:
     raw = write_image_folder(tmp_path / "raw", classes=2, per_class=3, size=30)
     found = sorted(raw.rglob("*.png"))
     return raw, [SplitRow(str(p.relative_to(raw)), int(p.parent.name[-1]), sha256_file(p)) for p in found]
-
-
-def test_decoded_arrays_equal_the_eval_preprocessing(rows: tuple[Path, list[SplitRow]]) -> None:
-    raw, split = rows
-    prep = Preprocessing(crop_size=24, resize_size=26)
-    big = train_preprocessing(prep)
-    eval_array, big_array = decode_arrays(split, raw, [prep, big], workers=2)
-    assert eval_array.shape == (6, 24, 24, 3) and eval_array.dtype == np.uint8
-    assert big_array.shape == (6, big.crop_size, big.crop_size, 3) and big.crop_size == round(24 * 1.15)
-    for i, row in enumerate(split):
-        img = load_rgb(raw / row.path)
-        np.testing.assert_array_equal(eval_array[i], np.asarray(resize_and_crop(img, prep)))
-        np.testing.assert_array_equal(big_array[i], np.asarray(resize_and_crop(img, big)))
-    assert labels_of(split).tolist() == [r.label for r in split]
-
-
-def test_a_file_broken_after_prepare_is_named(rows: tuple[Path, list[SplitRow]]) -> None:
-    raw, split = rows
-    (raw / split[2].path).write_bytes(b"not a png")
-    with pytest.raises(BadImage, match=split[2].path.replace("/", ".")):
-        decode_arrays(split, raw, [Preprocessing(crop_size=8, resize_size=8)])
 
 
 def test_batch_order_is_seeded_and_ranks_split_the_data_evenly() -> None:
@@ -70,6 +51,7 @@ def test_eval_dataset_and_readers_still_work(tmp_path: Path, rows: tuple[Path, l
     write_json(prepared / "classes.json", ["class_0", "class_1"])
     assert read_classes(prepared) == ["class_0", "class_1"]
     assert read_split(split_path(prepared, "val")) == split
+    assert labels_of(split).tolist() == [r.label for r in split]
     prep = Preprocessing(crop_size=16, resize_size=18)
     x, y = EvalDataset(split, raw, prep)[0]
     np.testing.assert_array_equal(x.numpy(), preprocess(load_rgb(raw / split[0].path), prep))
@@ -95,7 +77,10 @@ def test_training_arrays_are_the_centre_of_each_image_at_its_own_aspect(tmp_path
     prep = Preprocessing(crop_size=24, resize_size=24)
     big = train_preprocessing(prep)
     assert (big.crop_size, big.resize_size) == (28, 28)
-    eval_array, big_array = decode_arrays(rows, raw, [prep, big], workers=2)
+    write_split(tmp_path / "prepared" / "train.csv", rows)
+    build_cache(tmp_path / "prepared", raw, tmp_path / "decoded", {EVAL: prep, AUGMENT: big}, splits=["train"],
+                workers=1)
+    eval_array, big_array = (open_split(tmp_path / "decoded", "train", variant)[0] for variant in (EVAL, AUGMENT))
     for i, row in enumerate(rows):
         rgb = oracle_rgb(raw / row.path)
         tolerance = 1 if row.path in transparent else 0    # alpha onto white: integer vs float rounding

@@ -28,8 +28,7 @@ CPU = Runtime(device=torch.device("cpu"), amp_dtype=None)
 
 def features(root: Path, features_dir: Path, **overrides: object) -> tuple[torch.Tensor, list[str]]:
     """What the head phase computes for the train split, through the real loader and phases.features."""
-    params = tiny_params(root, **{"cache.features_dir": str(features_dir), "cache.out_dir": str(root / "nowhere"),
-                                  **overrides})
+    params = tiny_params(root, **{"cache.features_dir": str(features_dir), **overrides})
     state, record = load_backbone_state(params.model.out_dir)
     prep = preprocessing_for(params.model.arch, params.train.image_size, record)
     classes = read_classes(params.data.prepared_dir)
