@@ -33,7 +33,7 @@ from tasks.training.loop import (
     predict_cached,
 )
 from tasks.training.optim import make_optimizer, maybe_compile
-from tasks.training.runtime import wrap_ddp
+from tasks.training.runtime import Runtime, wrap_ddp
 
 log = logging.getLogger(__name__)
 
@@ -59,7 +59,7 @@ def head_phase(run: Run, cache_features: bool | None = None) -> Phase:
                       partial(predict, run, model, run.data.val_x), model.eval)
     elif not cache:
         extractor = maybe_compile(feature_extractor(model).eval(), cfg)
-        phase = Phase("head", partial(frozen_then_head, extractor, trained, run), optimizer,
+        phase = Phase("head", partial(frozen_then_head, extractor, trained, run.rt), optimizer,
                       partial(image_batch, run), partial(predict, run, model, run.data.val_x), model.eval)
     else:
         done = prog.phase_stopped or prog.epochs_done >= cfg.head.epochs
@@ -70,20 +70,15 @@ def head_phase(run: Run, cache_features: bool | None = None) -> Phase:
         # Features and labels stay on the device; on CUDA the step is a graph replay.
         phase = Phase("head", partial(fp32_logits, trained), graph_safe(optimizer, run.rt, cfg.cuda_graphs),
                       partial(cached_batch, train_feats, run.data.train_y.to(run.rt.device)),
-                      partial(no_grad_logits, head, val_feats), model.eval, graph=True)
+                      partial(predict_cached, head, val_feats, run.rt), model.eval, graph=True)
     return phase
 
 
-def frozen_then_head(extractor: nn.Module, head: nn.Module, run: Run, batch: Batch) -> torch.Tensor:
+def frozen_then_head(extractor: nn.Module, head: nn.Module, rt: Runtime, batch: Batch) -> torch.Tensor:
     """The head on features the frozen backbone computes now, without gradients."""
-    with torch.no_grad(), run.rt.autocast():
+    with torch.no_grad(), rt.autocast():
         feats = extractor(batch.x).float()
     return head(feats)
-
-
-@torch.no_grad()
-def no_grad_logits(module: nn.Module, inputs: torch.Tensor) -> torch.Tensor:
-    return module(inputs)
 
 
 def features(run: Run, extractor: nn.Module, images: MappedImages, desc: str) -> torch.Tensor:
