@@ -60,6 +60,7 @@ from torch import nn  # noqa: E402
 from torch.utils.data import DataLoader  # noqa: E402
 from torchvision import transforms as T  # noqa: E402
 
+from benchmarks.stages import log  # noqa: E402
 from tasks.decode_cache import build_cache  # noqa: E402
 from tasks.lib.config import TrainParams  # noqa: E402
 from tasks.lib.image_cache import AUGMENT, EVAL, MappedImages, open_split  # noqa: E402
@@ -508,10 +509,6 @@ def print_table(report: dict[str, Any]) -> None:
                 print(f"  {key:<46}{res[key]:>12.2f}")
     print(f"\npeak host RSS {report['peak_host_rss_mb']} MB (memory-mapped cache pages included), "
           f"largest worker {report['peak_worker_rss_mb']} MB")
-
-
-def log(message: str) -> None:
-    print(message, file=sys.stderr, flush=True)
 
 
 def main(argv: list[str] | None = None) -> int:

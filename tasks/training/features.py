@@ -31,10 +31,10 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import io
 import logging
 import os
 import shutil
-import uuid
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -43,7 +43,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from tasks.lib.io import CHUNK, storage_error
+from tasks.lib.io import CHUNK, atomic_path, storage_error
 from tasks.training.runtime import Runtime
 
 log = logging.getLogger(__name__)
@@ -178,15 +178,12 @@ class FeatureStore:
         return digest.hexdigest()
 
     def _write(self, keys: Sequence[str], features: np.ndarray) -> None:
-        tmp = self.dir / f".{uuid.uuid4().hex}.tmp"
-        try:
-            with open(tmp, "wb") as handle:
-                np.savez(handle, keys=np.asarray(keys, dtype="S64"), features=features.astype(np.float32))
-                handle.flush()
-                os.fsync(handle.fileno())
-            os.replace(tmp, self.dir / f"{self._digest(tmp)}.npz")
-        finally:
-            tmp.unlink(missing_ok=True)
+        """One chunk named by the sha256 of its context and bytes, written whole and renamed into place."""
+        buffer = io.BytesIO()
+        np.savez(buffer, keys=np.asarray(keys, dtype="S64"), features=features.astype(np.float32))
+        data = buffer.getvalue()
+        with atomic_path(self.dir / f"{hashlib.sha256(self.dir.name.encode() + data).hexdigest()}.npz") as tmp:
+            tmp.write_bytes(data)
 
     def _merge(self, chunks: list[Path]) -> None:
         merged: dict[str, np.ndarray] = {}
