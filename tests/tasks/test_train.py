@@ -182,7 +182,7 @@ def test_train_writes_the_documented_outputs(project: Path) -> None:
     assert meta["preprocessing"].crop_size == 32 and meta["epoch"] == on_disk["best_epoch"]
     steps = (project / "metrics" / "train" / "plots" / "metrics" / "val_accuracy.tsv").read_text().splitlines()
     assert steps[0].split("\t") == ["step", "val_accuracy"] and len(steps) == 1 + 4
-    assert not (out / "dvc.yaml").exists() and not (project / "dvc.yaml").exists()   # dvclive left DVC alone
+    assert not (out / "dvc.yaml").exists() and not (project / "dvc.yaml").exists()   # the curves touched no DVC file
     assert not (project / "data" / "prepared" / "test.csv").exists()   # never needed
 
 
