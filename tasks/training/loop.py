@@ -92,6 +92,7 @@ class Run:
     hooks: Hooks = field(default_factory=Hooks)
     pretrained: bool = True               # BatchNorm statistics worth keeping (tasks.training.freezing)
     features_dir: Path | None = None      # cache.features_dir (tasks.training.features); None: not stored
+    loss: nn.Module = field(init=False)   # from cfg and the train labels (class weights)
 
     def __post_init__(self) -> None:
         self.loss = make_loss(self.cfg, self.data.train_y, self.data.num_classes, self.rt.device)
