@@ -364,14 +364,3 @@ def format_schema_table(rows: list[tuple[str, str, str, str]]) -> str:
     widths = [max(len(r[i]) for r in [header, *rows]) for i in range(3)]
     return "\n".join("  ".join([*(cell.ljust(w) for cell, w in zip(row[:3], widths, strict=True)), row[3]]).rstrip()
                      for row in [header, *rows])
-
-
-def schema_keys(model: type[BaseModel], prefix: str = "") -> set[str]:
-    """Every dotted key a schema knows, sections included (used to check dvc.yaml)."""
-    keys: set[str] = set()
-    for name, field in model.model_fields.items():
-        dotted = f"{prefix}{name}"
-        keys.add(dotted)
-        if isinstance(field.annotation, type) and issubclass(field.annotation, BaseModel):
-            keys |= schema_keys(field.annotation, f"{dotted}.")
-    return keys
