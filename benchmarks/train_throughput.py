@@ -69,6 +69,7 @@ from tasks.lib.models import build_model, default_preprocessing, head_module  # 
 from tasks.lib.preprocess import train_preprocessing  # noqa: E402
 from tasks.lib.split_files import SplitRow, write_split  # noqa: E402
 from tasks.training.batches import Batch  # noqa: E402
+from tasks.training.cuda_graph import CudaGraphStep  # noqa: E402
 from tasks.training.loop import Data, Phase, Run, epoch_order, phase_step, run_epoch  # noqa: E402
 from tasks.training.phases import finetune_phase, head_phase  # noqa: E402
 from tasks.training.runtime import pick_precision, setup_runtime  # noqa: E402
@@ -352,9 +353,10 @@ def frozen_rates(arch: str, decoded: Path, s: Settings) -> dict[str, Rate]:
     cached = holder["phase"]
     feats = cached.make_batch.args[0]
     # (c): the same step on synthetic features and labels that were never read from anywhere.
-    synthetic = replace(cached, make_batch=partial(synthetic_batch, torch.randn(s.batch_size, *feats.shape[1:],
-                                                                                device=run.rt.device),
-                                                   torch.randint(0, NUM_CLASSES, (s.batch_size,), device=run.rt.device)))
+    x = torch.randn(s.batch_size, *feats.shape[1:], device=run.rt.device)
+    labels = torch.randint(0, NUM_CLASSES, (s.batch_size,), device=run.rt.device)
+    synthetic = replace(cached, make_batch=partial(synthetic_batch, x, labels),     # its own graph, if any
+                        graph=CudaGraphStep(run.rt.device) if cached.graph is not None else None)
     for key, phase in (("project_frozen", cached), ("ceiling_frozen", synthetic)):
         epoch = epoch_runner(run, phase)
         rates[key] = measure(s.device, epoch, warmup=epoch, min_seconds=MIN_SECONDS, repeats=s.repeats)

@@ -46,10 +46,14 @@ def graph_safe(optimizer: torch.optim.Optimizer, rt: Runtime, enabled: bool = Tr
     return torch.optim.AdamW(groups, fused=True, capturable=True)
 
 
-def can_graph(step: Step) -> bool:
-    """Whether `step` can be captured: a graph-safe optimizer and no loss scaling."""
-    return (not step.scaler.is_enabled()
-            and all(group.get("capturable") for group in step.optimizer.param_groups))
+def graph_for(optimizer: torch.optim.Optimizer, rt: Runtime,
+              enabled: bool = True) -> tuple[torch.optim.Optimizer, CudaGraphStep | None]:
+    """The optimizer to train with (`graph_safe`) and the graph that replays its step; no graph for fp16 (loss
+    scaling checks the gradients on the host) or where graph_safe keeps the optimizer as it is."""
+    safe = graph_safe(optimizer, rt, enabled)
+    if safe is optimizer or rt.amp_dtype == torch.float16:
+        return safe, None
+    return safe, CudaGraphStep(rt.device)
 
 
 class CudaGraphStep:

@@ -37,7 +37,7 @@ from tasks.lib.errors import StageError
 from tasks.lib.image_cache import MappedImages
 from tasks.lib.progress import progress
 from tasks.training.batches import Batch, BatchProducer
-from tasks.training.cuda_graph import CudaGraphStep, can_graph
+from tasks.training.cuda_graph import CudaGraphStep
 from tasks.training.monitor import LossMeter
 from tasks.training.optim import Step, make_loss, make_step, plain_step
 from tasks.training.plots import write_curves
@@ -108,7 +108,7 @@ class Phase:
     make_batch: Callable[[torch.Tensor, torch.Generator | None], Batch]   # step's indices -> its batch
     val_logits: Callable[[], torch.Tensor]
     train_mode: Callable[[], None]                     # set before every epoch
-    graph: bool = False                                # replay the step from a CUDA graph when it can
+    graph: CudaGraphStep | None = None                 # replays the step on CUDA (cuda_graph.graph_for)
 
 
 # --------------------------------------------------------------------------- batches
@@ -155,15 +155,15 @@ def fp32_logits(module: nn.Module, batch: Batch) -> torch.Tensor:
 
 
 def train_epoch(step: Step, batches: Sequence[Batch], rt: Runtime, phase: str, epoch: int,
-                on_loss: LossHook | None = None) -> float:
+                on_loss: LossHook | None = None, graph: CudaGraphStep | None = None) -> float:
     """One pass over this rank's batches; returns the mean loss.
 
     No step waits for the GPU: the loss is summed on the device and checked
     every LOG_EVERY steps from a copy that has already reached the host
-    (tasks.training.monitor). A CUDA graph (step.graph) runs the steps it can;
-    a loss hook turns it off.
+    (tasks.training.monitor). A CUDA graph runs the steps it can; a loss hook
+    turns it off.
     """
-    graph = step.graph if on_loss is None else None
+    graph = graph if on_loss is None else None
     meter = graph.meter() if graph is not None else LossMeter(rt.device)
     bar = progress(None, f"{phase} {epoch + 1}", total=len(batches), unit="batch", show=rt.main)
     started = time.perf_counter()
@@ -234,15 +234,12 @@ def fit_phase(run: Run, phase: Phase, resume_state: dict[str, Any] | None) -> No
 
 
 def phase_step(run: Run, phase: Phase) -> Step:
-    """The phase's Step: warmup + cosine over all its epochs, loss scaling for fp16, a CUDA graph when it can."""
+    """The phase's Step: warmup + cosine over all its epochs, loss scaling for fp16."""
     settings, rt = getattr(run.cfg, phase.name), run.rt
     per_epoch = len(epoch_order(run, phase.name, 0))
     warmup = round(getattr(settings, "warmup_epochs", 0.0) * per_epoch)
-    step = make_step(phase.model, run.loss, phase.optimizer, warmup, settings.epochs * per_epoch,
+    return make_step(phase.model, run.loss, phase.optimizer, warmup, settings.epochs * per_epoch,
                      fp16=rt.amp_dtype == torch.float16)
-    if phase.graph and rt.device.type == "cuda" and can_graph(step):
-        step.graph = CudaGraphStep(rt.device)
-    return step
 
 
 def run_epoch(run: Run, phase: Phase, step: Step) -> float:
@@ -254,7 +251,7 @@ def run_epoch(run: Run, phase: Phase, step: Step) -> float:
         if getattr(cfg, phase.name).augment else None
     order = epoch_order(run, phase.name, cfg.seed * 7919 + prog.global_epoch)
     with BatchProducer(order, partial(phase.make_batch, generator=generator), rt.device) as batches:
-        return train_epoch(step, batches, rt, phase.name, prog.epochs_done, run.hooks.on_loss)
+        return train_epoch(step, batches, rt, phase.name, prog.epochs_done, run.hooks.on_loss, phase.graph)
 
 
 def after_epoch(run: Run, step: Step, row: dict[str, Any]) -> None:

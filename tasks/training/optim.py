@@ -6,7 +6,7 @@ import math
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 from torch import nn
@@ -14,9 +14,6 @@ from torch import nn
 from tasks.lib.config import TrainParams
 from tasks.training.batches import Batch
 from tasks.training.monitor import LossMeter
-
-if TYPE_CHECKING:
-    from tasks.training.cuda_graph import CudaGraphStep
 
 
 @dataclass
@@ -28,7 +25,6 @@ class Step:
     optimizer: torch.optim.Optimizer
     scheduler: torch.optim.lr_scheduler.LRScheduler
     scaler: torch.amp.GradScaler
-    graph: CudaGraphStep | None = None               # replays the step on CUDA (tasks.training.cuda_graph)
 
 
 def make_step(model: Callable[[Batch], torch.Tensor], loss: nn.Module, optimizer: torch.optim.Optimizer,

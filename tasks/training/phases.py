@@ -19,7 +19,7 @@ from torch import nn
 from tasks.lib.image_cache import MappedImages
 from tasks.lib.models import feature_extractor, head_module
 from tasks.training.batches import Batch
-from tasks.training.cuda_graph import graph_safe
+from tasks.training.cuda_graph import graph_for
 from tasks.training.features import cached_features, context_key
 from tasks.training.freezing import set_train_mode, set_trainable, split_frozen_prefix
 from tasks.training.loop import (
@@ -68,9 +68,10 @@ def head_phase(run: Run, cache_features: bool | None = None) -> Phase:
         train_feats = empty if done else features(run, extractor, run.data.train_eval, "features train")
         val_feats = empty if done else features(run, extractor, run.data.val_x, "features val")
         # Features and labels stay on the device; on CUDA the step is a graph replay.
-        phase = Phase("head", partial(fp32_logits, trained), graph_safe(optimizer, run.rt, cfg.cuda_graphs),
+        optimizer, graph = graph_for(optimizer, run.rt, cfg.cuda_graphs)
+        phase = Phase("head", partial(fp32_logits, trained), optimizer,
                       partial(cached_batch, train_feats, run.data.train_y.to(run.rt.device)),
-                      partial(predict_cached, head, val_feats, run.rt), model.eval, graph=True)
+                      partial(predict_cached, head, val_feats, run.rt), model.eval, graph)
     return phase
 
 
@@ -130,7 +131,8 @@ def finetune_phase(run: Run, cache_activations: bool | None = None) -> Phase:
         val_acts = features(run, lower, run.data.val_x, "activations val")
         log.info("phase 2 trains from %s on cached activations of shape %s", first[0], tuple(train_acts.shape[1:]))
         trained = wrap_ddp(maybe_compile(upper, cfg), run.rt)
-        phase = Phase("finetune", partial(fp32_logits, trained), graph_safe(optimizer, run.rt, cfg.cuda_graphs),
+        optimizer, graph = graph_for(optimizer, run.rt, cfg.cuda_graphs)
+        phase = Phase("finetune", partial(fp32_logits, trained), optimizer,
                       partial(cached_batch, train_acts, run.data.train_y.to(run.rt.device)),
-                      partial(predict_cached, upper, val_acts, run.rt), train_mode, graph=True)
+                      partial(predict_cached, upper, val_acts, run.rt), train_mode, graph)
     return phase

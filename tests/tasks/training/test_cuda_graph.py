@@ -11,9 +11,9 @@ from torch import nn
 from tasks.lib.config import TrainParams
 from tasks.lib.data import batch_order
 from tasks.training.batches import BatchProducer
-from tasks.training.cuda_graph import WARMUP_STEPS, CudaGraphStep, can_graph, graph_safe
+from tasks.training.cuda_graph import WARMUP_STEPS, CudaGraphStep, graph_for, graph_safe
 from tasks.training.loop import cached_batch, fp32_logits, train_epoch
-from tasks.training.optim import Step, make_loss, make_optimizer, make_step, warmup_cosine
+from tasks.training.optim import make_loss, make_optimizer, make_step, warmup_cosine
 from tasks.training.runtime import Runtime
 
 N, DIM, CLASSES, BATCH, EPOCHS = 100, 32, 4, 16, 3
@@ -31,22 +31,20 @@ def orders() -> list[list[torch.Tensor]]:
     return [batch_order(N, BATCH, shuffle=True, seed=epoch) for epoch in range(EPOCHS)]
 
 
-def train_loop(device: str, graphs: bool) -> tuple[nn.Linear, Step, list[float]]:
+def train_loop(device: str, graphs: bool) -> tuple[nn.Linear, CudaGraphStep | None, list[float]]:
     """The head on cached features through the loop's own train_epoch, with a CUDA graph when asked."""
     feats, labels, head = problem(device)
     cfg = TrainParams(batch_size=BATCH, label_smoothing=0.1)
     rt = Runtime(torch.device(device), None)
-    optimizer = graph_safe(make_optimizer(cfg, [{"params": list(head.parameters()), "lr": 0.01}]), rt, graphs)
+    optimizer, graph = graph_for(make_optimizer(cfg, [{"params": list(head.parameters()), "lr": 0.01}]), rt, graphs)
     step = make_step(partial(fp32_logits, head), make_loss(cfg, labels, CLASSES, rt.device), optimizer, 2,
                      EPOCHS * len(orders()[0]), fp16=False)
-    if graphs and device == "cuda" and can_graph(step):
-        step.graph = CudaGraphStep(rt.device)
     make = partial(cached_batch, feats, labels.to(device))
     losses = []
     for epoch, order in enumerate(orders()):
         with BatchProducer(order, make, rt.device) as batches:
-            losses.append(train_epoch(step, batches, rt, "head", epoch))
-    return head, step, losses
+            losses.append(train_epoch(step, batches, rt, "head", epoch, graph=graph))
+    return head, graph, losses
 
 
 def train_reference(device: str) -> tuple[nn.Linear, list[float]]:
@@ -72,9 +70,9 @@ def train_reference(device: str) -> tuple[nn.Linear, list[float]]:
 
 
 def test_on_the_cpu_the_loop_on_cached_inputs_is_the_textbook_loop_bit_for_bit() -> None:
-    head, step, losses = train_loop("cpu", graphs=True)
+    head, graph, losses = train_loop("cpu", graphs=True)
     reference, reference_losses = train_reference("cpu")
-    assert step.graph is None   # no graphs off CUDA
+    assert graph is None   # no graphs off CUDA
     assert torch.equal(head.weight, reference.weight) and torch.equal(head.bias, reference.bias)
     assert losses == reference_losses and losses[-1] < losses[0]
 
@@ -90,8 +88,8 @@ def test_graph_safe_keeps_other_optimizers_and_devices_as_they_are() -> None:
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_on_cuda_the_graph_replays_the_same_training() -> None:
-    head, step, losses = train_loop("cuda", graphs=True)
-    assert step.graph is not None and step.graph.graph is not None and step.graph.warm_steps == WARMUP_STEPS
+    head, graph, losses = train_loop("cuda", graphs=True)
+    assert graph is not None and graph.graph is not None and graph.warm_steps == WARMUP_STEPS
     eager, _, eager_losses = train_loop("cuda", graphs=False)
     reference, reference_losses = train_reference("cuda")
     assert eager_losses == pytest.approx(reference_losses, rel=1e-6)   # graphs off: the textbook loop
