@@ -40,7 +40,7 @@ PARAMS = {
     "train.channels_last": False,
 }
 THREADS = {"OMP_NUM_THREADS": "1"}   # the same arithmetic in every run: equal weights, not merely close
-EPOCH_LINE = re.compile(r"train INFO epoch (\d+) \(head\)")
+EPOCH_LINE = re.compile(r" INFO epoch (\d+) \(head\)")
 
 
 def best_model(root: Path) -> dict[str, Any]:
