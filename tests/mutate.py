@@ -65,6 +65,7 @@ MODULES: dict[str, list[str]] = {
 # mutant name -> (a line its diff adds, why no caller can tell it from the original). "In practice": a caller
 # could tell only at one exact float, the edge of a float-noise allowance, which no metric lands on.
 GATE, STATS, PREDICT = "tasks.handoff.gate.", "tasks.lib.uncertainty.", "tasks.handoff.predict."
+EVALUATE = "tasks.evaluate."
 EQUIVALENT: dict[str, tuple[str, str]] = {
     GATE + "x__check__mutmut_1": (
         'def _check(name: str, ok: bool, reason: str = "XXXX", **detail: Any) -> dict[str, Any]:',
@@ -122,6 +123,15 @@ EQUIVALENT: dict[str, tuple[str, str]] = {
     PREDICT + "x__predict_batch__mutmut_39": (
         'best = np.argsort(-row, kind="STABLE")[:k]',
         "numpy reads a sort kind case-insensitively: STABLE is the same stable sort"),
+    EVALUATE + "x_calibration_metrics__mutmut_12": (
+        "raw = compute_metrics(raw_probs, labels, class_names, 2, bins)",
+        "only the raw softmax's ece and log_loss are kept, and top_k changes neither"),
+    EVALUATE + "x__message_image__mutmut_14": (
+        'img = Image.new("RGB", (4 * TILE, 40), "WHITE")',
+        "Pillow reads colour names case-insensitively: WHITE is white"),
+    EVALUATE + "x__message_image__mutmut_25": (
+        'ImageDraw.Draw(img).text((8, 12), text, fill="BLACK")',
+        "Pillow reads colour names case-insensitively: BLACK is black"),
 }
 
 CAUGHT = {"killed", "timeout", "segfault", "caught by type check"}

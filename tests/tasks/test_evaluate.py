@@ -1,15 +1,24 @@
-"""The evaluate stage: metrics against hand-checked cases and scikit-learn, plots, determinism."""
+"""The evaluate stage: metrics against hand-checked cases and scikit-learn, each reported number against an
+independent oracle (scipy, scikit-learn, plain torch), plots, determinism, the command line."""
 
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from PIL import Image
+import yaml
+from PIL import Image, ImageDraw
+from scipy.stats import binomtest
+from sklearn import metrics as sk_metrics
+from sklearn.linear_model import LogisticRegression
+from sklearn.preprocessing import StandardScaler
+from threadpoolctl import threadpool_limits
 
+from tasks import evaluate as evaluate_module
 from tasks.evaluate import run as evaluate
 from tasks.evaluate import worst_mistakes
 from tasks.lib.config import Params
@@ -19,6 +28,7 @@ from tasks.lib.metrics import compute_metrics, confusion_matrix, reliability_bin
 from tasks.lib.models import build_model, default_preprocessing, save_checkpoint
 from tasks.lib.split_files import SplitRow, write_split
 from tests.conftest import write_image_folder
+from tests.realistic import CLASS_NAMES, COLOURS, Written, make_image, oracle_input, oracle_rgb, write_realistic_folder
 
 CLASSES = ["class_0", "class_1", "class_2"]
 
@@ -204,4 +214,208 @@ def test_evaluate_refuses_a_test_image_changed_since_prepare(tmp_path: Path) -> 
     changed.write_bytes((raw / CLASSES[0] / "img_000.png").read_bytes())   # another class's pixels
     with pytest.raises(StageError, match=r"img_003\.png.*changed_since_prepare.*dvc repro prepare"):
         evaluate(params)
+    assert not (tmp_path / "metrics" / "evaluate.json").exists()
+
+
+# --------------------------------------------------------------------------- each number against an oracle
+#
+# The pieces of the stage called one by one on data shaped like a user's (tests.realistic), each
+# number compared with one computed here by other code: scipy's Wilson interval, a bootstrap of
+# scikit-learn's macro-F1, scikit-learn's own logistic regression, plain torch on pixels decoded by
+# the test's oracle. Metrics are stored to 6 decimals (stable across BLAS thread counts), so the
+# oracle's numbers are rounded to 6 decimals and compared exactly.
+
+
+@pytest.fixture
+def one_thread() -> Iterator[None]:
+    """One BLAS and one torch thread: on 2 shared cores, threads spinning against each other turn the
+    fits here (a second each) into a minute."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    with threadpool_limits(1):
+        yield
+    torch.set_num_threads(threads)
+
+
+def six_decimals(values: dict[str, float]) -> dict[str, float]:
+    return {key: round(float(value), 6) for key, value in values.items()}
+
+
+def test_intervals_are_wilson_for_accuracy_and_a_seeded_bootstrap_for_macro_f1(one_thread: None) -> None:
+    rng = np.random.default_rng(7)
+    labels = rng.integers(0, 6, 47)
+    predicted = labels.copy()
+    wrong = rng.choice(47, 10, replace=False)
+    predicted[wrong] = (labels[wrong] + rng.integers(1, 6, 10)) % 6    # 10 mistakes, each to another class
+    wilson = binomtest(37, 47).proportion_ci(confidence_level=0.95, method="wilson")
+    # The documented bootstrap: 1000 resamples of the 47 images drawn with seed 0, percentiles 2.5 and 97.5.
+    picks = np.random.default_rng(0).integers(0, 47, size=(1000, 47))
+    f1 = [sk_metrics.f1_score(labels[p], predicted[p], average="macro", zero_division=0.0) for p in picks]
+    f1_low, f1_high = np.percentile(f1, [2.5, 97.5])
+    expected = {"accuracy_ci_low": wilson.low, "accuracy_ci_high": wilson.high,
+                "macro_f1_ci_low": f1_low, "macro_f1_ci_high": f1_high}
+    assert all(round(v, 7) != round(v, 6) for v in expected.values())   # so 7 decimals kept would show
+    assert evaluate_module.intervals(predicted, labels, 6) == six_decimals(expected)
+
+
+def test_calibration_reports_the_raw_softmax_beside_the_temperature() -> None:
+    rng = np.random.default_rng(3)
+    labels = rng.integers(0, 4, 60)
+    logits = rng.normal(size=(60, 4)) * 3 + np.eye(4)[labels] * 2
+    raw = np.exp(logits) / np.exp(logits).sum(axis=1, keepdims=True)
+    # ECE with 5 equal-width bins of the top probability: |accuracy - confidence| weighted by the bin's share.
+    top, right = raw.max(axis=1), raw.argmax(axis=1) == labels
+    bins = np.minimum((top * 5).astype(int), 4)
+    ece = sum((bins == b).mean() * abs(right[bins == b].mean() - top[bins == b].mean())
+              for b in range(5) if (bins == b).any())
+    assert evaluate_module.calibration_metrics(raw, labels, ["a", "b", "c", "d"], 5, 1.7320508075688772) == \
+        six_decimals({"temperature": 1.7320508075688772, "ece_uncalibrated": ece,
+                      "log_loss_uncalibrated": sk_metrics.log_loss(labels, raw)})
+
+
+def baseline_project(root: Path) -> tuple[Params, list[SplitRow], list[SplitRow], np.ndarray]:
+    """A realistic folder: 4 train and 2 test images per class, and 2 test images that look like another class."""
+    raw = root / "raw"
+    written = write_realistic_folder(raw, per_class=6, seed=1)
+    rng = np.random.default_rng(11)
+    # Mislabelled look-alikes, as real data has: a "Zebra" image in apple's colour, an "éclair" in 2 items'.
+    for name, colour, size in (("Zebra", 3, (45, 30)), ("éclair", 1, (32, 56))):
+        make_image(size, COLOURS[colour], "RGB", rng).save(raw / name / "look-alike.png")
+        written.append(Written(f"{name}/look-alike.png", name, written[0].kind, size))
+    rows = [SplitRow(w.path, CLASS_NAMES.index(w.label_name), sha256_file(raw / w.path)) for w in written]
+    train = [row for n, row in enumerate(rows[:36]) if n % 6 < 4]
+    test = [row for n, row in enumerate(rows) if n >= 36 or n % 6 >= 4]
+    write_split(root / "prepared" / "train.csv", train)
+    params = Params.model_validate({"data": {"raw_dir": str(raw), "prepared_dir": str(root / "prepared")}})
+    return params, train, test, np.array([row.label for row in test])
+
+
+def oracle_pixels(path: Path) -> np.ndarray:
+    """What the baseline documents: the image squashed to 28x28 (bilinear), RGB, in [0, 1]."""
+    resized = Image.fromarray(oracle_rgb(path)).resize((28, 28), Image.Resampling.BILINEAR)
+    return np.asarray(resized, dtype=np.float64).ravel() / 255
+
+
+def test_pixel_baseline_is_scikit_learns_logistic_regression_on_the_same_images(tmp_path: Path, one_thread: None
+                                                                               ) -> None:
+    params, train_rows, test_rows, labels = baseline_project(tmp_path)
+    raw = Path(params.data.raw_dir)
+    scaler = StandardScaler().fit([oracle_pixels(raw / row.path) for row in train_rows])
+    model = LogisticRegression(C=1.0, max_iter=5000).fit(
+        scaler.transform([oracle_pixels(raw / row.path) for row in train_rows]), [row.label for row in train_rows])
+    expected = model.predict(scaler.transform([oracle_pixels(raw / row.path) for row in test_rows]))
+    oracle_accuracy = float((expected == labels).mean())
+    assert 0.5 < oracle_accuracy < 1    # the look-alikes fool it: a baseline that is right and wrong
+    got = evaluate_module.baseline_metrics(params, test_rows, labels, 0.95, len(CLASS_NAMES))
+    assert got == {**six_decimals({"baseline_accuracy": oracle_accuracy, "lift": 0.95 - oracle_accuracy}),
+                   "baseline": "logistic regression on 28x28 RGB pixels, 24 train images"}
+
+
+def test_pixel_baseline_names_a_train_image_broken_since_prepare(tmp_path: Path) -> None:
+    params, train_rows, test_rows, labels = baseline_project(tmp_path)
+    broken = Path(params.data.raw_dir) / train_rows[5].path
+    broken.write_bytes(broken.read_bytes()[:200])      # a sync cut short after prepare ran
+    with pytest.raises(StageError) as caught:
+        evaluate_module.baseline_metrics(params, test_rows, labels, 0.9, len(CLASS_NAMES))
+    message = str(caught.value)
+    assert message.startswith(f"{broken}: ") and message.endswith(
+        "; the raw data changed since prepare ran: re-run it (dvc repro prepare)")
+
+
+# --------------------------------------------------------------------------- probabilities of a model on files
+
+# Resize the shorter side to 32 and keep the central 24 x 24: the realistic sizes scale to whole pixels.
+CROPPED = default_preprocessing("resnet18", 24, crop_pct=0.75)
+
+
+def realistic_split(raw: Path) -> list[SplitRow]:
+    written = write_realistic_folder(raw, per_class=2, seed=2)
+    return [SplitRow(w.path, CLASS_NAMES.index(w.label_name), sha256_file(raw / w.path)) for w in written]
+
+
+def small_network() -> torch.nn.Module:
+    torch.manual_seed(0)
+    return torch.nn.Sequential(torch.nn.Conv2d(3, 8, 5, stride=2), torch.nn.ReLU(), torch.nn.AdaptiveAvgPool2d(2),
+                               torch.nn.Flatten(), torch.nn.Linear(32, len(CLASS_NAMES))).eval()
+
+
+def test_predict_probs_is_the_softmax_of_the_logits_over_the_temperature(tmp_path: Path) -> None:
+    """What benchmarks score every model with: plain torch on the oracle's pixels, softmax(logits / T) in
+    float64, rows in split order; no temperature means none (T = 1)."""
+    rows, network = realistic_split(tmp_path), small_network()
+    inputs = torch.from_numpy(np.stack([oracle_input(tmp_path / row.path, CROPPED.to_dict()) for row in rows]))
+    with torch.no_grad():
+        logits = network(inputs).double()
+    calibrated = torch.softmax(logits / 2.5, dim=1).numpy()
+    plain = torch.softmax(logits, dim=1).numpy()
+    assert np.abs(calibrated - plain).max() > 0.01    # the temperature moves the numbers well past the tolerance
+    for temperature, expected in ((2.5, calibrated), (None, plain)):
+        got = evaluate_module.predict_probs(network, rows, tmp_path, CROPPED, 5, torch.device("cpu"), temperature)
+        assert got.dtype == np.float64 and got.shape == (12, len(CLASS_NAMES))
+        np.testing.assert_allclose(got, expected, atol=1e-6, err_msg=f"temperature {temperature}")
+
+
+def test_predict_probs_runs_the_model_on_the_device_it_is_given(tmp_path: Path) -> None:
+    # A CPU-only machine has no second real device; on "meta" tensors have no data, so the model must
+    # move there and its output cannot come back: the call fails where a model left on the CPU would not.
+    rows, network = realistic_split(tmp_path), small_network()
+    with pytest.raises(NotImplementedError, match="meta tensor"):
+        evaluate_module.predict_probs(network, rows, tmp_path, CROPPED, 5, torch.device("meta"), 2.0)
+    assert {p.device.type for p in network.parameters()} == {"meta"}
+
+
+# --------------------------------------------------------------------------- the mistakes grid, when empty
+
+
+@pytest.mark.parametrize(("limit", "mistakes", "message"), [(8, 0, "no mistakes among 12 test images"),
+                                                             (0, 3, "worst_mistakes is 0")])
+def test_an_empty_mistakes_grid_says_why(tmp_path: Path, limit: int, mistakes: int, message: str) -> None:
+    labels = np.arange(12) % len(CLASS_NAMES)
+    predicted = labels.copy()
+    predicted[:mistakes] = (labels[:mistakes] + 1) % len(CLASS_NAMES)
+    probs = np.full((12, len(CLASS_NAMES)), 0.02)
+    probs[np.arange(12), predicted] = 0.9
+    path = tmp_path / "worst_mistakes.png"
+    evaluate_module.write_mistakes_grid(path, probs, labels, list(CLASS_NAMES), [], tmp_path, limit)
+    # One line of black text, 8 px in and 12 down, on a white strip as wide as a row of four 128 px tiles.
+    expected = Image.new("RGB", (512, 40), (255, 255, 255))
+    ImageDraw.Draw(expected).text((8, 12), message, fill=(0, 0, 0))
+    with Image.open(path) as grid:
+        assert (grid.format, grid.mode, grid.size) == ("PNG", "RGB", (512, 40))
+        assert np.array_equal(np.asarray(grid), np.asarray(expected))
+
+
+# --------------------------------------------------------------------------- the command line
+
+
+def params_file(params: Params, path: Path) -> Path:
+    path.write_text(yaml.safe_dump(params.model_dump(mode="json"), sort_keys=False))
+    return path
+
+
+def test_command_line_help_describes_the_stage(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exited:
+        evaluate_module.main(["--help"])
+    assert exited.value.code == 0
+    out = capsys.readouterr().out
+    assert out.startswith("usage: ") and "\n\nEvaluate the trained model on the held-out test split.\n\n" in out
+    assert "--params PARAMS       params file (default: params.yaml)" in out and "-S KEY=VALUE, --set KEY=VALUE" in out
+
+
+def test_command_line_evaluates_with_overrides_and_exits_0(tmp_path: Path) -> None:
+    params = make_project(tmp_path)
+    path = params_file(params, tmp_path / "params.yaml")
+    assert evaluate_module.main(["--params", str(path), "-S", "evaluate.top_k=2"]) == 0
+    metrics = json.loads((tmp_path / "metrics" / "evaluate.json").read_text())
+    assert metrics["n_test"] == 12 and metrics["top_k"] == 2
+
+
+def test_command_line_names_a_missing_checkpoint_and_exits_1(tmp_path: Path,
+                                                             capsys: pytest.CaptureFixture[str]) -> None:
+    params = make_project(tmp_path)
+    checkpoint = tmp_path / "artifacts" / "train" / "model.pt"
+    checkpoint.unlink()
+    assert evaluate_module.main(["--params", str(params_file(params, tmp_path / "params.yaml"))]) == 1
+    assert capsys.readouterr().err == \
+        f"error: {checkpoint}: checkpoint not found; run the train stage first (dvc repro train)\n"
     assert not (tmp_path / "metrics" / "evaluate.json").exists()
