@@ -49,7 +49,8 @@ MODULES: dict[str, list[str]] = {
     "tasks/export.py": ["tests/tasks/test_export.py", "tests/tasks/test_probability_oracle.py"],
     "tasks/handoff/predict.py": ["tests/tasks/handoff/test_predict.py"],
     # Not test_export.py: its exports of three networks cost about 40 s a mutant on 2 cores.
-    "tasks/lib/onnx_classifier.py": ["tests/tasks/handoff/test_predict.py", "tests/tasks/test_probability_oracle.py"],
+    "tasks/lib/onnx_classifier.py": ["tests/tasks/lib/test_onnx_classifier.py", "tests/tasks/handoff/test_predict.py",
+                                     "tests/tasks/test_probability_oracle.py"],
     # The caches' keys: a field left out reuses stale pixels or features.
     "tasks/lib/row_store.py": ["tests/tasks/lib/test_row_store.py", "tests/tasks/test_cache_keys.py",
                                "tests/tasks/test_decode_cache.py"],
@@ -65,7 +66,7 @@ MODULES: dict[str, list[str]] = {
 # mutant name -> (a line its diff adds, why no caller can tell it from the original). "In practice": a caller
 # could tell only at one exact float, the edge of a float-noise allowance, which no metric lands on.
 GATE, STATS, PREDICT = "tasks.handoff.gate.", "tasks.lib.uncertainty.", "tasks.handoff.predict."
-EVALUATE = "tasks.evaluate."
+EVALUATE, ONNX = "tasks.evaluate.", "tasks.lib.onnx_classifier."
 EQUIVALENT: dict[str, tuple[str, str]] = {
     GATE + "x__check__mutmut_1": (
         'def _check(name: str, ok: bool, reason: str = "XXXX", **detail: Any) -> dict[str, Any]:',
@@ -132,6 +133,22 @@ EQUIVALENT: dict[str, tuple[str, str]] = {
     EVALUATE + "x__message_image__mutmut_25": (
         'ImageDraw.Draw(img).text((8, 12), text, fill="BLACK")',
         "Pillow reads colour names case-insensitively: BLACK is black"),
+    ONNX + "x_ort_session__mutmut_1": (
+        "def ort_session(path: Path | str, threads: int = 1) -> ort.InferenceSession:",
+        "the default is never used: load_classifier, the one caller, always passes threads"),
+    ONNX + "x_ort_session__mutmut_8": (
+        'return ort.InferenceSession(str(path), options, providers=None)',
+        "the pinned onnxruntime is the CPU build: with no providers named it picks CPUExecutionProvider alone"),
+    ONNX + "x_ort_session__mutmut_11": (
+        'return ort.InferenceSession(str(path), options, )',
+        "the pinned onnxruntime is the CPU build: with no providers named it picks CPUExecutionProvider alone"),
+    ONNX + "xǁClassifierǁscore_files__mutmut_1": (
+        "def score_files(self, paths: Sequence[Path], batch_size: int = 65, limits: ImageLimits | None = None",
+        "in practice: batches only group images per onnxruntime call, each row comes from its own image"),
+    ONNX + "x__check_output_size__mutmut_22": (
+        'raise ModelError(f"{path}: the network outputs {logits.shape[1:] if (logits.ndim) or True else ()} '
+        'logits but its "',
+        "a 0-d output's shape[1:] is () as well"),
 }
 
 CAUGHT = {"killed", "timeout", "segfault", "caught by type check"}
