@@ -41,7 +41,7 @@ if os.environ.get("MUTANT_UNDER_TEST") in ("stats", "list_all_tests"):
 
 
 # What the pipeline writes inside a project: tests work in temporary folders and must leave these alone.
-CHECKOUT_OUTPUTS = (".cache", ".prefect", "artifacts", "registry", "data/prepared", "dvclive", "metrics")
+CHECKOUT_OUTPUTS = (".cache", ".prefect", "artifacts", "registry", "data/prepared", "metrics")
 _OUTPUTS_BEFORE = pytest.StashKey[set]()
 
 
