@@ -166,7 +166,7 @@ def pillow_limit(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", ImageLimits().max_pixels)
 
 
-# Each limit below refuses every realistic image (all at least 1,350 px, 1.25:1 and 300 bytes) that the
+# Each limit below refuses every realistic image (all at least 1,350 px, 1.25:1 and 1,100 bytes) that the
 # defaults accept; the limits a caller passes (prepare's) are the ones applied.
 STRICT_LIMITS = [
     pytest.param(ImageLimits(max_pixels=1000), "decompression_bomb", id="max_pixels"),
