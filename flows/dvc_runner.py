@@ -113,7 +113,7 @@ def subprocess_env(extra: dict[str, str] | None = None) -> dict[str, str]:
     env["PATH"] = f"{venv_bin}{os.pathsep}{env.get('PATH', '')}"
     env["PYTHONUNBUFFERED"] = "1"  # stage output must arrive as it is printed
     env.setdefault("DVC_NO_ANALYTICS", "1")
-    env.setdefault("DVC_STUDIO_OFFLINE", "true")  # dvclive would otherwise try to post live metrics to Studio
+    env.setdefault("DVC_STUDIO_OFFLINE", "true")  # DVC would otherwise try to reach Studio
     env.setdefault("DO_NOT_TRACK", "1")
     env.setdefault("ORT_DISABLE_TELEMETRY", "1")
     env.update(extra or {})

@@ -36,8 +36,7 @@ from tasks.lib.metrics import compute_metrics, confusion_matrix, reliability_bin
 from tasks.lib.models import load_checkpoint
 from tasks.lib.onnx_classifier import softmax
 from tasks.lib.progress import progress
-from tasks.lib.split_files import read_classes, read_split, split_path
-from tasks.lib.split_files import SplitRow, split_digest
+from tasks.lib.split_files import SplitRow, read_classes, read_split, split_digest, split_path
 from tasks.lib.uncertainty import bootstrap_macro_f1, interval_text, wilson_interval
 
 log = logging.getLogger(__name__)

@@ -36,14 +36,13 @@ from tasks.lib.cli import stage_main
 from tasks.lib.config import ExportParams, Params
 from tasks.lib.errors import StageError
 from tasks.lib.images import INPUT_CONTRACT, BadImage, load_rgb
-from tasks.lib.split_files import read_split, split_path
+from tasks.lib.split_files import SplitRow, read_split, split_path
 
 logging.getLogger("onnx_ir").setLevel(logging.WARNING)  # ~64 "Replaced initializer" INFO lines per export
 from tasks.lib.io import atomic_path, sha256_file, write_json
 from tasks.lib.models import load_checkpoint
 from tasks.lib.onnx_classifier import INPUT_NAME, OUTPUT_NAME, PROBABILITIES_NAME, Classifier, load_classifier
 from tasks.lib.preprocess import Preprocessing, preprocess
-from tasks.lib.split_files import SplitRow
 from tasks.lib.weights import weights_sha256
 
 log = logging.getLogger(__name__)
