@@ -42,3 +42,17 @@ def test_cpu_run_on_digits_scores_baselines_tutorial_and_project_on_the_same_ima
     assert report["margins"]["test split"]["rbf_svm"] == pytest.approx(
         project - models["rbf_svm"]["test_sets"]["test split"]["accuracy"], abs=1e-4)
     assert "project - rbf_svm" in proc.stdout                         # the table, before the JSON line
+
+
+@pytest.mark.slow(seconds=60)
+def test_fashion_run_also_scores_the_official_test_images_through_evaluate(tmp_path: Path) -> None:
+    # The official images are written by the benchmark, not prepare: their split rows must carry the hashes
+    # evaluate checks, or the project's model cannot be scored on them at all.
+    cmd = [sys.executable, "benchmarks/quality.py", "--dataset", "fashion-10-1", "--device", "cpu",
+           "--tutorial-epochs", "1", "--official-test", "on", "--official-limit", "40",
+           "--work", str(tmp_path / "work"), "--out", str(tmp_path / "out")]
+    proc = run(cmd + [arg for item in TINY for arg in ("-S", item)], REPO_ROOT, env={"OMP_NUM_THREADS": "1"})
+    report = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert report["test_sets"] == ["test split", "official Fashion-MNIST test"]
+    for name, model in report["models"].items():
+        assert model["test_sets"]["official Fashion-MNIST test"]["n"] == 40, name
