@@ -1,38 +1,18 @@
 """Decoded rows kept between builds of the decoded cache as immutable segments, so a build costs what changed.
 
-DVC deletes a stage's outputs before it runs the stage, so the decode_cache
-stage cannot reuse its own previous arrays. It keeps them here instead
-(`cache.store_dir`, git-ignored, not a DVC output) and hard-links them into
-its outputs, so the store costs no extra disk space.
+DVC deletes a stage's outputs before running it, so decode_cache keeps its rows here (`cache.store_dir`,
+git-ignored) and hard-links them into its outputs. One folder per variant (`variant_key`: anything that changes
+the pixels) holds segments `<split>.<build>.npy` (uint8 rows), `.keys.npy` (each row's sha256) and `.sum.json`
+(checksums, tasks.lib.segment_checks: written last, so a segment without them is unfinished and never read);
+`<split>.uses.json` lists the segments the split's last build reads, in order.
 
-Layout: one folder per variant (`variant_key`: the geometry, the JPEG draft
-size, Pillow's version and ROW_FORMAT: anything that changes the pixels). In
-it, segments: `<split>.<build>.npy` (uint8 rows), `<split>.<build>.keys.npy`
-(each row's sha256) and `<split>.<build>.sum.json` (the sha256 of the keys
-file and of each block of the rows: tasks.lib.segment_checks), never changed once written. The
-checksums are written last: a segment without them is incomplete and never
-read. `<split>.uses.json` lists the segments the split's last build reads its
-rows from, in order.
+Verify before reuse: keys are checked whenever the index is read, rows (`failing_segments`) before a build
+links or copies them; a segment that fails is dropped with a warning naming it and its images are decoded again.
 
-Verify before reuse: a segment's keys are checked against its checksums
-whenever the index is read, and its rows (`failing_segments`) before a build
-links or copies them; a segment that fails (flipped bytes, truncated, another
-segment's file) is dropped with a warning that names it (`drop_segment`), and
-its images are decoded again. Checking reads every segment a build reuses:
-about 1 GB/s per core, measured in `make bench-data`.
-
-A build of a split (`plan_split`) keeps the segments that hold its unchanged
-images, and writes one new segment with the new images only: adding 1% of
-images writes 1% of the rows, and DVC, which hashes the stage's outputs, finds
-the old segments' hashes in its state (same inode, same mtime). Segments are
-merged so reads stay cheap and garbage stays bounded: a segment of which the
-split uses less than 1/GARBAGE_FACTOR of the rows (its images were removed or
-changed) has those rows copied into the new segment and is dropped, and when
-a split would read more than MAX_SEGMENTS, all but the largest are. So a
-split's segments hold at most GARBAGE_FACTOR times the rows it uses, and the
-copying a retrain does is proportional to what changed, amortised. Segments
-no split uses any more are deleted after each build (`prune_segments`);
-variants not built for a while are pruned (KEEP_VARIANTS newest kept).
+A build (`plan_split`) keeps the segments holding its unchanged images and writes one new segment, so adding 1%
+of images writes 1% of the rows. A segment the split uses less than 1/GARBAGE_FACTOR of is merged into the new
+one, and beyond MAX_SEGMENTS all but the largest are: garbage stays bounded and copying is amortised. Unused
+segments are deleted after each build (`prune_segments`); KEEP_VARIANTS variants are kept.
 """
 
 from __future__ import annotations
@@ -127,10 +107,6 @@ def _read_index_keys(path: Path) -> np.ndarray:
     return np.concatenate(parts) if parts else np.empty(0, dtype=f"S{KEY_BYTES}")
 
 
-def segment_name(sums_file: Path) -> str:
-    return sums_file.name.removesuffix(".sum.json")
-
-
 def complete_segments(variant_dir: Path) -> list[str]:
     """Names of the segments whose checksums exist (finished), oldest first."""
     sums = []
@@ -139,7 +115,7 @@ def complete_segments(variant_dir: Path) -> list[str]:
             sums.append((path.stat().st_mtime_ns, path.name, path))
         except FileNotFoundError:      # pruned by a concurrent build meanwhile
             continue
-    return [segment_name(path) for *_, path in sorted(sums)]
+    return [path.name.removesuffix(".sum.json") for *_, path in sorted(sums)]
 
 
 def stored_rows(variant_dir: Path, prefer: Sequence[str] = ()) -> StoredRows:
@@ -182,7 +158,6 @@ def _checked_keys(variant_dir: Path, name: str) -> np.ndarray | None:
         if sums_path(data).exists():     # still there, so not pruned meanwhile: broken
             drop_segment(data, str(err))
         return None
-
 
 
 # --------------------------------------------------------------------------- planning one split's build
@@ -273,7 +248,7 @@ class SegmentWriter:
 
     def copy_rows(self, source: Path, source_start: int, start: int, count: int) -> None:
         """Rows [source_start, +count) of a stored segment into rows [start, +count) here, inside the kernel."""
-        src_offset = _data_offset(source) + source_start * self.row_bytes
+        src_offset = np.load(source, mmap_mode="r").offset + source_start * self.row_bytes
         dst_offset = self.offset + start * self.row_bytes
         with open(source, "rb") as src, open(self.path, "rb+") as dst:
             _copy_range(src.fileno(), dst.fileno(), src_offset, dst_offset, count * self.row_bytes)
@@ -327,10 +302,6 @@ def prune_segments(variant_dir: Path) -> None:
         if sums_path(data).exists() or data.stat().st_mtime < stale_before:
             for path in (sums_path(data), variant_dir / f"{name}.keys.npy", data):    # unfinished first
                 path.unlink(missing_ok=True)
-
-
-def _data_offset(path: Path) -> int:
-    return np.load(path, mmap_mode="r").offset
 
 
 def _copy_range(src: int, dst: int, src_offset: int, dst_offset: int, count: int) -> None:
