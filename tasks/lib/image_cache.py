@@ -1,31 +1,13 @@
 """The decoded image cache: its format, and reading it back fast.
 
-`python -m tasks.decode_cache` (the stage) writes it; the train stage reads it
-through `training_images`. Layout of cache.out_dir, one folder per split:
+`python -m tasks.decode_cache` writes it, one folder per split of cache.out_dir: `eval.<k>.npy` uint8 (n_k, S, S, 3)
+segments with exactly EvalDataset's pixels before normalising (tasks.lib.preprocess.resize_and_crop) and
+`eval.rows.npy`, where split row i lies in them; for train also `augment.*`, rows round(S * cache.margin) wide, the
+source of random resized crops; `labels.npy`; and `meta.json` (segments, preprocessing, the split file's sha256 and
+a digest of its rows, checked by every reader). The segments are hard links into the row store
+(tasks.lib.row_store), so a retrain that adds images adds a segment instead of rewriting the array.
 
-    <split>/eval.<k>.npy  uint8 (n_k, S, S, 3) segments: the evaluation
-                          preprocessing at train.image_size
-                          (tasks.lib.preprocess.resize_and_crop), i.e. exactly
-                          EvalDataset's pixels before normalising
-    <split>/eval.rows.npy int64 (N,): where split row i lies in the segments,
-                          counted through them in order
-    train/augment.*       the same for uint8 (M, M, 3) rows, M = round(S *
-                          cache.margin): the source of random resized crops
-                          (tasks.lib.augment)
-    <split>/labels.npy    int64 (N,)
-    <split>/meta.json     each array's segments and preprocessing, the split
-                          file's sha256 and a digest of its rows (checked by
-                          every reader)
-
-The segments are hard links into the stage's row store (tasks.lib.row_store):
-a retrain that adds images adds a segment instead of rewriting the array. A
-build from scratch has one segment in split order.
-
-Readers: `training_images` (the train stage's, checked against its rows),
-`load_arrays` / `open_split` (checked memory maps: a plain one for a single
-segment in split order, else `SegmentedRows`) and `MappedImages` (batches out
-of either, fast). Torch is imported only where a batch is made, so the stage's
-decoding workers never import it.
+Torch is imported only where a batch is made, so the stage's decoding workers never import it.
 """
 
 from __future__ import annotations
@@ -84,14 +66,9 @@ def read_meta(cache_dir: Path | str, split: str) -> dict[str, Any]:
     return meta
 
 
-def open_split(cache_dir: Path | str, split: str, variant: str = EVAL,
-               mmap_mode: str = "r") -> tuple[np.ndarray | SegmentedRows, np.ndarray]:
-    """(uint8 NHWC images, int64 labels) of one split, memory-mapped: pages load as batches touch them.
-
-    The images are a plain memory map when the array is one segment in split order (a build from scratch),
-    else a `SegmentedRows` over its segments. mmap_mode "c" (copy-on-write) gives a writable view, which
-    torch.from_numpy accepts without a warning; the files themselves are never changed.
-    """
+def open_split(cache_dir: Path | str, split: str, variant: str = EVAL) -> tuple[np.ndarray | SegmentedRows, np.ndarray]:
+    """(uint8 NHWC images, int64 labels) of one split, memory-mapped: a plain memory map when the array is one
+    segment in split order (a build from scratch), else a `SegmentedRows` over its segments."""
     meta = read_meta(cache_dir, split)
     split_dir = Path(cache_dir) / split
     if variant not in meta["arrays"]:
@@ -101,7 +78,7 @@ def open_split(cache_dir: Path | str, split: str, variant: str = EVAL,
     broken = (f"{split_dir}: the {variant} arrays do not match meta.json (a partial copy?); "
               f"rebuild with `dvc repro decode_cache`")
     try:
-        segments = [np.load(split_dir / name, mmap_mode=mmap_mode) for name in info["segments"]]
+        segments = [np.load(split_dir / name, mmap_mode="r") for name in info["segments"]]
         position = np.load(split_dir / info["rows"])
     except (OSError, ValueError) as err:
         raise StageError(f"{broken} ({err})") from None
@@ -118,11 +95,8 @@ def open_split(cache_dir: Path | str, split: str, variant: str = EVAL,
 
 
 class SegmentedRows:
-    """An array whose rows lie in several segment arrays: row i is row position[i] of their concatenation.
-
-    What a decoded-cache array is after incremental builds. Indexing (an int, a slice or an index array)
-    returns a numpy array; `take` gathers into a given buffer, segment by segment.
-    """
+    """An array whose rows lie in several segment arrays: row i is row position[i] of their concatenation
+    (a decoded-cache array after incremental builds)."""
 
     def __init__(self, segments: Sequence[np.ndarray], position: np.ndarray) -> None:
         self.segments, self.position = list(segments), np.asarray(position, dtype=np.int64)
@@ -166,14 +140,14 @@ class SegmentedRows:
         return whole if dtype is None else whole.astype(dtype)
 
 
-def load_arrays(cache_dir: Path | str, split: str, rows: Sequence[SplitRow], preps: Sequence[Preprocessing],
-                mmap_mode: str = "r") -> list[np.ndarray | SegmentedRows]:
+def load_arrays(cache_dir: Path | str, split: str, rows: Sequence[SplitRow],
+                preps: Sequence[Preprocessing]) -> list[np.ndarray | SegmentedRows]:
     """One memory-mapped array per preprocessing, checked against rows."""
     meta = read_meta(cache_dir, split)
     if meta["rows_sha256"] != rows_digest(rows):
         raise StageError(f"{Path(cache_dir) / split}: built from other {split} rows than "
                          f"{meta['split_file']} has now; rebuild with `dvc repro decode_cache`")
-    return [open_split(cache_dir, split, find_variant(meta, prep, Path(cache_dir) / split), mmap_mode)[0]
+    return [open_split(cache_dir, split, find_variant(meta, prep, Path(cache_dir) / split))[0]
             for prep in preps]
 
 
@@ -199,12 +173,8 @@ def check_draft(meta: dict[str, Any], jpeg_draft: bool, where: Path) -> None:
 class MappedImages:
     """A memory-mapped uint8 NHWC array (or SegmentedRows) that hands out batches as torch tensors, fast.
 
-    torch's indexing copies a uint8 batch element by element (about 90 ms for
-    256 images of 258 px on one thread: the GPU waited on it); np.take copies
-    whole rows (a few ms). With pin=True the batch lands in pinned memory,
-    ready for a non-blocking copy; torch's pinned allocator holds it until
-    that copy is done. Supports what the training loop uses: len(), .shape and
-    [index tensor | slice].
+    torch's indexing copies a uint8 batch element by element (about 90 ms for 256 images of 258 px: the GPU
+    waited on it); np.take copies whole rows (a few ms). pin=True puts the batch in pinned memory.
     """
 
     def __init__(self, array: np.ndarray | SegmentedRows, pin: bool = False, keys: Sequence[str] | None = None,
@@ -234,12 +204,8 @@ class MappedImages:
 
 def training_images(params: Params, split: str, rows: Sequence[SplitRow], preps: Sequence[Preprocessing],
                     pin: bool = False) -> list[MappedImages]:
-    """The train stage's images of one split: the decode_cache stage's arrays, checked before use.
-
-    A cache built from other rows, another geometry or another cache.jpeg_draft is an error that says to
-    rebuild it (`dvc repro decode_cache`, which runs before train); it is never read, and the train stage
-    never decodes images itself.
-    """
+    """The train stage's images of one split: the decode_cache stage's arrays, checked before use (a cache
+    built from other rows, another geometry or another cache.jpeg_draft is an error that says to rebuild it)."""
     out_dir = Path(params.cache.out_dir)
     arrays = load_arrays(out_dir, split, rows, preps)
     meta = read_meta(out_dir, split)
