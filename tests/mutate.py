@@ -18,6 +18,13 @@ caller can observe; EQUIVALENT lists each with the line its diff adds and why, a
 mutant is set aside only while its diff still adds that line (mutmut numbers mutants per
 function, so an edit to the function can hand the name to another mutant).
 
+`--sample N` tests a seeded random sample of N of each module's mutants instead of all of them,
+for modules whose every mutant would take hours: mutmut generates all the mutants (and collects
+which tests reach which function) once, the sample is drawn from the sorted mutant names with
+`--seed`, and only the sampled mutants are tested. Its score is an estimate over the sample,
+printed with a 95% Wilson interval, never a full run's score. A rerun with the same seed draws
+the same sample while the module is unchanged, and retests the sampled mutants not yet caught.
+
 Prints each module's score as it finishes, a table at the end and, as the last line, one
 JSON object with every count. The scores recorded, with dates: docs/testing.md.
 """
@@ -26,6 +33,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import random
 import re
 import shutil
 import subprocess
@@ -33,6 +41,8 @@ import sys
 import tomllib
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+
+from tasks.lib.uncertainty import wilson_interval
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 WORK_ROOT = REPO_ROOT / "mutants"
@@ -152,6 +162,9 @@ EQUIVALENT: dict[str, tuple[str, str]] = {
 }
 
 CAUGHT = {"killed", "timeout", "segfault", "caught by type check"}
+SAMPLE_SEED = 23
+# A name no mutant has: `mutmut run` with it generates every mutant and collects the stats, then stops.
+MATCHES_NO_MUTANT = "generate-only-no-mutant-has-this-name"
 
 
 @dataclass
@@ -163,11 +176,20 @@ class Score:
     by_status: dict[str, int] = field(default_factory=dict)
     missed: list[str] = field(default_factory=list)
     stale_equivalent: list[str] = field(default_factory=list)
+    sampled_from: int | None = None   # the module's mutants when only a sample of them was tested
+
+    @property
+    def judged(self) -> int:
+        return self.mutants - self.equivalent
 
     @property
     def score(self) -> float | None:
-        judged = self.mutants - self.equivalent
-        return self.caught / judged if judged else None
+        return self.caught / self.judged if self.judged else None
+
+    @property
+    def interval(self) -> tuple[float, float] | None:
+        """The 95% Wilson interval of the score: how far a sample's score may be from the module's."""
+        return wilson_interval(self.caught, self.judged) if self.judged else None
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -181,7 +203,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     scores = []
     for module in modules:
-        scores.append(mutate(module, jobs=args.jobs, fresh=args.fresh))
+        scores.append(mutate(module, jobs=args.jobs, fresh=args.fresh, sample=args.sample, seed=args.seed))
         print(summary_line(scores[-1]), flush=True)
     print("\nmutation scores (caught / (mutants - equivalent)):")
     for score in scores:
@@ -191,7 +213,7 @@ def main(argv: list[str] | None = None) -> int:
                   f"{MUTMUT} show '{name}')")
         for name in score.stale_equivalent:
             print(f"    listed as equivalent but its diff changed, counted as not caught: {name}")
-    print(json.dumps([{**asdict(s), "score": s.score} for s in scores]))
+    print(json.dumps([{**asdict(s), "score": s.score, "interval": s.interval} for s in scores]))
     return 0
 
 
@@ -200,24 +222,64 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("modules", nargs="*", help="source files, e.g. tasks/handoff/gate.py (default: all in MODULES)")
     parser.add_argument("--jobs", type=int, default=None, help="mutants tested at once (default: mutmut's, the cores)")
     parser.add_argument("--fresh", action="store_true", help="forget the modules' remembered results first")
-    return parser.parse_args(argv)
+    parser.add_argument("--sample", type=int, default=None, metavar="N",
+                        help="test a seeded random sample of N of each module's mutants, not all of them; "
+                             "the score is then an estimate with a 95%% Wilson interval")
+    parser.add_argument("--seed", type=int, default=SAMPLE_SEED,
+                        help=f"the sample's seed (default {SAMPLE_SEED}); the same seed draws the same sample")
+    args = parser.parse_args(argv)
+    if args.sample is not None and args.sample < 1:
+        parser.error(f"--sample must be at least 1 mutant, got {args.sample}")
+    return args
 
 
 def work_dir(module: str) -> Path:
     return WORK_ROOT / module.removesuffix(".py").replace("/", ".")
 
 
-def mutate(module: str, jobs: int | None, fresh: bool) -> Score:
+def mutate(module: str, jobs: int | None, fresh: bool, sample: int | None = None, seed: int = SAMPLE_SEED) -> Score:
     work = work_dir(module)
     if fresh:
         shutil.rmtree(work, ignore_errors=True)
     prepare_work_dir(work, module, MODULES[module])
     jobs_args = ["--max-children", str(jobs)] if jobs else []
+    if sample is not None:
+        return mutate_sample(module, work, jobs_args, sample, seed)
     retest = [name for name, status in results(work).items() if status not in CAUGHT]
     if retest:   # remembered survivors meet the tests as they are now; mutmut re-runs only named mutants
         mutmut(work, "run", *jobs_args, *retest)
     mutmut(work, "run", *jobs_args)
     return score(module, work)
+
+
+def mutate_sample(module: str, work: Path, jobs_args: list[str], size: int, seed: int) -> Score:
+    """Test only a seeded sample of the module's mutants, and score the sample."""
+    generate_mutants(work)
+    statuses = results(work)
+    if not statuses:
+        raise SystemExit(f"error: mutmut generated no mutants of {module} in {work}; its output is above")
+    chosen = draw_sample(statuses, size, seed)
+    retest = [name for name in chosen if statuses[name] not in CAUGHT]
+    if retest:   # the sampled mutants not caught yet: never tested, or survivors meeting the tests as they are now
+        mutmut(work, "run", *jobs_args, *retest)
+    return score(module, work, only=chosen)
+
+
+def generate_mutants(work: Path) -> None:
+    """Have mutmut write every mutant of the module and record which tests reach which function, testing none.
+
+    mutmut 3 has no command for that alone: `mutmut run` with a name no mutant has does both and then
+    stops with an error that nothing matched, which is expected here, so only a missing result is an error.
+    """
+    proc = subprocess.run([str(MUTMUT), "run", MATCHES_NO_MUTANT], cwd=work, capture_output=True, text=True)
+    if not results(work):
+        print(proc.stdout, proc.stderr, sep="\n", file=sys.stderr)
+
+
+def draw_sample(statuses: dict[str, str], size: int, seed: int) -> list[str]:
+    """A seeded sample of the mutant names, drawn from the sorted names so that a rerun draws the same one."""
+    names = sorted(statuses)
+    return sorted(random.Random(seed).sample(names, min(size, len(names))))
 
 
 def prepare_work_dir(work: Path, module: str, tests: list[str]) -> None:
@@ -263,9 +325,12 @@ def added_lines(work: Path, name: str) -> list[str]:
     return [line[1:].strip() for line in diff.splitlines() if line.startswith("+") and not line.startswith("+++")]
 
 
-def score(module: str, work: Path) -> Score:
+def score(module: str, work: Path, only: list[str] | None = None) -> Score:
     statuses = results(work)
-    result = Score(module, mutants=len(statuses))
+    total = len(statuses)
+    if only is not None:
+        statuses = {name: statuses[name] for name in only}
+    result = Score(module, mutants=len(statuses), sampled_from=None if only is None else total)
     for name, status in sorted(statuses.items()):
         result.by_status[status] = result.by_status.get(status, 0) + 1
         if status in CAUGHT:
@@ -280,10 +345,15 @@ def score(module: str, work: Path) -> Score:
 
 
 def summary_line(score: Score) -> str:
-    value = "n/a" if score.score is None else f"{score.score:.1%}"
     counts = ", ".join(f"{n} {status}" for status, n in sorted(score.by_status.items()))
-    return f"{score.module}: {value} ({score.caught} of {score.mutants - score.equivalent} caught; {counts}; " \
-           f"{score.equivalent} equivalent set aside)"
+    detail = f"({score.caught} of {score.judged} caught; {counts}; {score.equivalent} equivalent set aside)"
+    if score.score is None:
+        return f"{score.module}: n/a {detail}"
+    if score.sampled_from is None:
+        return f"{score.module}: {score.score:.1%} {detail}"
+    low, high = score.interval
+    return f"{score.module}: {score.score:.1%} [{low:.1%}, {high:.1%}] (95% Wilson interval) estimated from a " \
+           f"sample of {score.mutants} of {score.sampled_from} mutants, not a full run {detail}"
 
 
 if __name__ == "__main__":
