@@ -1,40 +1,24 @@
 """Prepare's per-image cache: content hash and decode check, kept across runs so only new files are decoded.
 
-Two tables in one SQLite file (`prepare.cache_dir/checks.sqlite`):
+Two tables in one SQLite file (`prepare.cache_dir/checks.sqlite`): `files` maps a file's stat signature
+(device, inode, size, mtime_ns, ctime_ns: ctime cannot be set from user space, so `cp -p` or `touch -r` still
+change it) to its sha256, and a file modified less than RACY_SECONDS before it was read is re-hashed next run
+(git's "racy clean" rule); `checks` maps sha256 + the settings that decide a check to its result, so a renamed or
+copied file is never decoded again. SQLite gives atomic commits, concurrent readers (WAL) and a writers' lock.
 
-- `files`: a file's stat signature -> its sha256, the fast path that skips
-  re-reading unchanged files. The signature is (device, inode, size,
-  mtime_ns, ctime_ns): ctime cannot be set from user space, so a rewrite
-  that restores the old mtime (cp -p, rsync -t, touch -r) still changes it.
-  A file modified less than RACY_SECONDS before it was read is not trusted
-  on the next run (a second write in the same clock tick might leave its
-  timestamps unchanged), so it is re-hashed (not re-decoded); this is git's
-  "racy clean" rule.
-- `checks`: sha256 + the settings that decide a check (the limits, Pillow's
-  version, CHECK_VERSION) -> reason, detail and dHash. Keyed by content, so
-  a renamed, copied or re-checked-out file is never decoded again.
-
-SQLite gives atomic commits (a crash loses at most the batch in flight),
-concurrent readers (WAL) and a lock between concurrent writers. The cache is
-never a DVC output and can be deleted at any time: the next run rebuilds it.
-It is optional: when it cannot be opened or written (a full disk, an I/O
-error, a damaged or read-only file), the run warns once, naming the file,
-and goes on without it (every file is read and checked, as on a first run).
-
-Bounded: after a successful run, `files` rows of that data folder that the
-run did not see are deleted, rows of data folders that no longer exist are
-deleted, and `checks` rows no file refers to any more are deleted. So the
-cache holds the images present in existing data folders, nothing more.
+The cache is optional and bounded: when it cannot be used (full disk, damaged or read-only file) the run warns
+once, naming it, and checks every file; after a run, rows of files and data folders no longer there are deleted.
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 import os
 import shutil
 import sqlite3
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
@@ -84,11 +68,6 @@ class CheckResult:
     dhash: int | None
 
 
-def settings_key(limits: ImageLimits) -> str:
-    return (f"v{CHECK_VERSION}/pillow{PIL.__version__}/px{limits.max_pixels}/ar{limits.max_aspect_ratio:g}"
-            f"/bytes{limits.max_file_bytes}")
-
-
 def _signed(value: int | None) -> int | None:
     """dHashes are unsigned 64-bit; SQLite integers are signed."""
     return None if value is None else value - (1 << 64) if value >= 1 << 63 else value
@@ -96,13 +75,6 @@ def _signed(value: int | None) -> int | None:
 
 def _unsigned(value: int | None) -> int | None:
     return None if value is None else value + (1 << 64) if value < 0 else value
-
-
-def _disk_full(folder: Path) -> bool:
-    try:
-        return shutil.disk_usage(folder).free < 2**20
-    except OSError:
-        return False
 
 
 def _or_without_cache(empty: Callable[[], Any]) -> Callable[[F], F]:
@@ -128,7 +100,8 @@ class CheckStore:
 
     def __init__(self, cache_dir: Path | str, root: Path | str, limits: ImageLimits) -> None:
         self.root = str(Path(os.path.realpath(root)))
-        self.settings = settings_key(limits)
+        self.settings = (f"v{CHECK_VERSION}/pillow{PIL.__version__}/px{limits.max_pixels}"
+                         f"/ar{limits.max_aspect_ratio:g}/bytes{limits.max_file_bytes}")
         self.path = (Path(cache_dir) / "checks.sqlite").absolute()
         self.db: sqlite3.Connection | None = None
         self.usable = True
@@ -158,8 +131,9 @@ class CheckStore:
     def _give_up(self, err: BaseException) -> None:
         """Warn once and run on without the cache: it only saves work, so it must never stop the stage."""
         reason = err.strerror if isinstance(err, OSError) and err.strerror else str(err)
-        if _disk_full(self.path.parent):   # SQLite says "disk I/O error" when its -shm file cannot grow
-            reason += ", no space left on its disk"
+        with contextlib.suppress(OSError):   # SQLite says "disk I/O error" when its -shm file cannot grow
+            if shutil.disk_usage(self.path.parent).free < 2**20:
+                reason += ", no space left on its disk"
         log.warning("prepare's check cache %s cannot be used (%s); going on without it: every image is read "
                     "and checked this run. Free space there or delete the file; the next run rebuilds it.",
                     self.path, reason)
@@ -223,9 +197,17 @@ class CheckStore:
             self.db.execute("DELETE FROM checks WHERE sha256 NOT IN (SELECT sha256 FROM files)")
             self.db.execute("DELETE FROM seen")
 
-    def transaction(self) -> _Transaction:
+    @contextlib.contextmanager
+    def transaction(self) -> Iterator[sqlite3.Connection]:
         """`with store.transaction():` one atomic write (BEGIN IMMEDIATE takes the write lock up front)."""
-        return _Transaction(self.db)
+        self.db.execute("BEGIN IMMEDIATE")
+        try:
+            yield self.db
+        except BaseException:
+            if self.db.in_transaction:   # SQLite has rolled back already after some errors (a full disk)
+                self.db.execute("ROLLBACK")
+            raise
+        self.db.execute("COMMIT")
 
 
 def lookup_check(db_path: Path, sha256: str, settings: str) -> CheckResult | None:
@@ -247,17 +229,3 @@ def lookup_check(db_path: Path, sha256: str, settings: str) -> CheckResult | Non
 
 _READER: tuple[Path, sqlite3.Connection] | None = None
 
-
-class _Transaction:
-    def __init__(self, db: sqlite3.Connection) -> None:
-        self.db = db
-
-    def __enter__(self) -> sqlite3.Connection:
-        self.db.execute("BEGIN IMMEDIATE")
-        return self.db
-
-    def __exit__(self, exc_type: object, *rest: object) -> None:
-        if exc_type is None:
-            self.db.execute("COMMIT")
-        elif self.db.in_transaction:   # SQLite has rolled back already after some errors (a full disk)
-            self.db.execute("ROLLBACK")
