@@ -1,14 +1,9 @@
 """`make demo`: demo data in, the whole pipeline through the retrain flow, one JSON summary line out.
 
-1. data/raw empty -> write the deterministic Fashion-MNIST subset (tasks.lib.demo_data) and `dvc add` it
-   (same bytes every time, so data/raw.dvc keeps its committed hash);
-2. run the `retrain` flow on the project's Prefect server (`make serve`'s when it runs, else one for this run);
-3. print, as the last line of stdout, one JSON object summarising the run.
-
-Logs go to stderr. When the flow could change nothing (data, code and params as the
-last run left them, and production already this exact model, its files verified), the summary is read
-from the reports without starting Prefect: `flow_state` is "Up to date" and there is no flow
-run. `python -m flows.retrain` always runs, and records, the flow.
+Writes the deterministic demo subset into an empty data/raw (same bytes, so data/raw.dvc keeps its hash),
+runs the `retrain` flow and prints one JSON summary as the last line of stdout; logs go to stderr. When the
+flow could change nothing (everything current, production already this exact verified model) the summary
+comes from the reports without starting Prefect, with `flow_state` "Up to date".
 """
 
 from __future__ import annotations

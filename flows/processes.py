@@ -1,12 +1,8 @@
 """Child processes that never outlive their parent: process groups, the parent-death signal, a guard.
 
-A command may be stopped by SIGKILL at any moment (a crash, the OOM killer, an
-impatient user). Everything it started must stop with it, without anyone
-cleaning up: each child gets its own process group and the kernel's
-parent-death signal (Linux `prctl(PR_SET_PDEATHSIG)`). That signal reaches one
-process only, so a command with children of its own (`dvc repro` and the
-stage under it) runs under `python -m flows.processes CMD...`, a guard that
-passes the signal on to the whole group.
+Each child gets its own process group and the kernel's parent-death signal, so a SIGKILLed command leaves
+nothing running. That signal reaches one process only, so a command with children of its own (`dvc repro`
+and its stage) runs under `python -m flows.processes CMD...`, a guard that passes it on to the whole group.
 """
 
 from __future__ import annotations

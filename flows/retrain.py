@@ -1,17 +1,9 @@
 """The `retrain` flow: data version -> DVC stages -> (push) -> gate and publish.
 
-DVC owns the stage graph and decides what is stale; this flow decides when and
-where. Each stage of dvc.yaml runs as its own Prefect task through
-`dvc repro --single-item <stage>`, so unchanged stages are skipped and dvc.lock
-is updated, and every line a stage prints is streamed into the run log as it
-is printed. One `dvc status` first finds the stale stages, so a run on
-unchanged data and code costs one DVC process, not one per stage; the stale
-ones run in dvc.yaml's order (checked to be the order they depend on each
-other), so no `dvc repro` checks the stages before its own again.
-
-Overrides (-S) and other data versions run in an isolated git worktree: the
-user's params.yaml, dvc.lock and outputs are never written, whatever happens
-to the run (even SIGKILL).
+DVC decides what is stale, this flow when and where: one `dvc status` finds the stale stages, then each runs
+as its own Prefect task (`dvc repro --single-item`, output streamed into the run log) in dvc.yaml's order.
+Overrides (-S) and other data versions run in an isolated git worktree, so the user's params.yaml, dvc.lock
+and outputs are never written, whatever happens to the run.
 
     python -m flows.retrain [--data-rev v1] [-S train.head.epochs=3] [--push] [--no-publish]
 """

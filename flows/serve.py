@@ -2,17 +2,9 @@
 
     make serve        # or: python -m flows.serve [--port 4200] [--paused]
 
-Prefect's temporary (ephemeral) server runs no scheduler, so schedules never
-fire on it. This command starts a real `prefect server start` on 127.0.0.1
-(database in the project's `.prefect/`, UI at the printed address), or reuses
-the project's running one, then serves both deployments against it from a
-child process; flow runs run in subprocesses of that child. While it runs,
-`python -m flows.retrain` and `make demo` reuse the same server.
-
-One Ctrl-C or SIGTERM stops the runner, any flow run it started and the
-server within seconds: each is in its own process group, stopped by process
-id, and dies with this process even if it is SIGKILLed. `prefect.yaml` holds
-the same deployments for a work pool (`prefect deploy --all`).
+Prefect's ephemeral server runs no scheduler, so this starts (or reuses) a real one and serves both
+deployments from a child process. One Ctrl-C or SIGTERM stops the runner, its flow runs and the server;
+each dies with this process even if it is SIGKILLed. `prefect.yaml` holds the same deployments for a work pool.
 """
 
 from __future__ import annotations

@@ -1,16 +1,9 @@
 """The project's local Prefect server: reuse the one that runs, or start one that dies with its starter.
 
-Every entry point (`make serve`, `python -m flows.retrain`, `make demo`, the
-watch flow) talks to one server whose SQLite database lives in the project
-(`.prefect/`, set by prefect.toml), so the flow history is in one place:
-
-- `PREFECT_API_URL` set by the user: that server, as Prefect itself would.
-- `make serve` running: its server (`.prefect/server.json` names it), reused
-  by every command while it runs; no start-up cost.
-- otherwise: a `prefect server start` on a free port of 127.0.0.1 for the
-  length of the command. Unlike Prefect's ephemeral server it is started with
-  the kernel's parent-death signal, so a SIGKILLed command never leaves it
-  running, and it runs the scheduler and the other services.
+In order: the server `PREFECT_API_URL` names; `make serve`'s (`.prefect/server.json` names it); else a
+`prefect server start` on a free 127.0.0.1 port for the length of the command, with its database in the
+project. Unlike Prefect's ephemeral server it runs the scheduler, and it gets the parent-death signal, so a
+SIGKILLed command never leaves it running.
 """
 
 from __future__ import annotations

@@ -1,11 +1,8 @@
 """The `watch` flow: retrain when the data version on a branch changes.
 
-Every few minutes (see `flows/serve.py`) it reads the DVC hash of data/raw that
-`schedule.data_branch` commits (`git show <branch>:data/raw.dvc`; nothing is
-checked out) and compares it with the data the production model was trained on
-(its lineage in the registry) and with the last version this watch triggered
-(a state file, so a restart does not retrain the same data twice). Only a new
-version starts `retrain`.
+It reads the DVC hash `schedule.data_branch` commits for data/raw (`git show`, nothing checked out) and
+retrains only when it differs from production's lineage and from the last version it triggered (a state
+file, so a restart does not retrain the same data twice).
 
     python -m flows.watch [--branch main]
 """

@@ -1,10 +1,7 @@
 """The model card of a published version: card.json (facts) and README.md (the same facts, for people).
 
-Built only from files the pipeline already wrote (params, data report, train /
-evaluate metrics, export report, lineage, gate decision), so it cannot drift
-from what was measured. card.json keeps every value as it is; README.md escapes
-every value that comes from data (class names above all: a data folder named
-`<script>`, `| x |` or with a newline must not inject HTML, break a table or add lines).
+Built only from files the pipeline wrote, so it cannot drift from what was measured. README.md escapes
+every value from data: a class folder named `<script>`, `| x |` or with a newline must not inject markup.
 """
 
 from __future__ import annotations

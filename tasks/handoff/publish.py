@@ -1,21 +1,10 @@
 """Publish: the pipeline's artifacts -> a registry version, gated against production.
 
-`publish_candidate` is what the retrain flow calls last (and `registry publish` by hand):
-1. read the candidate's artifacts under `root` and check they belong together
-   (metrics on the current test split, export report of this ONNX file);
-2. build its lineage (a dirty git tree stops here unless registry.allow_dirty);
-3. verify production (every file's sha256 against its manifest) and score its ONNX file on the
-   candidate's test images: the gate compares with what production is, never with what its records
-   say it scored; a production version that fails verification stops the publish;
-4. run the gate, write the version (ONNX, card, metrics, reports, lineage, decision);
-5. move production (one promotion log entry) only if the gate passed.
-
-A candidate that does not pass is still stored as a version, with its decision: the
-registry is the audit trail of every model the pipeline produced, and a person can
-still `registry promote` it. Publishing the same ONNX file again writes nothing new:
-the existing version is gated again against the current production model (so an
-unchanged re-run reports "no improvement", and a run that crashed before moving the
-pointer completes the promotion).
+`publish_candidate` (the retrain flow's last step, `registry publish` by hand) checks the artifacts belong
+together, builds the lineage, scores production's verified ONNX file on the candidate's test images, runs
+the gate, writes the version and moves production only if the gate passed. A candidate that fails is still
+stored (the registry is the audit trail; a person may `registry promote` it). Publishing the same ONNX file
+again writes no new version: it is gated again against the current production.
 """
 
 from __future__ import annotations

@@ -1,35 +1,13 @@
 """The model registry: immutable published versions and a promotion log, on any fsspec store.
 
-Layout (a local directory by default, or e.g. s3://bucket/prefix):
+    <registry>/<model_name>/<version>/        model.onnx, README.md, card.json, metrics.json, ..., COMPLETE
+    <registry>/<model_name>/promotion-log/    the newest complete entry IS production (`registry_pointer`)
+    <registry>/<model_name>/reproductions/<version>/   one note per later run that rebuilt that exact ONNX file
 
-    <registry>/<model_name>/<version>/        model.onnx, README.md, card.json, metrics.json,
-                                              export_report.json, lineage.json, decision.json, COMPLETE
-    <registry>/<model_name>/promotion-log/    one entry per move of production (promote, rollback,
-                                              a gated publish); the newest complete entry IS production
-    <registry>/<model_name>/production        a cache of the newest entry for outside readers
-    <registry>/<model_name>/reproductions/<version>/   one note per later run that rebuilt that version's
-                                              exact ONNX file (when, flow run, data and code it came from)
-
-Version ids are `<UTC time to the ms>-<first 8 hex of the ONNX sha256>`, e.g. 20261127T210530.123Z-1a2b3c4d:
-they sort by publication time as plain strings, need no shared counter (a `v0007`
-counter would need a read-modify-write that object stores cannot make atomic), and
-the hash suffix ties the name to the model bytes and keeps two publishes in the same
-second apart.
-
-All-or-nothing: on a local disk a version is written into a hidden `.tmp-*` folder and
-renamed into place; on object stores (no rename) its files are written under their final
-names and `COMPLETE` (a manifest of every file's sha256) is written last. Either way
-readers see only versions that have COMPLETE; a crash leaves nothing visible (`registry_files`).
-
-Nothing read from a registry is trusted: every version is verified (hashes against its
-manifest and lineage) before production is moved onto it, and a damaged JSON file is
-reported with its path instead of crashing the command. Production is only ever what the
-promotion log says (`registry_pointer`): a version's decision record says what the gate
-decided, never that it is production, so a publish killed before its move leaves
-production where it was, and "first model" (bootstrap) means that production never moved.
-
-The `registry` command (list, show, promote, rollback, verify, repair, publish) is
-`tasks.handoff.registry_cli`.
+Version ids are `<UTC time to the ms>-<first 8 hex of the ONNX sha256>`: they sort by time as strings and
+need no shared counter (which object stores cannot increment atomically). Readers see only versions with
+`COMPLETE`, and nothing read is trusted: a version is verified against its manifest before production moves
+onto it. docs/registry.md describes the layout and its guarantees.
 """
 
 from __future__ import annotations
@@ -127,8 +105,7 @@ class Registry:
         return dest
 
     def pointer(self) -> dict[str, Any] | None:
-        """Production as the log says, None when it never moved: version, previous (the rollback stack,
-        oldest first), seq, updated_at, reason, and events (every complete entry of the log, oldest first)."""
+        """Production's cache record plus `events` (every complete log entry, oldest first); None if it never moved."""
         head = self.log.head()
         if head is None:
             return None
@@ -213,10 +190,7 @@ class Registry:
         return self.url(version)
 
     def record_reproduction(self, version: str, record: dict[str, Any]) -> str:
-        """Add a write-once note to `reproductions/<version>/` that a run rebuilt this version's exact ONNX file.
-
-        Beside the version, not in it: a version is immutable and its manifest covers its own files.
-        """
+        """Note that a run rebuilt this version's exact ONNX file (beside the version: a version is immutable)."""
         self._require(version)
         name = f"{utcnow().replace(':', '')}-{uuid.uuid4().hex[:8]}.json"
         path = self._path("reproductions", version, name)
@@ -245,12 +219,9 @@ class Registry:
 
     def promote(self, version: str, reason: str, *, expected: str | None | object = ANY,
                 force: bool = False) -> dict[str, Any]:
-        """Make `version` production (it must verify); the old one goes on the rollback stack. Returns the entry.
+        """Make `version` production (it must verify; other class names need `force`); returns the entry.
 
-        Promoting the current production version changes nothing (production's entry is returned).
-        `expected` guards a gate decision: the move is refused if production is no longer the
-        version the candidate was compared with. A version whose class names differ from
-        production's needs `force`.
+        `expected` guards a gate decision: refused if production is no longer what the candidate was compared with.
         """
 
         def change(head: dict[str, Any] | None) -> dict[str, Any] | None:

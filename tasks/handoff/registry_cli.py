@@ -1,15 +1,8 @@
-"""`registry`: list, inspect, promote, roll back, verify, repair and publish model versions from the command line.
+"""`registry`: list, show, promote, rollback, verify, repair and publish model versions.
 
-    registry list [--json] | show [VERSION] [--json] | promote VERSION [--force] | rollback
-    registry verify [VERSION] | repair | publish
-
-`registry.uri` and `project.name` come from params.yaml (`--params`, `-S key=value`).
-The registry itself is `tasks.handoff.registry`; publishing is `tasks.handoff.publish`.
-
-Exit status: 0 done; 1 refused or failed (the message says why and what to do), or a
-file the command had to read is damaged (everything else is still printed, the damaged
-file is named on stderr). Text from the registry is printed with control characters
-escaped: a registry is not trusted input.
+`registry.uri` and `project.name` come from params.yaml (`--params`, `-S key=value`). Exit status 1 when a
+command is refused or fails, or a file it had to read is damaged (named on stderr, the rest still printed).
+Text from the registry is printed with control characters escaped: a registry is not trusted input.
 """
 
 from __future__ import annotations

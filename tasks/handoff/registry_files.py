@@ -1,13 +1,8 @@
 """Writing registry files all-or-nothing, on a local disk or an object store.
 
-A version, local disk: the files go into a hidden `.tmp-*` folder beside the versions,
-each fsynced, then the folder is renamed into place (rename(2) of a directory is
-atomic). Object stores have no rename: the files are written under their final
-names and `COMPLETE` (the manifest of every file's sha256) is written last.
-Either way a reader that looks for COMPLETE never sees a half-written version.
-
-An entry of the promotion log, local disk: a temp file, fsynced, hard-linked to its name
-(`link_new`): it appears whole or not at all, and never replaces another entry.
+A version: locally a hidden `.tmp-*` folder renamed into place; on an object store (no rename) the files
+under their final names, `COMPLETE` last. A promotion log entry: locally a temp file hard-linked to its
+name (`link_new`), which appears whole or not at all and never replaces another entry.
 """
 
 from __future__ import annotations

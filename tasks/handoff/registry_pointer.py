@@ -2,32 +2,12 @@
 
     <registry>/<name>/promotion-log/0000000001.json, 0000000002.json, ...
 
-Every move (a gated publish, `promote`, `rollback`, the migration of an older registry) is
-one entry: the version it made production, the one it replaced (`from`), the rollback stack
-after the move (`previous`, oldest first), the action, reason and time. Nothing else says
-which version is production: not a version's decision record, not the `production` file.
-
-Moving production is one atomic step: creating entry n+1 after reading entry n.
-- local disk: the entry is written to a temp file, fsynced and hard-linked to its name
-  (`registry_files.link_new`): it appears whole or not at all, and link(2) fails if the name exists;
-- S3 (s3fs): one PUT with `If-None-Match: *`. AWS S3 and moto honour it; an S3-compatible
-  server that ignores it lets two racing writers overwrite each other's entry;
-- any other fsspec store: exists-then-write, no guarantee against racing writers (the retrain
-  flow's one-run-at-a-time lock serialises its publishes; manual promotes must not race).
-A writer that finds n+1 taken reads the log again and decides again (so a gate decision made
-against entry n's production is refused); every lost race means another writer won, so no
-writer waits. An entry that cannot be written leaves production where it was.
-
-`<registry>/<name>/production` is a cache of the newest entry for people and outside readers
-(version, rollback stack, entry number). Every move rewrites it, one writer at a time (an
-`fcntl` lock locally, a conditional PUT on S3, always from the log's newest entry, so an
-older move never overwrites a newer one); `registry repair` rewrites it after a crash.
-
-Migration: a registry written before the log has a `production` pointer (version, rollback
-stack, events) and maybe `promotions/` records (one per move). The first reader that finds
-the log empty writes the pointer's state as entry 1, its events kept as `history` (or, the
-pointer lost, the version of the last record); entry 1 is created exclusively, so
-concurrent first readers migrate once.
+Moving production is one atomic step, creating entry n+1 after reading entry n: a hard link locally
+(`registry_files.link_new`), a PUT with `If-None-Match: *` on S3, exists-then-write (no race guarantee)
+elsewhere. A writer that finds n+1 taken reads the log and decides again, so no writer waits.
+`<registry>/<name>/production` is only a cache of the newest entry, rewritten one writer at a time.
+A registry from before the log (a `production` pointer, maybe `promotions/` records) is migrated by its
+first reader into entry 1, created exclusively so it happens once. docs/registry.md has the whole story.
 """
 
 from __future__ import annotations
@@ -339,11 +319,8 @@ def _named(err: OSError, url: str) -> str:
 
 
 def _lost_race(err: BaseException | None) -> bool:
-    """A create or conditional PUT refused because another writer got there first (HTTP 412).
-
-    s3fs turns it into FileExistsError (If-None-Match) or a plain OSError(EINVAL) whose cause
-    is botocore's ClientError with the code PreconditionFailed.
-    """
+    """A create or conditional PUT refused because another writer got there first (HTTP 412): s3fs raises
+    FileExistsError, or an OSError caused by botocore's ClientError with the code PreconditionFailed."""
     while err is not None:
         code = getattr(err, "response", {}).get("Error", {}).get("Code") if hasattr(err, "response") else None
         if isinstance(err, FileExistsError) or code == "PreconditionFailed":
