@@ -30,7 +30,6 @@ from tasks.lib.config_support import (
     format_schema_table,
     number_problem,
     numeric,
-    parse_override,
     parse_overrides,
     read_yaml,
     schema_rows,
@@ -59,15 +58,9 @@ class Section(BaseModel):
         return value
 
 
-# --------------------------------------------------------------------------- project
-
-
 class ProjectParams(Section):
     name: str = Field("fashion-demo", pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$",
                       description="Model name in the registry (letters, digits, . _ -).")
-
-
-# --------------------------------------------------------------------------- data
 
 
 class DemoParams(Section):
@@ -83,9 +76,6 @@ class DataParams(Section):
     raw_dir: Path = Field(Path("data/raw"), description="The input ImageFolder (one sub-folder per class), tracked by DVC.")
     prepared_dir: Path = Field(Path("data/prepared"), description="Split files, class map and data report.")
     demo: DemoParams = DemoParams()
-
-
-# --------------------------------------------------------------------------- prepare
 
 
 class PrepareParams(Section):
@@ -121,9 +111,6 @@ class PrepareParams(Section):
         return self
 
 
-# --------------------------------------------------------------------------- decoded image cache
-
-
 class CacheParams(Section):
     out_dir: Path = Field(Path("artifacts/decoded"), description="Stage decode_cache writes decoded uint8 images "
                           "here (memory-mapped .npy, one folder per split; rebuilt from the split files, never committed).")
@@ -150,9 +137,6 @@ class CacheParams(Section):
         return data
 
 
-# --------------------------------------------------------------------------- model / weights
-
-
 class ModelParams(Section):
     arch: str = Field("efficientnet_lite0", description="A torchvision classification model name, or efficientnet_lite0 (timm).")
     weights: str = Field("packaged", min_length=1, description="none | packaged (efficientnet_lite0) | a torchvision Weights member (IMAGENET1K_V2, DEFAULT) | a local file | an https URL.")
@@ -169,9 +153,6 @@ class ModelParams(Section):
             raise ValueError("model.sha256 is set but model.weights is none (random init, no file to check); "
                              "remove model.sha256 or name the weights it pins")
         return self
-
-
-# --------------------------------------------------------------------------- train
 
 
 class HeadPhaseParams(Section):
@@ -223,9 +204,6 @@ class TrainParams(Section):
     timeout_minutes: float = Field(120, gt=0, description="The retrain flow stops training after this long.")
 
 
-# --------------------------------------------------------------------------- evaluate / export
-
-
 class EvaluateParams(Section):
     out_dir: Path = Field(Path("artifacts/evaluate"), description="Each test image's prediction (predictions.json, "
                           "for the gate's paired test) and the worst-mistakes grid; metrics and plots go to reports.dir.")
@@ -259,9 +237,6 @@ class ReportsParams(Section):
     dir: Path = Field(Path("metrics"), description="Metrics and plots of train, evaluate and export: small files "
                       "that git tracks (not ignored), so `dvc exp show`, `dvc metrics diff` and `dvc plots diff` "
                       "compare experiments and commits.")
-
-
-# --------------------------------------------------------------------------- handoff
 
 
 class GateParams(Section):

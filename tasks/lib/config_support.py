@@ -1,9 +1,6 @@
 """What the params schema (tasks.lib.config) needs besides its fields: safe YAML reading, `-S` override
 parsing, value checks that need another library (cron, time zone), error wording and the `--schema` table.
-
-Kept apart from the schema so the schema file stays a readable list of options. Nothing
-here imports torch: model.arch is checked by whoever builds a model (tasks.lib.models.check_arch),
-because importing torchvision costs seconds and the registry and predict read params on boxes without it.
+Torch-free: the registry and predict read params on boxes without it.
 """
 
 from __future__ import annotations
@@ -28,13 +25,8 @@ MAX_YAML_VALUES = 10_000  # params.yaml holds about 120 values; see count_values
 
 
 class ParamsLoader(yaml.SafeLoader):
-    """PyYAML's safe loader, with two differences that matter for params:
-
-    - `3e-4` is a number, as in YAML 1.2 and as DVC (ruamel) reads it; PyYAML (YAML 1.1)
-      reads a float without a dot or with an unsigned exponent as text.
-    - a key set twice in one mapping is an error (read_params_yaml): PyYAML keeps the
-      last silently, so a setting edited in one place stays overridden further down.
-    """
+    """PyYAML's safe loader reading `3e-4` as a number, as YAML 1.2 and DVC (ruamel) do; PyYAML (YAML 1.1)
+    reads a float without a dot or with an unsigned exponent as text."""
 
 
 ParamsLoader.add_implicit_resolver(
@@ -130,10 +122,8 @@ def _yaml_problem(err: yaml.YAMLError) -> str:
 def count_values(obj: Any, where: str, limit: int = MAX_YAML_VALUES) -> int:
     """How many values `obj` holds once YAML aliases are expanded; raise ParamsError past `limit`.
 
-    PyYAML builds an alias as a second reference to one object, so a "billion laughs"
-    document loads in microseconds and explodes only when something walks it (the
-    schema would). Counting with a memo per object is linear in the document's size.
-    """
+    A "billion laughs" document loads in microseconds (an alias is one more reference to an object) and explodes
+    only when something walks it, as the schema would; counting with a memo per object stays linear."""
     sizes: dict[int, int] = {}
 
     def size(node: Any, depth: int) -> int:
@@ -181,11 +171,9 @@ def parse_override(text: str) -> tuple[str, Any]:
 
 def parse_overrides(overrides: dict[str, Any] | list[str] | None) -> dict[str, Any]:
     """Overrides as {dotted key: value}, from a dict or `key=value` strings (values parsed as YAML)."""
-    if not overrides:
-        return {}
     if isinstance(overrides, dict):
         return dict(overrides)
-    return dict(parse_override(item) for item in overrides)
+    return dict(parse_override(item) for item in overrides or [])
 
 
 def set_dotted(raw: dict[str, Any], dotted: str, value: Any) -> None:
