@@ -36,9 +36,6 @@ class EvalDataset(Dataset):
         return torch.from_numpy(preprocess(img, self.prep)), row.label
 
 
-# --------------------------------------------------------------------------- training batches
-
-
 def batch_order(n: int, batch_size: int, *, shuffle: bool, seed: int = 0, rank: int = 0, world: int = 1,
                 drop_last: bool = False) -> list[torch.Tensor]:
     """Index batches of one epoch for one rank; the same seed gives the same order (resume needs that).

@@ -1,18 +1,9 @@
 """Reading and decoding one image file safely into RGB. Torch-free: predict uses it too.
 
-Every decode goes through here, with the same limits (`ImageLimits`):
-
-- only regular files are read (a FIFO, a device such as /dev/zero or a socket
-  is refused after an `fstat` of the opened file, which is opened
-  non-blocking so a FIFO cannot hang the reader), and at most
-  `max_file_bytes` of them;
-- only the formats of IMAGE_SUFFIXES are decoded (`Image.open(formats=...)`),
-  whatever the name says, so an EPS file named `.jpg` never reaches Ghostscript;
-- the pixel count (`max_pixels`, also set as Pillow's own limit) and the aspect
-  ratio (`max_aspect_ratio`) are checked from the header, before decoding;
-- given the sha256 prepare recorded, the bytes read must hash to it before they
-  are decoded (`load_rgb(..., sha256=...)`): what is stored under a content
-  hash is that content's pixels.
+Every decode goes through here, with the same limits (`ImageLimits`): only regular files are read (opened
+non-blocking, checked with fstat), at most `max_file_bytes` of them; only the formats of IMAGE_SUFFIXES are
+decoded, whatever the name says; pixels and aspect ratio are checked from the header before decoding; and given
+the sha256 prepare recorded, the bytes must hash to it before they are decoded. docs/data.md lists the reasons.
 """
 
 from __future__ import annotations
@@ -71,22 +62,12 @@ def is_image_name(path: Path) -> bool:
     return path.suffix.lower() in IMAGE_SUFFIXES
 
 
-# --------------------------------------------------------------------------- reading bytes
-
-
-def read_bytes(path: Path | str, max_file_bytes: int = DEFAULT_MAX_FILE_BYTES) -> bytes:
-    """The file's bytes; BadImage not_a_regular_file / file_too_large / empty_file instead of reading such files."""
-    return read_file(path, max_file_bytes)[0]
-
-
 def read_file(path: Path | str, max_file_bytes: int = DEFAULT_MAX_FILE_BYTES) -> tuple[bytes, os.stat_result]:
-    """The file's bytes and the stat of the descriptor they were read from (taken before reading).
+    """The file's bytes and the stat of the descriptor they were read from; BadImage not_a_regular_file,
+    file_too_large or empty_file instead of reading such files.
 
-    Opened with O_NONBLOCK (a FIFO opens at once instead of waiting for a
-    writer) and checked with fstat on the open descriptor, so a file swapped
-    for a FIFO or a device after an earlier check is still refused. Missing
-    files raise FileNotFoundError as usual.
-    """
+    O_NONBLOCK: a FIFO opens at once instead of waiting for a writer; fstat of the open descriptor: a file
+    swapped for a FIFO or a device after an earlier check is still refused."""
     fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
     try:
         info = os.fstat(fd)
@@ -119,16 +100,10 @@ def file_kind(mode: int) -> str:
     return next((name for test, name in kinds if test(mode)), "special file")
 
 
-# --------------------------------------------------------------------------- decoding
-
-
 def open_checked(data: bytes, path: Path | str, limits: ImageLimits) -> Image.Image:
-    """Identify the format (supported ones only) and check pixels and aspect ratio from the header.
-
-    Raises BadImage not_an_image, decompression_bomb or extreme_aspect_ratio;
-    nothing is decoded yet.
-    """
-    set_pixel_limit(limits.max_pixels)
+    """Identify the format (supported ones only) and check pixels and aspect ratio from the header, decoding
+    nothing yet; BadImage not_an_image, decompression_bomb or extreme_aspect_ratio."""
+    Image.MAX_IMAGE_PIXELS = limits.max_pixels    # Pillow's own bomb limit follows ours
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
@@ -156,22 +131,11 @@ def set_image_limits(limits: ImageLimits) -> None:
     prepare's params (tasks.lib.cli.stage_main), so evaluate and export accept exactly what prepare accepted."""
     global _process_limits
     _process_limits = limits
-    set_pixel_limit(limits.max_pixels)
+    Image.MAX_IMAGE_PIXELS = limits.max_pixels
 
 
 def image_limits() -> ImageLimits:
     return _process_limits
-
-
-def set_pixel_limit(max_pixels: int) -> None:
-    """Pillow's own bomb limit follows ours (process-wide: every stage sets it from prepare.max_pixels at
-    start, tasks.lib.cli.stage_main, and every checked decode sets it to the limit it was given)."""
-    Image.MAX_IMAGE_PIXELS = max_pixels
-
-
-def pixel_limit() -> int:
-    """The process's current limit: what a decode without an explicit max_pixels uses."""
-    return Image.MAX_IMAGE_PIXELS or DEFAULT_MAX_PIXELS
 
 
 def decode(img: Image.Image, path: Path | str) -> Image.Image:
@@ -187,11 +151,8 @@ def decode_rgb(data: bytes, path: Path | str, limits: ImageLimits = ImageLimits(
                draft_size: int | None = None) -> Image.Image:
     """Checked, fully decoded, EXIF-oriented 8-bit RGB image from a file's bytes.
 
-    draft_size: let a JPEG decode at 1/2, 1/4 or 1/8 scale in the DCT domain
-    as long as both sides stay at least draft_size pixels (Pillow's `draft`);
-    much faster when the target is far smaller than the source, and the
-    pixels differ slightly from a full decode followed by the same resize.
-    """
+    draft_size: let a JPEG decode at 1/2, 1/4 or 1/8 scale (Pillow's `draft`) while both sides stay at least
+    draft_size: much faster, and the pixels differ slightly from a full decode followed by the same resize."""
     img = open_checked(data, path, limits)
     if draft_size and img.format in ("JPEG", "MPO"):   # MPO: multi-picture JPEG from cameras
         img.draft(None, (draft_size, draft_size))
@@ -203,17 +164,16 @@ def decode_rgb(data: bytes, path: Path | str, limits: ImageLimits = ImageLimits(
 def load_rgb(path: Path | str, max_pixels: int | None = None, *, max_aspect_ratio: float | None = None,
              max_file_bytes: int | None = None, draft_size: int | None = None,
              sha256: str | None = None) -> Image.Image:
-    """Read, check, fully decode, apply EXIF orientation and convert to 8-bit RGB.
+    """Read, check, fully decode, apply EXIF orientation and convert to 8-bit RGB; BadImage when the file is bad.
 
-    Raises BadImage with reason empty_file, not_a_regular_file, file_too_large,
-    not_an_image, decompression_bomb, extreme_aspect_ratio or truncated.
-    A limit left None is the process's (prepare's params in a stage, the defaults elsewhere).
-    sha256: the content hash the file must have (what prepare recorded); the bytes decoded are the bytes
-    hashed, so pixels stored under that hash are that file's, whatever happens to it meanwhile.
+    A limit left None is the process's (prepare's params in a stage, the defaults elsewhere). sha256: the
+    content hash the file must have; the bytes decoded are the bytes hashed, so pixels stored under that hash
+    are that file's, whatever happens to it meanwhile.
     """
-    limits = ImageLimits(max_pixels or pixel_limit(), max_aspect_ratio or _process_limits.max_aspect_ratio,
+    limits = ImageLimits(max_pixels or Image.MAX_IMAGE_PIXELS or DEFAULT_MAX_PIXELS,
+                         max_aspect_ratio or _process_limits.max_aspect_ratio,
                          max_file_bytes or _process_limits.max_file_bytes)
-    data = read_bytes(path, limits.max_file_bytes)
+    data = read_file(path, limits.max_file_bytes)[0]
     if sha256 is not None:
         check_content(data, path, sha256)
     return decode_rgb(data, path, limits, draft_size)

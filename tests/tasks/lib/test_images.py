@@ -14,7 +14,7 @@ import pytest
 from PIL import Image
 
 from tasks.lib.cli import stage_main
-from tasks.lib.images import BadImage, ImageLimits, load_rgb, read_bytes, set_image_limits
+from tasks.lib.images import BadImage, ImageLimits, load_rgb, read_file, set_image_limits
 from tasks.lib.preprocess import INTERPOLATIONS, Preprocessing, resize_and_crop
 from tests.conftest import REPO_ROOT
 from tests.realistic import oracle_resize_crop, oracle_rgb, write_realistic_folder
@@ -131,7 +131,7 @@ def test_special_files_are_refused_without_reading(tmp_path: Path) -> None:
     os.mkfifo(fifo)                     # no writer: a blocking open or read would hang here
     for path, kind in ((fifo, "FIFO"), (Path("/dev/zero"), "character device"), (tmp_path, "folder")):
         with pytest.raises(BadImage) as err:
-            read_bytes(path)
+            read_file(path)
         assert err.value.reason == "not_a_regular_file" and err.value.detail == kind
 
 
