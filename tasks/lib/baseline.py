@@ -1,17 +1,9 @@
 """The built-in baseline: logistic regression on the raw pixels, fitted on the same train split.
 
-A fine-tuned network that does not beat a linear model on its pixels has not
-earned its cost, and nothing else would notice: evaluate fits this baseline
-on the train split (at most `evaluate.baseline_max_images` images, a
-stratified, seeded subset), scores it on the same test images and reports
-`baseline_accuracy` and `lift` (model accuracy minus baseline accuracy); the
-gate refuses a model whose lift is not above `gate.min_lift_over_baseline`.
-
-The baseline is what scikit-learn's `LogisticRegression()` does on
-standardised pixels (multinomial, L2 with C = 1, L-BFGS), written in a few
-lines of torch so that evaluate needs no more dependencies. Images are made
-grey when they are grey, and shrunk to at most BASELINE_SIDE px: the model's
-input size is not the baseline's business.
+A fine-tuned network that does not beat a linear model on its pixels has not earned its cost: evaluate reports
+`baseline_accuracy` and `lift`, and the gate refuses a model whose lift is not above gate.min_lift_over_baseline.
+It is scikit-learn's `LogisticRegression()` on standardised pixels (multinomial, L2 with C = 1, L-BFGS), written
+in a few lines of torch so that evaluate needs no more dependencies; images are shrunk to at most BASELINE_SIDE.
 """
 
 from __future__ import annotations

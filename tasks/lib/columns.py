@@ -1,10 +1,5 @@
-"""Per-image columns for the tables that hold one entry per image (prepare's split tables, a split file read whole).
-
-A Python object per image costs far more than its data: a path as a `str` is
-about 50 bytes plus its length, a content hash as a hex `str` 113, a small
-dataclass around them 50 more, plus a list slot each. At 200,000 images that
-is the difference between a few MB and a hundred. These columns keep the data
-in flat buffers and numpy arrays instead.
+"""Per-image columns for tables with one entry per image: a Python object per image costs far more than its data
+(a path and a hex hash as `str` in a small dataclass: over 250 bytes), so these keep flat buffers and numpy arrays.
 """
 
 from __future__ import annotations

@@ -1,9 +1,5 @@
-"""The demo's data: a deterministic, stratified Fashion-MNIST subset written as an ImageFolder of PNGs.
-
-Source files come from Debian's `dataset-fashion-mnist` package when present,
-otherwise torchvision downloads the same four .gz files. The bytes written are
-deterministic (same images, same order, same PNG encoder settings), so
-materialising twice gives the same DVC hash.
+"""The demo's data: a deterministic, stratified Fashion-MNIST subset written as an ImageFolder of PNGs (Debian's
+`dataset-fashion-mnist`, else downloaded by torchvision); the same bytes every time, so the same DVC hash.
 
     python -m tasks.lib.demo_data [--out data/raw] [-S data.demo.per_class=100]
 """

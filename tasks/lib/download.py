@@ -1,13 +1,8 @@
 """Verified downloads: a file fetched over HTTP(S) into a cache, checked by SHA-256 before every use.
 
-`ensure_cached` downloads only when the cached file is missing or fails its
-pin; the pin is a full SHA-256, or (trust on first use) a file-name hash prefix
-whose full hash is then written next to the file (`<file>.sha256`) and
-enforced from then on. The body is streamed to a temporary file in the same
-folder and renamed only once complete and verified. Connection errors, 5xx,
-408 and 429 answers and dropped connections retry with exponential backoff
-(the one retry layer for a download: once they are spent the stage fails with
-exit 1, not 75, so the flow does not retry it again); other 4xx answers fail at once.
+The pin is a full SHA-256, or (trust on first use) a file-name hash prefix whose full hash is then written next
+to the file and enforced from then on. Transient failures retry here with exponential backoff, the one retry
+layer for a download: once spent the stage fails with exit 1, not 75, so the flow does not retry it again.
 """
 
 from __future__ import annotations

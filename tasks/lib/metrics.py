@@ -1,9 +1,7 @@
-"""Classification metrics from predicted probabilities, computed by torchmetrics.
+"""Classification metrics from predicted probabilities, computed by torchmetrics in float64 on the CPU.
 
-`compute_metrics` is pure (numpy in, JSON-ready dict out): the evaluate stage
-calls it on PyTorch outputs and the registry calls it on a production ONNX
-model's outputs, so both are judged by exactly the same code. Everything is
-computed in float64 on the CPU, so the same inputs give identical numbers.
+`compute_metrics` is pure (numpy in, JSON-ready dict out), so evaluate (PyTorch outputs) and the registry (a
+production ONNX model's outputs) judge models by exactly the same code.
 """
 
 from __future__ import annotations

@@ -1,12 +1,5 @@
-"""The one model builder used by train, evaluate and export.
-
-A model is a pretrained backbone whose ImageNet classifier is replaced by a
-new head for the dataset's classes. The layer to replace differs per family
-(`fc`, `classifier[-1]`, `heads.head`, `head`, ...); `find_head` finds it by
-structure so every torchvision classifier works without a table to maintain.
-
-Checkpoint format (a dict saved with torch.save, read with weights_only=True):
-    format_version, arch, class_names, state_dict, preprocessing, weights
+"""The one model builder used by train, evaluate and export: a pretrained backbone whose ImageNet classifier is
+replaced by a new head, found by structure (`find_head`) so every torchvision classifier works without a table.
 """
 
 from __future__ import annotations

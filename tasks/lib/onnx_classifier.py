@@ -1,9 +1,7 @@
 """The one way this project calls an exported ONNX model: onnxruntime plus the model's own metadata.
 
-Torch-free on purpose: `predict` runs on production boxes that have no torch.
-The export stage checks parity and int8 accuracy through it, publish re-scores
-the production model on a new test split through it (`score_onnx`), and predict
-classifies files through it, so the three cannot disagree about preprocessing or softmax.
+Torch-free: predict runs on boxes without torch. Export (parity, int8), publish (`score_onnx`) and predict all go
+through it, so they cannot disagree about preprocessing or softmax.
 """
 
 from __future__ import annotations

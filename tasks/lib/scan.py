@@ -1,22 +1,5 @@
-"""Walking the raw data folder under one policy for links, special files and bad names.
-
-The policy (the README's "Use your own images" states it for users):
-
-- Regular files with an image suffix are candidates; other regular files are
-  listed as ignored. Hidden files and folders (a leading dot) are skipped.
-- A symbolic link to a regular file that resolves inside the data folder is
-  followed (its content is used, like DVC, which stores the target's content);
-  a link that resolves outside it is reported `link_outside`, a link whose
-  target is missing or that loops `dangling_link`, and a link to a folder
-  `link_to_folder` (never followed: DVC does not descend into linked folders
-  either, and a followed folder link can loop).
-- FIFOs, sockets and devices (directly or behind a link) are reported
-  `not_a_regular_file` and never opened.
-- A name that is not valid UTF-8 is reported `bad_file_name` (with its bytes
-  escaped as \\xNN) and skipped: the split files are UTF-8 CSV.
-
-Nothing is collected: `candidates()` yields files as the walk finds them, and
-only what is reported (problems, ignored names) is kept.
+"""Walking the raw data folder under one policy for links, special files and bad names (docs/data.md states it
+for users). Nothing is collected: `candidates()` yields files as the walk finds them; only what is reported is kept.
 """
 
 from __future__ import annotations

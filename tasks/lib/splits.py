@@ -1,15 +1,8 @@
-"""The prepare stage's split tables: the good images as columns (`ImageTable`), deduplicated by
-content and assigned to train/val/test by content hash and seed.
+"""The prepare stage's split tables: the good images as columns (`ImageTable`), deduplicated by content and
+assigned to train/val/test by content hash and seed, so adding images never moves an existing one to another split.
 
-Splits depend only on each image's content hash and the seed, never on its
-position or name: adding images never moves an existing image to another split
-(except in classes too small to fill every split), so test sets stay comparable
-across retrains.
-
-Memory: the table holds about 80 bytes per image plus its path (numpy columns
-and one packed buffer of paths, `tasks.lib.columns`), and every step below
-works on arrays of row numbers; a Python object per image would be 500 bytes,
-and peak memory would grow with the data set well past the decoder's.
+Memory: about 80 bytes per image plus its path, and every step works on arrays of row numbers; a Python object
+per image would be 500 bytes, and peak memory would grow with the data set well past the decoder's.
 """
 
 from __future__ import annotations

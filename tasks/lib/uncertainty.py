@@ -1,19 +1,7 @@
 """How sure a test-set figure is: confidence intervals and the paired test the gate uses.
 
-A few hundred test images give an accuracy that is only good to about +/- 2 to
-4 points, so every figure the pipeline reports comes with its 95% interval,
-and the gate asks whether a candidate is better on the *same* images than
-chance would explain:
-
-- `wilson_interval`: the Wilson score interval of a proportion (accuracy). It
-  stays inside [0, 1] and keeps its coverage near 0 or 1 and for small n,
-  where the textbook normal interval does not.
-- `bootstrap_macro_f1`: a percentile bootstrap interval of macro-F1 (it has no
-  closed form), resampling images with a fixed seed so the interval is
-  reproducible.
-- `mcnemar_exact`: the exact (binomial) McNemar test on paired predictions:
-  only the images where exactly one model is right carry information.
-
+A few hundred test images give an accuracy good to about +/- 2 to 4 points, so every figure comes with its 95%
+interval, and the gate asks whether a candidate is better on the *same* images than chance would explain.
 Pure numpy and the standard library: the registry and the gate use it too.
 """
 
@@ -30,7 +18,8 @@ CONFIDENCE = 0.95
 
 
 def wilson_interval(successes: int, n: int, confidence: float = CONFIDENCE) -> tuple[float, float]:
-    """The Wilson score interval of successes/n; (0, 1) when n is 0."""
+    """The Wilson score interval of successes/n; (0, 1) when n is 0. Unlike the textbook normal interval it
+    stays inside [0, 1] and keeps its coverage near 0 or 1 and for small n."""
     if n <= 0:
         return 0.0, 1.0
     if not 0 <= successes <= n:
@@ -62,7 +51,8 @@ def macro_f1_from_counts(counts: np.ndarray) -> np.ndarray:
 def bootstrap_macro_f1(labels: np.ndarray, predicted: np.ndarray, num_classes: int, *,
                        samples: int = BOOTSTRAP_SAMPLES, seed: int = BOOTSTRAP_SEED,
                        confidence: float = CONFIDENCE) -> tuple[float, float]:
-    """Percentile bootstrap interval of macro-F1: `samples` resamples of the images, with replacement."""
+    """Percentile bootstrap interval of macro-F1 (it has no closed form): `samples` seeded resamples of the
+    images, with replacement."""
     labels, predicted = np.asarray(labels, dtype=np.int64), np.asarray(predicted, dtype=np.int64)
     n = len(labels)
     if n == 0:
