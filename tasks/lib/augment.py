@@ -1,9 +1,5 @@
-"""Whole-batch augmentation and normalisation on the training device.
-
-Images reach the device as uint8 NHWC batches. Everything per image (random
-resized crop, horizontal flip, scaling to [0, 1], mean/std) happens here as a
-few tensor ops over the whole batch, so the training loop runs no per-image
-Python code and the work lands on the GPU when there is one.
+"""Whole-batch augmentation and normalisation on the training device: random resized crop, flip, scaling and
+mean/std as a few tensor ops over a uint8 NHWC batch, so the loop runs no per-image Python code.
 """
 
 from __future__ import annotations
@@ -23,11 +19,8 @@ CROP_RATIO = (3 / 4, 4 / 3)
 def device_batch(batch: torch.Tensor, mean: torch.Tensor, std: torch.Tensor, size: int,
                  generator: torch.Generator | None = None, channels_last: bool = False,
                  min_scale: float = CROP_SCALE[0], flip: bool = True) -> torch.Tensor:
-    """uint8 NHWC batch on the device -> the network's normalised float input.
-
-    With a generator: random resized crop + flip to size x size; without: the
-    central size x size window (the arrays already hold the eval crop).
-    """
+    """uint8 NHWC batch on the device -> the network's normalised float input: with a generator, a random resized
+    crop + flip to size x size; without, the central window (the arrays already hold the eval crop)."""
     x = to_float(batch, mean, std)
     x = random_resized_crop(x, size, generator, flip=flip, min_scale=min_scale) if generator is not None else center_crop(x, size)
     return x.contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
@@ -41,10 +34,8 @@ def to_float(batch: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> torc
 
 def crop_params(n: int, generator: torch.Generator, scale: Sequence[float] = CROP_SCALE,
                 ratio: Sequence[float] = CROP_RATIO, flip: bool = True) -> torch.Tensor:
-    """Per-image affine matrices (n, 2, 3) in normalised coordinates: a random box, maybe mirrored.
-
-    Drawn on the CPU from `generator` so the same seed gives the same crops on any device.
-    """
+    """Per-image affine matrices (n, 2, 3) in normalised coordinates: a random box, maybe mirrored. Drawn on
+    the CPU from `generator` so the same seed gives the same crops on any device."""
     area = torch.empty(n).uniform_(scale[0], scale[1], generator=generator)
     log_ratio = torch.empty(n).uniform_(math.log(ratio[0]), math.log(ratio[1]), generator=generator)
     aspect = torch.exp(log_ratio)

@@ -1,9 +1,7 @@
 """The command-line entry every stage shares: `python -m tasks.<stage> [--params F] [-S key=value]`.
 
-Expected failures (tasks.lib.errors: bad params, missing inputs, bad data, a full
-disk or a permission problem) print one clear message naming the file or key and
-exit 1; a transient one (a network hiccup) exits 75 so the flow retries the stage;
-anything else is a bug and keeps its traceback.
+An expected failure (tasks.lib.errors) prints one line and exits 1; a transient one exits 75 (EX_TEMPFAIL) so
+the flow retries the stage; anything else is a bug and keeps its traceback.
 """
 
 from __future__ import annotations

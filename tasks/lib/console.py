@@ -1,9 +1,6 @@
-"""What the command-line tools print: text from untrusted files made safe for a terminal, and a quiet exit
-when the reader of stdout goes away (`registry show | head`).
-
-Class names, file names and model cards come from data folders and registries that
-anyone may have written; an ANSI escape or a bidi override in one of them must not
-reach the terminal raw.
+"""What the command-line tools print: text from untrusted files made safe for a terminal (an ANSI escape or a
+bidi override in a class or file name must not reach it raw), and a quiet exit when the reader of stdout goes
+away (`registry show | head`).
 """
 
 from __future__ import annotations

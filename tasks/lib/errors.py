@@ -1,10 +1,7 @@
 """The failures a stage expects, each with a message that names the file or key and says what to do.
 
-The bottom floor of the library: it imports nothing from the project, so every module
-(and the flows) can raise and catch these without pulling in the command line.
-`tasks.lib.cli.stage_main` turns an expected error into one line and exit status 1, a
-TransientError into exit status 75 (EX_TEMPFAIL: the flow retries the stage), and lets
-anything else keep its traceback, because anything else is a bug.
+It imports nothing from the project, so every module and the flows can raise and catch these;
+`tasks.lib.cli.stage_main` maps them to exit statuses.
 """
 
 from __future__ import annotations

@@ -1,10 +1,5 @@
-"""Static pictures of a run (matplotlib, PNG): they open anywhere, offline, and travel in the model card.
-
-DVC's own plots (`dvc plots show`) draw the JSON/TSV data with JavaScript
-fetched from a CDN; these PNGs need nothing. The train stage draws the
-training curves, evaluate the confusion matrix, per-class F1 and the
-reliability diagram; publish copies them into the registry version, where
-the model card shows them.
+"""Static pictures of a run (matplotlib, PNG): they open anywhere, offline, and travel in the model card,
+where DVC's own plots need JavaScript from a CDN. Train draws the curves, evaluate the rest.
 """
 
 from __future__ import annotations
@@ -18,7 +13,6 @@ from matplotlib.figure import Figure   # no pyplot: no global figure state, no d
 
 from tasks.lib.io import atomic_path
 
-PNG_NAMES = ("curves.png", "confusion.png", "per_class_f1.png", "reliability.png")
 DPI = 100
 
 

@@ -24,14 +24,11 @@ def batched(items: Iterable[T], size: int) -> Iterator[list[T]]:
 
 
 def imap_unordered(fn: Callable[[T], R], items: Iterable[T], workers: int, per_worker: int = 4) -> Iterator[R]:
-    """fn over items in `workers` processes, results as they finish; at most workers*per_worker items pending.
+    """fn over items in `workers` processes, results as they finish; at most workers*per_worker items pending
+    (Executor.map would submit everything up front). The first exception cancels what has not started.
 
-    Executor.map submits everything up front (one future per item, all held
-    until the end); this pulls items lazily. With one worker, or one item, it
-    runs inline: a pool's start and shutdown cost more wall time than a small
-    incremental run's work (a retrain that brings a few images is one item).
-    The first exception cancels what has not started and is raised.
-    """
+    With one worker, or one item, it runs inline: a pool's start and shutdown cost more than a small
+    incremental run's work (a retrain that brings a few images is one item)."""
     iterator = iter(items)
     first = list(itertools.islice(iterator, 2))
     if workers <= 1 or len(first) < 2:

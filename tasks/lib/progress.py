@@ -1,8 +1,5 @@
-"""The one progress display every stage uses, and the log format.
-
-On a terminal it is a tqdm bar (rate and ETA); in a log (stderr not a terminal) it is one
-line per quarter of the total, or per 30 s at most, instead of a bar redrawn every few
-items that fills the log with carriage returns.
+"""The one progress display every stage uses, and the log format: a tqdm bar on a terminal; in a log, one line
+per quarter of the total or per 30 s, not a bar redrawn with carriage returns.
 """
 
 from __future__ import annotations
@@ -25,10 +22,7 @@ def setup_logging(level: int = logging.INFO) -> None:
 def progress(iterable: Iterable[T] | None = None, desc: str = "progress", total: int | None = None,
              unit: str = "it", *, show: bool = True, unit_scale: bool = False) -> Any:
     """Iterate `iterable` with progress shown, or drive it by hand (`update`, `set_postfix`, `close`).
-
-    `show=False` (a worker that is not the main process) shows nothing; `unit_scale` prints
-    bytes as KiB/MiB on a terminal.
-    """
+    `show=False` (a worker that is not the main process) shows nothing; `unit_scale` prints bytes as KiB/MiB."""
     if not show:
         return tqdm(iterable, disable=True)
     if sys.stderr.isatty():

@@ -1,9 +1,5 @@
-"""The checksums of a row-store segment (tasks.lib.row_store): written last, checked before any reuse.
-
-`<segment>.sum.json` records the size of the rows file, the sha256 of each
-CHECK_BLOCK of it and the sha256 of the keys file. A segment without it is
-unfinished and never read; a segment whose bytes differ from it is dropped and
-its images decoded again.
+"""The checksums of a row-store segment (tasks.lib.row_store), `<segment>.sum.json`: the rows file's size, the
+sha256 of each CHECK_BLOCK of it and of the keys file. Written last: a segment without them is unfinished.
 """
 
 from __future__ import annotations
@@ -27,7 +23,8 @@ def seal_segment(data: Path) -> None:
     """Record the checksums of a written segment (its rows file and keys file): the mark of a finished segment."""
     keys = data.with_name(data.name.removesuffix(".npy") + ".keys.npy")
     size = data.stat().st_size
-    write_json(sums_path(data), {"bytes": size, "block_bytes": CHECK_BLOCK, "blocks": block_digests(data, size),
+    blocks = [_block_digest(data, at) for at in range(0, size, CHECK_BLOCK)]
+    write_json(sums_path(data), {"bytes": size, "block_bytes": CHECK_BLOCK, "blocks": blocks,
                                   "keys_sha256": sha256_file(keys)})
 
 
@@ -86,10 +83,6 @@ def _size(path: Path) -> int | None:
         return path.stat().st_size
     except FileNotFoundError:
         return None
-
-
-def block_digests(path: Path, size: int) -> list[str]:
-    return [_block_digest(path, at) for at in range(0, size, CHECK_BLOCK)]
 
 
 def _block_digest(path: Path, at: int) -> str | None:

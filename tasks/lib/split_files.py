@@ -1,8 +1,5 @@
-"""The files the prepare stage writes and every later stage reads: `<split>.csv` and `classes.json`.
-
-A split file lists one image per row: its path relative to data.raw_dir, its class
-index and the sha256 of its bytes; classes.json lists the class names in index
-order. Torch-free, so the registry and predict read them on boxes without torch.
+"""The files prepare writes and every later stage reads: `<split>.csv` (per image: path relative to
+data.raw_dir, class index, sha256 of its bytes) and `classes.json`. Torch-free: the registry and predict read them.
 """
 
 from __future__ import annotations

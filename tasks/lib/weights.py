@@ -1,11 +1,5 @@
-"""Reading what the fetch_weights stage wrote: the verified backbone state and its record.
-
-`<model.out_dir>/backbone.pt` is a state dict keyed for
-`tasks.lib.models.build_backbone(arch)`; `<model.out_dir>/weights.json` records
-arch, weights, source, sha256 and the pretrained preprocessing. The train
-stage reads both through `load_backbone_state`; `tasks.fetch_weights` writes them.
-The export stage copies the checkpoint's record into its report, which is where
-publish reads it (`weights_sha256` names the weights in the lineage).
+"""Reading what the fetch_weights stage wrote: `<model.out_dir>/backbone.pt`, a state dict keyed for
+`tasks.lib.models.build_backbone(arch)`, and `weights.json`, its record (arch, weights, source, sha256, preprocessing).
 """
 
 from __future__ import annotations
