@@ -1,10 +1,7 @@
 """The promotion gate: may a candidate model replace the production one?
 
-`decide()` is a pure function of the two models' test metrics (on the same test
-split), the candidate's export report and lineage, and the gate params; every
-check it makes is returned with the reason, so a "not promoted" is explained.
-Scoring models is not its business: publish hands it both sets of metrics
-(production's from its verified ONNX file, scored on the candidate's test images).
+`decide()` is a pure function of both models' metrics on the same test split, the candidate's export
+report and lineage, and the gate params; every check is returned with its reason. Publish does the scoring.
 """
 
 from __future__ import annotations
@@ -26,10 +23,8 @@ def decide(candidate: dict[str, Any], production: dict[str, Any] | None, gate: G
            paired: dict[str, Any] | None = None, production_unscored: str | None = None) -> dict[str, Any]:
     """Gate decision: {"passed", "reason", "checks", "metric", "delta"}; production None means first model.
 
-    paired is `paired_test()` of both models' predictions on the same test images
-    (None when production's are unknown, which fails a significance check that is on).
-    production_unscored says why there is a production model but no metrics of it on this test
-    split: nothing can be compared, so nothing is promoted (and it is never a first model).
+    paired: `paired_test()` of both models' predictions (None fails a significance check that is on).
+    production_unscored: why production has no metrics on this split; then nothing is promoted.
     """
     checks = [_check_lineage(lineage), _check_parity(export_report), _check_finite("candidate", candidate),
               _check_lift(candidate, gate)]

@@ -51,10 +51,7 @@ def data_hash(root: Path, raw_dir: Path) -> str:
 
 
 def dvc_pointer_hash(text: str) -> str | None:
-    """The hash a .dvc pointer file pins (outs[0].md5, or etag on cloud remotes); None if it has none.
-
-    Raises yaml.YAMLError on malformed text; callers say which file it was.
-    """
+    """The hash a .dvc pointer file pins (outs[0].md5, or etag); None if none. yaml.YAMLError if malformed."""
     outs = (yaml.safe_load(text) or {}).get("outs") or [{}]
     found = outs[0].get("md5") or outs[0].get("etag")
     return str(found) if found else None
@@ -73,10 +70,7 @@ def _lock_dep_hash(lock: Path, raw_dir: Path) -> str | None:
 
 
 def git_state(root: Path, reports_dir: Path | None = None) -> tuple[str | None, bool, list[str]]:
-    """(HEAD commit or None outside a repo, dirty?, changed tracked files that count as dirty).
-
-    Files under reports_dir (the stages' metrics and plots, which a run rewrites) never count.
-    """
+    """(HEAD commit or None outside a repo, dirty?, changed tracked files that count, never under reports_dir)."""
     head = _git(root, "rev-parse", "HEAD")
     if head is None:
         return None, True, []
@@ -115,11 +109,7 @@ def package_versions(names: tuple[str, ...] = PACKAGES) -> dict[str, str | None]
 def build_lineage(params: Params, root: Path, *, onnx_sha256: str, test_split_sha256: str,
                   weights_record: dict[str, Any], weights_sha256: str | None, checkpoint_sha256: str | None,
                   flow_run_id: str | None) -> dict[str, Any]:
-    """The full record; refuses a dirty git tree unless registry.allow_dirty is set.
-
-    weights_record is the export report's copy of the checkpoint's record (tasks.lib.weights);
-    weights_sha256 names those weights (tasks.lib.weights.weights_sha256).
-    """
+    """The full record; refuses a dirty git tree unless registry.allow_dirty is set."""
     commit, dirty, dirty_files = git_state(root, params.reports.dir)
     if dirty and not params.registry.allow_dirty:
         what = ", ".join(dirty_files[:10]) if commit else f"{root} is not a git repository"

@@ -3,21 +3,10 @@
     predict model.onnx photo.jpg more/photos/ [--top-k 3] [--json]
     predict --registry registry --name fashion-demo [--version V] photo.jpg ...
 
-The model is a local ONNX file, or a version in a registry (default: its production
-version), which is verified (sha256 against its manifest and lineage) and fetched to
-a temporary file. The class names and the preprocessing (size, crop, interpolation,
-mean, std) come from the model's own metadata, written by `tasks.export`, and are
-checked against the network before any image is read (an input side over
-tasks.lib.onnx_classifier.MAX_CROP_SIZE is refused). Each file gets its top-k labels
-with probabilities, or its own error (unreadable, not an image, missing); the other
-files are still predicted. Inputs are streamed: read, predicted and printed
---batch-size files at a time, so memory stays flat however many files there are.
-Names from the model are printed with control characters escaped.
-
-Exit status: 0 every input was predicted; 1 some or all inputs failed (or no image
-was found); 2 the model is unusable (missing, not ONNX, bad metadata, a registry
-version that does not verify, probabilities that are NaN or of the wrong shape).
-This module must never import torch: production boxes do not have it.
+A registry version (default: production) is verified and fetched to a temporary file; class names and
+preprocessing come from the model's metadata. Each file gets its top-k labels or its own error, and inputs
+stream --batch-size files at a time, so memory stays flat. Exit status: 0 every input predicted; 1 some or
+all failed (or no image found); 2 the model is unusable. Never imports torch: production boxes lack it.
 """
 
 from __future__ import annotations
@@ -47,10 +36,7 @@ EXIT_OK, EXIT_SOME_FAILED, EXIT_BAD_MODEL = 0, 1, 2
 
 
 def input_files(inputs: list[Path]) -> Iterator[Path]:
-    """Files as given; folders expanded to their image files (recursively, in sorted order, hidden ones skipped).
-
-    A generator that holds one folder's listing at a time, never the whole tree.
-    """
+    """Files as given; folders expanded to their image files (sorted, hidden ones skipped), one listing at a time."""
     for item in inputs:
         if item.is_dir():
             yield from _image_files(item)
@@ -75,10 +61,7 @@ def _image_files(folder: Path) -> Iterator[Path]:
 
 def predict_batches(classifier: Classifier, files: Iterable[Path], top_k: int, batch_size: int = 16,
                     max_aspect_ratio: float = DEFAULT_MAX_ASPECT_RATIO) -> Iterator[list[dict[str, Any]]]:
-    """One result per file, in input order, a batch of files at a time: {"file", "predictions"} or {"file", "error"}.
-
-    Only one batch's images are in memory, however many files there are.
-    """
+    """One result per file, in input order, a batch at a time: {"file", "predictions"} or {"file", "error"}."""
     limits = ImageLimits(max_aspect_ratio=max_aspect_ratio)
     k = max(1, min(top_k, len(classifier.class_names)))
     for chunk in batched(files, batch_size):

@@ -58,8 +58,7 @@ def publish_candidate(params: Params, root: Path, flow_run_id: str | None,
                       registry_root: Path | None = None) -> dict[str, Any]:
     """Gate and publish the artifacts under `root`; returns registry_version, promoted, reason, model_card, decision.
 
-    registry_root: where a relative registry.uri starts (default `root`); an isolated working
-    copy passes its project, so that the lineage keeps params as written (a relative uri).
+    registry_root: where a relative registry.uri starts (default `root`; an isolated copy passes its project).
     """
     root = Path(root)
     try:
@@ -106,11 +105,8 @@ def _publish_new(params: Params, root: Path, registry: Registry, candidate: Cand
 
 def _regate_existing(params: Params, root: Path, registry: Registry, version: str,
                      candidate: CandidateArtifacts, run_lineage: dict[str, Any]) -> dict[str, Any]:
-    """The same ONNX file is already a version: note the reproduction beside it and gate that version again.
-
-    The metrics are this run's (same model bytes, current test split), so a changed split
-    is handled as for a new candidate; the lineage is the version's own record.
-    """
+    """The same ONNX file is already a version: note the reproduction and gate that version again, with this
+    run's metrics (the current test split) and the version's own lineage."""
     production = registry.production()
     lineage = registry.read_json(version, "lineage.json")
     registry.record_reproduction(version, reproduction_note(run_lineage, lineage))
@@ -121,8 +117,7 @@ def _regate_existing(params: Params, root: Path, registry: Registry, version: st
 
 
 def reproduction_note(run: dict[str, Any], published: dict[str, Any]) -> dict[str, Any]:
-    """When and by which flow run a version's ONNX file was rebuilt, from which data, code and params, and
-    whether each matches what the version was published from (the same bytes can come from other inputs)."""
+    """Which run rebuilt a version's ONNX file, from which inputs, and whether each matches the published ones."""
     inputs = ("data_hash", "git_commit", "params_sha256", "weights_sha256", "test_split_sha256")
     return {"at": utcnow(), "flow_run_id": run.get("flow_run_id"), "onnx_sha256": run.get("onnx_sha256"),
             **{key: run.get(key) for key in inputs},
@@ -131,8 +126,7 @@ def reproduction_note(run: dict[str, Any], published: dict[str, Any]) -> dict[st
 
 @dataclass
 class ProductionSide:
-    """Production's evidence for the gate: its metrics and per-image predictions on the candidate's test split,
-    the sha256 of the ONNX file they came from, or why that file could not be scored there."""
+    """Production's metrics and predictions on the candidate's test split, its ONNX sha256, or why it is unscored."""
 
     metrics: dict[str, Any] | None = None
     predicted: list[int] | None = None
@@ -142,8 +136,7 @@ class ProductionSide:
 
 def _gate(params: Params, root: Path, registry: Registry, production: str | None, candidate: CandidateArtifacts,
           lineage: dict[str, Any]) -> dict[str, Any]:
-    """The gate decision, with both models' metrics on the candidate's test split and the paired test of
-    their predictions on the same images."""
+    """The gate decision, with both models' metrics and the paired test of their predictions."""
     side = _production_side(params, root, registry, production, candidate)
     paired = None
     if side.predicted is not None:
@@ -158,11 +151,8 @@ def _gate(params: Params, root: Path, registry: Registry, production: str | None
 
 def _production_side(params: Params, root: Path, registry: Registry, production: str | None,
                      candidate: CandidateArtifacts) -> ProductionSide:
-    """Production's ONNX file, verified, scored on the candidate's test images (a second or two).
-
-    Production's stored metrics and predictions are never read: they describe what it scored once,
-    and a changed split, a changed image or an edited record would make them the wrong evidence.
-    """
+    """Production's verified ONNX file scored on the candidate's test images (a second or two); its stored
+    metrics are never read: a changed split or an edited record would make them the wrong evidence."""
     if production is None:
         return ProductionSide()
     onnx_bytes = verified_production_onnx(registry, production)
@@ -193,11 +183,7 @@ def _production_side(params: Params, root: Path, registry: Registry, production:
 
 
 def verified_production_onnx(registry: Registry, version: str) -> bytes:
-    """The bytes of production's model.onnx, after every file of the version matched its manifest.
-
-    The bytes returned are hashed again: an edit between the verification and the read is caught too.
-    A version that fails is never taken for "no production": RegistryError says what to do.
-    """
+    """Production's model.onnx after the version verified; hashed again, so an edit after the check is caught."""
     require_verified_production(registry, version)
     onnx_bytes = registry.read_bytes(version, "model.onnx")
     if sha256_bytes(onnx_bytes) != registry.manifest(version).get("model.onnx"):
@@ -206,8 +192,7 @@ def verified_production_onnx(registry: Registry, version: str) -> bytes:
 
 
 def require_verified_production(registry: Registry, version: str) -> None:
-    """RegistryError naming the files, and `registry verify` / `registry rollback`, unless every file of the
-    production version still has the sha256 its manifest recorded."""
+    """RegistryError naming what changed unless every file of the production version matches its manifest."""
     problems = registry.verify(version)
     if problems:
         raise RegistryError(damaged_production(registry, version, problems))
@@ -222,10 +207,8 @@ def damaged_production(registry: Registry, version: str, problems: list[str]) ->
 
 def score_test_split(onnx_path: Path, prepared_dir: Path, raw_dir: Path, class_names: list[str], *,
                      top_k: int, bins: int, limits: ImageLimits | None = None) -> tuple[dict[str, Any], np.ndarray]:
-    """Metrics and probabilities of an ONNX model on the prepared test split (ValueError when it cannot be scored).
-
-    The same metric code as the evaluate stage (tasks.lib.metrics), so the gate compares like with like.
-    """
+    """Metrics (evaluate's code, so the gate compares like with like) and probabilities of an ONNX model on the
+    test split; ValueError when it cannot be scored."""
     test_file = split_path(prepared_dir, "test")
     rows = read_split(test_file)
     probs = score_onnx(onnx_path, class_names, [Path(raw_dir) / r.path for r in rows], limits)
@@ -246,8 +229,7 @@ def _result(registry: Registry, version: str, promoted: bool, decision: dict[str
 
 
 def json_safe(obj: Any) -> Any:
-    """NaN and infinities as the strings "nan", "inf": strict JSON writers (the flow's summary) accept them,
-    and the evidence of why the gate refused is kept."""
+    """NaN and infinities as "nan", "inf": strict JSON writers accept them and the gate's evidence is kept."""
     if isinstance(obj, float) and not math.isfinite(obj):
         return str(obj)
     if isinstance(obj, dict):
@@ -318,8 +300,7 @@ def _check_onnx_classes(onnx_path: Path, class_names: list[str]) -> None:
 
 
 def _weights_record(params: Params, root: Path, export_report: dict[str, Any]) -> dict[str, Any]:
-    """The pretrained-weights record the model was trained from: the export report's copy of the checkpoint's,
-    else weights.json (an export report written before it carried one)."""
+    """The pretrained-weights record: the export report's copy, else weights.json (older export reports)."""
     if isinstance(export_report.get("weights"), dict):
         return export_report["weights"]
     path = params.report_paths(root)["weights"]

@@ -57,10 +57,7 @@ def write_object_store(fs: Any, version_dir: str, files: dict[str, bytes], marke
 
 
 def link_new(path: Path, data: bytes) -> bool:
-    """Create `path` holding `data`, whole or not at all; False (and nothing written) if it exists already.
-
-    link(2) fails when the name exists, so two writers racing for the same name cannot both win.
-    """
+    """Create `path` holding `data`, whole or not at all; False if it exists (link(2) lets one racer win)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     sweep_stale_tmp(path.parent)
     tmp = path.with_name(f".tmp-{path.name}-{uuid.uuid4().hex[:8]}")

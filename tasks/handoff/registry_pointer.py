@@ -12,16 +12,15 @@ first reader into entry 1, created exclusively so it happens once. docs/registry
 
 from __future__ import annotations
 
-import contextlib
 import datetime as dt
-import fcntl
 import json
 import logging
 import re
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from filelock import FileLock
 from fsspec.implementations.local import LocalFileSystem
 
 from tasks.handoff.registry_files import crash_point, link_new
@@ -172,7 +171,7 @@ class ProductionLog:
         try:
             with explained_storage_errors(self.cache_url):
                 if self.local:
-                    with self._locked():
+                    with FileLock(self._path(LOCK), preserve_lock_file=True):   # an flock: dropped if we die
                         if (new := wanted(self._read_cache())) is not None:
                             atomic_write_bytes(Path(self._path(CACHE)), new)
                         return new
@@ -216,14 +215,6 @@ class ProductionLog:
             return self.fs.info(self._path(CACHE)).get("ETag")
         except FileNotFoundError:
             return None
-
-    @contextlib.contextmanager
-    def _locked(self) -> Iterator[None]:
-        lock_path = Path(self._path(LOCK))
-        lock_path.parent.mkdir(parents=True, exist_ok=True)
-        with open(lock_path, "a+") as handle:
-            fcntl.flock(handle, fcntl.LOCK_EX)  # released when the handle closes, also if the process dies
-            yield
 
     # ----------------------------------------------------------------- migration
 
