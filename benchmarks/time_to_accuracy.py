@@ -1,23 +1,15 @@
 #!/usr/bin/env python
 """Time to accuracy: the project's own stages on full Fashion-MNIST, timed, scored on the official test set.
 
-Writes Fashion-MNIST as a predefined-split ImageFolder (data/raw/{train,val,test}/<class>/...):
-train = the 60,000 training images minus a stratified, seeded 500 per class
-(5,000) held out as val; test = exactly the official 10,000 t10k images (prepare
-keeps a predefined layout's splits as they are; the content-hash split would mix
-train and test). Then runs prepare, decode_cache, fetch_weights, train and
-evaluate through their `python -m tasks.<stage>` entry points (no DVC, no
-Prefect), each in its own process, with the GPU profile plus the few overrides
-below, and reports each stage's wall time, the validation accuracy after each
-epoch against seconds since the train stage started, and the accuracy on the
-official test set. Nothing here asserts a number: benchmarks/README.md records
-what was measured where.
+Writes Fashion-MNIST as a predefined-split ImageFolder: train = the 60,000 training images minus a stratified,
+seeded 500 per class held out as val; test = exactly the official 10,000 t10k images (prepare keeps a predefined
+layout's splits; the content-hash split would mix train and test). Then runs every stage through its
+`python -m tasks.<stage>` entry point, each in its own process, with the GPU profile plus the few overrides below.
+benchmarks/README.md explains the figures and records what was measured where.
 
     python benchmarks/time_to_accuracy.py                      # a CUDA box: full data, params.gpu.yaml
     python benchmarks/time_to_accuracy.py --device cpu --tiny  # a smoke run anywhere (4 images per class)
     python benchmarks/time_to_accuracy.py -S train.finetune.epochs=4   # more overrides
-
-The last stdout line is one JSON object with every figure.
 """
 
 from __future__ import annotations
@@ -37,14 +29,16 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT))
 
 import numpy as np  # noqa: E402
+import torch  # noqa: E402
 import yaml  # noqa: E402
 from PIL import Image  # noqa: E402
 
-from benchmarks.stages import STAGES, log, run_stage, work_paths, write_params  # noqa: E402
+from benchmarks.stages import (  # noqa: E402
+    STAGES, TEST_IMAGES, TEST_LABELS, emit, environment, log, run_stage, work_paths, write_params,
+)
 from tasks.lib.config import load_params  # noqa: E402
 from tasks.lib.demo_data import CLASS_NAMES, IMAGES_FILE, LABELS_FILE, choose_subset, read_idx  # noqa: E402
 
-TEST_IMAGES, TEST_LABELS = "t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz"
 VAL_PER_CLASS = 500           # 5,000 val images held out of the 60,000, stratified
 SPLIT_SEED = 0
 TARGET_ACCURACY = 0.94
@@ -69,18 +63,13 @@ TINY_OVERRIDES: dict[str, Any] = {
 TINY_SUBSET = 4
 
 
-# --------------------------------------------------------------------------- data
-
-
 def split_indices(source: Path, subset: int | None) -> dict[str, tuple[str, np.ndarray]]:
     """Per split: which source file and which of its image indices (stratified, seeded, sorted)."""
-    train_labels = read_idx(source / LABELS_FILE)
-    val = np.concatenate(list(choose_subset(train_labels, VAL_PER_CLASS, SPLIT_SEED).values()))
-    rest = np.setdiff1d(np.arange(len(train_labels)), val)
-    splits = {"train": ("train", rest), "val": ("train", np.sort(val)),
-              "test": ("t10k", np.arange(len(read_idx(source / TEST_LABELS))))}
+    labels = {"train": read_idx(source / LABELS_FILE), "t10k": read_idx(source / TEST_LABELS)}
+    val = np.concatenate(list(choose_subset(labels["train"], VAL_PER_CLASS, SPLIT_SEED).values()))
+    splits = {"train": ("train", np.setdiff1d(np.arange(len(labels["train"])), val)),
+              "val": ("train", np.sort(val)), "test": ("t10k", np.arange(len(labels["t10k"])))}
     if subset:
-        labels = {"train": train_labels, "t10k": read_idx(source / TEST_LABELS)}
         for name, (file, indices) in splits.items():
             chosen = choose_subset(labels[file][indices], subset, SPLIT_SEED)
             splits[name] = (file, np.sort(indices[np.concatenate(list(chosen.values()))]))
@@ -96,11 +85,10 @@ def write_fashion(source: Path, raw: Path, subset: int | None, workers: int) -> 
                          "/usr/share/datasets/fashion-mnist)")
     jobs = [(source, raw / split, file, chunk) for split, (file, indices) in split_indices(source, subset).items()
             for chunk in np.array_split(indices, max(1, len(indices) // 2000))]
+    counts = dict.fromkeys(("train", "val", "test"), 0)
     with ProcessPoolExecutor(max_workers=max(1, workers)) as pool:
-        written = list(pool.map(_write_chunk, jobs))
-    counts: dict[str, int] = {}
-    for (_, folder, _, _), n in zip(jobs, written):
-        counts[folder.name] = counts.get(folder.name, 0) + n
+        for (_, folder, _, _), n in zip(jobs, pool.map(_write_chunk, jobs)):
+            counts[folder.name] += n
     return counts
 
 
@@ -113,16 +101,6 @@ def _write_chunk(job: tuple[Path, Path, str, np.ndarray]) -> int:
         target.parent.mkdir(parents=True, exist_ok=True)
         Image.fromarray(images[index]).save(target, optimize=False, compress_level=6)
     return len(indices)
-
-
-# --------------------------------------------------------------------------- params and stages
-
-
-def project_params(work: Path, profile: Path, device: str, overrides: list[str], tiny: bool) -> Path:
-    """The profile with the benchmark's overrides (paths under work/, then --tiny, then -S), validated, resolved."""
-    fixed = {**BENCHMARK_OVERRIDES, **work_paths(work), "model.hub_dir": str(work / "hub"),
-             "train.device": device, "evaluate.device": device, **(TINY_OVERRIDES if tiny else {})}
-    return write_params(work, profile, fixed, overrides)[0]
 
 
 def run_stages(params_file: Path, work: Path) -> dict[str, float]:
@@ -156,8 +134,6 @@ def train_with_curve(params_file: str, curve_file: str) -> int:
 
 def curve(work: Path, train_started: float) -> list[dict[str, Any]]:
     """Per epoch: seconds since the train stage started, phase, val accuracy and macro-F1 (from the resume history)."""
-    import torch
-
     history = torch.load(work / "artifacts" / "train" / "resume" / "last.pt", weights_only=True)["progress"]["history"]
     path = work / "curve.jsonl"
     ends = [json.loads(line)["time"] for line in path.read_text().splitlines()] if path.exists() else []
@@ -170,22 +146,19 @@ def curve(work: Path, train_started: float) -> list[dict[str, Any]]:
     return points
 
 
-# --------------------------------------------------------------------------- report
-
-
 def report(work: Path, counts: dict[str, int], seconds: dict[str, float], args: argparse.Namespace) -> dict[str, Any]:
-    train_started = float((work / "train.started").read_text())
-    points = curve(work, train_started)
+    points = curve(work, float((work / "train.started").read_text()))
     test = json.loads((work / "metrics" / "evaluate.json").read_text())
     train = json.loads((work / "metrics" / "train.json").read_text())
     params = yaml.safe_load((work / "params.yaml").read_text())
     reached = next((p for p in points if p["val_accuracy"] >= args.target), None)
-    official = not args.subset and not args.tiny and test["n_test"] == 10_000
+    cuda = params["train"]["device"] in ("cuda", "auto") and torch.cuda.is_available()
     return {
-        "environment": environment(params), "work_dir": str(work), "images": counts, "stage_seconds": seconds,
+        "environment": environment(cuda), "work_dir": str(work), "images": counts, "stage_seconds": seconds,
         "train_stage_s": round(seconds["train"], 2), "train_loop_s": round(train["train_seconds"], 2),
         "test_accuracy": test["accuracy"], "test_macro_f1": test["macro_f1"], "n_test": test["n_test"],
-        "official_test_set": official, "val_accuracy": train["val_accuracy"], "best_epoch": train["best_epoch"],
+        "official_test_set": not args.subset and test["n_test"] == 10_000,
+        "val_accuracy": train["val_accuracy"], "best_epoch": train["best_epoch"],
         "curve": points, "target_accuracy": args.target, "budget_s": args.budget_s,
         "val_target_reached_at_s": reached["elapsed_s"] if reached else None,
         "met": {"test_accuracy": test["accuracy"] >= args.target, "train_stage_s": seconds["train"] <= args.budget_s},
@@ -196,19 +169,6 @@ def report(work: Path, counts: dict[str, int], seconds: dict[str, float], args: 
         | {"head_epochs": params["train"]["head"]["epochs"], "finetune_epochs": params["train"]["finetune"]["epochs"],
            "unfreeze": params["train"]["finetune"]["unfreeze"], "arch": params["model"]["arch"]},
     }
-
-
-def environment(params: dict[str, Any]) -> dict[str, Any]:
-    import platform
-
-    import torch
-    import torchvision
-
-    cuda = params["train"]["device"] in ("cuda", "auto") and torch.cuda.is_available()
-    return {"device": "cuda" if cuda else "cpu",
-            "device_name": torch.cuda.get_device_name() if cuda else platform.processor() or platform.machine(),
-            "torch": torch.__version__, "torchvision": torchvision.__version__, "python": platform.python_version(),
-            "cpu_count": os.cpu_count(), "date_utc": time.strftime("%Y-%m-%d %H:%M", time.gmtime())}
 
 
 def print_table(result: dict[str, Any]) -> None:
@@ -261,17 +221,16 @@ def main(argv: list[str] | None = None) -> int:
         started = time.time()
         counts = write_fashion(args.source, work / "data" / "raw", args.subset, args.workers)
         log(f"wrote {counts} PNGs in {time.time() - started:.1f} s")
-        params_file = project_params(work, args.profile, args.device, args.set, args.tiny)
-        seconds = run_stages(params_file, work)
-        result = report(work, counts, seconds, args)
+        # The profile, then paths under work/, the benchmark's overrides, --tiny's, and -S.
+        fixed = {**BENCHMARK_OVERRIDES, **work_paths(work), "model.hub_dir": str(work / "hub"),
+                 "train.device": args.device, "evaluate.device": args.device, **(TINY_OVERRIDES if args.tiny else {})}
+        params_file, _ = write_params(work, args.profile, fixed, args.set)
+        result = report(work, counts, run_stages(params_file, work), args)
     finally:
         if not args.keep:
             shutil.rmtree(work, ignore_errors=True)
     print_table(result)
-    if args.out:
-        args.out.mkdir(parents=True, exist_ok=True)
-        (args.out / "time_to_accuracy.json").write_text(json.dumps(result, indent=1) + "\n")
-    print(json.dumps(result, sort_keys=True), flush=True)
+    emit(result, args.out, "time_to_accuracy")
     return 0
 
 
