@@ -1,27 +1,12 @@
 #!/usr/bin/env python
 """Model quality: the project's model beside what a user gets elsewhere, on the same images, in one run.
 
-On one dataset's split files it trains and scores, each on the same train/val
-images and judged on the same held-out test images:
-
-  (a) pixel baselines (scikit-learn): logistic regression and an RBF SVM on
-      the raw pixels (grey or RGB, at most 28x28, scaled to [0, 1]; the
-      features of evaluate's built-in baseline, tasks/lib/baseline.py);
-  (b) the plain recipe the PyTorch transfer-learning tutorial teaches: the
-      same backbone and pretrained weights, a new head, the whole network
-      fine-tuned from the first step in fp32 with SGD (lr 0.001, momentum
-      0.9, StepLR 7/0.1), RandomResizedCrop + flip, BatchNorm in train mode,
-      the best epoch by validation accuracy; on a GPU as many epochs as the
-      project's phase 2, on a CPU 3 (each costs about what the project's whole
-      phase 2 costs there; `--tutorial-epochs N` for more);
-  (c) this project: its own stages (`prepare`, `decode_cache`,
-      `fetch_weights`, `train`, `evaluate`) as processes, with the current
-      params (plus `-S` overrides), calibrated as the pipeline hands it off.
-
-For each: test accuracy with its 95% Wilson interval, macro-F1 with a 95%
-bootstrap interval, ECE, log loss and wall time. For the demo data it also
-scores the 10,000 official Fashion-MNIST test images, which neither training
-nor model choice ever sees. A table, then one JSON line.
+On one dataset's split files it trains, on the same train/val images, and scores on the same held-out test images:
+(a) logistic regression and an RBF SVM on the raw pixels (the features of evaluate's baseline,
+tasks/lib/baseline.py); (b) the plain recipe the PyTorch transfer-learning tutorial teaches, on the project's
+backbone and pretrained weights; (c) this project's own stages as processes, with the current params plus `-S`
+overrides. For each: test accuracy and macro-F1 with 95% intervals, ECE, log loss and wall time; for Fashion-MNIST
+also on the 10,000 official test images. benchmarks/README.md details each model and records what was measured.
 
     python benchmarks/quality.py                              # the demo data (Fashion-MNIST subset), CPU
     python benchmarks/quality.py --dataset digits             # scikit-learn's 8x8 digits, another dataset
@@ -33,8 +18,7 @@ nor model choice ever sees. A table, then one JSON line.
 from __future__ import annotations
 
 import argparse
-import json
-import os
+import copy
 import shutil
 import sys
 import tempfile
@@ -47,17 +31,33 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT))
 
 import numpy as np  # noqa: E402
+import torch  # noqa: E402
 from PIL import Image  # noqa: E402
+from sklearn.calibration import CalibratedClassifierCV  # noqa: E402
+from sklearn.datasets import load_digits  # noqa: E402
+from sklearn.linear_model import LogisticRegression  # noqa: E402
+from sklearn.pipeline import make_pipeline  # noqa: E402
+from sklearn.preprocessing import StandardScaler  # noqa: E402
+from sklearn.svm import SVC  # noqa: E402
+from torchvision import transforms  # noqa: E402
 
-from benchmarks.stages import STAGES, log, run_stage, work_paths, write_params  # noqa: E402
-from tasks.lib.config import load_params  # noqa: E402
+from benchmarks.stages import (  # noqa: E402
+    STAGES, TEST_IMAGES, TEST_LABELS, emit, environment, log, run_stage, work_paths, write_params,
+)
+from tasks.evaluate import predict_probs  # noqa: E402
+from tasks.lib.baseline import pixel_geometry, pixel_matrix, stratified_subset  # noqa: E402
+from tasks.lib.config import Params, load_params  # noqa: E402
 from tasks.lib.demo_data import CLASS_NAMES as FASHION_CLASSES  # noqa: E402
-from tasks.lib.demo_data import read_idx  # noqa: E402
+from tasks.lib.demo_data import materialise, read_idx  # noqa: E402
+from tasks.lib.images import load_rgb  # noqa: E402
 from tasks.lib.io import read_json, sha256_file  # noqa: E402
-from tasks.lib.split_files import SplitRow  # noqa: E402
+from tasks.lib.metrics import compute_metrics  # noqa: E402
+from tasks.lib.models import build_model, load_checkpoint  # noqa: E402
+from tasks.lib.split_files import SplitRow, read_classes, read_split, split_path  # noqa: E402
 from tasks.lib.uncertainty import bootstrap_macro_f1, interval_text, wilson_interval  # noqa: E402
+from tasks.lib.weights import load_backbone_state  # noqa: E402
+from tasks.train import preprocessing_for  # noqa: E402
 
-TEST_IMAGES, TEST_LABELS = "t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz"
 SVM_MAX_TRAIN = 20_000        # an RBF SVM costs O(n^2): above this it trains on a stratified subset
 TUTORIAL_LR, TUTORIAL_MOMENTUM, TUTORIAL_STEP, TUTORIAL_GAMMA = 0.001, 0.9, 7, 0.1
 # On 2 CPU cores one full fine-tuning epoch of the demo costs ~30-45 s, about what the project's whole
@@ -80,46 +80,35 @@ class Split:
         return [self.raw_dir / r.path for r in self.rows]
 
 
-# --------------------------------------------------------------------------- datasets
-
-
-def write_dataset(name: str, raw: Path, params: Any, source: Path) -> None:
+def write_dataset(name: str, raw: Path, params: Params, source: Path) -> None:
     """The named dataset as an ImageFolder of PNGs under raw (deterministic bytes)."""
-    if name == "demo":
-        from tasks.lib.demo_data import materialise
-
-        demo = params.data.demo
-        materialise(raw, demo.per_class, demo.seed, source, demo.download_dir)
-    elif name.startswith("fashion-"):      # fashion-<per class>[-<seed>]: another draw of Fashion-MNIST
-        _, per_class, *seed = name.split("-")
-        from tasks.lib.demo_data import materialise
-
-        materialise(raw, int(per_class), int(seed[0]) if seed else 1, source, params.data.demo.download_dir)
-    elif name == "digits":
-        from sklearn.datasets import load_digits
-
+    demo = params.data.demo
+    if name == "digits":
         digits = load_digits()
         for index, (image, label) in enumerate(zip(digits.images, digits.target)):
             folder = raw / f"digit_{label}"
             folder.mkdir(parents=True, exist_ok=True)
             pixels = np.round(image * 255 / 16).astype(np.uint8)   # 0..16 grey levels -> 0..255
             Image.fromarray(pixels).save(folder / f"{index:04d}.png", optimize=False, compress_level=6)
+    elif name == "demo":
+        materialise(raw, demo.per_class, demo.seed, source, demo.download_dir)
+    elif name.startswith("fashion-"):      # fashion-<per class>[-<seed>]: another draw of Fashion-MNIST
+        _, per_class, *seed = name.split("-")
+        materialise(raw, int(per_class), int(seed[0]) if seed else 1, source, demo.download_dir)
     else:
         raise SystemExit(f"error: unknown --dataset {name!r}; use demo, digits or fashion-<per class>[-<seed>]")
 
 
-def official_fashion_test(source: Path, work: Path, class_names: list[str], limit: int) -> Split | None:
-    """The 10,000 official Fashion-MNIST test images as PNGs, labelled in the dataset's class order (None when
-    the files are not there)."""
-    images_file, labels_file = source / TEST_IMAGES, source / TEST_LABELS
-    if not images_file.exists() or not labels_file.exists():
-        return None
-    images, labels = read_idx(images_file)[:limit], read_idx(labels_file)[:limit]
+def official_fashion_test(source: Path, work: Path, class_names: list[str], limit: int) -> Split:
+    """The 10,000 official Fashion-MNIST test images as PNGs, labelled in the dataset's class order."""
+    if not (source / TEST_IMAGES).exists() or not (source / TEST_LABELS).exists():
+        raise SystemExit(f"error: {source} lacks {TEST_IMAGES}; pass --source or --official-test off")
+    images, labels = read_idx(source / TEST_IMAGES)[:limit], read_idx(source / TEST_LABELS)[:limit]
     folder = work / "official_test"
+    folder.mkdir(parents=True, exist_ok=True)
     rows = []
     for index, (image, label) in enumerate(zip(images, labels)):
         path = folder / f"{index:05d}.png"
-        path.parent.mkdir(parents=True, exist_ok=True)
         Image.fromarray(image).save(path, optimize=False, compress_level=1)
         # evaluate refuses an image whose bytes differ from the hash its split recorded, as prepare records it
         rows.append(SplitRow(path=path.name, label=class_names.index(FASHION_CLASSES[label]),
@@ -127,14 +116,8 @@ def official_fashion_test(source: Path, work: Path, class_names: list[str], limi
     return Split(rows, folder)
 
 
-def is_fashion(class_names: list[str]) -> bool:
-    return sorted(class_names) == sorted(FASHION_CLASSES)
-
-
-# --------------------------------------------------------------------------- params and stages
-
-
-def project_params(work: Path, base: Path, device: str, overrides: list[str], data: Path | None) -> tuple[Path, Any]:
+def project_params(work: Path, base: Path, device: str, overrides: list[str],
+                   data: Path | None) -> tuple[Path, Params]:
     """base params with every output under work/ (inputs too unless --data), then -S; validated, resolved."""
     fixed: dict[str, Any] = {**work_paths(work), "train.resume": "never"}
     if device != "auto":
@@ -146,13 +129,8 @@ def project_params(work: Path, base: Path, device: str, overrides: list[str], da
     return write_params(work, base, fixed, overrides)
 
 
-# --------------------------------------------------------------------------- scoring
-
-
 def score(probs: np.ndarray, labels: np.ndarray, class_names: list[str], seconds: float) -> dict[str, Any]:
     """Accuracy and macro-F1 with 95% intervals, ECE, log loss: the same code evaluate uses."""
-    from tasks.lib.metrics import compute_metrics
-
     metrics = compute_metrics(probs, labels, class_names, top_k=1, bins=15)
     correct = int((probs.argmax(axis=1) == labels).sum())
     return {
@@ -163,19 +141,8 @@ def score(probs: np.ndarray, labels: np.ndarray, class_names: list[str], seconds
     }
 
 
-# --------------------------------------------------------------------------- (a) pixel baselines
-
-
 def pixel_baselines(train: Split, tests: dict[str, Split], class_names: list[str]) -> dict[str, dict[str, Any]]:
-    """Logistic regression and an RBF SVM (scikit-learn defaults; Platt-scaled probabilities) on the raw pixels."""
-    from sklearn.calibration import CalibratedClassifierCV
-    from sklearn.linear_model import LogisticRegression
-    from sklearn.pipeline import make_pipeline
-    from sklearn.preprocessing import StandardScaler
-    from sklearn.svm import SVC
-
-    from tasks.lib.baseline import pixel_geometry, pixel_matrix, stratified_subset
-
+    """(a) Logistic regression and an RBF SVM (scikit-learn defaults; Platt-scaled probabilities) on the raw pixels."""
     geometry = pixel_geometry(train.paths())
     x_train = pixel_matrix(train.paths(), geometry)
     x_tests = {name: pixel_matrix(split.paths(), geometry) for name, split in tests.items()}
@@ -189,60 +156,42 @@ def pixel_baselines(train: Split, tests: dict[str, Split], class_names: list[str
         started = time.perf_counter()
         model.fit(x_train[rows], train.labels[rows])
         fit_s = time.perf_counter() - started
-        results[name] = {"test_sets": {}, "pixels": geometry.describe(),
-                         "train_images": len(rows)}
+        results[name] = {"test_sets": {}, "pixels": geometry.describe(), "train_images": len(rows)}
         for test_name, split in tests.items():
             started = time.perf_counter()
-            probs = _full_probs(model.predict_proba(x_tests[test_name]), model.classes_, len(class_names))
+            probs = np.zeros((len(split.rows), len(class_names)))
+            probs[:, model.classes_] = model.predict_proba(x_tests[test_name])   # a class train lacks stays 0
             results[name]["test_sets"][test_name] = score(probs, split.labels, class_names,
                                                           fit_s + time.perf_counter() - started)
     return results
 
 
-def _full_probs(probs: np.ndarray, classes: np.ndarray, num_classes: int) -> np.ndarray:
-    full = np.zeros((len(probs), num_classes))
-    full[:, classes] = probs
-    return full
+class Files(torch.utils.data.Dataset):
+    """A split's images through a torchvision transform, as the tutorial's ImageFolder gives them."""
+
+    def __init__(self, split: Split, tf: Any) -> None:
+        self.paths, self.labels, self.tf = split.paths(), split.labels, tf
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, i: int) -> tuple[Any, int]:
+        return self.tf(load_rgb(self.paths[i])), int(self.labels[i])
 
 
-# --------------------------------------------------------------------------- (b) the tutorial recipe
-
-
-def tutorial_recipe(params: Any, train: Split, val: Split, tests: dict[str, Split], class_names: list[str],
-                    epochs: int, device: str) -> dict[str, Any]:
-    """The PyTorch transfer-learning tutorial's loop on the project's backbone and pretrained weights."""
-    import copy
-
-    import torch
-    from torch import nn
-    from torchvision import transforms
-
-    from tasks.lib.images import load_rgb
-    from tasks.lib.models import build_model
-    from tasks.lib.weights import load_backbone_state
-    from tasks.train import preprocessing_for
-
+def tutorial_recipe(params: Params, train: Split, val: Split, tests: dict[str, Split], class_names: list[str],
+                    epochs: int, dev: torch.device) -> dict[str, Any]:
+    """(b) The PyTorch transfer-learning tutorial: the whole network fine-tuned from the first step in fp32 (SGD,
+    StepLR, RandomResizedCrop + flip, BatchNorm in train mode), the best epoch by validation accuracy."""
     torch.manual_seed(0)
-    dev = torch.device("cuda" if device in ("auto", "cuda") and torch.cuda.is_available() else "cpu")
     state, record = load_backbone_state(params.model.out_dir)
     prep = preprocessing_for(params.model.arch, params.train.image_size, record)
     model = build_model(params.model.arch, len(class_names), state).to(dev)
     normalize = transforms.Normalize(prep.mean, prep.std)
-    size = prep.crop_size
-    train_tf = transforms.Compose([transforms.RandomResizedCrop(size), transforms.RandomHorizontalFlip(),
+    train_tf = transforms.Compose([transforms.RandomResizedCrop(prep.crop_size), transforms.RandomHorizontalFlip(),
                                    transforms.ToTensor(), normalize])
-    eval_tf = transforms.Compose([transforms.Resize(prep.resize_size), transforms.CenterCrop(size),
+    eval_tf = transforms.Compose([transforms.Resize(prep.resize_size), transforms.CenterCrop(prep.crop_size),
                                   transforms.ToTensor(), normalize])
-
-    class Files(torch.utils.data.Dataset):
-        def __init__(self, split: Split, tf: Any) -> None:
-            self.paths, self.labels, self.tf = split.paths(), split.labels, tf
-
-        def __len__(self) -> int:
-            return len(self.paths)
-
-        def __getitem__(self, i: int) -> tuple[Any, int]:
-            return self.tf(load_rgb(self.paths[i])), int(self.labels[i])
 
     def loader(split: Split, tf: Any, shuffle: bool) -> torch.utils.data.DataLoader:
         return torch.utils.data.DataLoader(Files(split, tf), batch_size=params.train.batch_size, shuffle=shuffle,
@@ -254,7 +203,7 @@ def tutorial_recipe(params: Any, train: Split, val: Split, tests: dict[str, Spli
         chunks = [torch.softmax(model(x.to(dev)).double(), 1).cpu().numpy() for x, _ in loader(split, eval_tf, False)]
         return np.concatenate(chunks)
 
-    criterion = nn.CrossEntropyLoss()
+    criterion = torch.nn.CrossEntropyLoss()
     optimizer = torch.optim.SGD(model.parameters(), lr=TUTORIAL_LR, momentum=TUTORIAL_MOMENTUM)
     scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=TUTORIAL_STEP, gamma=TUTORIAL_GAMMA)
     started = time.perf_counter()
@@ -280,17 +229,10 @@ def tutorial_recipe(params: Any, train: Split, val: Split, tests: dict[str, Spli
     return result
 
 
-# --------------------------------------------------------------------------- (c) the project
-
-
-def project_model(params_file: Path, params: Any, tests: dict[str, Split], class_names: list[str],
+def project_model(params: Params, tests: dict[str, Split], class_names: list[str],
                   stage_seconds: dict[str, float]) -> dict[str, Any]:
-    """The train stage's model.pt, scored as evaluate scores it (calibrated, test-time flips when the recipe uses them)."""
-    import torch
-
-    from tasks.evaluate import predict_probs
-    from tasks.lib.models import load_checkpoint
-
+    """(c) The train stage's model.pt, scored as evaluate scores it (calibrated, test-time flips when the recipe
+    uses them)."""
     model, meta = load_checkpoint(Path(params.train.out_dir) / "model.pt")
     reports = params.report_paths(Path("."))
     train_metrics = read_json(reports["train_metrics"])
@@ -299,18 +241,15 @@ def project_model(params_file: Path, params: Any, tests: dict[str, Split], class
                               "val_accuracy": train_metrics["val_accuracy"], "best_epoch": train_metrics["best_epoch"],
                               "best_phase": train_metrics["best_phase"], "temperature": meta.get("temperature"),
                               "test_sets": {}}
-    evaluated = read_json(reports["test_metrics"])
     for name, split in tests.items():
         started = time.perf_counter()
         probs = predict_probs(model, split.rows, split.raw_dir, meta["preprocessing"], params.evaluate.batch_size,
                               device, temperature=meta.get("temperature"))
         seconds = stage_seconds["train"] + time.perf_counter() - started
         result["test_sets"][name] = score(probs, split.labels, class_names, seconds)
+    evaluated = read_json(reports["test_metrics"])
     result["evaluate_stage"] = {k: evaluated.get(k) for k in ("accuracy", "macro_f1", "ece", "baseline_accuracy", "lift")}
     return result
-
-
-# --------------------------------------------------------------------------- report
 
 
 def print_table(result: dict[str, Any]) -> None:
@@ -332,18 +271,6 @@ def margins(models: dict[str, Any], test_name: str) -> dict[str, float]:
     ours = models["project"]["test_sets"][test_name]["accuracy"]
     return {name: round(ours - m["test_sets"][test_name]["accuracy"], 4) for name, m in models.items()
             if name != "project"}
-
-
-def environment(device: str) -> dict[str, Any]:
-    import platform
-
-    import torch
-
-    cuda = device in ("auto", "cuda") and torch.cuda.is_available()
-    return {"device": "cuda" if cuda else "cpu",
-            "device_name": torch.cuda.get_device_name() if cuda else platform.processor() or platform.machine(),
-            "torch": torch.__version__, "cpu_count": os.cpu_count(),
-            "date_utc": time.strftime("%Y-%m-%d %H:%M", time.gmtime())}
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -383,10 +310,7 @@ def main(argv: list[str] | None = None) -> int:
         if not args.work:
             shutil.rmtree(work, ignore_errors=True)
     print_table(result)
-    if args.out:
-        args.out.mkdir(parents=True, exist_ok=True)
-        (args.out / "quality.json").write_text(json.dumps(result, indent=1) + "\n")
-    print(json.dumps(result, sort_keys=True), flush=True)
+    emit(result, args.out, "quality")
     return 0
 
 
@@ -396,34 +320,30 @@ def measure(args: argparse.Namespace, chosen: set[str], work: Path) -> dict[str,
     if args.data is None and not (Path(params.data.prepared_dir) / "test.csv").exists():
         write_dataset(args.dataset, Path(params.data.raw_dir), params, args.source)
         stage_seconds["prepare"] = run_stage("prepare", params_file)
-    stages = [s for s in STAGES if s != "prepare"] if "project" in chosen else ["fetch_weights"]
-    from tasks.lib.split_files import read_classes, read_split, split_path
-
     prepared, raw = Path(params.data.prepared_dir), Path(params.data.raw_dir)
     class_names = read_classes(prepared)
     train, val, test = (Split(read_split(split_path(prepared, s)), raw) for s in ("train", "val", "test"))
     tests = {"test split": test}
-    if args.official_test == "on" or (args.official_test == "auto" and is_fashion(class_names)):
-        official = official_fashion_test(args.source, work, class_names, args.official_limit)
-        if official is None:
-            raise SystemExit(f"error: {args.source} lacks {TEST_IMAGES}; pass --source or --official-test off")
-        tests["official Fashion-MNIST test"] = official
+    if args.official_test == "on" or (args.official_test == "auto" and sorted(class_names) == sorted(FASHION_CLASSES)):
+        tests["official Fashion-MNIST test"] = official_fashion_test(args.source, work, class_names,
+                                                                    args.official_limit)
     models: dict[str, Any] = {}
     if "baselines" in chosen:
         log("== pixel baselines")
         models.update(pixel_baselines(train, tests, class_names))
-    for stage in stages:
+    for stage in [s for s in STAGES if s != "prepare"] if "project" in chosen else ["fetch_weights"]:
         stage_seconds[stage] = run_stage(stage, params_file)
+    cuda = args.device in ("auto", "cuda") and torch.cuda.is_available()
     if "tutorial" in chosen:
-        on_gpu = environment(args.device)["device"] == "cuda"
-        epochs = args.tutorial_epochs or (max(1, params.train.finetune.epochs) if on_gpu else CPU_TUTORIAL_EPOCHS)
+        epochs = args.tutorial_epochs or (max(1, params.train.finetune.epochs) if cuda else CPU_TUTORIAL_EPOCHS)
         log(f"== tutorial recipe, {epochs} epoch(s)")
-        models["tutorial_recipe"] = tutorial_recipe(params, train, val, tests, class_names, epochs, args.device)
+        models["tutorial_recipe"] = tutorial_recipe(params, train, val, tests, class_names, epochs,
+                                                    torch.device("cuda" if cuda else "cpu"))
     if "project" in chosen:
-        models["project"] = project_model(params_file, params, tests, class_names, stage_seconds)
+        models["project"] = project_model(params, tests, class_names, stage_seconds)
     result = {"dataset": str(args.data or args.dataset), "classes": len(class_names),
               "images": {"train": len(train.rows), "val": len(val.rows), "test": len(test.rows)},
-              "test_sets": list(tests), "models": models, "overrides": args.set, "environment": environment(args.device)}
+              "test_sets": list(tests), "models": models, "overrides": args.set, "environment": environment(cuda)}
     result["margins"] = {name: margins(models, name) for name in tests} if "project" in models else {}
     return result
 
