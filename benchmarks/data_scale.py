@@ -1,21 +1,11 @@
 #!/usr/bin/env python
 """Data at scale: what each data step costs from scratch and after adding 1% new images.
 
-Generates N JPEGs of realistic sizes (300-800 px a side, smooth content plus
-noise, several classes) in a DVC repo, then times, from scratch:
-
-    dvc add data/raw, dvc status, prepare, decode_cache, feature extraction
-
-(decode_cache through `dvc repro` of a stage declaring its outputs as the
-project's dvc.yaml does, so what DVC adds around it shows: start-up, hashing
-the outputs, dvc.lock), then adds 1% new images and times the same steps again. Every project step
-runs in its own process, so its peak RSS (its own and its largest worker's)
-and CPU time are its alone. Reports images/s per core (images / CPU seconds)
-next to a plain Pillow decode loop over the same files (Image.open + load:
-the machine's limit for a full decode; as many processes as the steps use),
-the incremental/full ratio, and the
-peak RSS at N against N/10 (every tenth file, copied). A table, then one
-JSON object as the last line. Nothing here asserts a speed.
+Generates N JPEGs of realistic sizes in a DVC repo and times dvc add, dvc status, prepare, decode_cache (through
+`dvc repro`, so DVC's own share shows) and feature extraction, from scratch and after adding 1% new images; each
+project step in its own process, so its peak RSS and CPU time are its alone. Reports images/s per core beside a plain
+Pillow decode of the same files, the incremental/full ratio and peak RSS at N against N/10; benchmarks/README.md
+explains each figure. Nothing here asserts a speed.
 
     python benchmarks/data_scale.py                  # a few minutes on 2 cores
     python benchmarks/data_scale.py --n 200000       # on a bigger box
@@ -37,6 +27,7 @@ import time
 
 PROCESS_START = time.perf_counter()
 
+from collections.abc import Callable  # noqa: E402
 from concurrent.futures import ProcessPoolExecutor  # noqa: E402
 from pathlib import Path
 from typing import Any
@@ -51,9 +42,7 @@ from PIL import Image  # noqa: E402
 
 ARCH = "mobilenet_v3_small"       # a real backbone at the default 96 px; random weights, BatchNorm calibrated
 IMAGE_SIZE = 96
-
-
-# --------------------------------------------------------------------------- data
+DVC = str(Path(sys.executable).parent / "dvc")
 
 
 def write_jpeg(args: tuple[Path, int]) -> int:
@@ -109,7 +98,9 @@ def subset(raw: Path, target: Path, every: int) -> None:
         shutil.copy2(f, dest)
 
 
-# --------------------------------------------------------------------------- one measured step (child process)
+def peak(figures: dict[str, Any]) -> float:
+    """A step's peak RSS in MB: its own process's or its largest worker's, whichever is larger."""
+    return max(figures["rss_mb"], figures["worker_rss_mb"])
 
 
 def pillow_decode(files: list[Path]) -> None:
@@ -147,7 +138,7 @@ def step(name: str, work: Path, raw: Path, workers: int, image_size: int = IMAGE
     """
     counts: dict[str, Any] = {}
     if name == "features":
-        run_features, context = prepare_features(work, raw, workers)
+        run_features = prepare_features(work, raw, workers)
     elif name == "prepare":
         from tasks.lib.config import PrepareParams
         from tasks.prepare import Counts, prepare
@@ -170,19 +161,20 @@ def step(name: str, work: Path, raw: Path, workers: int, image_size: int = IMAGE
                               limits=params.prepare.limits())
         counts = {"decoded": sum(s["decoded"] for s in summary.values())}
     elif name == "features":
-        counts = run_features(context)
+        counts = run_features()
     after = usage()
     return {"seconds": time.perf_counter() - started, "process_s": time.perf_counter() - PROCESS_START,
             **after, "cpu_s": after["cpu_s"] - before["cpu_s"], **counts}
 
 
-def prepare_features(work: Path, raw: Path, workers: int) -> tuple[Any, Any]:
-    """Imports, params and a model for phase 1's feature extraction; returns (function that runs it, its input)."""
+def prepare_features(work: Path, raw: Path, workers: int) -> Callable[[], dict[str, Any]]:
+    """Imports, params and a model for phase 1's feature extraction; returns the function that runs it."""
     import torch
 
+    from benchmarks.stages import calibrated_model
     from tasks.lib.config import load_params
     from tasks.lib.image_cache import training_images
-    from tasks.lib.models import build_model, default_preprocessing, feature_extractor
+    from tasks.lib.models import default_preprocessing, feature_extractor
     from tasks.lib.split_files import read_split, split_path
     from tasks.training.loop import Data, Run
     from tasks.training.phases import features
@@ -195,16 +187,10 @@ def prepare_features(work: Path, raw: Path, workers: int) -> tuple[Any, Any]:
         "train.device": "cpu", "train.channels_last": False})
     prep = default_preprocessing(ARCH, IMAGE_SIZE)
     torch.manual_seed(0)
-    model = build_model(ARCH, 10)
-    for module in model.modules():       # calibrated BatchNorm: random init gives denormal features (slow on CPU)
-        if isinstance(module, torch.nn.modules.batchnorm._BatchNorm):
-            module.momentum = None
-    with torch.no_grad():
-        model.train()(torch.randn(32, 3, IMAGE_SIZE, IMAGE_SIZE))
-    model.eval()
+    model = calibrated_model(ARCH, 10).eval()
     rt = Runtime(device=torch.device("cpu"), amp_dtype=None)
 
-    def extract(_: Any) -> dict[str, Any]:
+    def extract() -> dict[str, Any]:
         """Phase 1's feature extraction (train + val) through tasks.training.phases.features and the feature cache."""
         done = 0
         for split in ("train", "val"):
@@ -217,43 +203,41 @@ def prepare_features(work: Path, raw: Path, workers: int) -> tuple[Any, Any]:
             done += len(rows)
         return {"images": done}
 
-    return extract, None
-
-
-# --------------------------------------------------------------------------- orchestration
+    return extract
 
 
 def measure(name: str, work: Path, raw: Path, workers: int, image_size: int = IMAGE_SIZE) -> dict[str, Any]:
-    cmd = [sys.executable, __file__, "--step", name, "--work", str(work), "--raw", str(raw), "--workers", str(workers),
-           "--image-size", str(image_size)]
-    proc = subprocess.run(cmd, cwd=REPO_ROOT, capture_output=True, text=True)
-    if proc.returncode != 0:
-        raise SystemExit(f"step {name} failed:\n{proc.stderr[-4000:]}")
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+    """One step in a child process (this script with --step): its figures."""
+    stdout, _ = call([sys.executable, __file__, "--step", name, "--work", str(work), "--raw", str(raw), "--workers",
+                      str(workers), "--image-size", str(image_size)], REPO_ROOT)
+    return json.loads(stdout.strip().splitlines()[-1])
 
 
-def timed(cmd: list[str], cwd: Path) -> float:
+def call(cmd: list[str], cwd: Path) -> tuple[str, float]:
+    """cmd's stdout and wall time; its output ends the benchmark if it fails."""
     started = time.perf_counter()
     proc = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True)
     if proc.returncode != 0:
-        raise SystemExit(f"{' '.join(cmd)} failed:\n{proc.stdout}\n{proc.stderr}")
-    return time.perf_counter() - started
+        raise SystemExit(f"{' '.join(cmd)} failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-4000:]}")
+    return proc.stdout, time.perf_counter() - started
+
+
+def timed(cmd: list[str], cwd: Path) -> float:
+    return call(cmd, cwd)[1]
 
 
 def dvc_steps(work: Path) -> dict[str, float]:
-    dvc = str(Path(sys.executable).parent / "dvc")
-    return {"dvc_add_s": timed([dvc, "add", "-q", "data/raw"], work),
-            "dvc_status_s": timed([dvc, "status", "-q", "data/raw.dvc"], work)}
+    return {"dvc_add_s": timed([DVC, "add", "-q", "data/raw"], work),
+            "dvc_status_s": timed([DVC, "status", "-q", "data/raw.dvc"], work)}
 
 
 def init_repo(work: Path, dvc_config: list[str]) -> None:
-    dvc = str(Path(sys.executable).parent / "dvc")
     timed(["git", "init", "-q"], work)
-    timed([dvc, "init", "-q"], work)
-    timed([dvc, "config", "core.analytics", "false"], work)
+    timed([DVC, "init", "-q"], work)
+    timed([DVC, "config", "core.analytics", "false"], work)
     for setting in dvc_config:
         key, _, value = setting.partition("=")
-        timed([dvc, "config", key, value], work)
+        timed([DVC, "config", key, value], work)
 
 
 def project_steps(work: Path, raw: Path, workers: int, features: bool) -> dict[str, Any]:
@@ -266,20 +250,14 @@ def add_stage(work: Path, name: str, workers: int) -> None:
     """A dvc.yaml stage running one step, with decode_cache's outputs declared as the project's dvc.yaml does
     (cache: false), so `dvc repro` adds what it adds around the real stage: hashing the outputs (a new file is
     read whole, a kept one is found in DVC's state) and the dependencies, and writing dvc.lock."""
-    dvc = str(Path(sys.executable).parent / "dvc")
     cmd = f"{sys.executable} {__file__} --step {name} --work . --raw data/raw --workers {workers}"
-    timed([dvc, "stage", "add", "-q", "-n", name, "-d", "prepared", "-O", "decoded", cmd], work)
+    timed([DVC, "stage", "add", "-q", "-n", name, "-d", "prepared", "-O", "decoded", cmd], work)
 
 
 def measure_through_dvc(name: str, work: Path) -> dict[str, Any]:
     """A step run by `dvc repro`: its own figures, plus the whole command's wall time and DVC's share of it."""
-    dvc = str(Path(sys.executable).parent / "dvc")
-    started = time.perf_counter()
-    proc = subprocess.run([dvc, "repro", "-q", name], cwd=work, capture_output=True, text=True)
-    wall = time.perf_counter() - started
-    if proc.returncode != 0:
-        raise SystemExit(f"dvc repro {name} failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-4000:]}")
-    result = json.loads([line for line in proc.stdout.splitlines() if line.startswith("{")][-1])
+    stdout, wall = call([DVC, "repro", "-q", name], work)
+    result = json.loads([line for line in stdout.splitlines() if line.startswith("{")][-1])
     return result | {"dvc_repro_s": wall, "dvc_overhead_s": wall - result["process_s"]}
 
 
@@ -367,7 +345,6 @@ def run_memory(args: argparse.Namespace, work: Path) -> dict[str, Any]:
     for label, folder in (("tenth", small), ("full", work)):
         report[label] = {f"{name}{run}": measure(name, folder, folder / "data" / "raw", args.workers, size)
                          for run in ("", "_rerun") for name in ("prepare", "decode_cache")}
-    peak = lambda r: max(r["rss_mb"], r["worker_rss_mb"])  # noqa: E731
     report["rss_vs_tenth"] = {key: peak(report["full"][key]) / peak(report["tenth"][key]) for key in report["full"]}
     return report
 
@@ -377,7 +354,7 @@ def print_memory_table(report: dict[str, Any]) -> None:
     print(f"{n} tiny PNGs, decode_cache at {report['image_size']} px, {report['workers']} workers")
     print(f"{'step':<20}{f'N/10 = {n // 10}':>16}{f'N = {n}':>16}{'N vs N/10':>11}")
     for key, ratio in report["rss_vs_tenth"].items():
-        peaks = [max(report[size][key]["rss_mb"], report[size][key]["worker_rss_mb"]) for size in ("tenth", "full")]
+        peaks = [peak(report[size][key]) for size in ("tenth", "full")]
         print(f"{key:<20}{peaks[0]:>13.1f} MB{peaks[1]:>13.1f} MB{ratio:>10.2f}x")
 
 
@@ -390,7 +367,6 @@ def summarize(report: dict[str, Any], features: bool) -> None:
         full["img_per_core_s"] = n / full["cpu_s"]
         full["vs_pillow"] = full["img_per_core_s"] / report["pillow_img_per_core_s"]
     for name in ("prepare", "decode_cache"):
-        peak = lambda r: max(r["rss_mb"], r["worker_rss_mb"])  # noqa: E731
         report["full"][name]["rss_vs_tenth"] = peak(report["full"][name]) / peak(report["tenth"][name])
     for unit, key in (("seconds", "incremental_vs_full"), ("cpu_s", "incremental_vs_full_cpu")):
         report[key] = (sum(report["incremental"][s][unit] for s in steps) / sum(report["full"][s][unit] for s in steps))
@@ -415,10 +391,9 @@ def print_table(report: dict[str, Any]) -> None:
         full, inc = report["full"].get(name), report.get("incremental", {}).get(name)
         if not full:
             continue
-        rss = max(full["rss_mb"], full["worker_rss_mb"])
         ratio = f"{full['rss_vs_tenth']:.2f}x" if "rss_vs_tenth" in full else ""
         print(f"{name:<14}{full['seconds']:>9.1f}{inc['seconds']:>9.1f}{full['img_per_core_s']:>12.0f}"
-              f"{full['vs_pillow']:>10.0%}{rss:>13.0f}{ratio:>15}")
+              f"{full['vs_pillow']:>10.0%}{peak(full):>13.0f}{ratio:>15}")
     if "incremental_vs_full" in report:
         print(f"incremental / full (prepare + decode_cache + features): {report['incremental_vs_full']:.1%} of the "
               f"time, {report['incremental_vs_full_cpu']:.1%} of the CPU")
