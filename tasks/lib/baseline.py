@@ -67,10 +67,8 @@ def stratified_subset(labels: np.ndarray, limit: int, seed: int = 0) -> np.ndarr
 
 def fit_logistic_regression(x: np.ndarray, y: np.ndarray, num_classes: int, c: float = 1.0
                             ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Multinomial logistic regression, minimising sum(log loss) + ||W||^2 / (2 C) as scikit-learn does.
-
-    Float64 L-BFGS on the CPU: deterministic. Returns (weights, bias) for standardised inputs.
-    """
+    """Multinomial logistic regression, minimising sum(log loss) + ||W||^2 / (2 C) as scikit-learn does, by
+    float64 L-BFGS on the CPU (deterministic). (weights, bias) for standardised inputs."""
     xt, yt = torch.from_numpy(np.asarray(x, np.float64)), torch.from_numpy(np.asarray(y, np.int64))
     w = torch.zeros(xt.shape[1], num_classes, dtype=torch.float64, requires_grad=True)
     b = torch.zeros(num_classes, dtype=torch.float64, requires_grad=True)

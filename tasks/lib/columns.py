@@ -42,13 +42,9 @@ class PackedStrings:
     def sort_order(self, rows: np.ndarray | None = None) -> np.ndarray:
         """rows (default: all) ordered by their strings, ties in the given order; as `sorted(key=str)` would.
 
-        Python orders str by code point, and UTF-8 bytes compare in the same
-        order, so fixed-width byte keys sort them in numpy. The keys are cut at
-        a width that keeps them within SORT_KEY_MIN_BYTES (or twice the
-        strings' size); strings that only the cut made equal are then ordered
-        in Python, among themselves. The keys are built SPAN_CHUNK rows at a
-        time: beside the result they are the only array of the rows' size.
-        """
+        UTF-8 bytes compare in code-point order, so fixed-width byte keys sort them in numpy; the keys are cut to
+        stay within SORT_KEY_MIN_BYTES (or twice the strings' size), and strings only the cut made equal are then
+        ordered in Python."""
         rows = np.arange(len(self), dtype=np.int64) if rows is None else np.asarray(rows, dtype=np.int64)
         if len(rows) < 2:
             return rows

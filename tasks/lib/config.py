@@ -1,8 +1,5 @@
-"""params.yaml, read once into one typed schema.
-
-Every stage calls `load_params()`; nothing else parses params.yaml. Unknown
-keys, wrong types and out-of-range values fail with the dotted key path, the
-bad value and what is allowed, before any work starts.
+"""params.yaml, read once into one typed schema: every stage calls `load_params()`, and unknown keys, wrong types
+and out-of-range values fail with the dotted key, the bad value and what is allowed, before any work starts.
 
 Print the schema with `python -m tasks.lib.config --schema` (`--json` for the
 raw JSON Schema), check a file with `python -m tasks.lib.config [params.yaml] [-S key=value ...]`.
@@ -317,9 +314,7 @@ class Params(Section):
 
 def load_params(path: Path | str = DEFAULT_PARAMS, overrides: dict[str, Any] | list[str] | None = None) -> Params:
     """Read, override and validate params; raise ParamsError naming each bad key and where it came from.
-
-    model.arch is checked by whoever builds a model (tasks.lib.models.check_arch imports torchvision).
-    """
+    model.arch is checked by whoever builds a model (tasks.lib.models.check_arch imports torchvision)."""
     path = Path(path)
     raw = read_yaml(path)
     parsed = parse_overrides(overrides)

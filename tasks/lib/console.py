@@ -22,10 +22,8 @@ F = TypeVar("F", bound=Callable[..., int])
 
 
 def terminal_safe(text: object, *, one_line: bool = False) -> str:
-    """`text` with every control or reordering character shown as an escape (`\\x1b`, `\\u202e`).
-
-    one_line also escapes tabs and newlines, for a value that sits in one cell of a table.
-    """
+    """`text` with every control or reordering character shown as an escape (`\\x1b`, `\\u202e`); one_line also
+    escapes tabs and newlines, for a value in one cell of a table."""
     shown = _UNSAFE.sub(_escape, str(text))
     return _LINE_BREAKS.sub(_escape, shown) if one_line else shown
 

@@ -74,11 +74,8 @@ def choose_subset(labels: np.ndarray, per_class: int, seed: int) -> dict[int, np
 
 
 def materialise(out_dir: Path, per_class: int, seed: int, source_dir: Path, download_dir: Path) -> int:
-    """Write the subset to out_dir/<class>/<index>.png; returns the number of images.
-
-    Written into a temporary folder and renamed, so out_dir is never half-filled.
-    Refuses to overwrite a non-empty out_dir: that would be someone's data.
-    """
+    """Write the subset to out_dir/<class>/<index>.png through a temporary folder; the number of images.
+    Refuses a non-empty out_dir: that would be someone's data."""
     if out_dir.exists() and any(out_dir.iterdir()):
         raise StageError(f"{out_dir} is not empty; the demo writes only into an empty or missing folder")
     source = find_source(source_dir, download_dir)

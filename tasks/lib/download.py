@@ -24,11 +24,8 @@ log = logging.getLogger(__name__)
 
 def ensure_cached(url: str, dest: Path, *, sha256: str | None, hash_prefix: str | None = None, offline: bool = False,
                   retries: int = 3, retry_delay: float = 1.0, timeout: float = 60.0) -> str:
-    """Make `dest` a verified copy of `url` (download only when missing or bad); return its sha256.
-
-    The pin is `sha256` when given, else the trust-on-first-use sidecar `<dest>.sha256`,
-    else (first download) only the file-name hash prefix, after which the sidecar is written.
-    """
+    """Make `dest` a verified copy of `url` (download only when missing or bad); return its sha256. The pin is
+    `sha256`, else the sidecar `<dest>.sha256`, else (first download) the file-name hash prefix."""
     sidecar = sidecar_path(dest)
     expected = sha256 or (sidecar.read_text().strip() if sidecar.exists() else None)
     if dest.exists():

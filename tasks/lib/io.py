@@ -56,12 +56,8 @@ def explained_storage_errors(path: Path | str) -> Iterator[None]:
 
 @contextlib.contextmanager
 def atomic_path(path: Path | str) -> Iterator[Path]:
-    """Yield a temporary path beside `path`; on success fsync and rename it over `path`.
-
-    A crash or an exception leaves the old file (if any) untouched and no
-    half-written file under the final name. A full disk or a permission problem
-    is raised as a StorageError that names the path.
-    """
+    """Yield a temporary path beside `path`; on success fsync and rename it over `path`: a crash leaves the old
+    file untouched and nothing half-written under the final name. Disk and permission errors name the path."""
     path = Path(path)
     with explained_storage_errors(path):
         path.parent.mkdir(parents=True, exist_ok=True)

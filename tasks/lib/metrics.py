@@ -53,10 +53,8 @@ def confusion_matrix(probs: np.ndarray, labels: np.ndarray, class_names: list[st
 
 
 def reliability_bins(probs: np.ndarray, labels: np.ndarray, bins: int) -> list[dict[str, Any]]:
-    """The reliability diagram: per confidence bin, mean confidence, accuracy and count.
-
-    Uses torchmetrics' own binning, so the bins are exactly those behind the reported ECE.
-    """
+    """The reliability diagram: per confidence bin, mean confidence, accuracy and count, in torchmetrics' own
+    bins, exactly those behind the reported ECE."""
     p = torch.as_tensor(np.asarray(probs, dtype=np.float64))
     y = torch.as_tensor(np.asarray(labels, dtype=np.int64))
     confidences, predicted = p.max(dim=1)

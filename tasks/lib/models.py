@@ -101,11 +101,8 @@ def head_module(model: nn.Module) -> nn.Module:
 
 
 def feature_extractor(model: nn.Module) -> nn.Module:
-    """A deep copy of the model with its head swapped for Identity: outputs what the head takes in.
-
-    Its own parameters, equal to `model`'s while the backbone is frozen (the head
-    phase, which uses it); `model` keeps its head.
-    """
+    """A deep copy of the model with its head swapped for Identity: outputs what the head takes in. Its own
+    parameters, equal to `model`'s while the backbone is frozen (the head phase, which uses it)."""
     import copy
 
     head_name = find_head(model)

@@ -72,10 +72,7 @@ class Classifier:
 
     def probabilities(self, batch: np.ndarray) -> np.ndarray:
         """Class probabilities (float64) of a preprocessed batch: the calibrated output when the model has one.
-
-        Raises ModelError ("model unusable") when the output is not one row of finite, non-negative
-        numbers per image and class: a caller never prints or scores NaN as a prediction.
-        """
+        ModelError unless it is one row of finite, non-negative numbers per image and class: NaN is never scored."""
         if not self.calibrated:
             return self._checked(softmax(self.logits(batch)), len(batch), "logits")
         probs = self.session.run([PROBABILITIES_NAME], {self.input_name: np.ascontiguousarray(batch)})[0]
@@ -94,10 +91,7 @@ class Classifier:
         return probs
 
     def load(self, path: Path | str, limits: ImageLimits | None = None) -> np.ndarray:
-        """One image file as the network's input (raises BadImage / OSError naming the file).
-
-        limits None: the process's (tasks.lib.images.set_image_limits).
-        """
+        """One image file as the network's input (BadImage / OSError name the file); limits None: the process's."""
         limits = limits or image_limits()
         img = load_rgb(path, limits.max_pixels, max_aspect_ratio=limits.max_aspect_ratio,
                        max_file_bytes=limits.max_file_bytes)
@@ -113,11 +107,7 @@ class Classifier:
 
 def load_classifier(path: Path | str, threads: int = 0) -> Classifier:
     """Open the model, read class names and preprocessing from its metadata and check they fit the network.
-
-    Every ONNX file is untrusted input: metadata that is not valid JSON, lacks a key, has
-    values of the wrong kind, or names more or fewer classes than the network outputs
-    raises ModelError naming the file, before any image is read.
-    """
+    Every ONNX file is untrusted input: any problem raises ModelError naming the file, before any image is read."""
     path = Path(path)
     if not path.is_file():
         raise ModelError(f"{path}: model file not found")
@@ -136,11 +126,8 @@ def load_classifier(path: Path | str, threads: int = 0) -> Classifier:
 
 def score_onnx(onnx_path: Path, class_names: list[str], paths: Sequence[Path], limits: ImageLimits | None = None
                ) -> np.ndarray:
-    """Probabilities of the ONNX model at onnx_path on image files, with the preprocessing from its own metadata.
-
-    ValueError naming the file when the model is unusable (ModelError), its classes are not
-    `class_names`, or an image no longer reads; limits (prepare's) let every image prepare accepted be read.
-    """
+    """Probabilities of the ONNX model at onnx_path on image files, with the preprocessing from its own metadata;
+    ValueError naming the file when the model is unusable, its classes are not `class_names`, or an image fails."""
     classifier = load_classifier(onnx_path)
     if classifier.class_names != class_names:
         raise ModelError(f"{onnx_path}: its classes {classifier.class_names} differ from the test split's {class_names}")

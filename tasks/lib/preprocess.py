@@ -1,8 +1,5 @@
-"""Evaluation-time preprocessing, shared by PyTorch and the ONNX predict command.
-
-Torch-free on purpose: the same function turns a PIL image into the network's
-input for evaluate, export parity and predict, so the three cannot drift apart.
-The settings travel inside the checkpoint and the ONNX metadata.
+"""Evaluation-time preprocessing, torch-free: the same function makes the network's input for evaluate, export
+parity and predict, so they cannot drift apart. The settings travel in the checkpoint and the ONNX metadata.
 """
 
 from __future__ import annotations
@@ -81,17 +78,10 @@ WHOLE_RESIZE_MAX_ASPECT = 4.0
 
 
 def resize_and_crop(img: Image.Image, prep: Preprocessing, *, resample_crop_only: bool = False) -> Image.Image:
-    """Shorter side to resize_size (aspect kept), then the central crop_size square.
-
-    Images up to WHOLE_RESIZE_MAX_ASPECT:1 are resized whole, then cropped
-    (the pixels of torchvision's Resize + CenterCrop on PIL images); longer
-    ones resample only the crop's source region (Pillow's resize box), which
-    matches the whole resize to within 1 gray level (float32 box edges).
-    resample_crop_only takes that path for every image: it skips the rows and
-    columns the crop throws away (a third less resampling at 4:3), for the
-    decoded cache's JPEG draft mode, whose pixels are approximate anyway
-    (not for nearest, whose box-relative sampling picks other pixels).
-    """
+    """Shorter side to resize_size (aspect kept), then the central crop_size square: torchvision's Resize +
+    CenterCrop on PIL images. Longer images than WHOLE_RESIZE_MAX_ASPECT:1 resample only the crop's source region
+    (Pillow's resize box: within 1 gray level of the whole resize); resample_crop_only does so for every image (a
+    third less resampling at 4:3), for the decoded cache's JPEG draft mode, whose pixels are approximate anyway."""
     width, height = img.size
     scale = prep.resize_size / min(width, height)
     new_size = (max(prep.resize_size, round(width * scale)), max(prep.resize_size, round(height * scale)))

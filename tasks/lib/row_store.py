@@ -69,9 +69,8 @@ class StoredRows:
     row: np.ndarray          # int32, row within that file
 
     def find(self, wanted: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """(found, file index, row) for each wanted key (`index_keys` of the sha256s); a binary search, no dict.
-
-        A key stored in several segments is found in the first of them in `files` order."""
+        """(found, file index, row) for each wanted key (`index_keys` of the sha256s), by binary search; a key
+        stored in several segments is found in the first of them in `files` order."""
         if not len(self.keys):
             nowhere = np.zeros(len(wanted), dtype=np.int32)
             return np.zeros(len(wanted), dtype=bool), nowhere, nowhere
@@ -165,13 +164,9 @@ def _checked_keys(variant_dir: Path, name: str) -> np.ndarray | None:
 
 @dataclass(frozen=True)
 class SplitPlan:
-    """How one variant of one split is laid out: stored segments kept as they are, then one new segment.
-
-    The new segment holds, in split order, the images to decode and the rows copied from the segments that
-    are merged. `position` maps each split row to its place in the concatenation of the kept segments and
-    the new one: what the output's rows file stores. Only copies are listed one by one (a first build
-    decodes everything and copies nothing: memory per image stays small).
-    """
+    """How one variant of one split is laid out: stored segments kept as they are, then one new segment holding,
+    in split order, the images to decode and the rows copied from merged segments. `position`: each split row's
+    place in the concatenation (what the output's rows file stores)."""
 
     kept: list[int]               # indexes into StoredRows.files, in output order
     new_rows: np.ndarray          # int32: split rows in the new segment, in order
@@ -191,10 +186,7 @@ class SplitPlan:
 
 def plan_split(sizes: Sequence[int], reusable: np.ndarray, file_index: np.ndarray, row: np.ndarray) -> SplitPlan:
     """Which segments a split keeps reading and which rows go into its new segment (see the module docstring).
-
-    sizes: rows in each stored segment (StoredRows.sizes); reusable: per split row, whether it is stored (in
-    every variant the split needs); file_index / row: where. Rows not reusable are decoded into the new segment.
-    """
+    reusable: per split row, whether it is stored in every variant the split needs; file_index / row: where."""
     n_files = len(sizes)
     source = np.where(reusable, file_index, 0).astype(np.int32)
     used = np.bincount(source[reusable], minlength=n_files)

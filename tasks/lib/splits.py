@@ -85,11 +85,8 @@ class ImageTable:
 
 
 def dedupe(table: ImageTable) -> tuple[np.ndarray, dict[str, Any], list[dict[str, Any]]]:
-    """One copy per content hash (rows, in content order); content under two classes is a label conflict.
-
-    Of copies, the first by (split, path) is kept. Only groups of copies are
-    looked at in Python; unique content stays in arrays.
-    """
+    """One copy per content hash (rows, in content order), the first by (split, path); content under two classes
+    is a label conflict. Only groups of copies are looked at in Python; unique content stays in arrays."""
     order = np.argsort(table.digests, kind="stable")
     starts = np.flatnonzero(_new_content(table.digests, order))
     sizes = np.diff(starts, append=len(order))
@@ -140,14 +137,10 @@ Splits = dict[str, np.ndarray]      # split name -> table rows
 
 
 def assign_splits(table: ImageTable, kept: np.ndarray, cfg: PrepareParams) -> Splits:
-    """Stable, stratified split: each image's split depends only on its hash and the seed.
+    """Stable, stratified split: each image's split depends only on its hash and the seed, cut per class.
 
-    Thresholds are applied per class, so each class gets about the requested
-    fractions. A class with at least three images that would leave a split
-    empty gets that split's closest image instead; only such tiny classes ever
-    see an image move when new data arrives. Rows are listed class by class
-    (in the order classes first appear in `kept`), each class by its fraction.
-    """
+    A class of at least three images that would leave a split empty gives it its closest image: only such tiny
+    classes ever see an image move when new data arrives. Rows are listed class by class, each by fraction."""
     fractions = np.fromiter((split_fraction(table.sha256(row), cfg.seed) for row in kept.tolist()),
                             dtype=np.float64, count=len(kept))
     labels = table.labels[kept]

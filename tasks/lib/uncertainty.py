@@ -33,11 +33,8 @@ def wilson_interval(successes: int, n: int, confidence: float = CONFIDENCE) -> t
 
 
 def macro_f1_from_counts(counts: np.ndarray) -> np.ndarray:
-    """Macro-F1 of confusion matrices (..., C, C) with rows = actual, columns = predicted.
-
-    As torchmetrics computes it: a class that is neither present nor predicted
-    (tp + fp + fn = 0) is left out of the average.
-    """
+    """Macro-F1 of confusion matrices (..., C, C) with rows = actual, columns = predicted; as in torchmetrics, a
+    class neither present nor predicted (tp + fp + fn = 0) is left out of the average."""
     counts = np.asarray(counts, dtype=np.float64)
     tp = np.diagonal(counts, axis1=-2, axis2=-1)
     fp = counts.sum(axis=-2) - tp
@@ -68,12 +65,8 @@ def bootstrap_macro_f1(labels: np.ndarray, predicted: np.ndarray, num_classes: i
 
 
 def mcnemar_exact(candidate_right: np.ndarray, production_right: np.ndarray) -> dict[str, float | int]:
-    """Exact two-sided McNemar test of two models' per-image correctness on the same images.
-
-    Returns the discordant counts (`wins`: only the candidate is right, `losses`:
-    only production is right) and the p-value of "both are equally good": twice
-    the binomial(wins + losses, 1/2) tail of the smaller count, at most 1.
-    """
+    """Exact two-sided McNemar test of two models' per-image correctness on the same images: the discordant
+    counts (`wins`: only the candidate is right, `losses`: only production is) and the p-value of "equally good"."""
     a, b = np.asarray(candidate_right, dtype=bool), np.asarray(production_right, dtype=bool)
     if a.shape != b.shape:
         raise ValueError(f"paired predictions differ in length: {a.shape} vs {b.shape}")
