@@ -1,32 +1,10 @@
 """Stage train: fine-tune a pretrained backbone with a new head (`python -m tasks.train`).
 
-Phase 1 ("head") trains only the new head with the backbone frozen and every
-BatchNorm/dropout in eval mode; without augmentation the backbone's features
-are computed once and the head trains on them, so its epochs cost almost
-nothing. Phase 2 ("finetune") optionally unfreezes the last N blocks or the
-whole backbone, with a lower rate for the backbone (lr * backbone_lr_scale),
-warmup + cosine, and random resized crop + flip done on the device.
-
-The validation metric is macro-F1 (it does not let a large class hide a weak
-one, and the promotion gate uses it too); the best epoch is
-`<train.out_dir>/model.pt`, with the temperature that calibrates its
-probabilities, fitted on the validation split (`tasks.training.calibration`).
-After every epoch `<train.out_dir>/resume/last.pt` holds everything needed to
-continue exactly (`train.resume: auto`), and `resume/best.pt` the best epoch so
-far: `dvc repro` deletes model.pt before it re-runs an interrupted stage, so
-model.pt is written only at the end, from best.pt. The test split is never read here.
-
-Outputs: model.pt, resume/last.pt and resume/best.pt in train.out_dir; in reports.dir: train.json (the metrics) and
-train/ (per-epoch curves: plots/metrics/*.tsv, and curves.png).
-Several GPUs: `train.nproc_per_node: N` re-launches this module under torchrun.
-The GPU profile for real datasets is params.gpu.yaml (see its header).
-The pieces live in `tasks/training/`: the epoch loop as plain functions
-(`loop`: train_epoch, validate, fit_phase over a `Step`), what trains in each
-phase (`phases`), batches made ahead of the step (`batches`), the step replayed
-from a CUDA graph (`cuda_graph`), the loss check that never waits (`monitor`),
-what trains when (`freezing`), the step's parts (`optim`), features kept across
-runs (`features`), device, precision, seeding and DDP (`runtime`), the resume
-state (`state`) and the training curves (`plots`).
+Phase 1 ("head") trains only the new head on the frozen backbone; phase 2 ("finetune") optionally
+unfreezes the last N blocks or all of it (docs/training.md). The validation metric is macro-F1, as the
+promotion gate's. Outputs: model.pt (the best epoch with its fitted temperature) and resume/ in
+train.out_dir; train.json and train/ (curves) in reports.dir. The test split is never read here.
+The pieces live in `tasks/training/`.
 """
 
 from __future__ import annotations
@@ -61,9 +39,6 @@ __all__ = ["Hooks", "NonFiniteLoss", "run", "train"]
 log = logging.getLogger("train")
 
 
-# --------------------------------------------------------------------------- entry
-
-
 def run(params: Params) -> dict[str, Any]:
     """The stage: train in this process, or re-launch under torchrun when nproc_per_node > 1."""
     if params.train.nproc_per_node > 1 and "LOCAL_RANK" not in os.environ:
@@ -73,12 +48,7 @@ def run(params: Params) -> dict[str, Any]:
 
 def train(params: Params, hooks: Hooks | None = None, cache_features: bool | None = None) -> dict[str, Any]:
     """Train both phases and write model.pt, the metrics (reports.dir/train.json) and curves; returns the metrics.
-
-    cache_features None caches what the frozen part of the network computes
-    when a phase does not augment (backbone features in phase 1, the frozen
-    bottom's activations in phase 2); False runs the whole network every step
-    (benchmarks and the equivalence tests compare the two).
-    """
+    cache_features False runs the whole network every step instead of caching what its frozen part computes."""
     cfg, hooks = params.train, hooks or Hooks()
     rt = setup_runtime(cfg)
     try:
@@ -131,12 +101,8 @@ def _train(params: Params, rt: Runtime, hooks: Hooks, cache_features: bool | Non
     return metrics
 
 
-# --------------------------------------------------------------------------- weights and data
-
-
 def preprocessing_for(arch: str, image_size: int, weights: dict[str, Any]) -> Preprocessing:
-    """The eval preprocessing at train.image_size, with the pretrained weights' mean/std when weights.json
-    records them."""
+    """The eval preprocessing at train.image_size, with the mean/std weights.json records, if any."""
     prep = default_preprocessing(arch, image_size)
     recorded = weights.get("preprocessing") or {}
     if recorded.get("mean") and recorded.get("std"):
@@ -168,12 +134,8 @@ def load_data(params: Params, prep: Preprocessing, rt: Runtime, num_classes: int
     )
 
 
-# --------------------------------------------------------------------------- calibration
-
-
 def calibrate(training: Run) -> dict[str, float]:
-    """Fit the temperature on the best epoch's validation logits; write model.pt, the best epoch with it
-    (tasks.training.calibration)."""
+    """Fit the temperature on the best epoch's validation logits; write model.pt, the best epoch with it."""
     if training.rt.world > 1:
         torch.distributed.barrier()   # rank 0 wrote best.pt; every rank reads the same best epoch
     best = training.ckpt.load_best()
@@ -186,9 +148,6 @@ def calibrate(training: Run) -> dict[str, float]:
     log.info("temperature %.3f fitted on the validation split: val NLL %.4f -> %.4f", temperature,
              report["val_nll_before"], report["val_nll_after"])
     return report
-
-
-# --------------------------------------------------------------------------- summary
 
 
 def summary_metrics(progress: Progress, rt: Runtime, arch: str, weights: dict[str, Any]) -> dict[str, Any]:

@@ -1,21 +1,10 @@
 """Batches made ahead of the step that uses them, in a background thread (and on a side CUDA stream).
 
-A GPU step must never wait for its batch. Gathering 256 images out of the
-memory-mapped cache costs milliseconds of CPU time, and any host copy or
-`.item()` inside a step makes the CPU wait for the GPU before it can start
-that gather, so the GPU then waits for the CPU. `BatchProducer` runs
-`make(idx)` for batch N+1 (the gather into pinned memory, the non-blocking
-upload, the augmentation on the device) in one background thread while step
-N runs. On CUDA that thread works on its own stream and records an event
-after each batch; the training stream waits for that event on the device,
-so neither the host nor the GPU stalls.
-
-Exactness: `make` is called once per batch, in `order`, from one thread, so
-whatever it draws from the epoch's generator (random crops, flips) comes out
-exactly as the synchronous loop drew it, bit for bit; resume relies on that
-(`tests/tasks/training/test_batches.py`). `make` must take its randomness
-from that generator only, never from the global RNGs the step itself uses
-(dropout).
+A GPU step must never wait for its batch, and any host sync inside a step delays the gather of the next.
+`BatchProducer` makes batch N+1 (gather into pinned memory, upload, augmentation) while step N runs; on
+CUDA on its own stream, handed over with an event. `make` is called once per batch, in order, from one
+thread, so what it draws from the epoch's generator is bit for bit what the synchronous loop drew (resume
+relies on that); it must never draw from the global RNGs the step uses (dropout).
 """
 
 from __future__ import annotations
@@ -45,18 +34,9 @@ class Batch:
     x: torch.Tensor | None = None
 
 
-@dataclass
-class _Failed:
-    error: BaseException
-
-
 class BatchProducer:
-    """Iterate over `make(idx)` for each idx of `order`, made up to `depth` batches ahead.
-
-    Use as a context manager: leaving it (also by an exception or a `break`)
-    stops the thread. depth 0 makes each batch when it is asked for, in the
-    calling thread: the synchronous path, for comparison.
-    """
+    """Iterate over `make(idx)` for each idx of `order`, made up to `depth` batches ahead (0: in the calling
+    thread, the synchronous path). Use as a context manager: leaving it stops the thread."""
 
     def __init__(self, order: Sequence[torch.Tensor], make: Callable[[torch.Tensor], Batch], device: torch.device,
                  depth: int | None = None) -> None:
@@ -65,7 +45,7 @@ class BatchProducer:
         self.order, self.make, self.device = list(order), make, device
         self.depth = PREFETCH if depth is None else depth
         self.stream = torch.cuda.Stream(device) if device.type == "cuda" and self.depth else None
-        self._queue: queue.Queue[tuple[Batch, Any] | _Failed] = queue.Queue(maxsize=max(1, self.depth))
+        self._queue: queue.Queue[tuple[Batch, Any] | BaseException] = queue.Queue(maxsize=max(1, self.depth))
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
@@ -93,8 +73,8 @@ class BatchProducer:
             return
         for _ in self.order:
             item = self._queue.get()
-            if isinstance(item, _Failed):
-                raise item.error
+            if isinstance(item, BaseException):
+                raise item
             batch, event = item
             if event is not None:
                 self._hand_over(batch, event)
@@ -117,9 +97,9 @@ class BatchProducer:
                     if not self._put((batch, event)):
                         return
         except BaseException as err:  # handed to the consumer, which raises it in the training thread
-            self._put(_Failed(err))
+            self._put(err)
 
-    def _put(self, item: tuple[Batch, Any] | _Failed) -> bool:
+    def _put(self, item: tuple[Batch, Any] | BaseException) -> bool:
         """Queue an item unless the consumer has stopped; False when it has."""
         while not self._stop.is_set():
             try:

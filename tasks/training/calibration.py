@@ -1,13 +1,7 @@
-"""Temperature scaling: one number that makes the model's probabilities mean what they say.
+"""Temperature scaling (Guo et al., 2017): one number T that makes the model's probabilities mean what they say.
 
-A fine-tuned network is over- or under-confident (the demo's raw ECE is about
-0.1); dividing its logits by a temperature T fitted on the validation split
-(Guo et al., 2017, "On Calibration of Modern Neural Networks") fixes most of
-that without changing a single prediction: argmax(z / T) = argmax(z). T is
-fitted after training, on the best epoch's validation logits, by minimising
-the negative log-likelihood; the test split is never read. The checkpoint
-carries T, evaluate reports the metrics before and after it, and the exported
-ONNX model applies it in its `probabilities` output.
+Dividing the logits by T, fitted on the best epoch's validation logits, changes no prediction. The
+checkpoint carries T, evaluate reports the metrics before and after, and the ONNX model applies it.
 """
 
 from __future__ import annotations
@@ -20,11 +14,8 @@ MIN_TEMPERATURE, MAX_TEMPERATURE = 0.05, 20.0
 
 
 def fit_temperature(logits: torch.Tensor, labels: torch.Tensor) -> float:
-    """The T > 0 that minimises the NLL of softmax(logits / T) on `labels` (float64, CPU, deterministic).
-
-    The NLL is convex in 1/T, so a bracketing search on log T finds the one
-    minimum; 60 golden-section steps narrow [0.05, 20] to well below 1e-9.
-    """
+    """The T > 0 that minimises the NLL of softmax(logits / T) on `labels` (float64, CPU, deterministic): the
+    NLL is convex in 1/T, and 60 golden-section steps on log T narrow [0.05, 20] to well below 1e-9."""
     z = logits.detach().double().cpu()
     y = labels.detach().long().cpu()
 

@@ -1,20 +1,9 @@
 """The training step on cached inputs, replayed from a CUDA graph (`train.cuda_graphs`, CUDA only).
 
-On cached inputs (backbone features for the head in phase 1, the frozen
-bottom's activations for the unfrozen top in phase 2 without augmentation)
-a step costs almost no arithmetic (a 256 x 2048 by 2048 x 10 product for a
-head), so its speed is all overhead: Python and ~25 kernel launches. Here the
-step (head, loss, backward, AdamW and the loss sum) is captured once in a CUDA
-graph and replayed: one launch per step, plus the copies of the batch into the
-graph's input.
-
-The graph needs AdamW's fused kernel with its state on the device
-(`graph_safe`): the same update, rounded differently in the last bits than the
-multi-tensor kernel. SGD, fp16 loss scaling, DDP and loss hooks run the plain
-step (`tasks.training.optim.plain_step`), which is what every step is off
-CUDA. The first WARMUP_STEPS steps run plainly on a side stream (the
-optimizer's state must exist before capture); a capture that fails logs why
-and the phase goes on with the plain step.
+On cached inputs a step is almost no arithmetic, so its speed is all overhead (Python, ~25 kernel
+launches); one graph replay is one launch. The graph needs AdamW's fused kernel with device-side state
+(`graph_safe`), which rounds differently in the last bits. SGD, fp16, DDP and loss hooks run the plain
+step; a capture that fails logs why and the phase goes on with the plain step.
 """
 
 from __future__ import annotations
@@ -36,10 +25,8 @@ WARMUP_STEPS = 2
 
 
 def graph_safe(optimizer: torch.optim.Optimizer, rt: Runtime, enabled: bool = True) -> torch.optim.Optimizer:
-    """The same AdamW (groups and hyper-parameters) with the fused kernel and device-side state a graph can capture.
-
-    Anything else (SGD, CPU, DDP, graphs off) is returned as it is and runs the plain step.
-    """
+    """The same AdamW with the fused kernel and device-side state a graph can capture; anything else (SGD,
+    CPU, DDP, graphs off) is returned as it is and runs the plain step."""
     if not enabled or rt.device.type != "cuda" or rt.world > 1 or type(optimizer) is not torch.optim.AdamW:
         return optimizer
     groups = [{**group, "fused": True, "capturable": True, "foreach": None} for group in optimizer.param_groups]

@@ -1,30 +1,12 @@
 """Frozen-backbone features kept across training runs, so a retrain computes them only for new images.
 
-Phase 1 trains the head on backbone features computed once per run (the
-largest cost of the head phase). Here they are stored per image and reused by
-the next run when nothing that changes them has changed: the key is the
-image's content hash inside a context made of
-
-- the extractor's weights (a hash of its state dict, whatever file they came from),
-- how the pixels were made (`tasks.lib.row_store.variant_key`: geometry, JPEG
-  draft size, Pillow version) and what happens to them on the device (mean,
-  std, train.image_size, channels_last),
-- the device type, the autocast dtype and the torch version.
-
-A stale entry is never used: any change gives another context. Storage:
-`cache.features_dir/<context>/<digest>.npz`, each chunk (content hashes +
-float32 features) written to a temporary file and renamed, so readers never
-see half a chunk and concurrent writers never collide; more than MAX_CHUNKS
-chunks are merged into one. Bounded: a context keeps the features of every
-image it has seen (a removed image that comes back costs nothing); only the
-KEEP_CONTEXTS most recently used contexts are kept. Safe to delete any time.
-
-Verify before reuse: a chunk's name is the sha256 of its context and its
-bytes, checked whenever it is read; a chunk that fails (changed bytes,
-truncated, another chunk's or another context's file) is deleted with a
-warning naming it, and its images' features are computed again. The cache
-is optional: when it cannot be written (a full disk, permissions) training
-goes on without storing features, after one warning naming the folder.
+An image's features are keyed by its content hash inside a context: a hash of the extractor's weights
+and of everything else that decides its output (how the pixels were made, the device-side preprocessing,
+device, dtype, torch version), so a stale entry is never used. Storage:
+`cache.features_dir/<context>/<sha256>.npz` chunks, written whole and renamed, merged beyond MAX_CHUNKS;
+the KEEP_CONTEXTS most recently used contexts are kept. Verify before reuse: a chunk whose bytes do not
+match its name is deleted with a warning and its features computed again. A cache that cannot be
+written is skipped after one warning.
 """
 
 from __future__ import annotations
@@ -59,10 +41,8 @@ Images = Any   # what `compute` takes: len() and indexing by an index tensor (a 
 
 def cached_features(compute: Callable[[Images, str], torch.Tensor], images: Any, context: str, store_dir: Path,
                     rt: Runtime, desc: str) -> torch.Tensor:
-    """compute(images, desc) for every image, from the store where present, computed (and stored) for the rest.
-
-    `images.keys` are the images' content hashes; `context` (from `context_key`) is everything else that
-    decides what `compute` returns."""
+    """compute(images, desc) for every image (`images.keys`: content hashes), from the store where present,
+    computed and stored for the rest; `context` (`context_key`) is everything else that decides the output."""
     keys = images.keys
     store = FeatureStore(Path(store_dir), context)
     found = store.load(keys)
@@ -134,9 +114,8 @@ class FeatureStore:
         return found
 
     def add(self, keys: Sequence[str], features: np.ndarray) -> None:
-        """One new chunk, atomically; merge when there are too many; drop old contexts.
-
-        A cache that cannot be written is skipped, with one warning per process naming it."""
+        """One new chunk, atomically; merge when there are too many; drop old contexts; an unwritable cache is
+        skipped, with one warning per process naming it."""
         if self.root in _unwritable:
             return
         try:

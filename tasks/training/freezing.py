@@ -18,13 +18,8 @@ BLOCK_CONTAINERS = ("features", "blocks", "stages", "encoder.layers", "layers", 
 
 
 def backbone_blocks(model: nn.Module) -> list[str]:
-    """Dotted names of the backbone's blocks in forward order.
-
-    Rule: the children of the first container in BLOCK_CONTAINERS that the model
-    has (torchvision `features`, timm `blocks`, ViT `encoder.layers`, ...);
-    else ResNet-style `layer1..layerN`; else the model's own top-level children.
-    The head and parameter-free modules never count as blocks.
-    """
+    """Dotted names of the backbone's blocks in forward order: the children of the first BLOCK_CONTAINERS
+    entry the model has, else ResNet's layer1..N, else its top-level children (never the head or parameter-free)."""
     head_top = find_head(model).split(".")[0]
     for name in BLOCK_CONTAINERS:
         try:
@@ -40,18 +35,12 @@ def backbone_blocks(model: nn.Module) -> list[str]:
 
 
 def _has_params(module: nn.Module) -> bool:
-    return any(True for _ in module.parameters())
+    return next(module.parameters(), None) is not None
 
 
 def set_trainable(model: nn.Module, unfreeze: str, last_n: int = 1) -> list[str]:
-    """Freeze the backbone, then unfreeze per the rule (none | last_n | all); the head always trains.
-
-    Returns the first unfrozen block ([] for none).
-
-    last_n unfreezes the last N blocks and every parameter registered after the
-    first of them (final conv/norm layers such as timm's conv_head), i.e. the
-    top of the network from that block on.
-    """
+    """Freeze the backbone, then unfreeze none, all, or (last_n) everything from the Nth-last block on (timm's
+    conv_head included); the head always trains. Returns the first unfrozen block ([] for none)."""
     head = find_head(model)
     start: str | None = None
     if unfreeze == "all":
@@ -68,15 +57,8 @@ def set_trainable(model: nn.Module, unfreeze: str, last_n: int = 1) -> list[str]
 
 
 def set_train_mode(model: nn.Module, pretrained: bool = True) -> None:
-    """Train mode (dropout on), but with pretrained weights every BatchNorm keeps its running statistics.
-
-    The head was fitted to features normalised by those statistics; switching
-    unfrozen BatchNorms to batch statistics shifts every feature at once (on the
-    demo, train accuracy fell from 95% to 10% in one step). Their scale and
-    shift still train. This is the usual transfer-learning advice (Keras guide).
-    A randomly initialised backbone has no statistics worth keeping: its
-    BatchNorms use batch statistics as in training from scratch.
-    """
+    """Train mode, but with pretrained weights every BatchNorm keeps the running statistics the head was fitted
+    to: batch statistics shift every feature at once (demo train accuracy fell from 95% to 10% in one step)."""
     model.train()
     if not pretrained:
         return
@@ -86,17 +68,9 @@ def set_train_mode(model: nn.Module, pretrained: bool = True) -> None:
 
 
 def split_frozen_prefix(model: nn.Module, first_trainable: str, image_size: int) -> tuple[nn.Module, nn.Module] | None:
-    """The model as `upper(lower(x))` with every trainable parameter in `upper`, or None when it cannot be split.
-
-    `lower` is everything before block `first_trainable` (frozen, so its output
-    for an image never changes while phase 2 runs: it can be computed once),
-    `upper` the block and all that follows it. The split follows the order of
-    the modules (containers on the way to the block are opened), with a
-    Flatten before the classifier as torchvision's forward does; it is used
-    only when it reproduces the model's own output on a test batch, so a model
-    whose forward is not such a chain (transform_input, class tokens, ...) is
-    simply run whole.
-    """
+    """The model as `upper(lower(x))`, `lower` (frozen, computed once) everything before block
+    `first_trainable`; None unless the chain of modules reproduces the model's own output on a test batch
+    (transform_input, class tokens, ... are not such a chain)."""
     if not first_trainable:
         return None
     chain = _forward_chain(model, first_trainable)
@@ -108,7 +82,7 @@ def split_frozen_prefix(model: nn.Module, first_trainable: str, image_size: int)
     upper_modules = []
     for name, module in chain[cut:]:
         if name == head_top:
-            upper_modules.append(nn.Flatten(1))
+            upper_modules.append(nn.Flatten(1))   # as torchvision's forward does before the classifier
         upper_modules.append(module)
     lower, upper = nn.Sequential(*(module for _, module in chain[:cut])), nn.Sequential(*upper_modules)
     block = model.get_submodule(first_trainable)

@@ -1,17 +1,8 @@
-"""The epoch loop both training phases share, as plain functions: train an epoch, validate, fit a phase.
+"""The epoch loop both training phases share, as plain functions over a `Step` (as torchvision's references).
 
-As in torchvision's classification references, `train_epoch` runs one pass
-over the batches with a `Step` (tasks.training.optim), `validate` scores the
-validation logits, and `fit_phase` repeats the two per epoch, keeps the best
-epoch, writes the resume checkpoint and the curves, and stops early. What a
-phase trains is described by a `Phase` (tasks.training.phases builds both);
-what every phase of a run shares is a `Run`.
-
-Steps never wait for the host: batches are made ahead in a background thread
-(`tasks.training.batches`), the loss is checked from copies already on the
-host (`tasks.training.monitor`), and on CUDA a step on cached inputs is
-replayed from a graph (`tasks.training.cuda_graph`). Under DDP, feature
-extraction and validation are shared out over the ranks and gathered (`predict`).
+`train_epoch` runs one pass over the batches, `validate` scores the validation logits, and `fit_phase`
+repeats the two per epoch, keeps the best epoch, checkpoints and stops early. A step never waits for the
+host (tasks.training.batches, monitor, cuda_graph); under DDP, inference is shared over the ranks (`predict`).
 """
 
 from __future__ import annotations
@@ -134,8 +125,7 @@ def image_batch(run: Run, idx: torch.Tensor, generator: torch.Generator | None =
 
 def cached_batch(inputs: torch.Tensor, labels: torch.Tensor, idx: torch.Tensor,
                  generator: torch.Generator | None = None) -> Batch:
-    """One step's rows of inputs cached on the device (features or activations) and their labels; cached
-    inputs are never augmented, so there is nothing to draw from `generator`."""
+    """One step's rows of the inputs cached on the device and their labels (never augmented: no `generator`)."""
     rows = to_device(idx, inputs.device)
     return Batch(idx, labels[rows], inputs[rows])
 
@@ -156,13 +146,8 @@ def fp32_logits(module: nn.Module, batch: Batch) -> torch.Tensor:
 
 def train_epoch(step: Step, batches: Sequence[Batch], rt: Runtime, phase: str, epoch: int,
                 on_loss: LossHook | None = None, graph: CudaGraphStep | None = None) -> float:
-    """One pass over this rank's batches; returns the mean loss.
-
-    No step waits for the GPU: the loss is summed on the device and checked
-    every LOG_EVERY steps from a copy that has already reached the host
-    (tasks.training.monitor). A CUDA graph runs the steps it can; a loss hook
-    turns it off.
-    """
+    """One pass over this rank's batches; returns the mean loss. The loss is checked every LOG_EVERY steps
+    without waiting for the GPU (tasks.training.monitor); a CUDA graph runs the steps it can, unless a loss hook."""
     graph = graph if on_loss is None else None
     meter = graph.meter() if graph is not None else LossMeter(rt.device)
     bar = progress(None, f"{phase} {epoch + 1}", total=len(batches), unit="batch", show=rt.main)
@@ -207,8 +192,7 @@ def validate(logits: torch.Tensor, y: torch.Tensor) -> dict[str, float]:
 
 
 def fit_phase(run: Run, phase: Phase, resume_state: dict[str, Any] | None) -> None:
-    """The epochs of one phase: train, validate, keep the best, stop early; continues from resume_state when it
-    belongs to this phase."""
+    """One phase's epochs: train, validate, keep the best, stop early; continues resume_state if it is this phase's."""
     prog, settings = run.progress, getattr(run.cfg, phase.name)
     step = phase_step(run, phase)
     if resume_state is not None and resume_state["progress"]["phase"] == phase.name:
@@ -299,11 +283,8 @@ def eval_batch(run: Run, images: MappedImages, idx: torch.Tensor) -> Batch:
 
 @torch.no_grad()
 def predict(run: Run, module: nn.Module, images: MappedImages, desc: str | None = None) -> torch.Tensor:
-    """Outputs of `module` in eval mode for uint8 images, in fixed batches (fit_phase resets the mode).
-
-    Under DDP each rank runs its share of the images and every rank gets all
-    outputs back (tasks.training.runtime.shard / gather_rows).
-    """
+    """Outputs of `module` in eval mode for uint8 images (fit_phase resets the mode); under DDP each rank
+    runs its share and every rank gets all outputs back (tasks.training.runtime.shard / gather_rows)."""
     rt = run.rt
     module.eval()
     rows, real = shard(len(images), rt)
@@ -321,8 +302,7 @@ def predict(run: Run, module: nn.Module, images: MappedImages, desc: str | None 
 
 @torch.no_grad()
 def predict_cached(module: nn.Module, inputs: torch.Tensor, rt: Runtime) -> torch.Tensor:
-    """Outputs of `module` in eval mode for inputs already on the device (cached activations), shared out
-    over the ranks like `predict`."""
+    """`predict` for inputs already on the device (cached activations)."""
     module.eval()
     rows, _ = shard(len(inputs), rt)
     chunks = [module(inputs[idx.to(inputs.device)]) for idx in torch.split(rows, EVAL_BATCH)]

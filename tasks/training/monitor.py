@@ -1,16 +1,8 @@
 """The running training loss, summed on the device and read without stalling it.
 
-Reading a CUDA tensor on the host (`float()`, `.item()`) waits for every
-kernel queued before it: every few steps that drains the GPU's queue, and the
-GPU idles while the host queues the next step. `LossMeter` keeps the loss
-sum on the device; every few steps `snapshot` copies it into pinned host
-memory with a non-blocking copy and records an event, and `latest` reads
-only snapshots whose event has completed, so a check never waits. A NaN or
-inf loss therefore shows up a few steps late, never later than `mean`, which
-reads the final sum once at the end of the epoch (validation syncs then anyway).
-
-On the CPU there is nothing to wait for: a snapshot is read at once, with
-the same arithmetic the loop always used.
+Reading a CUDA tensor on the host waits for every queued kernel, and the GPU then idles. `snapshot`
+copies the sum to pinned memory without blocking and `latest` reads only copies that have arrived, so a
+NaN shows up a few steps late, never later than `mean` at the epoch's end. On the CPU a snapshot is read at once.
 """
 
 from __future__ import annotations

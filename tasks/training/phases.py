@@ -1,18 +1,14 @@
-"""What trains in each phase: `head_phase` (phase 1) and `finetune_phase` (phase 2), each a `Phase` for fit_phase.
+"""What trains in each phase: `head_phase` (phase 1) and `finetune_phase` (phase 2), each a `Phase`.
 
-Phase 1 trains only the new head with the backbone frozen and in eval mode;
-without augmentation the backbone's features are computed once (and kept
-across runs, tasks.training.features) and the head trains on them. Phase 2
-unfreezes per `train.finetune.unfreeze` with discriminative learning rates;
-without augmentation the still-frozen bottom of the network runs once per
-image and only the unfrozen top trains on its cached activations. Both end in
-`tasks.training.loop.fit_phase`; the throughput benchmark times their epochs.
+Without augmentation, what the frozen part of the network computes is computed once per image (and
+kept across runs, tasks.training.features) and only the trained part runs each step.
 """
 
 from __future__ import annotations
 
 import logging
 from functools import partial
+
 import torch
 from torch import nn
 
@@ -22,16 +18,7 @@ from tasks.training.batches import Batch
 from tasks.training.cuda_graph import graph_for
 from tasks.training.features import cached_features, context_key
 from tasks.training.freezing import set_train_mode, set_trainable, split_frozen_prefix
-from tasks.training.loop import (
-    Phase,
-    Run,
-    amp_logits,
-    cached_batch,
-    fp32_logits,
-    image_batch,
-    predict,
-    predict_cached,
-)
+from tasks.training.loop import Phase, Run, amp_logits, cached_batch, fp32_logits, image_batch, predict, predict_cached
 from tasks.training.optim import make_optimizer, maybe_compile
 from tasks.training.runtime import Runtime, wrap_ddp
 
@@ -39,13 +26,8 @@ log = logging.getLogger(__name__)
 
 
 def head_phase(run: Run, cache_features: bool | None = None) -> Phase:
-    """Backbone frozen and in eval mode; only the head's parameters train.
-
-    cache_features None trains on cached backbone features unless the phase
-    augments; False runs the backbone under no_grad every step (the equivalence
-    test compares the two). A head that is not one Linear layer (SqueezeNet's
-    conv head) always trains through the whole model.
-    """
+    """Backbone frozen and in eval mode; only the head trains, on cached backbone features unless the phase
+    augments or cache_features is False. A head that is not one Linear (SqueezeNet's) runs the whole model."""
     cfg, model, prog = run.cfg, run.model, run.progress
     set_trainable(model, "none")
     head = head_module(model)
@@ -55,12 +37,12 @@ def head_phase(run: Run, cache_features: bool | None = None) -> Phase:
     optimizer = make_optimizer(cfg, [{"params": list(head.parameters()), "lr": cfg.head.lr}])
     trained = wrap_ddp(head if linear else model, run.rt)
     if not linear:
-        phase = Phase("head", partial(amp_logits, trained, run.rt), optimizer, partial(image_batch, run),
-                      partial(predict, run, model, run.data.val_x), model.eval)
+        return Phase("head", partial(amp_logits, trained, run.rt), optimizer, partial(image_batch, run),
+                     partial(predict, run, model, run.data.val_x), model.eval)
     elif not cache:
         extractor = maybe_compile(feature_extractor(model).eval(), cfg)
-        phase = Phase("head", partial(frozen_then_head, extractor, trained, run.rt), optimizer,
-                      partial(image_batch, run), partial(predict, run, model, run.data.val_x), model.eval)
+        return Phase("head", partial(frozen_then_head, extractor, trained, run.rt), optimizer,
+                     partial(image_batch, run), partial(predict, run, model, run.data.val_x), model.eval)
     else:
         done = prog.phase_stopped or prog.epochs_done >= cfg.head.epochs
         extractor = maybe_compile(feature_extractor(model).eval(), cfg)
@@ -69,10 +51,9 @@ def head_phase(run: Run, cache_features: bool | None = None) -> Phase:
         val_feats = empty if done else features(run, extractor, run.data.val_x, "features val")
         # Features and labels stay on the device; on CUDA the step is a graph replay.
         optimizer, graph = graph_for(optimizer, run.rt, cfg.cuda_graphs)
-        phase = Phase("head", partial(fp32_logits, trained), optimizer,
-                      partial(cached_batch, train_feats, run.data.train_y.to(run.rt.device)),
-                      partial(predict_cached, head, val_feats, run.rt), model.eval, graph)
-    return phase
+        return Phase("head", partial(fp32_logits, trained), optimizer,
+                     partial(cached_batch, train_feats, run.data.train_y.to(run.rt.device)),
+                     partial(predict_cached, head, val_feats, run.rt), model.eval, graph)
 
 
 def frozen_then_head(extractor: nn.Module, head: nn.Module, rt: Runtime, batch: Batch) -> torch.Tensor:
@@ -83,8 +64,7 @@ def frozen_then_head(extractor: nn.Module, head: nn.Module, rt: Runtime, batch: 
 
 
 def features(run: Run, extractor: nn.Module, images: MappedImages, desc: str) -> torch.Tensor:
-    """What `extractor` computes for every image, shared out over the ranks; unchanged images' outputs come
-    from the previous run when cache.features_dir is set (tasks.training.features)."""
+    """`extractor`'s outputs for every image, the unchanged ones' from the feature cache when it is set."""
     compute = partial(predict, run, extractor)
     if not images.keys or run.features_dir is None:
         return compute(images, desc)
@@ -93,8 +73,7 @@ def features(run: Run, extractor: nn.Module, images: MappedImages, desc: str) ->
 
 
 def feature_context(run: Run, extractor: nn.Module, pixels: str) -> str:
-    """The feature cache's key for everything besides the image: the extractor, how the pixels were made
-    and what the device does to them before the extractor sees them."""
+    """The feature cache's key for all but the image: the extractor, the pixels' recipe, the device's preprocessing."""
     rt, data = run.rt, run.data
     recipe = (f"{pixels}/{data.mean.tolist()}/{data.std.tolist()}/{run.cfg.image_size}/{run.cfg.channels_last}/"
               f"{rt.device.type}/{rt.amp_dtype}/{torch.__version__}")
@@ -102,14 +81,9 @@ def feature_context(run: Run, extractor: nn.Module, pixels: str) -> str:
 
 
 def finetune_phase(run: Run, cache_activations: bool | None = None) -> Phase:
-    """Unfreeze per train.finetune.unfreeze; head at lr, backbone at lr * backbone_lr_scale.
-
-    Without augmentation an image's path through the still-frozen bottom of the
-    network never changes, so (as phase 1 does with features) the bottom runs
-    once per image and only the unfrozen top trains on its cached activations:
-    the same model and loss, at the cost of the top alone. cache_activations
-    False runs the whole network every step (the equivalence test compares the two).
-    """
+    """Unfreeze per train.finetune.unfreeze; head at lr, backbone at lr * backbone_lr_scale. Without
+    augmentation (and unless cache_activations is False) only the unfrozen top trains, on cached activations
+    of the frozen bottom: the same model and loss, at the cost of the top alone."""
     cfg, ft, model = run.cfg, run.cfg.finetune, run.model
     first = set_trainable(model, ft.unfreeze, ft.last_n)
     head_ids = {id(p) for p in head_module(model).parameters()}
@@ -123,8 +97,8 @@ def finetune_phase(run: Run, cache_activations: bool | None = None) -> Phase:
     split = split_frozen_prefix(model, first[0], cfg.image_size) if cache else None
     if split is None:
         trained = wrap_ddp(maybe_compile(model, cfg), run.rt)
-        phase = Phase("finetune", partial(amp_logits, trained, run.rt), optimizer, partial(image_batch, run),
-                      partial(predict, run, model, run.data.val_x), train_mode)
+        return Phase("finetune", partial(amp_logits, trained, run.rt), optimizer, partial(image_batch, run),
+                     partial(predict, run, model, run.data.val_x), train_mode)
     else:
         lower, upper = split
         train_acts = features(run, lower, run.data.train_eval, "activations train")
@@ -132,7 +106,6 @@ def finetune_phase(run: Run, cache_activations: bool | None = None) -> Phase:
         log.info("phase 2 trains from %s on cached activations of shape %s", first[0], tuple(train_acts.shape[1:]))
         trained = wrap_ddp(maybe_compile(upper, cfg), run.rt)
         optimizer, graph = graph_for(optimizer, run.rt, cfg.cuda_graphs)
-        phase = Phase("finetune", partial(fp32_logits, trained), optimizer,
-                      partial(cached_batch, train_acts, run.data.train_y.to(run.rt.device)),
-                      partial(predict_cached, upper, val_acts, run.rt), train_mode, graph)
-    return phase
+        return Phase("finetune", partial(fp32_logits, trained), optimizer,
+                     partial(cached_batch, train_acts, run.data.train_y.to(run.rt.device)),
+                     partial(predict_cached, upper, val_acts, run.rt), train_mode, graph)

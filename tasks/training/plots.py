@@ -1,9 +1,4 @@
-"""Per-epoch training curves as DVC plots: one TSV per metric, x = step (as dvc.yaml declares).
-
-`<dir>/plots/metrics/<name>.tsv` holds a `step` column (0-based) and the metric, the
-layout dvclive writes and `dvc plots show/diff` reads; each file is rewritten whole from
-the run's history, so a resumed run's curves start where the run did.
-"""
+"""Per-epoch training curves as DVC plots: `<dir>/plots/metrics/<name>.tsv` (step, metric), rewritten whole."""
 
 from __future__ import annotations
 

@@ -1,14 +1,6 @@
-"""Where and how the train stage runs: device, precision, seeds, and DDP.
+"""Where and how the train stage runs: device, precision, seeds, and DDP (launch, wrap, shard, gather).
 
-`setup_runtime` turns `train.*` into a `Runtime` (device, autocast dtype,
-rank and world size): it picks the device and precision, seeds Python, NumPy
-and torch, sets the determinism and TF32/cuDNN switches, and joins the process
-group when started under torchrun; `teardown_runtime` leaves it again.
-`launch_ddp` re-launches `tasks.train` under torchrun (one process per device)
-and `wrap_ddp` wraps a module for it; `shard` and `gather_rows` split work that
-every rank would otherwise repeat (feature extraction, validation) and put the
-results together again. Nothing here knows about data, models or checkpoints;
-`tasks.train` is the stage that uses it.
+Nothing here knows about data, models or checkpoints.
 """
 
 from __future__ import annotations
@@ -18,18 +10,20 @@ import os
 import random
 import subprocess
 import sys
-from pathlib import Path
 from contextlib import nullcontext
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 import torch.distributed as dist
+import yaml
 from torch import nn
+from torch.nn.parallel import DistributedDataParallel
 
-from tasks.lib.errors import StageError
 from tasks.lib.config import Params, TrainParams
+from tasks.lib.errors import StageError
 from tasks.lib.io import read_json
 
 log = logging.getLogger(__name__)
@@ -71,7 +65,10 @@ def setup_runtime(cfg: TrainParams) -> Runtime:
     torch.backends.cudnn.benchmark = not cfg.deterministic
     torch.use_deterministic_algorithms(cfg.deterministic, warn_only=True)
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
-    seed_everything(cfg.seed + rank)
+    seed = cfg.seed + rank
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
     rt = Runtime(device=device, amp_dtype=pick_precision(cfg.precision, device), rank=rank, world=world)
     log.info("training on %s (precision %s, %d process(es))", device, rt.amp_dtype or "fp32", world)
     return rt
@@ -102,19 +99,11 @@ def pick_precision(name: str, device: torch.device) -> torch.dtype | None:
     return {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[name]
 
 
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
-
-
 def launch_ddp(params: Params) -> dict[str, Any]:
     """Re-run tasks.train under torch.distributed.run with the resolved params (one process per device)."""
     cfg = params.train
     params_file = cfg.out_dir / "resume" / "ddp_params.yaml"
     params_file.parent.mkdir(parents=True, exist_ok=True)
-    import yaml
-
     params_file.write_text(yaml.safe_dump(params.model_dump(mode="json"), sort_keys=False))
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={cfg.nproc_per_node}",
            "-m", "tasks.train", "--params", str(params_file)]
@@ -134,19 +123,13 @@ def teardown_runtime(rt: Runtime) -> None:
 def wrap_ddp(module: nn.Module, rt: Runtime) -> nn.Module:
     if rt.world == 1:
         return module
-    from torch.nn.parallel import DistributedDataParallel
-
     ids = [rt.device.index] if rt.device.type == "cuda" else None
     return DistributedDataParallel(module, device_ids=ids)
 
 
 def shard(n: int, rt: Runtime) -> tuple[torch.Tensor, int]:
-    """This rank's contiguous share of range(n) and how many of its rows are real.
-
-    Every rank gets ceil(n / world) rows (the last ones wrap around to the
-    start, as DistributedSampler pads), so `gather_rows` can gather equal
-    shapes. One process: all of range(n).
-    """
+    """This rank's contiguous share of range(n) and how many of its rows are real: ceil(n / world) rows,
+    wrapping around to the start as DistributedSampler pads, so `gather_rows` gathers equal shapes."""
     per = -(-n // rt.world)
     start = rt.rank * per
     return torch.arange(start, start + per) % n, max(0, min(n, start + per) - start)

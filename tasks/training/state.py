@@ -1,17 +1,8 @@
 """Resume state of the train stage: what `<train.out_dir>/resume/` holds and how it is checked.
 
-`Progress` is how far a run has got (phase, epochs, best metric, history).
-`Checkpointer` writes, after every epoch, the resume state `resume/last.pt`:
-progress, model, optimizer, scheduler, scaler and every RNG state
-(`get_rng_state` / `set_rng_state`), so `train.resume: auto` continues exactly;
-and, after an epoch that improved, the best epoch's weights `resume/best.pt`.
-Both live outside the stage's DVC outputs because `dvc repro` deletes those
-(model.pt) before it re-runs an interrupted stage; model.pt is written once, at
-the end, from best.pt and the fitted temperature.
-`run_fingerprint` hashes what makes that state valid (train params, arch,
-weights, split files); `restore` loads it only when the fingerprint matches, the
-run did not finish and its best weights are there, and starts fresh otherwise:
-a resume state that cannot lead to a finished run never blocks the next one.
+resume/last.pt (every epoch: progress, model, optimizer, scheduler, scaler, RNG states) and resume/best.pt
+(the best epoch) live outside the stage's DVC outputs, which `dvc repro` deletes before it re-runs an
+interrupted stage. `restore` loads last.pt only when it can lead to a finished run, else starts fresh.
 """
 
 from __future__ import annotations
@@ -122,12 +113,8 @@ def fits(state_dict: dict[str, torch.Tensor], model: nn.Module) -> None:
 
 
 def missing_best(path: Path, progress: Progress, fingerprint: str) -> str | None:
-    """Why the best epoch's weights are not at hand for this resume state; None when they are.
-
-    last.pt is written before best.pt, so a state saved at its best epoch holds the
-    best weights itself (best.pt may not have been written yet); a later one needs
-    best.pt of that epoch, which this run wrote before any later last.pt.
-    """
+    """Why the best epoch's weights are not at hand for this resume state; None when they are (last.pt is
+    written before best.pt, so a state saved at its best epoch holds them itself)."""
     if progress.best_epoch == progress.global_epoch:
         return None
     if not path.exists():
@@ -142,8 +129,7 @@ def missing_best(path: Path, progress: Progress, fingerprint: str) -> str | None
 
 
 class Checkpointer:
-    """Writes resume/last.pt (every epoch), resume/best.pt (best epoch) and, at the end, model.pt, atomically,
-    on the main process."""
+    """Writes resume/last.pt (every epoch), resume/best.pt (best epoch) and, at the end, model.pt, atomically."""
 
     def __init__(self, out_dir: Path, arch: str, classes: list[str], prep: Preprocessing, record: dict[str, Any],
                  fingerprint: str, data_sha256: str) -> None:
