@@ -14,7 +14,6 @@ from typing import Any
 import yaml
 from pydantic import BaseModel, ValidationError
 from pydantic.fields import FieldInfo
-from pydantic_core import PydanticUndefined
 
 from tasks.lib.errors import ParamsError
 
@@ -338,12 +337,8 @@ def _annotation_name(annotation: Any) -> str:
 
 
 def _default_text(field: FieldInfo) -> str:
-    default = field.get_default(call_default_factory=True)
-    if default is PydanticUndefined:
-        return "(required)"
-    if isinstance(default, Path):
-        return str(default)
-    return "null" if default is None else _plain(default) if not isinstance(default, str) else default
+    default = field.get_default(call_default_factory=True)    # every option has one
+    return "null" if default is None else str(default) if isinstance(default, Path) else _plain(default)
 
 
 def format_schema_table(rows: list[tuple[str, str, str, str]]) -> str:

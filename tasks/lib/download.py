@@ -38,7 +38,9 @@ def ensure_cached(url: str, dest: Path, *, sha256: str | None, hash_prefix: str 
                     dest, actual, expected or hash_prefix)
         dest.unlink()
     if offline:
-        raise StageError(_offline_message(url, dest, expected))
+        pin = f" (sha256 {expected})" if expected else ""
+        raise StageError(f"model.offline is true and {url} is not in the cache: download it on a connected machine "
+                         f"and put it at {dest.resolve()}{pin}, or set model.offline: false")
     actual = download(url, dest, sha256=expected, hash_prefix=hash_prefix, retries=retries,
                       retry_delay=retry_delay, timeout=timeout)
     _pin_first_use(sidecar, sha256, actual)
@@ -61,12 +63,6 @@ def _hash_ok(actual: str, expected: str | None, prefix: str | None) -> bool:
     return (expected is None or actual == expected) and (prefix is None or actual.startswith(prefix))
 
 
-def _offline_message(url: str, dest: Path, expected: str | None) -> str:
-    pin = f" (sha256 {expected})" if expected else ""
-    return (f"model.offline is true and {url} is not in the cache: download it on a connected machine and put it "
-            f"at {dest.resolve()}{pin}, or set model.offline: false")
-
-
 def download(url: str, dest: Path, *, sha256: str | None, hash_prefix: str | None = None, retries: int = 3,
              retry_delay: float = 1.0, timeout: float = 60.0) -> str:
     """Download `url` to `dest` atomically, verifying the hash; retry transient failures with backoff."""
@@ -86,7 +82,8 @@ def download(url: str, dest: Path, *, sha256: str | None, hash_prefix: str | Non
 def _download_once(url: str, dest: Path, sha256: str | None, hash_prefix: str | None, timeout: float) -> str:
     response = _open(url, timeout)
     with response, atomic_path(dest) as tmp:
-        total = _content_length(response)
+        length = response.headers.get("Content-Length")
+        total = int(length) if length and length.isdigit() else None
         actual, received = _stream(response, tmp, total, dest.name)
         if total is not None and received != total:
             raise TransientError(f"connection dropped after {received} of {total} bytes")
@@ -108,11 +105,6 @@ def _open(url: str, timeout: float) -> http.client.HTTPResponse:
                          "check model.weights") from None
     except (urllib.error.URLError, OSError, http.client.HTTPException) as err:
         raise TransientError(str(getattr(err, "reason", err))) from None
-
-
-def _content_length(response: http.client.HTTPResponse) -> int | None:
-    value = response.headers.get("Content-Length")
-    return int(value) if value and value.isdigit() else None
 
 
 def _stream(response: http.client.HTTPResponse, tmp: Path, total: int | None, name: str) -> tuple[str, int]:
