@@ -1,22 +1,10 @@
-"""Stage `prepare`: validate every image, dedupe, split stably and check for leakage.
+"""Stage prepare: validate every image, dedupe, split stably and check for leakage.
 
-Input: data.raw_dir, an ImageFolder (one sub-folder per class), or a folder that
-already has train/, val/ and test/ sub-folders, each an ImageFolder. What is
-read from it follows one policy for links, special files and bad names
-(`tasks.lib.scan`) and one set of limits (`tasks.lib.images.ImageLimits`).
-Output (data.prepared_dir): train.csv, val.csv, test.csv (path, label, sha256),
-classes.json (names in index order) and report.json (everything that was
-rejected, merged or excluded, and why). They are written to a staging folder
-and moved in together at the end, so a failed run never mixes old and new files.
-
-Splits are assigned by content hash and seed, not by position: adding images
-never moves an existing image to another split, so the test set stays
-comparable across retrains.
-
-Incremental: each image's content hash and decode check are kept in
-`prepare.cache_dir` (`tasks.lib.check_store`); an unchanged file is not read
-again, a renamed or copied one is hashed but not decoded again, and only new
-or changed content is decoded. The outputs are the same as from scratch.
+Input: data.raw_dir, an ImageFolder or a folder with train/, val/ and test/ ImageFolders (read under
+`tasks.lib.scan`'s policy and `tasks.lib.images.ImageLimits`). Output (data.prepared_dir): the split files,
+classes.json and report.json (what was rejected, merged or excluded, and why), moved in together at the
+end. Splits follow content hash and seed, so adding images never moves one to another split. Each image's
+hash and check are kept in `prepare.cache_dir`: only new or changed content is decoded again.
 """
 
 from __future__ import annotations
@@ -122,13 +110,8 @@ def decode_check(data: bytes, path: str, limits: ImageLimits, want_dhash: bool) 
 
 def dhash(img: Any) -> int:
     """64-bit difference hash: robust to resizing and re-encoding, for near-duplicate search."""
-    small = img.convert("L").resize((9, 8))
-    pixels = np.asarray(small, dtype=np.int16).ravel()
-    bits = 0
-    for row in range(8):
-        for col in range(8):
-            bits = (bits << 1) | int(pixels[row * 9 + col] > pixels[row * 9 + col + 1])
-    return bits
+    pixels = np.asarray(img.convert("L").resize((9, 8)), dtype=np.int16)
+    return int.from_bytes(np.packbits(pixels[:, :-1] > pixels[:, 1:]).tobytes(), "big")   # row by row, MSB first
 
 
 # --------------------------------------------------------------------------- checking every file (streamed)
@@ -144,8 +127,7 @@ class Checker:
     counts: Counts = field(default_factory=Counts)
 
     def run(self, candidates: Iterator[FoundFile]) -> Iterator[Checked]:
-        """A window of candidates at a time: what the cache answers from their stat is yielded at once, the rest
-        is read and checked by the pool. Memory stays flat whether every file is new or none is."""
+        """A window at a time: what the cache answers from the stat at once, the rest checked by the pool."""
         for window in batched(candidates, WINDOW):
             misses: list[FoundFile] = []
             for block in batched(window, LOOKUP_BLOCK):
@@ -199,11 +181,8 @@ def _records(items: list[Fresh]) -> Iterator[tuple[str, Signature, int, str, Che
 
 def prepare(raw_dir: Path, out_dir: Path, cfg: PrepareParams, counts: Counts | None = None,
             input_size: int | None = None) -> dict[str, Any]:
-    """Run the whole stage; returns the data report (also written to out_dir/report.json).
-
-    counts, when given, is filled with how many files the cache answered;
-    input_size (train.image_size) lets the report warn about images far smaller than the network's input.
-    """
+    """Run the whole stage; returns the data report (also written to out_dir/report.json). counts is filled with
+    what the cache answered; input_size (train.image_size) warns of images far smaller than the network's input."""
     raw_dir, out_dir = Path(raw_dir), Path(out_dir)
     if not raw_dir.is_dir():
         raise StageError(f"{raw_dir}: input folder not found; put one sub-folder of images per class there "
@@ -261,12 +240,8 @@ MAX_UPSCALE = 1.5
 
 def image_size_report(raw_dir: Path, table: ImageTable, kept: np.ndarray, limits: ImageLimits,
                       input_size: int | None) -> dict[str, Any]:
-    """The median short side of a sample of images, and a warning when the network's input is far larger.
-
-    An 8x8 image scaled to 96 px gives the pretrained features almost nothing they
-    were trained to see: a linear model on the pixels may then do as well (evaluate
-    measures that lift), and a smaller train.image_size costs much less.
-    """
+    """The median short side of a sample of images, and a warning when the network's input is far larger:
+    upscaled images give the pretrained features little they were trained to see, at a higher cost."""
     sample = table.paths.sort_order(kept)[:: max(1, len(kept) // SIZE_SAMPLE)][:SIZE_SAMPLE]
     sides = []
     for row in sample.tolist():
@@ -279,17 +254,13 @@ def image_size_report(raw_dir: Path, table: ImageTable, kept: np.ndarray, limits
         return {"median_short_side": None, "warnings": []}
     median = int(np.median(sides))
     warnings = []
+    smaller = max(32, round(median / 32) * 32)   # near the images' own, a multiple of what backbones downsample by
     if input_size and median * MAX_UPSCALE < input_size:
         warnings.append(f"images are upscaled {input_size / median:.1f}x: median short side {median} px, "
                         f"train.image_size {input_size}; the network sees interpolation rather than detail, so "
-                        f"consider a smaller train.image_size (e.g. -S train.image_size={_smaller_size(median)}, "
+                        f"consider a smaller train.image_size (e.g. -S train.image_size={smaller}, "
                         "faster) and compare the lift over the pixel baseline that evaluate reports")
     return {"median_short_side": median, "warnings": warnings}
-
-
-def _smaller_size(median: int) -> int:
-    """An input size near the images' own, a multiple of 32 (what the usual backbones downsample by), >= 32."""
-    return max(32, round(median / 32) * 32)
 
 
 def _classes_or_fail(class_names: set[str], table: ImageTable, kept: np.ndarray, raw_dir: Path) -> list[str]:
@@ -316,10 +287,7 @@ FAILED_REPORT = "report.failed.json"
 def write_outputs(out_dir: Path, classes: list[str], table: ImageTable, splits: Splits, report: dict[str, Any]
                   ) -> None:
     """Write every output into a staging folder beside them, then move them in; nothing changes on a failure.
-
-    DVC declares the files (not the folder) as outputs and keeps a .gitignore
-    in the folder, so the files are renamed one by one, after all were written.
-    """
+    DVC declares the files (not the folder) and keeps a .gitignore there, so they are renamed one by one."""
     out_dir.mkdir(parents=True, exist_ok=True)
     remove_stale_staging(out_dir)
     staging = out_dir / f"{STAGING_PREFIX}{os.getpid()}"
