@@ -1,31 +1,12 @@
 """Stage decode_cache: decode every image once into memory-mapped uint8 arrays (`python -m tasks.decode_cache`).
 
-JPEG decoding and resizing cost far more CPU than a GPU training step, so the
-train stage must not redo them every epoch. This stage does them once, with a
-process per core, and stores the pixels as plain .npy files that training
-memory-maps (the OS pages in what a batch touches; nothing is loaded whole).
-The format and its readers live in `tasks.lib.image_cache`.
-
-The split files list every image's sha256, so they (with the preprocessing
-params) key the cache: dvc.yaml declares them as deps.
-
-Incremental: decoded rows stay in `cache.store_dir` as immutable segments
-(`tasks.lib.row_store`, keyed by content hash and by everything that changes
-the pixels). A build hard-links the segments that hold the unchanged images
-into its outputs, decodes only the new images into one new segment, and
-writes each array's rows file (split row -> place in its segments); what it
-copies is bounded by what changed, amortised, and DVC finds the kept
-segments' hashes in its state instead of reading them again. The arrays read
-back identical to a build from scratch. Nothing is reused unchecked: each
-image's bytes are hashed as they are decoded and must match the split file,
-and a stored segment's rows must match their checksums before it is linked
-or copied (one that fails is dropped and its images decoded again). Memory stays flat: rows are written
-at their offsets (pwrite, copy_file_range), not through a memory map, and
-work is handed to the workers a few chunks at a time.
-With `cache.jpeg_draft`, JPEGs decode at a reduced scale (Pillow's draft) when
-the largest stored size allows it, and only the part of each image that
-survives the center crop is resampled; one draft size serves every split.
-Without it the pixels are exactly what evaluate and predict compute.
+Decoding and resizing cost far more CPU than a GPU training step, so this stage does them once, a process
+per core, into .npy files training memory-maps (format and readers: `tasks.lib.image_cache`).
+Incremental: decoded rows stay in `cache.store_dir` as immutable segments (`tasks.lib.row_store`); a
+build hard-links the segments of unchanged images and decodes only new ones, and reads back identical to a
+build from scratch. Nothing is reused unchecked: each image's bytes must match the split file's sha256,
+and a stored segment's checksums are verified before it is linked or copied. `cache.jpeg_draft` decodes
+JPEGs at a reduced scale; without it the pixels are exactly what evaluate and predict compute.
 """
 
 from __future__ import annotations
@@ -83,42 +64,25 @@ class Job:
     draft_size: int | None
 
 
-# --------------------------------------------------------------------------- what to store
-
-
 def cache_preprocessings(params: Params) -> dict[str, Preprocessing]:
     """The arrays the train stage asks for: the eval crop and the larger square random crops come from.
-
-    The geometry of tasks.lib.models.default_preprocessing, without importing
-    torch: this stage never does (under load importing torch took 20 s and
-    650 MB here, more than decoding a few thousand images).
-    """
+    Without importing torch (under load 20 s and 650 MB here, more than decoding a few thousand images)."""
     prep = imagenet_preprocessing(params.train.image_size)
     return {EVAL: prep, AUGMENT: train_preprocessing(prep, params.cache.margin)}
-
-
-def draft_size_for(preps: dict[str, Preprocessing], draft: bool) -> int | None:
-    """One JPEG draft size for every split (the largest resize), so a row's pixels never depend on its split."""
-    return max(p.resize_size for p in preps.values()) if draft else None
-
-
-# --------------------------------------------------------------------------- building
 
 
 def build_cache(prepared_dir: Path, raw_dir: Path, out_dir: Path, preps: dict[str, Preprocessing], *,
                 splits: Sequence[str] = SPLITS, limits: ImageLimits = ImageLimits(), workers: int = 0,
                 store_dir: Path | None = None, draft: bool = False) -> dict[str, Any]:
     """Decode every split into out_dir; built beside it and swapped in whole, so a crash leaves no half cache.
-
-    store_dir: where the rows are kept for the next build (tasks.lib.row_store);
-    None keeps none (every image is decoded). draft: JPEG draft decoding.
-    """
+    store_dir keeps the rows for the next build (None: every image is decoded); draft: JPEG draft decoding."""
     out_dir = Path(out_dir)
     remove_abandoned_builds(out_dir)
     tmp = out_dir.parent / f".{out_dir.name}.tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     store = Path(store_dir) if store_dir else tmp / ".rows"
-    draft_size = draft_size_for(preps, draft)
+    # One JPEG draft size for every split (the largest resize), so a row's pixels never depend on its split.
+    draft_size = max(p.resize_size for p in preps.values()) if draft else None
     summary: dict[str, Any] = {}
     verified: set[Path] = set()       # segments checked by this build (splits share segments)
     try:
@@ -142,12 +106,8 @@ def build_cache(prepared_dir: Path, raw_dir: Path, out_dir: Path, preps: dict[st
 def build_split(split_file: Path, raw_dir: Path, split_dir: Path, preps: dict[str, Preprocessing], *,
                 limits: ImageLimits, draft_size: int | None, store_dir: Path, workers: int, desc: str,
                 verified: set[Path]) -> dict[str, Any]:
-    """One split's arrays, labels and meta.json in split_dir; meta.json is written last.
-
-    Each array is the stored segments that hold the split's unchanged images (hard-linked, not copied) plus
-    one new segment with the images decoded now and any rows merged from other segments
-    (`tasks.lib.row_store.plan_split`), and a rows file mapping each split row to its place in them.
-    """
+    """One split's arrays, labels and meta.json (last) in split_dir: each array is the stored segments of its
+    unchanged images (hard-linked) plus one new segment, and a rows file (split row -> place in them)."""
     rows = read_split_columns(split_file)      # columns: memory must not grow by an object per image
     split_dir.mkdir(parents=True)
     split = split_dir.name
@@ -182,9 +142,8 @@ def build_split(split_file: Path, raw_dir: Path, split_dir: Path, preps: dict[st
 
 def plan_arrays(shas: np.ndarray, preps: dict[str, Preprocessing], store_dir: Path, draft_size: int | None,
                 split: str) -> tuple[np.ndarray, dict[str, SplitPlan], dict[str, list[Path]]]:
-    """(per row: stored in every array?, each array's plan, each array's stored segment files).
-
-    A row is reused only if every array has it: decoding makes all of them at once."""
+    """(per row: stored in every array?, each array's plan, its stored segment files); a row is reused only if
+    every array has it: decoding makes all of them at once."""
     wanted, found, stored = index_keys(shas), {}, {}
     for name, prep in preps.items():      # one variant's index in memory at a time
         variant_dir = Path(store_dir) / variant_key(prep, draft_size)
@@ -215,10 +174,8 @@ def plan_checked(shas: np.ndarray, preps: dict[str, Preprocessing], store_dir: P
 def decode_rows(raw_dir: Path, rows: SplitColumns, to_decode: np.ndarray,
                 targets: dict[str, tuple[SegmentWriter, Preprocessing, SplitPlan]], *, limits: ImageLimits,
                 draft_size: int | None, workers: int, desc: str, split_file: Path) -> None:
-    """Decode the split rows to_decode into their places in the new segments, a chunk per worker task.
-
-    Each file is hashed as it is decoded: rows are stored under the split file's sha256, so bytes that
-    changed since prepare hashed them would put another image's pixels under that hash for good."""
+    """Decode the split rows to_decode into their places in the new segments, a chunk per worker task. Each
+    file is hashed as it is decoded: changed bytes would put another image's pixels under its sha256 for good."""
     writes = tuple(Target(w.path, w.offset, w.row_bytes, prep) for w, prep, _ in targets.values())
     plans = [plan for _, _, plan in targets.values()]
 
@@ -278,10 +235,8 @@ def _images_done(jobs: Iterator[Job], workers: int, split_file: Path) -> Iterato
 
 
 def decode_chunk(job: Job) -> tuple[int, str, bool]:
-    """Worker: decode, resize and write one chunk at its rows' offsets.
-
-    Returns (images done, error naming the file, whether the error is the cache's disk or permissions).
-    """
+    """Worker: decode, resize and write one chunk at its rows' offsets; returns (images done, error naming the
+    file, whether the error is the cache's disk or permissions)."""
     # Draft pixels are approximate already; resampling only what the crop keeps is a third of the resize cost.
     draft = job.draft_size is not None
     fds = [os.open(t.path, os.O_WRONLY) for t in job.targets]
@@ -326,9 +281,6 @@ def replace_dir(new: Path, target: Path) -> None:
         os.replace(target, old)
     os.replace(new, target)
     shutil.rmtree(old, ignore_errors=True)
-
-
-# --------------------------------------------------------------------------- stage
 
 
 def run(params: Params) -> dict[str, Any]:
