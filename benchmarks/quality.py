@@ -39,6 +39,7 @@ from sklearn.linear_model import LogisticRegression  # noqa: E402
 from sklearn.pipeline import make_pipeline  # noqa: E402
 from sklearn.preprocessing import StandardScaler  # noqa: E402
 from sklearn.svm import SVC  # noqa: E402
+from torch.utils.data import DataLoader  # noqa: E402
 from torchvision import transforms  # noqa: E402
 
 from benchmarks.stages import (  # noqa: E402
@@ -166,19 +167,6 @@ def pixel_baselines(train: Split, tests: dict[str, Split], class_names: list[str
     return results
 
 
-class Files(torch.utils.data.Dataset):
-    """A split's images through a torchvision transform, as the tutorial's ImageFolder gives them."""
-
-    def __init__(self, split: Split, tf: Any) -> None:
-        self.paths, self.labels, self.tf = split.paths(), split.labels, tf
-
-    def __len__(self) -> int:
-        return len(self.paths)
-
-    def __getitem__(self, i: int) -> tuple[Any, int]:
-        return self.tf(load_rgb(self.paths[i])), int(self.labels[i])
-
-
 def tutorial_recipe(params: Params, train: Split, val: Split, tests: dict[str, Split], class_names: list[str],
                     epochs: int, dev: torch.device) -> dict[str, Any]:
     """(b) The PyTorch transfer-learning tutorial: the whole network fine-tuned from the first step in fp32 (SGD,
@@ -193,9 +181,12 @@ def tutorial_recipe(params: Params, train: Split, val: Split, tests: dict[str, S
     eval_tf = transforms.Compose([transforms.Resize(prep.resize_size), transforms.CenterCrop(prep.crop_size),
                                   transforms.ToTensor(), normalize])
 
-    def loader(split: Split, tf: Any, shuffle: bool) -> torch.utils.data.DataLoader:
-        return torch.utils.data.DataLoader(Files(split, tf), batch_size=params.train.batch_size, shuffle=shuffle,
-                                           num_workers=0)
+    def loader(split: Split, tf: Any, shuffle: bool) -> DataLoader:
+        def read(batch: list[tuple[Path, int]]) -> tuple[torch.Tensor, torch.Tensor]:   # a list is a dataset
+            return torch.stack([tf(load_rgb(path)) for path, _ in batch]), torch.tensor([y for _, y in batch])
+
+        return DataLoader(list(zip(split.paths(), split.labels.tolist())), batch_size=params.train.batch_size,
+                          shuffle=shuffle, collate_fn=read)
 
     @torch.no_grad()
     def predict(split: Split) -> np.ndarray:

@@ -255,8 +255,15 @@ def epoch_runner(run: Run, phase: Phase) -> Callable[[], int]:
 
 def synthetic_batch(x: torch.Tensor, labels: torch.Tensor, idx: torch.Tensor,
                     generator: torch.Generator | None = None) -> Batch:
-    """(c): a batch already on the device, never read from anywhere."""
     return Batch(idx, labels[: len(idx)], x[: len(idx)])
+
+
+def ceiling(run: Run, phase: Phase, shape: tuple[int, ...], memory: torch.memory_format) -> Phase:
+    """(c): the phase's step on synthetic inputs and labels already on the device, never read from anywhere."""
+    x = torch.randn(run.cfg.batch_size, *shape, device=run.rt.device).contiguous(memory_format=memory)
+    labels = torch.randint(0, NUM_CLASSES, (run.cfg.batch_size,), device=run.rt.device)
+    graph = CudaGraphStep(run.rt.device) if phase.graph is not None else None    # its own graph, if any
+    return replace(phase, make_batch=partial(synthetic_batch, x, labels), graph=graph)
 
 
 def frozen_rates(arch: str, decoded: Path, s: argparse.Namespace) -> dict[str, Rate]:
@@ -273,12 +280,7 @@ def frozen_rates(arch: str, decoded: Path, s: argparse.Namespace) -> dict[str, R
     rates = {"project_feature_extract": measure(s.device, extract, warmup=lambda: head_phase(small, True),
                                                 repeats=s.repeats)}
     cached = holder["phase"]
-    feats = cached.make_batch.args[0]
-    # (c): the same step on synthetic features and labels that were never read from anywhere.
-    x = torch.randn(s.batch_size, *feats.shape[1:], device=run.rt.device)
-    labels = torch.randint(0, NUM_CLASSES, (s.batch_size,), device=run.rt.device)
-    synthetic = replace(cached, make_batch=partial(synthetic_batch, x, labels),     # its own graph, if any
-                        graph=CudaGraphStep(run.rt.device) if cached.graph is not None else None)
+    synthetic = ceiling(run, cached, cached.make_batch.args[0].shape[1:], torch.contiguous_format)   # on features
     for key, phase in (("project_frozen", cached), ("ceiling_frozen", synthetic)):
         epoch = epoch_runner(run, phase)
         rates[key] = measure(s.device, epoch, warmup=epoch, min_seconds=MIN_SECONDS, repeats=s.repeats)
@@ -286,7 +288,7 @@ def frozen_rates(arch: str, decoded: Path, s: argparse.Namespace) -> dict[str, R
         profile_steps(s, f"{arch}_frozen_cached", epoch_runner(run, cached), epochs=3)
     backbone = epoch_runner(run, head_phase(run, cache_features=False))
     rates["project_frozen_backbone"] = measure(s.device, backbone, warmup=backbone, repeats=s.repeats)
-    del run, cached, synthetic, feats
+    del run, cached, synthetic
     free_gpu(s.device)
     return rates
 
@@ -296,10 +298,7 @@ def unfreeze_rates(arch: str, decoded: Path, s: argparse.Namespace, compile_mode
     run = project_run(arch, decoded, s, compile_model, finetune={"unfreeze": "all", "augment": True})
     phase = finetune_phase(run)
     memory = torch.channels_last if run.cfg.channels_last else torch.contiguous_format
-    x = torch.randn(s.batch_size, 3, s.image_size, s.image_size, device=run.rt.device).contiguous(
-        memory_format=memory)
-    labels = torch.randint(0, NUM_CLASSES, (s.batch_size,), device=run.rt.device)
-    synthetic = replace(phase, make_batch=partial(synthetic_batch, x, labels))
+    synthetic = ceiling(run, phase, (3, s.image_size, s.image_size), memory)
     rates = {}
     suffix = "_compiled" if compile_model else ""
     for key, timed in (("project_unfreeze", phase), ("ceiling_unfreeze", synthetic)):
