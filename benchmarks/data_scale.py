@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import resource
 import shutil
 import subprocess
@@ -120,13 +121,9 @@ def usage() -> dict[str, float]:
 def own_peak_rss_kb(maxrss_kb: int) -> int:
     """This program's peak RSS. Linux carries ru_maxrss across exec, so a step started by a large parent
     would report the parent's peak; VmHWM belongs to this program's own memory only."""
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1])
-    except OSError:
-        pass
-    return maxrss_kb
+    status = Path("/proc/self/status")    # Linux; elsewhere ru_maxrss is all there is
+    found = re.search(r"^VmHWM:\s+(\d+)", status.read_text(), re.MULTILINE) if status.exists() else None
+    return int(found.group(1)) if found else maxrss_kb
 
 
 def step(name: str, work: Path, raw: Path, workers: int, image_size: int = IMAGE_SIZE) -> dict[str, Any]:
