@@ -139,17 +139,17 @@ class Checker:
         limits = self.cfg.limits()
         jobs = (Job(self.raw_dir, tuple(c.path for c in chunk), limits, self.cfg.near_duplicates,
                     self.store.path, self.store.settings) for chunk in batched(misses, CHUNK))
-        pending: list[Fresh] = []
+        pending: list[tuple[str, Signature, int, str, CheckResult]] = []     # what the cache records, batched
         for fresh in imap_unordered(check_chunk, jobs, worker_count(self.cfg.num_workers)):
-            pending += [f for f in fresh if f.signature is not None]
+            pending += [(f.path, f.signature, f.read_ns, f.sha256, f.check) for f in fresh if f.signature is not None]
             if len(pending) >= 1024:
-                self.store.record(_records(pending))
+                self.store.record(pending)
                 pending.clear()
             for item in fresh:
                 self.counts.decoded += item.decoded
                 self.counts.hashed += not item.decoded and item.signature is not None
                 yield Checked.of(labels.pop(item.path), item.sha256, item.check)
-        self.store.record(_records(pending))
+        self.store.record(pending)
 
     def _lookup(self, block: list[FoundFile], misses: list[FoundFile]) -> list[Checked]:
         """The block's files the cache can answer from their stat; the others go to misses."""
@@ -170,10 +170,6 @@ class Checker:
             self.counts.unchanged += 1
             hits.append(Checked.of(c, hashes[c.path], check))
         return hits
-
-
-def _records(items: list[Fresh]) -> Iterator[tuple[str, Signature, int, str, CheckResult]]:
-    return ((f.path, f.signature, f.read_ns, f.sha256, f.check) for f in items if f.signature is not None)
 
 
 # --------------------------------------------------------------------------- the stage
