@@ -159,14 +159,6 @@ def find_variant(meta: dict[str, Any], prep: Preprocessing, where: Path) -> str:
                      f"cache.margin changed since the build: rebuild with `dvc repro decode_cache`")
 
 
-def check_draft(meta: dict[str, Any], jpeg_draft: bool, where: Path) -> None:
-    """StageError unless the arrays were decoded with JPEG draft on exactly when cache.jpeg_draft says so."""
-    drafted = any(info.get("jpeg_draft_size") for info in meta["arrays"].values())
-    if drafted != jpeg_draft:
-        raise StageError(f"{where}: built with cache.jpeg_draft {str(drafted).lower()}, but it is "
-                         f"{str(jpeg_draft).lower()} now: rebuild with `dvc repro decode_cache`")
-
-
 class MappedImages:
     """A memory-mapped uint8 NHWC array (or SegmentedRows) that hands out batches as torch tensors, fast:
     np.take copies whole rows (a few ms), where torch's indexing copies element by element (90 ms a batch)."""
@@ -203,8 +195,10 @@ def training_images(params: Params, split: str, rows: Sequence[SplitRow], preps:
     out_dir = Path(params.cache.out_dir)
     arrays = load_arrays(out_dir, split, rows, preps)
     meta = read_meta(out_dir, split)
-    check_draft(meta, params.cache.jpeg_draft, out_dir / split)
-    pixels = [meta["arrays"][find_variant(meta, p, out_dir)].get("pixels", "") for p in preps]
+    drafted = any(info["jpeg_draft_size"] for info in meta["arrays"].values())
+    if drafted != params.cache.jpeg_draft:
+        raise StageError(f"{out_dir / split}: built with cache.jpeg_draft {str(drafted).lower()}, but it is "
+                         f"{str(params.cache.jpeg_draft).lower()} now: rebuild with `dvc repro decode_cache`")
     keys = [row.sha256 for row in rows]
-    return [MappedImages(array, pin, keys, key) if key else MappedImages(array, pin)
-            for array, key in zip(arrays, pixels)]
+    return [MappedImages(array, pin, keys, meta["arrays"][find_variant(meta, p, out_dir)]["pixels"])
+            for array, p in zip(arrays, preps)]
