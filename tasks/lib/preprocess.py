@@ -4,7 +4,7 @@ parity and predict, so they cannot drift apart. The settings travel in the check
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 import numpy as np
@@ -55,8 +55,7 @@ class Preprocessing:
 def imagenet_preprocessing(image_size: int, crop_pct: float = 1.0) -> Preprocessing:
     """ImageNet mean/std at the training size: what every supported architecture's pretrained weights expect
     (tasks.lib.models.default_preprocessing adds the architecture check; this stays free of torch)."""
-    return Preprocessing(crop_size=image_size, resize_size=max(image_size, round(image_size / crop_pct)),
-                         interpolation="bilinear", mean=IMAGENET_MEAN, std=IMAGENET_STD)
+    return Preprocessing(crop_size=image_size, resize_size=max(image_size, round(image_size / crop_pct)))
 
 
 # Train images are kept this much larger than image_size so random crops have room.
@@ -66,8 +65,7 @@ TRAIN_MARGIN = 1.15
 def train_preprocessing(prep: Preprocessing, margin: float = TRAIN_MARGIN) -> Preprocessing:
     """The eval preprocessing with a larger square crop: the source of random resized crops."""
     side = max(prep.crop_size, round(prep.crop_size * margin))
-    return Preprocessing(crop_size=side, resize_size=max(side, prep.resize_size), interpolation=prep.interpolation,
-                         mean=prep.mean, std=prep.std)
+    return replace(prep, crop_size=side, resize_size=max(side, prep.resize_size))
 
 
 # Up to this aspect ratio the whole image is resized (the output is at most
