@@ -94,16 +94,12 @@ def index_keys(hex_shas: np.ndarray) -> np.ndarray:
 
 
 def _read_index_keys(path: Path) -> np.ndarray:
-    """A segment's keys file as index keys, read a chunk at a time (never the 64-byte hex of every row at once)."""
-    with open(path, "rb") as handle:
-        version = np.lib.format.read_magic(handle)
-        read_header = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
-        shape, _, dtype = read_header(handle)
-        if dtype != np.dtype("S64") or len(shape) != 1:
-            raise ValueError(f"{path}: not a keys file")
-        parts = [index_keys(np.fromfile(handle, dtype="S64", count=min(INDEX_CHUNK, shape[0] - at)))
-                 for at in range(0, shape[0], INDEX_CHUNK)]
-    return np.concatenate(parts) if parts else np.empty(0, dtype=f"S{KEY_BYTES}")
+    """A segment's keys file as index keys, memory-mapped: index_keys reads a chunk at a time, never the 64-byte
+    hex of every row at once."""
+    hex_shas = np.load(path, mmap_mode="r")
+    if hex_shas.dtype != np.dtype("S64") or hex_shas.ndim != 1:
+        raise ValueError(f"{path}: not a keys file")
+    return index_keys(hex_shas)
 
 
 def complete_segments(variant_dir: Path) -> list[str]:
