@@ -14,29 +14,27 @@ import subprocess
 import sys
 import threading
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
+from functools import partial
 from pathlib import Path
 from types import FrameType
-from typing import IO, Any, Callable
+from typing import IO, Any
 
 PR_SET_PDEATHSIG = 1
 GUARD_GRACE_S = 10.0
 
 
-def _own_group_dying_with_parent(death_signal: int) -> Callable[[], None]:
+def _own_group_dying_with_parent(death_signal: int) -> None:
     """In the child, before exec: its own process group; death_signal when the parent dies."""
-    def setup() -> None:
-        os.setsid()
-        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, death_signal)
-
-    return setup
+    os.setsid()
+    ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, death_signal)
 
 
 def spawn(cmd: list[str], cwd: Path, env: dict[str, str], stdout: IO[Any] | int | None = None,
           stderr: IO[Any] | int | None = None, death_signal: int = signal.SIGTERM) -> subprocess.Popen:
     """Start cmd in its own process group, stopped by the kernel if this process dies."""
     return subprocess.Popen(cmd, cwd=cwd, env=env, stdin=subprocess.DEVNULL, stdout=stdout, stderr=stderr,
-                            preexec_fn=_own_group_dying_with_parent(death_signal))
+                            preexec_fn=partial(_own_group_dying_with_parent, death_signal))
 
 
 def guarded(cmd: list[str]) -> list[str]:
@@ -76,10 +74,8 @@ def sigterm_as_interrupt() -> Iterator[None]:
 def guard(cmd: list[str]) -> int:
     """Run cmd in its own group; on SIGTERM/SIGINT/SIGHUP (or the parent's death) stop that group.
 
-    The handler only passes the signal on (and arms a SIGKILL for a group that ignores it);
-    the main thread's wait() sees the child exit. Waiting inside the handler would deadlock
-    with the interrupted wait() on Popen's lock until the grace period ran out.
-    """
+    The handler only passes the signal on (waiting in it would deadlock on Popen's lock with the interrupted
+    wait()), and arms a SIGKILL for a group that ignores it."""
     child = subprocess.Popen(cmd, start_new_session=True)
     received: list[int] = []
 
@@ -100,10 +96,8 @@ def guard(cmd: list[str]) -> int:
 
 
 def _signal_group(pgid: int, sig: int) -> None:
-    try:
+    with suppress(ProcessLookupError, PermissionError):
         os.killpg(pgid, sig)
-    except (ProcessLookupError, PermissionError):
-        pass
 
 
 if __name__ == "__main__":

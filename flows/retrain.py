@@ -43,9 +43,6 @@ BACKOFF = exponential_backoff(backoff_factor=5)  # 5 s, 10 s, 20 s (with jitter)
 TIMED_STAGES = frozenset({"train"})  # bounded by train.timeout_minutes
 
 
-# --------------------------------------------------------------------------- tasks
-
-
 def transient_only(task: Any, task_run: Any, state: Any) -> bool:
     """Prefect retry condition: retry a stage that exited 75, never a failure that would repeat."""
     return isinstance(state.result(raise_on_failure=False), TransientFailure)
@@ -74,11 +71,8 @@ def pull_data(workdir: Path, raw_dir: Path) -> str:
 
 @task(name="dvc status", cache_policy=NO_CACHE)
 def stale_stages(workdir: Path, stages: list[str], raw_dir: Path) -> list[str]:
-    """One `dvc status` over the whole pipeline: the stages to reproduce, from the first stale one on.
-
-    Data changed in the folder but not recorded in its .dvc file stops the run: `dvc repro`
-    would otherwise record it behind the user's back and train on an unnamed version.
-    """
+    """One `dvc status` over the whole pipeline: the stages to reproduce, from the first stale one on. Data changed
+    but not recorded in its .dvc file stops the run: `dvc repro` would train on an unnamed version."""
     log = get_run_logger()
     result = run_checked(["dvc", "status", "--json"], workdir, log, "dvc status")
     status = json.loads("".join(result.stdout_tail) or "{}")
@@ -97,11 +91,8 @@ def stale_stages(workdir: Path, stages: list[str], raw_dir: Path) -> list[str]:
 @task(name="dvc repro", retries=RETRIES, retry_delay_seconds=BACKOFF, retry_jitter_factor=0.5,
       retry_condition_fn=transient_only, cache_policy=NO_CACHE)
 def repro_stage(workdir: Path, stage: str, timeout_s: float | None = None) -> str:
-    """`dvc repro --single-item <stage>`: 'ran' or 'skipped' (unchanged, or restored from the DVC run cache).
-
-    The flow runs the stages in order from the first stale one, so the stages upstream of this one are
-    current: --single-item spares DVC checking them again (hashing the data folder once per stage).
-    """
+    """'ran' or 'skipped' (unchanged, or from the run cache). The stages upstream are current (the flow runs them
+    in order), so --single-item spares DVC checking them again (hashing the data once per stage)."""
     log = get_run_logger()
     result = run_checked(["dvc", "repro", "--single-item", stage], workdir, log, f"stage {stage}",
                          timeout_s=timeout_s)
@@ -136,9 +127,6 @@ def attach_report(summary: dict[str, Any], params: Params, workdir: Path) -> Non
                              description="Held-out test metrics of the candidate")
     create_markdown_artifact(key=f"{key}-outputs", markdown=outputs_markdown(summary, workdir),
                              description="Stages, ONNX file, model card and reports of this retrain")
-
-
-# --------------------------------------------------------------------------- flow
 
 
 @flow(name="retrain", description="Retrain on a data version through the DVC stages, then gate and publish.")
@@ -178,10 +166,7 @@ def run_pipeline(project: Path, workdir: Path, data_rev: str | None, params: Par
                                                                              stage_timeout_s(stage, params))
     if push:
         push_outputs(workdir, remote)
-    if publish:
-        published = gate_and_publish(params, workdir, run_id, registry_root=project)
-    else:
-        published = None
+    published = gate_and_publish(params, workdir, run_id, registry_root=project) if publish else None
     summary = summarize(project, workdir, data_rev, data_md5, params, outcomes, published, run_id, push)
     attach_report(summary, params, workdir)
     log.info("Stages run: %s; skipped: %s", ", ".join(summary["stages_run"]) or "none",
@@ -189,26 +174,17 @@ def run_pipeline(project: Path, workdir: Path, data_rev: str | None, params: Par
     return summary
 
 
-# --------------------------------------------------------------------------- helpers
-
-
 @contextmanager
 def working_copy(project: Path, data_rev: str | None, overrides: list[str], raw_dir: Path,
                  log: Any) -> Iterator[Path]:
-    """The project itself for its own data version without overrides; otherwise an isolated git worktree.
-
-    Overrides run in a copy of the workspace as it is (uncommitted changes included), so the user's
-    params.yaml is never written: a crash at any moment leaves it byte for byte as it was.
-    """
-    if is_workspace_version(project, data_rev, raw_dir):
-        if not overrides:
-            log.info("Training on the workspace's data version in %s", project)
-            yield project
-            return
-        with isolated_copy(project, "HEAD", log, with_workspace_changes=True) as workdir:
-            yield workdir
+    """The project itself for its own data version without overrides; otherwise an isolated git worktree
+    (for overrides, of the workspace as it is), so the user's params.yaml is never written."""
+    own = is_workspace_version(project, data_rev, raw_dir)
+    if own and not overrides:
+        log.info("Training on the workspace's data version in %s", project)
+        yield project
         return
-    with isolated_copy(project, data_rev, log) as workdir:
+    with isolated_copy(project, data_rev or "HEAD", log, with_workspace_changes=own) as workdir:
         yield workdir
 
 

@@ -147,9 +147,7 @@ def startup_timeout_s(root: Path) -> float:
 def project_server(root: Path, say: Callable[[str], None] = lambda _: None, port: int | None = None,
                    advertised: bool = False) -> Iterator[str]:
     """The API address every Prefect call of this command uses; a server started here stops on exit.
-
-    port: where to start one (default: any free port); advertised: other commands of the project reuse
-    the server started here while it runs (`make serve`)."""
+    advertised: other commands reuse the server started here while it runs (`make serve`)."""
     usable_home(root)   # Prefect's clients keep files there too, whichever server they talk to
     if url := os.environ.get("PREFECT_API_URL"):
         yield url
@@ -177,13 +175,9 @@ def project_server(root: Path, say: Callable[[str], None] = lambda _: None, port
 
 @contextmanager
 def prefect_api(root: Path, say: Callable[[str], None] = lambda _: None) -> Iterator[str]:
-    """project_server, made the Prefect API of this whole process (Prefect is imported here).
-
-    As Prefect's own test harness does: the environment and the process-global settings
-    context both name it (Prefect's background log and event workers and bare threads read
-    those, and would otherwise start an ephemeral server of their own), and the workers are
-    drained before a server started here stops (else they retry a dead server at exit).
-    """
+    """project_server, made the Prefect API of this whole process, as Prefect's test harness does: the
+    environment and the global settings context name it (else background workers start an ephemeral server),
+    and the workers are drained before the server stops (else they retry a dead server at exit)."""
     from prefect.context import (
         _temporary_global_settings_context,
         get_settings_context,
@@ -231,7 +225,5 @@ def drain_prefect_workers(timeout_s: float = 10.0) -> None:
     from prefect.logging.handlers import APILogWorker
 
     for worker in (APILogWorker, EventsWorker):
-        try:
+        with suppress(RuntimeError):  # never started
             worker.drain_all(timeout=timeout_s)
-        except RuntimeError:  # never started
-            pass

@@ -116,7 +116,6 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as err:   # ParamsError, or a model.arch the model builder does not know
         print(f"error: {err}", file=sys.stderr)
         return 2
-    # The project's server (or the one PREFECT_API_URL names), as retrain and serve use.
     state = run_flow_command(root, lambda: watch(branch=args.branch, root=str(root), return_state=True),
                              "watch interrupted; the retrain it started (if any) is stopped")
     if isinstance(state, int):

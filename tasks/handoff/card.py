@@ -21,11 +21,8 @@ _MARKDOWN_ACTIVE = re.compile(r"([\\`\[\]|])")
 # an ordered list (1. 1) before a space or the end). Leading spaces (indented code) become entities first.
 _BLOCK_MARKER = re.compile(r"^(?:[#>=~_]|[-+*](?=[\s\-+*]|$)|\d{1,9}[.)](?=\s|$))")
 
-# The model called with onnxruntime, numpy and Pillow only, doing what `predict` does: the file becomes RGB as
-# tasks.lib.images.INPUT_CONTRACT says (the ONNX metadata states it too), then the preprocessing comes from the
-# metadata, so this stays right whatever size or normalisation the model was trained with. It prints the top-1
-# class, then every class's calibrated probability as JSON.
-# tests/tasks/handoff/test_card_snippet.py runs it as a rendered card prints it against predict.
+# What `predict` does, with onnxruntime, numpy and Pillow only: RGB as tasks.lib.images.INPUT_CONTRACT says, then
+# the preprocessing from the model's metadata (so any size or normalisation works). test_card_snippet.py checks it.
 SNIPPET = '''\
 import json, sys
 import numpy as np, onnxruntime as ort

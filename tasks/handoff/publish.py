@@ -243,9 +243,6 @@ def _json_bytes(obj: Any) -> bytes:
     return (json.dumps(json_safe(obj), indent=2, sort_keys=True, allow_nan=False, default=str) + "\n").encode()
 
 
-# --------------------------------------------------------------------------- reading the artifacts
-
-
 def read_candidate(params: Params, root: Path) -> CandidateArtifacts:
     """Load the candidate's artifacts and check they describe one and the same model and test split."""
     paths = params.report_paths(root)

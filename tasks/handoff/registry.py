@@ -52,16 +52,12 @@ class Registry:
         self.local = isinstance(self.fs, LocalFileSystem)
         self.log = ProductionLog(self.fs, self.root, self.url(), model_name)
 
-    # ----------------------------------------------------------------- paths
-
     def _path(self, *parts: str) -> str:
         return "/".join([self.root, *parts])
 
     def url(self, *parts: str) -> str:
         """A path or URL a person can open (what the model card link shows)."""
         return "/".join([self.uri, self.model_name, *parts])
-
-    # ----------------------------------------------------------------- reading
 
     def versions(self) -> list[str]:
         """Complete versions, oldest first; half-written ones (no COMPLETE) are invisible."""
@@ -168,8 +164,6 @@ class Registry:
             return None
         return f"{class_difference(mine, theirs, production)}: a model for other classes belongs under a new project.name"
 
-    # ----------------------------------------------------------------- writing
-
     def write_version(self, version: str, files: dict[str, bytes]) -> str:
         """Write a new immutable version all-or-nothing; returns its URL."""
         if not VERSION_RE.match(version):
@@ -214,8 +208,6 @@ class Registry:
             except (OSError, ValueError):
                 continue
         return notes
-
-    # ----------------------------------------------------------------- moving production
 
     def promote(self, version: str, reason: str, *, expected: str | None | object = ANY,
                 force: bool = False) -> dict[str, Any]:
@@ -264,8 +256,6 @@ class Registry:
         if problems:
             raise RegistryError(f"cannot {action} {version}: " + "; ".join(problems)
                                 + f" (`registry verify {version}`)")
-
-    # ----------------------------------------------------------------- verify
 
     def verify(self, version: str) -> list[str]:
         """Problems with a version ([] = fine): missing files, hashes that do not match, incomplete lineage."""

@@ -25,9 +25,6 @@ COLUMNS = (("version", "version", 29), ("data", "data_hash", 8), ("accuracy", "a
            ("macro_f1", "macro_f1", 8), ("ece", "ece", 6), ("status", "status", 7), ("gate", "gate", 4))
 
 
-# --------------------------------------------------------------------------- list
-
-
 def summaries(reg: Registry) -> tuple[list[dict[str, Any]], list[str]]:
     """One row per version and what is wrong around production ([] if nothing); damaged files are named in the rows."""
     try:
@@ -109,9 +106,6 @@ def _report(problems: list[str]) -> int:
     return 1 if problems else 0
 
 
-# --------------------------------------------------------------------------- show, verify
-
-
 def _production_or_named(reg: Registry, version: str | None, command: str) -> str:
     version = version or reg.production()
     if version is None:
@@ -161,9 +155,6 @@ def _cmd_verify(reg: Registry, args: argparse.Namespace) -> int:
     if not problems:
         print(f"{version}: ok (every file matches its sha256, lineage complete)")
     return 1 if problems else 0
-
-
-# --------------------------------------------------------------------------- moving production
 
 
 def _cmd_promote(reg: Registry, args: argparse.Namespace) -> int:

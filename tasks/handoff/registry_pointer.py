@@ -59,22 +59,14 @@ class ProductionLog:
         self.local = isinstance(fs, LocalFileSystem)
         self.s3 = "s3" in (fs.protocol if isinstance(fs.protocol, tuple) else (fs.protocol,))
 
-    # ----------------------------------------------------------------- reading
-
     def head(self) -> dict[str, Any] | None:
         """Production's entry: the newest complete one; None when production never moved."""
         return self._head(self._listing())
 
     def read(self) -> tuple[list[dict[str, Any]], list[str]]:
         """Every complete entry, oldest first, and what is wrong with the others (named by URL)."""
-        entries, problems = [], []
-        for seq, path in self._listing():
-            entry, problem = self._read(seq, path)
-            if entry:
-                entries.append(entry)
-            else:
-                problems.append(problem)
-        return entries, problems
+        read = [self._read(seq, path) for seq, path in self._listing()]
+        return [entry for entry, _ in read if entry], [problem for entry, problem in read if not entry]
 
     def _head(self, listing: list[tuple[int, str]]) -> dict[str, Any] | None:
         for seq, path in reversed(listing):
@@ -110,8 +102,6 @@ class ProductionLog:
     def _path(self, *parts: str) -> str:
         return "/".join([self.root, *parts])
 
-    # ----------------------------------------------------------------- moving production
-
     def append(self, change: Callable[[dict[str, Any] | None], dict[str, Any] | None]) -> dict[str, Any] | None:
         """Apply `change` (production's entry or None -> the next entry, or None for no move) as one atomic step."""
         for _ in range(ATTEMPTS):
@@ -144,8 +134,6 @@ class ProductionLog:
             if _lost_race(err):
                 return False
             raise RegistryError(f"{_named(err, f'{self.url}/{name}')}; production was not moved") from None
-
-    # ----------------------------------------------------------------- the `production` cache
 
     def cache_of(self, head: dict[str, Any]) -> bytes:
         return encode({"model": self.model, "version": head["version"], "seq": head["seq"],
@@ -215,8 +203,6 @@ class ProductionLog:
             return self.fs.info(self._path(CACHE)).get("ETag")
         except FileNotFoundError:
             return None
-
-    # ----------------------------------------------------------------- migration
 
     def _migrate(self) -> bool:
         """Write entry 1 from an older registry's pointer or records; False when there is nothing to migrate."""
