@@ -79,12 +79,8 @@ class FolderScan:
     # ---- the walk
     def _folders(self, folder: Path, prefix: str) -> list[tuple[str, Path]]:
         """Sub-folders (class or split folders), sorted; links and bad names among them are reported."""
-        found = []
-        for name in self._names(folder):
-            kind = self._kind(os.path.join(folder, name), name, prefix + name)
-            if kind == "folder":
-                found.append((name, folder / name))
-        return found
+        return [(name, folder / name) for name in self._names(folder)
+                if self._kind(os.path.join(folder, name), name, prefix + name) == "folder"]
 
     def _walk(self, folder: Path, rel_folder: str) -> Iterator[str]:
         for name in self._names(folder):

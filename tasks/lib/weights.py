@@ -36,6 +36,4 @@ def load_backbone_state(out_dir: Path | str) -> tuple[dict[str, torch.Tensor] | 
 
 def weights_sha256(record: dict[str, Any]) -> str | None:
     """The pretrained weights' hash; the literal "none" for a model trained from random init."""
-    if record.get("weights") == "none":
-        return "none"
-    return record.get("sha256")
+    return "none" if record.get("weights") == "none" else record.get("sha256")
