@@ -54,7 +54,7 @@ from tasks.lib.images import load_rgb  # noqa: E402
 from tasks.lib.io import read_json, sha256_file  # noqa: E402
 from tasks.lib.metrics import compute_metrics  # noqa: E402
 from tasks.lib.models import build_model, load_checkpoint  # noqa: E402
-from tasks.lib.split_files import SplitRow, read_classes, read_split, split_path  # noqa: E402
+from tasks.lib.split_files import SplitRow, labels_of, read_classes, read_split, split_path  # noqa: E402
 from tasks.lib.uncertainty import bootstrap_macro_f1, interval_text, wilson_interval  # noqa: E402
 from tasks.lib.weights import load_backbone_state  # noqa: E402
 from tasks.train import preprocessing_for  # noqa: E402
@@ -75,7 +75,7 @@ class Split:
 
     @property
     def labels(self) -> np.ndarray:
-        return np.array([r.label for r in self.rows], dtype=np.int64)
+        return labels_of(self.rows)
 
     def paths(self) -> list[Path]:
         return [self.raw_dir / r.path for r in self.rows]

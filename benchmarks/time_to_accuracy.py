@@ -38,6 +38,7 @@ from benchmarks.stages import (  # noqa: E402
 )
 from tasks.lib.config import load_params  # noqa: E402
 from tasks.lib.demo_data import CLASS_NAMES, IMAGES_FILE, LABELS_FILE, choose_subset, read_idx  # noqa: E402
+from tasks.lib.io import read_json  # noqa: E402
 
 VAL_PER_CLASS = 500           # 5,000 val images held out of the 60,000, stratified
 SPLIT_SEED = 0
@@ -148,8 +149,8 @@ def curve(work: Path, train_started: float) -> list[dict[str, Any]]:
 
 def report(work: Path, counts: dict[str, int], seconds: dict[str, float], args: argparse.Namespace) -> dict[str, Any]:
     points = curve(work, float((work / "train.started").read_text()))
-    test = json.loads((work / "metrics" / "evaluate.json").read_text())
-    train = json.loads((work / "metrics" / "train.json").read_text())
+    test = read_json(work / "metrics" / "evaluate.json")
+    train = read_json(work / "metrics" / "train.json")
     params = yaml.safe_load((work / "params.yaml").read_text())
     reached = next((p for p in points if p["val_accuracy"] >= args.target), None)
     cuda = params["train"]["device"] in ("cuda", "auto") and torch.cuda.is_available()
