@@ -1,5 +1,5 @@
 """The training loop, in process: augmented batches honour train.hflip and train.channels_last; an epoch's mean
-loss and progress lines.
+loss and progress lines; a phase's record of its epochs.
 
 A dataset where a mirror changes the label (text, arrows, left/right body parts) sets `hflip: false`;
 with it true, about half of every augmented batch is mirrored. Each image here is dark on its left
@@ -8,15 +8,19 @@ half and bright on its right, so a crop shows whether it was mirrored, whatever 
 
 from __future__ import annotations
 
+from functools import partial
+
 import numpy as np
 import pytest
 import torch
+from scipy.special import log_softmax
+from sklearn.metrics import f1_score
 from torch import nn
 
 from tasks.lib.config import TrainParams
 from tasks.lib.image_cache import MappedImages
 from tasks.training.batches import Batch
-from tasks.training.loop import Data, Run, image_batch, train_epoch
+from tasks.training.loop import Data, Hooks, Phase, Run, cached_batch, fit_phase, image_batch, train_epoch
 from tasks.training.optim import Step
 from tasks.training.runtime import Runtime
 
@@ -102,3 +106,50 @@ def test_an_epoch_returns_the_sample_weighted_mean_loss_a_plain_torch_loop_gets_
     assert [line.split(" batch,")[0] for line in lines] == \
         ["head 3: 7/25 (28%)", "head 3: 13/25 (52%)", "head 3: 19/25 (76%)", "head 3: 25/25 (100%)"]
     assert f"loss={total / sum(sizes):.4f}" in lines[-1]
+
+
+# --------------------------------------------------------------------------- one phase: its record of every epoch
+
+
+def test_a_phase_records_each_epochs_validation_scores_images_and_seconds_as_an_independent_count_gives() -> None:
+    """A linear head on fixed features, four epochs, no early stopping: each epoch's row holds the validation
+    loss, accuracy and macro-F1 that scipy and scikit-learn compute from that epoch's logits, the best epoch is
+    the first with the top macro-F1, and the images and seconds add up (metrics/train.json reports their ratio
+    as the training throughput)."""
+    rng = np.random.default_rng(5)
+    n, n_val, classes = 48, 30, 4
+    centres = rng.normal(0, 1.5, (classes, 6))
+    train_y, val_y = rng.integers(0, classes, n), rng.integers(0, classes, n_val)
+    train_x = torch.tensor(centres[train_y] + rng.normal(0, 1.5, (n, 6)), dtype=torch.float32)
+    val_x = torch.tensor(centres[val_y] + rng.normal(0, 1.5, (n_val, 6)), dtype=torch.float32)
+    train_labels, val_labels = torch.from_numpy(train_y), torch.from_numpy(val_y)
+
+    torch.manual_seed(0)
+    head = nn.Linear(6, classes)
+    images = MappedImages(np.zeros((n, 4, 4, 3), dtype=np.uint8), False)   # unused: the head trains on features
+    data = Data(train_eval=images, train_margin=None, train_y=train_labels, val_x=images, val_y=val_labels,
+                mean=torch.zeros(3), std=torch.ones(3), num_classes=classes)
+    cfg = TrainParams(batch_size=10, device="cpu", early_stopping_patience=0, head={"epochs": 4, "lr": 0.05},
+                      label_smoothing=0.0)
+    seen_logits: list[np.ndarray] = []
+    hooks = Hooks(on_epoch_end=lambda phase, done: seen_logits.append(head(val_x).detach().numpy()))
+    run = Run(cfg, Runtime(torch.device("cpu"), None), data, head, hooks=hooks)
+    phase = Phase("head", lambda batch: head(batch.x), torch.optim.SGD(head.parameters(), lr=0.05),
+                  partial(cached_batch, train_x, train_labels), lambda: head(val_x).detach(), head.train)
+    fit_phase(run, phase, None)
+
+    prog, rows = run.progress, run.progress.history
+    assert (prog.epochs_done, prog.global_epoch, prog.phase) == (4, 4, "head")
+    assert [row["epoch"] for row in rows] == [1, 2, 3, 4] and {row["phase"] for row in rows} == {"head"}
+    for row, logits in zip(rows, seen_logits, strict=True):
+        predicted = logits.argmax(1)
+        assert row["val_macro_f1"] == pytest.approx(f1_score(val_y, predicted, average="macro",
+                                                             labels=range(classes), zero_division=0), abs=1e-6)
+        assert row["val_accuracy"] == pytest.approx(float((predicted == val_y).mean()), abs=1e-9)
+        assert row["val_loss"] == pytest.approx(float(-log_softmax(logits, axis=1)[np.arange(n_val), val_y].mean()),
+                                                rel=1e-5)
+        assert row["seconds"] > 0 and row["train_img_per_s"] == pytest.approx(n / row["seconds"])
+    f1 = [row["val_macro_f1"] for row in rows]
+    assert (prog.best_epoch, prog.best_metric, prog.best_phase) == (f1.index(max(f1)) + 1, max(f1), "head")
+    assert prog.train_images == 4 * n
+    assert prog.train_seconds == pytest.approx(sum(row["seconds"] for row in rows))
