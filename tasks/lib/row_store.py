@@ -282,13 +282,10 @@ def prune_segments(variant_dir: Path) -> None:
     live = {name for split in splits for name in read_uses(variant_dir, split)}
     stale_before = time.time() - STALE_INCOMPLETE_S
     for data in variant_dir.glob("*.npy"):
-        if data.name.endswith(".keys.npy"):
-            continue
-        name = data.name.removesuffix(".npy")
-        if name in live:
+        if data.name.endswith(".keys.npy") or data.stem in live:
             continue
         if sums_path(data).exists() or data.stat().st_mtime < stale_before:
-            for path in (sums_path(data), variant_dir / f"{name}.keys.npy", data):    # unfinished first
+            for path in (sums_path(data), variant_dir / f"{data.stem}.keys.npy", data):    # unfinished first
                 path.unlink(missing_ok=True)
 
 
