@@ -52,15 +52,8 @@ def ensure_demo_data(root: Path, params: Params) -> None:
 
 
 def up_to_date_result(root: Path, params: Params) -> dict[str, Any] | None:
-    """What the retrain flow would return when it can change nothing; None when it must run.
-
-    Nothing can change when no retrain is running (the lock is free), `dvc status` finds the
-    data version and every stage current, and production already is this exact ONNX file:
-    the flow would skip every stage and its gate would compare production with itself.
-    Answering from the reports costs one DVC process instead of a Prefect server start.
-    A production version whose files fail verification raises DemoError (what the flow's
-    publish step would report), naming `registry verify` and `registry rollback`.
-    """
+    """What the retrain flow would return when it can change nothing (no retrain running, every stage current,
+    production already this exact ONNX file); None when it must run. DemoError if production does not verify."""
     try:
         with retrain_lock(root, 0, {"flow_run_id": None, "data_rev": None, "checking": "make demo"}):
             return _result_if_current(root, params)
@@ -116,7 +109,8 @@ def need(path: Path, missing: list[Path]) -> dict[str, Any]:
     return read_json(path)
 
 
-def build_summary(root: Path, params: Params, result: dict[str, Any], wall_s: float) -> dict[str, Any]:
+def build_summary(root: Path, params: Params, result: dict[str, Any], wall_s: float,
+                  flow_state: str = "Completed") -> dict[str, Any]:
     """The summary line, from the stages' reports and the flow's result."""
     missing: list[Path] = []
     paths = params.report_paths(root)
@@ -153,7 +147,7 @@ def build_summary(root: Path, params: Params, result: dict[str, Any], wall_s: fl
         "reason": published.get("reason"),
         "model_card": published.get("model_card"),
         "flow_run_id": result.get("flow_run_id"),
-        "flow_state": "Completed",
+        "flow_state": flow_state,
     }
 
 
@@ -170,9 +164,7 @@ def main() -> int:
     if current is not None:
         print("Data, code, params and the production model are as the last run left them: nothing to run "
               "(no Prefect flow run; `python -m flows.retrain` runs the flow regardless)", file=sys.stderr)
-        summary = build_summary(root, params, current, time.perf_counter() - start)
-        summary["flow_state"] = "Up to date"
-        print(json.dumps(summary), flush=True)
+        print(json.dumps(build_summary(root, params, current, time.perf_counter() - start, "Up to date")), flush=True)
         return 0
     from flows.retrain import retrain  # imports Prefect (~3 s): after the cheap checks
     from flows.server import run_flow_command
@@ -188,11 +180,10 @@ def main() -> int:
                           "wall_s": round(time.perf_counter() - start, 1)}))
         return 1
     try:
-        summary = build_summary(root, params, state.result(), time.perf_counter() - start)
+        summary = build_summary(root, params, state.result(), time.perf_counter() - start, state.name)
     except DemoError as err:
         print(f"error: {err}", file=sys.stderr)
         return 1
-    summary["flow_state"] = state.name
     sys.stderr.flush()
     print(json.dumps(summary), flush=True)
     return 0

@@ -39,26 +39,23 @@ def deployments(params_path: Path, paused: bool = False) -> list[RunnerDeploymen
 
     schedule = load_params(params_path).schedule
     root = str(params_path.resolve().parent)
+    common = {"paused": paused, "tags": ["retrain"],
+              "concurrency_limit": 1,  # a late run waits for the one before; the flow's own lock covers manual runs
+              "entrypoint_type": EntrypointType.MODULE_PATH}  # e.g. flows.retrain:retrain, importable from any cwd
     return [
         retrain.to_deployment(
             name="scheduled",
             schedule=Cron(schedule.cron, timezone=schedule.timezone),
-            paused=paused,
             parameters={"root": root},
             description=f"Retrain {root} on cron {schedule.cron!r} ({schedule.timezone}).",
-            tags=["retrain"],
-            concurrency_limit=1,  # a late run waits for the one before; the flow's own lock covers manual runs
-            entrypoint_type=EntrypointType.MODULE_PATH,  # flows.retrain:retrain, importable from any cwd
+            **common,
         ),
         watch.to_deployment(
             name="data-change",
             schedule=Interval(timedelta(minutes=schedule.watch_interval_minutes), timezone=schedule.timezone),
-            paused=paused,
             parameters={"root": root, "branch": schedule.data_branch},
             description=f"Retrain {root} when data/raw changes on {schedule.data_branch}.",
-            tags=["retrain"],
-            concurrency_limit=1,
-            entrypoint_type=EntrypointType.MODULE_PATH,
+            **common,
         ),
     ]
 

@@ -69,7 +69,7 @@ def _lock_dep_hash(lock: Path, raw_dir: Path) -> str | None:
     return None
 
 
-def git_state(root: Path, reports_dir: Path | None = None) -> tuple[str | None, bool, list[str]]:
+def git_state(root: Path, reports_dir: Path) -> tuple[str | None, bool, list[str]]:
     """(HEAD commit or None outside a repo, dirty?, changed tracked files that count, never under reports_dir)."""
     head = _git(root, "rev-parse", "HEAD")
     if head is None:
@@ -80,11 +80,8 @@ def git_state(root: Path, reports_dir: Path | None = None) -> tuple[str | None, 
     return head.strip(), bool(dirty), dirty
 
 
-def _is_pipeline_state(path: str, reports_dir: Path | None = None) -> bool:
-    name = Path(path).name
-    if reports_dir is not None and Path(path).is_relative_to(reports_dir):
-        return True
-    return name in PIPELINE_STATE or name.endswith(".dvc")
+def _is_pipeline_state(path: str, reports_dir: Path) -> bool:
+    return Path(path).is_relative_to(reports_dir) or Path(path).name in PIPELINE_STATE or path.endswith(".dvc")
 
 
 def _git(root: Path, *args: str) -> str | None:

@@ -72,11 +72,11 @@ def link_new(path: Path, data: bytes) -> bool:
     return True
 
 
-def sweep_stale_tmp(folder: Path, max_age_s: float = STALE_TMP_S) -> None:
+def sweep_stale_tmp(folder: Path) -> None:
     """Remove temp files and folders a killed writer left behind (old enough that no writer still owns them)."""
     for tmp in folder.glob(".tmp-*"):
         with contextlib.suppress(FileNotFoundError):  # its writer finished with it meanwhile
-            if time.time() - tmp.lstat().st_mtime > max_age_s:
+            if time.time() - tmp.lstat().st_mtime > STALE_TMP_S:
                 if tmp.is_dir():
                     shutil.rmtree(tmp, ignore_errors=True)
                 else:
