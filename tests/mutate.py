@@ -66,7 +66,8 @@ MODULES: dict[str, list[str]] = {
                                "tests/tasks/test_decode_cache.py"],
     "tasks/training/features.py": ["tests/tasks/training/test_features.py", "tests/tasks/test_cache_keys.py"],
     # The training loop: the best epoch kept, early stopping.
-    "tasks/training/loop.py": ["tests/tasks/test_train.py", "tests/tasks/training/test_state.py"],
+    "tasks/training/loop.py": ["tests/tasks/test_train.py", "tests/tasks/training/test_state.py",
+                               "tests/tasks/training/test_loop_mutants.py"],
     # The flow's stage runner and `make demo`'s fast path.
     "flows/dvc_runner.py": ["tests/flows/test_dvc_runner.py"],
     "flows/retrain.py": ["tests/flows/test_retrain.py", "tests/flows/test_fast_path.py"],
