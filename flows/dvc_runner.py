@@ -106,25 +106,18 @@ def _stage_paths(entries: object, params: dict) -> list[str]:
     return [os.path.normpath(re.sub(r"\$\{([^}]+)\}", fill, str(name))) for name in names]
 
 
-def subprocess_env(extra: dict[str, str] | None = None) -> dict[str, str]:
+def subprocess_env() -> dict[str, str]:
     """The environment of every child: unbuffered python, this venv first on PATH, tools offline."""
-    env = dict(os.environ)
-    venv_bin = str(Path(sys.executable).parent)
-    env["PATH"] = f"{venv_bin}{os.pathsep}{env.get('PATH', '')}"
-    env["PYTHONUNBUFFERED"] = "1"  # stage output must arrive as it is printed
-    env.setdefault("DVC_NO_ANALYTICS", "1")
-    env.setdefault("DVC_STUDIO_OFFLINE", "true")  # DVC would otherwise try to reach Studio
-    env.setdefault("DO_NOT_TRACK", "1")
-    env.setdefault("ORT_DISABLE_TELEMETRY", "1")
-    env.update(extra or {})
-    return env
+    offline = {"DVC_NO_ANALYTICS": "1", "DVC_STUDIO_OFFLINE": "true", "DO_NOT_TRACK": "1", "ORT_DISABLE_TELEMETRY": "1"}
+    return {**offline, **os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
+            "PYTHONUNBUFFERED": "1"}   # unbuffered: stage output must arrive as it is printed
 
 
 def run_streamed(cmd: list[str], cwd: Path, log: logging.Logger | logging.LoggerAdapter,
-                 timeout_s: float | None = None, env: dict[str, str] | None = None) -> CommandResult:
+                 timeout_s: float | None = None) -> CommandResult:
     """Run cmd in its own process group, logging each output line as it arrives."""
     log.info("$ %s   (in %s)", " ".join(cmd), cwd)
-    proc = spawn(guarded(cmd), cwd, subprocess_env(env), stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    proc = spawn(guarded(cmd), cwd, subprocess_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     stdout_tail: deque[str] = deque(maxlen=TAIL_LINES)
     stderr_tail: deque[str] = deque(maxlen=TAIL_LINES)
     stage_lines: list[str] = []  # dvc's "Running stage"/"Stage ... skipping" lines, however long the output

@@ -161,8 +161,7 @@ def _cmd_promote(reg: Registry, args: argparse.Namespace) -> int:
     if reg.production() == args.version:
         print(f"{reg.model_name}: {args.version} is already production; nothing changed")
         return 0
-    differ = reg.class_names_differ(args.version, reg.production()) if args.force else None
-    if differ:
+    if args.force and (differ := reg.class_names_differ(args.version, reg.production())):
         print(f"warning: {terminal_safe(differ)}; promoting anyway (--force)", file=sys.stderr)
     entry = reg.promote(args.version, args.reason, force=args.force)
     print(f"{reg.model_name}: production is now {entry['version']} (was {entry['from']})")
