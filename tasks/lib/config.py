@@ -228,6 +228,19 @@ class ExportParams(Section):
         [1, 3, 8], min_length=1, description="Batch sizes at which onnxruntime must match PyTorch.")
     latency_runs: int = Field(50, ge=5, description="Timed runs for the latency percentiles.")
     quantize: QuantizeParams = QuantizeParams()
+    abstain_at_accuracy: float | None = Field(None, gt=0, le=1, description="Abstention: the lowest confidence "
+                                              "threshold whose answered validation images are at least this accurate "
+                                              "goes into the ONNX metadata (predict --abstain says unknown below it); "
+                                              "null: no threshold (the card still shows the risk-coverage curve).")
+    abstain_at_coverage: float | None = Field(None, gt=0, le=1, description="Abstention instead by coverage: the "
+                                              "threshold that answers this share of the validation images.")
+
+    @model_validator(mode="after")
+    def _one_abstention_target(self) -> ExportParams:
+        if self.abstain_at_accuracy is not None and self.abstain_at_coverage is not None:
+            raise ValueError("export.abstain_at_accuracy and export.abstain_at_coverage are both set; the threshold "
+                             "has one target: set one of them to null")
+        return self
 
 
 class ReportsParams(Section):
@@ -250,6 +263,13 @@ class GateParams(Section):
     min_lift_over_baseline: float | None = Field(0.0, ge=-1, le=1, description="Test accuracy must beat the "
                                                  "built-in pixel logistic-regression baseline by more than this; "
                                                  "null turns the check off.")
+    approval: Literal["auto", "borderline", "always"] = Field(
+        "auto", description="Who decides: auto (the gate alone); borderline (a person approves or rejects, in the "
+        "Prefect UI or `python -m flows.approval`, a candidate that is better but not significantly so, or that only "
+        "the per-class guard refused); always (a person decides every candidate the gate passed, and the borderline "
+        "ones).")
+    approval_timeout_hours: float = Field(72, gt=0, description="A candidate waiting for approval longer than this "
+                                          "is rejected (recorded as timed out).")
 
 
 class RegistryParams(Section):
