@@ -50,7 +50,23 @@ def decide(candidate: dict[str, Any], production: dict[str, Any] | None, gate: G
     moot = [c["reason"] for c in checks if c["check"] == "same_classes" and not c["ok"]]
     reason = "; ".join(moot or failed) if failed else _success_reason(production, delta, gate, model_name, paired)
     return {"passed": passed, "reason": reason, "checks": checks, "metric": gate.metric, "delta": delta,
-            "bootstrap": bootstrap, "paired_test": paired}
+            "bootstrap": bootstrap, "paired_test": paired, "borderline": borderline(checks, paired)}
+
+
+def borderline(checks: list[dict[str, Any]], paired: dict[str, Any] | None) -> bool:
+    """Refused only for want of significance (it improved, and a paired test exists) or by the per-class guard:
+    the refusals a person may overrule with `gate.approval`. Every other refusal is a fact, not a judgement."""
+    failed = [c["check"] for c in checks if not c["ok"]]
+    overrulable = {"significance"} if paired is not None else set()
+    return bool(failed) and all(name in overrulable or name.startswith("recall[") for name in failed)
+
+
+def needs_approval(decision: dict[str, Any], approval: str) -> bool:
+    """Whether a person decides this candidate: gate.approval borderline asks for the borderline refusals,
+    always for those and every candidate the gate passed."""
+    if approval == "auto":
+        return False
+    return decision["borderline"] or (approval == "always" and decision["passed"])
 
 
 def _success_reason(production: dict[str, Any] | None, delta: float | None, gate: GateParams, name: str,
