@@ -110,11 +110,8 @@ def is_workspace_version(root: Path, rev: str | None, raw_dir: Path) -> bool:
 @contextmanager
 def isolated_copy(root: Path, rev: str, log: logging.Logger | logging.LoggerAdapter,
                   with_workspace_changes: bool = False) -> Iterator[Path]:
-    """A detached git worktree of rev in a temporary folder, sharing root's DVC cache and remotes.
-
-    with_workspace_changes: the copy also gets the workspace's uncommitted changes to tracked files
-    and its dvc.lock, so it is the workspace as it is, in a place where a run may change anything.
-    """
+    """A detached git worktree of rev in a temporary folder, sharing root's DVC cache and remotes;
+    with_workspace_changes, also the workspace's uncommitted changes and dvc.lock."""
     sha = resolve_rev(root, rev)
     sweep_stale_copies(root, log)
     parent = Path(tempfile.mkdtemp(prefix=COPY_PREFIX))

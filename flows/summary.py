@@ -18,9 +18,8 @@ METRIC_ROWS = ("accuracy", "balanced_accuracy", "macro_f1", "weighted_f1", "top_
 
 
 def held_out_scores(test: dict[str, Any], train: dict[str, Any] | None = None) -> dict[str, Any]:
-    """The held-out scores a person judges a model by, with their 95% intervals, the pixel baseline and the lift,
-    and which training phase and epoch the shipped weights come from; the same fields in `make demo`'s and
-    `python -m flows.retrain`'s summary lines."""
+    """The held-out scores with their 95% intervals, the baseline and lift, and where the shipped weights come from:
+    the same fields in `make demo`'s and `python -m flows.retrain`'s summary lines."""
     return {
         "test_accuracy": test.get("accuracy"),
         "test_accuracy_ci95": [test.get("accuracy_ci_low"), test.get("accuracy_ci_high")],

@@ -26,7 +26,7 @@ from tasks.handoff.lineage import missing_fields
 from tasks.handoff.registry_files import MARKER, write_local, write_object_store
 from tasks.handoff.registry_pointer import VERSION_RE, ProductionLog, RegistryError, utcnow
 from tasks.lib.config import Params
-from tasks.lib.io import StorageError, atomic_write_bytes, explained_storage_errors, sha256_bytes, sha256_stream
+from tasks.lib.io import StorageError, explained_storage_errors, sha256_bytes, sha256_stream
 
 __all__ = ["ANY", "MARKER", "VERSION_FILES", "Registry", "RegistryError", "new_version_id", "open_registry"]
 
@@ -93,12 +93,6 @@ class Registry:
             known = ", ".join(self.versions()[-5:]) or "none yet"
             raise RegistryError(f"{self.url(version)}: no such complete version of {self.model_name} "
                                 f"(latest: {known}); see `registry list`")
-
-    def fetch(self, version: str, name: str, dest: Path) -> Path:
-        """Copy one file of a version to a local path (the ONNX file for re-evaluation or predict)."""
-        dest.parent.mkdir(parents=True, exist_ok=True)
-        atomic_write_bytes(dest, self.read_bytes(version, name))
-        return dest
 
     def pointer(self) -> dict[str, Any] | None:
         """Production's cache record plus `events` (every complete log entry, oldest first); None if it never moved."""
