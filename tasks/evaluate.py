@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import logging
 import sys
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -24,14 +25,14 @@ import torch
 from PIL import Image, ImageDraw, ImageOps
 from torch.utils.data import DataLoader
 
-from tasks.lib import figures
+from tasks.lib import abstention, figures
 from tasks.lib.baseline import fit_pixel_baseline
 from tasks.lib.cli import stage_main
 from tasks.lib.config import Params
 from tasks.lib.data import EvalDataset
 from tasks.lib.errors import StageError
 from tasks.lib.images import BadImage, load_rgb
-from tasks.lib.io import atomic_path, write_json
+from tasks.lib.io import atomic_path, sha256_file, write_json
 from tasks.lib.metrics import compute_metrics, confusion_matrix, reliability_bins
 from tasks.lib.models import load_checkpoint
 from tasks.lib.onnx_classifier import softmax
@@ -66,6 +67,7 @@ def run(params: Params) -> dict[str, Any]:
     metrics.update(calibration_metrics(raw_probs, labels, class_names, cfg.calibration_bins, temperature))
     metrics.update(baseline_metrics(params, rows, labels, metrics["accuracy"], len(class_names)))
     metrics["test_split_sha256"] = split_digest(test_file)
+    metrics["abstention"] = abstention_metrics(params, model, meta, probs, labels, device)
     reports = params.report_paths(Path("."))
     write_plots(reports["evaluate_plots"], probs, labels, class_names, metrics["per_class"],
                 bins=cfg.calibration_bins, uncalibrated=raw_probs)
@@ -78,7 +80,36 @@ def run(params: Params) -> dict[str, Any]:
              interval_text(metrics["accuracy_ci_low"], metrics["accuracy_ci_high"]), metrics["macro_f1"],
              metrics["ece"], metrics["ece_uncalibrated"], temperature, metrics["n_test"],
              metrics["baseline_accuracy"], metrics["lift"])
+    log.info("abstention: %s", abstention.summary(metrics["abstention"]))
     return metrics
+
+
+def abstention_metrics(params: Params, model: torch.nn.Module, meta: dict[str, Any], test_probs: np.ndarray,
+                       test_labels: np.ndarray, device: torch.device) -> dict[str, Any]:
+    """The abstention threshold chosen on the validation split, its operating point and the risk-coverage curve
+    on the test split, and how it treats out-of-domain images (tasks.lib.abstention)."""
+    cfg, prep = params.export, meta["preprocessing"]
+    temperature = float(meta.get("temperature") or 1.0)
+    threshold = None
+    if cfg.abstain_at_accuracy is not None or cfg.abstain_at_coverage is not None:
+        val_rows = read_split(split_path(params.data.prepared_dir, "val"))
+        val_probs = predict_probs(model, val_rows, params.data.raw_dir, prep, params.evaluate.batch_size, device,
+                                  temperature) if val_rows else np.empty((0, test_probs.shape[1]))
+        threshold = abstention.choose_threshold(val_probs, np.array([row.label for row in val_rows], dtype=np.int64),
+                                                cfg.abstain_at_accuracy, cfg.abstain_at_coverage)
+    with tempfile.TemporaryDirectory(prefix="ood-") as folder:
+        ood_rows = abstention.write_ood_images(Path(folder), min(abstention.OOD_IMAGES, len(test_labels)))
+        ood_probs = predict_probs(model, ood_rows, Path(folder), prep, params.evaluate.batch_size, device, temperature)
+    target = {"accuracy": cfg.abstain_at_accuracy} if cfg.abstain_at_accuracy is not None else \
+        {"coverage": cfg.abstain_at_coverage} if cfg.abstain_at_coverage is not None else None
+    return {
+        "target": target,   # on the validation split; export writes the threshold into the ONNX metadata
+        "threshold": threshold,   # unrounded: the validation image at the cut must stay answered
+        "checkpoint_sha256": sha256_file(Path(params.train.out_dir) / "model.pt"),   # export checks it
+        "test": None if threshold is None else abstention.operating_point(test_probs, test_labels, threshold),
+        "risk_coverage": abstention.risk_coverage(test_probs, test_labels),
+        "out_of_domain": abstention.out_of_domain(test_probs, ood_probs, threshold),
+    }
 
 
 def intervals(predicted: np.ndarray, labels: np.ndarray, num_classes: int) -> dict[str, float]:

@@ -7,6 +7,7 @@ through it, so they cannot disagree about preprocessing or softmax.
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,6 +28,15 @@ PROBABILITIES_NAME = "probabilities"
 # MAX_RESIZE_RATIO: timm's crop_pct is at least 0.5 for every model it knows (0.875 for most).
 MAX_CROP_SIZE = 1024
 MAX_RESIZE_RATIO = 2
+
+
+# The abstention threshold in the model's metadata (export.abstain_at_accuracy / _coverage chose it on validation).
+ABSTAIN_KEY = "abstain_threshold"
+
+
+def answered(probs: np.ndarray, threshold: float) -> np.ndarray:
+    """The abstention rule: an image is answered when its top probability is at least the threshold."""
+    return np.asarray(probs).max(axis=1) >= threshold
 
 
 class ModelError(ValueError):
@@ -59,6 +69,7 @@ class Classifier:
     class_names: list[str]
     prep: Preprocessing
     source: str = "the model"   # named in errors: the file it was loaded from
+    abstain_threshold: float | None = None   # below it the model is not sure (metadata ABSTAIN_KEY)
     input_name: str = field(init=False)
     calibrated: bool = field(init=False)
 
@@ -119,7 +130,8 @@ def load_classifier(path: Path | str, threads: int = 0) -> Classifier:
     if OUTPUT_NAME not in [output.name for output in session.get_outputs()]:
         raise ModelError(f"{path}: the network has no output named {OUTPUT_NAME!r}; export it with `python -m tasks.export`")
     classifier = Classifier(session, _class_names(path, _json_value(path, meta, "class_names")),
-                            _preprocessing(path, _json_value(path, meta, "preprocessing")), str(path))
+                            _preprocessing(path, _json_value(path, meta, "preprocessing")), str(path),
+                            _abstain_threshold(path, meta.get(ABSTAIN_KEY)))
     _check_output_size(path, classifier)
     return classifier
 
@@ -150,6 +162,19 @@ def _class_names(path: Path, value: object) -> list[str]:
                          f"got {str(value)[:80]}; re-export the model")
     if len(set(value)) != len(value):
         raise ModelError(f"{path}: metadata class_names lists a class twice; re-export the model")
+    return value
+
+
+def _abstain_threshold(path: Path, text: str | None) -> float | None:
+    if text is None:
+        return None
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not 0 < value <= 1:
+        raise ModelError(f"{path}: metadata {ABSTAIN_KEY} {text[:40]!r} is not a probability in (0, 1]; "
+                         "re-export the model")
     return value
 
 
