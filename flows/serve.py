@@ -86,7 +86,7 @@ def supervise(root: Path, args: argparse.Namespace) -> int:
     _stop_on_signals()
     runner: subprocess.Popen | None = None
     try:
-        with project_server(root, lambda text: print(text, file=sys.stderr), args.port, advertised=True) as url:
+        with project_server(root, args.port, advertised=True) as url:
             try:
                 cmd = [sys.executable, "-m", "flows.serve", "--runner", "--params", str(args.params.resolve())]
                 runner = spawn(cmd + (["--paused"] if args.paused else []), root,

@@ -107,8 +107,7 @@ def api_url(port: int) -> str:
     return f"http://127.0.0.1:{port}/api"
 
 
-def start_server(root: Path, port: int, timeout_s: float,
-                 say: Callable[[str], None] = lambda _: None) -> subprocess.Popen:
+def start_server(root: Path, port: int, timeout_s: float) -> subprocess.Popen:
     """`prefect server start` on 127.0.0.1:port with the project's settings; wait until it answers."""
     url = api_url(port)
     home = usable_home(root)
@@ -116,7 +115,8 @@ def start_server(root: Path, port: int, timeout_s: float,
     env = {**os.environ, "PREFECT_HOME": str(home), "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
            "PREFECT_UI_API_URL": url, "PREFECT_API_URL": url}
     cmd = [sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1", "--port", str(port)]
-    say(f"Starting a Prefect server on {url.removesuffix('/api')} (database in {home}; log {log_path})")
+    print(f"Starting a Prefect server on {url.removesuffix('/api')} (database in {home}; log {log_path})",
+          file=sys.stderr)
     with log_path.open("ab") as log:
         # SIGKILL on our death: a server still starting up defers SIGTERM for tens of seconds on busy
         # cores (measured), and SQLite's journal makes a killed server safe to restart.
@@ -144,8 +144,7 @@ def startup_timeout_s(root: Path) -> float:
 
 
 @contextmanager
-def project_server(root: Path, say: Callable[[str], None] = lambda _: None, port: int | None = None,
-                   advertised: bool = False) -> Iterator[str]:
+def project_server(root: Path, port: int | None = None, advertised: bool = False) -> Iterator[str]:
     """The API address every Prefect call of this command uses; a server started here stops on exit.
     advertised: other commands reuse the server started here while it runs (`make serve`)."""
     usable_home(root)   # Prefect's clients keep files there too, whichever server they talk to
@@ -153,14 +152,14 @@ def project_server(root: Path, say: Callable[[str], None] = lambda _: None, port
         yield url
         return
     if url := running_server(root):
-        say(f"Using the project's running Prefect server {url.removesuffix('/api')}")
+        print(f"Using the project's running Prefect server {url.removesuffix('/api')}", file=sys.stderr)
         yield url
         return
     if port is not None and port_in_use(port):
         raise ServerError(f"port {port} on 127.0.0.1 is taken by another program; "
                           f"choose another with `python -m flows.serve --port N` (make serve PORT=N)")
     port = port or free_port()
-    process = start_server(root, port, startup_timeout_s(root), say)
+    process = start_server(root, port, startup_timeout_s(root))
     path = state_path(root)
     if advertised:
         path.write_text(json.dumps({"url": api_url(port), "pid": process.pid}))
@@ -174,7 +173,7 @@ def project_server(root: Path, say: Callable[[str], None] = lambda _: None, port
 
 
 @contextmanager
-def prefect_api(root: Path, say: Callable[[str], None] = lambda _: None) -> Iterator[str]:
+def prefect_api(root: Path) -> Iterator[str]:
     """project_server, made the Prefect API of this whole process, as Prefect's test harness does: the
     environment and the global settings context name it (else background workers start an ephemeral server),
     and the workers are drained before the server stops (else they retry a dead server at exit)."""
@@ -185,7 +184,7 @@ def prefect_api(root: Path, say: Callable[[str], None] = lambda _: None) -> Iter
     )
     from prefect.settings import PREFECT_API_URL, temporary_settings
 
-    with project_server(root, say) as url:
+    with project_server(root) as url:
         previous = os.environ.get("PREFECT_API_URL")
         os.environ["PREFECT_API_URL"] = url
         refresh_global_settings_context()  # rebuilt from the environment, as if Prefect were imported now
@@ -209,7 +208,7 @@ def run_flow_command(root: Path, start: Callable[[], Any], interrupted: str) -> 
     SIGTERM unwinding like Ctrl-C. Its final state, or the exit code after saying why on stderr:
     1 when no server could be had, 130 when interrupted (`interrupted` says what was stopped)."""
     try:
-        with sigterm_as_interrupt(), prefect_api(root, say=lambda text: print(text, file=sys.stderr)):
+        with sigterm_as_interrupt(), prefect_api(root):
             return start()
     except ServerError as err:
         print(f"error: {err}", file=sys.stderr)

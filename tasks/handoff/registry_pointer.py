@@ -94,9 +94,9 @@ class ProductionLog:
         url = f"{self.url}/{seq:010d}.json"
         try:
             entry = json.loads(self.fs.cat_file(path))   # an I/O error is raised: it says nothing about the entry
+            problem = _entry_problem(entry, seq)
         except ValueError as err:
-            return None, f"{url}: damaged ({type(err).__name__}), not counted; restore it from a backup"
-        problem = _entry_problem(entry, seq)
+            problem = type(err).__name__
         return (None, f"{url}: damaged ({problem}), not counted; restore it from a backup") if problem else (entry, "")
 
     def _path(self, *parts: str) -> str:
