@@ -26,6 +26,7 @@ from prefect.cache_policies import NO_CACHE
 from prefect.runtime import flow_run
 from prefect.tasks import exponential_backoff
 
+from flows.approval import ask_a_person
 from flows.data_version import (DataVersionError, dvc_file, is_workspace_version, isolated_copy, md5_in_workspace,
                                 raw_has_files)
 from flows.dvc_runner import TransientFailure, read_stages, run_checked, run_streamed, stage_outcome
@@ -167,6 +168,8 @@ def run_pipeline(project: Path, workdir: Path, data_rev: str | None, params: Par
     if push:
         push_outputs(workdir, remote)
     published = gate_and_publish(params, workdir, run_id, registry_root=project) if publish else None
+    if published and published["awaiting_approval"]:
+        published = ask_a_person(params, published, registry_root=project)
     summary = summarize(project, workdir, data_rev, data_md5, params, outcomes, published, run_id, push)
     attach_report(summary, params, workdir)
     log.info("Stages run: %s; skipped: %s", ", ".join(summary["stages_run"]) or "none",

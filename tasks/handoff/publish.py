@@ -2,7 +2,8 @@
 
 `publish_candidate` (the retrain flow's last step, `registry publish` by hand) checks the artifacts belong
 together, builds the lineage, scores production's verified ONNX file on the candidate's test images, runs
-the gate, writes the version and moves production only if the gate passed. A candidate that fails is still
+the gate, writes the version and moves production only if the gate passed (and, where gate.approval
+asks one, only once a person approved it: `settle_approval`). A candidate that fails is still
 stored (the registry is the audit trail; a person may `registry promote` it). Publishing the same ONNX file
 again writes no new version: it is gated again against the current production.
 """
@@ -19,7 +20,7 @@ from typing import Any
 import numpy as np
 
 from tasks.handoff.card import build_card, render_readme
-from tasks.handoff.gate import classes_differ_reason, decide, paired_test
+from tasks.handoff.gate import classes_differ_reason, decide, needs_approval, paired_test
 from tasks.handoff.lineage import LineageError, build_lineage
 from tasks.handoff.registry import Registry, RegistryError, new_version_id, open_registry
 from tasks.handoff.registry_pointer import utcnow
@@ -81,8 +82,9 @@ def _publish_new(params: Params, root: Path, registry: Registry, candidate: Cand
                  lineage: dict[str, Any]) -> dict[str, Any]:
     production = registry.production()
     decision = _gate(params, root, registry, production, candidate, lineage)
-    # What the gate decided, for people reading the version; production itself is the promotion log.
-    decision["promoted"] = decision["passed"]
+    # What the gate decided, for people reading the version; production itself is the promotion log, and a
+    # person's later decision (gate.approval) is a note beside the version.
+    decision["promoted"] = decision["passed"] and not decision["awaiting_approval"]
     version = new_version_id(candidate.onnx_sha256)
     card = build_card(params=params, version=version, url=registry.url(version), class_names=candidate.class_names,
                       lineage=lineage, metrics=candidate.metrics, export_report=candidate.export_report,
@@ -146,7 +148,8 @@ def _gate(params: Params, root: Path, registry: Registry, production: str | None
                       production_unscored=side.unscored)
     return {**decision, "production_version": production, "production_onnx_sha256": side.onnx_sha256,
             "candidate_metrics": candidate.metrics, "production_metrics": side.metrics,
-            "gate_params": params.gate.model_dump(mode="json")}
+            "gate_params": params.gate.model_dump(mode="json"),
+            "awaiting_approval": needs_approval(decision, params.gate.approval)}
 
 
 def _production_side(params: Params, root: Path, registry: Registry, production: str | None,
@@ -217,7 +220,7 @@ def score_test_split(onnx_path: Path, prepared_dir: Path, raw_dir: Path, class_n
 
 
 def _move_pointer(registry: Registry, version: str, production: str | None, decision: dict[str, Any]) -> bool:
-    if not decision["passed"] or version == production:
+    if not decision["passed"] or decision["awaiting_approval"] or version == production:
         return False
     registry.promote(version, decision["reason"], expected=production)
     return True
@@ -225,7 +228,40 @@ def _move_pointer(registry: Registry, version: str, production: str | None, deci
 
 def _result(registry: Registry, version: str, promoted: bool, decision: dict[str, Any]) -> dict[str, Any]:
     return {"registry_version": version, "promoted": promoted, "reason": decision["reason"],
-            "model_card": registry.url(version, "README.md"), "decision": json_safe(decision)}
+            "awaiting_approval": decision["awaiting_approval"], "model_card": registry.url(version, "README.md"),
+            "decision": json_safe(decision)}
+
+
+def settle_approval(params: Params, registry_root: Path, published: dict[str, Any],
+                    outcome: dict[str, Any]) -> dict[str, Any]:
+    """Record a person's decision on a candidate that waited for one (`outcome`: status approved, rejected or
+    timed out; by, at, comment) and promote it if approved; `published` updated with the result.
+
+    Production must still be the model the candidate was compared with: a wait of hours is long enough for
+    another promote, and then the approval no longer stands on its evidence.
+    """
+    registry = open_registry(params, registry_root)
+    version, decision = published["registry_version"], published["decision"]
+    record = {**outcome, "approval_mode": params.gate.approval, "gate_passed": decision["passed"],
+              "borderline": decision["borderline"], "gate_reason": decision["reason"],
+              "production_version": decision["production_version"]}
+    try:
+        registry.record_approval(version, record)
+        reason = f"{approval_text(outcome)}; gate: {decision['reason']}"
+        promoted = outcome["status"] == "approved"
+        if promoted:
+            registry.promote(version, reason, expected=decision["production_version"], approval=record)
+    except RegistryError as err:
+        raise StageError(str(err)) from None
+    return {**published, "promoted": promoted, "reason": reason, "awaiting_approval": False, "approval": record}
+
+
+def approval_text(outcome: dict[str, Any]) -> str:
+    """'approved by alice at 2026-12-08T01:02:03Z: looks right on the new shirts' or 'timed out (...)'."""
+    if outcome["status"] == "timed out":
+        return f"timed out at {outcome['at']}: {outcome['comment']}"
+    comment = f": {outcome['comment']}" if outcome.get("comment") else ""
+    return f"{outcome['status']} by {outcome.get('by') or 'someone'} at {outcome['at']}{comment}"
 
 
 def json_safe(obj: Any) -> Any:

@@ -3,6 +3,7 @@
     <registry>/<model_name>/<version>/        model.onnx, README.md, card.json, metrics.json, ..., COMPLETE
     <registry>/<model_name>/promotion-log/    the newest complete entry IS production (`registry_pointer`)
     <registry>/<model_name>/reproductions/<version>/   one note per later run that rebuilt that exact ONNX file
+    <registry>/<model_name>/approvals/<version>/       a person's decision on it, when gate.approval asked one
 
 Version ids are `<UTC time to the ms>-<first 8 hex of the ONNX sha256>`: they sort by time as strings and
 need no shared counter (which object stores cannot increment atomically). Readers see only versions with
@@ -179,20 +180,35 @@ class Registry:
 
     def record_reproduction(self, version: str, record: dict[str, Any]) -> str:
         """Note that a run rebuilt this version's exact ONNX file (beside the version: a version is immutable)."""
-        self._require(version)
-        name = f"{utcnow().replace(':', '')}-{uuid.uuid4().hex[:8]}.json"
-        path = self._path("reproductions", version, name)
-        try:
-            with explained_storage_errors(self.url("reproductions", version, name)):
-                self.fs.makedirs(self._path("reproductions", version), exist_ok=True)
-                self.fs.pipe_file(path, json.dumps({"version": version, **record}, indent=2, sort_keys=True).encode())
-        except StorageError as err:
-            raise RegistryError(str(err)) from None
-        return self.url("reproductions", version, name)
+        return self._write_note("reproductions", version, record)
 
     def reproductions(self, version: str) -> list[dict[str, Any]]:
         """The runs that rebuilt this version, oldest first (names sort by time); unreadable notes are skipped."""
-        folder = self._path("reproductions", version)
+        return self._notes("reproductions", version)
+
+    def record_approval(self, version: str, record: dict[str, Any]) -> str:
+        """A person's decision on a gated version (approved, rejected or timed out; who, when, comment): the
+        second half of its decision record, beside decision.json because a version is immutable."""
+        return self._write_note("approvals", version, record)
+
+    def approvals(self, version: str) -> list[dict[str, Any]]:
+        """The people's decisions on this version, oldest first."""
+        return self._notes("approvals", version)
+
+    def _write_note(self, kind: str, version: str, record: dict[str, Any]) -> str:
+        self._require(version)
+        name = f"{utcnow().replace(':', '')}-{uuid.uuid4().hex[:8]}.json"
+        path = self._path(kind, version, name)
+        try:
+            with explained_storage_errors(self.url(kind, version, name)):
+                self.fs.makedirs(self._path(kind, version), exist_ok=True)
+                self.fs.pipe_file(path, json.dumps({"version": version, **record}, indent=2, sort_keys=True).encode())
+        except StorageError as err:
+            raise RegistryError(str(err)) from None
+        return self.url(kind, version, name)
+
+    def _notes(self, kind: str, version: str) -> list[dict[str, Any]]:
+        folder = self._path(kind, version)
         if not self.fs.exists(folder):
             return []
         notes = []
@@ -204,10 +220,11 @@ class Registry:
         return notes
 
     def promote(self, version: str, reason: str, *, expected: str | None | object = ANY,
-                force: bool = False) -> dict[str, Any]:
+                force: bool = False, approval: dict[str, Any] | None = None) -> dict[str, Any]:
         """Make `version` production (it must verify; other class names need `force`); returns the entry.
 
         `expected` guards a gate decision: refused if production is no longer what the candidate was compared with.
+        `approval`: the person's decision that let it through (gate.approval), kept in the log entry.
         """
 
         def change(head: dict[str, Any] | None) -> dict[str, Any] | None:
@@ -221,7 +238,8 @@ class Registry:
             if not force and (differ := self.class_names_differ(version, current)):
                 raise RegistryError(f"cannot promote {version}: {differ}; or pass --force to promote it anyway")
             previous = [*head["previous"], current] if head else []
-            return {"action": "promote", "from": current, "version": version, "previous": previous, "reason": reason}
+            return {"action": "promote", "from": current, "version": version, "previous": previous, "reason": reason,
+                    **({"approval": approval} if approval else {})}
 
         return self.log.append(change) or self.log.head() or {}
 
