@@ -36,16 +36,11 @@ class LineageError(ValueError):
 
 def data_hash(root: Path, raw_dir: Path) -> str:
     """DVC hash of the raw data folder: prepare's dep in dvc.lock, else the .dvc file."""
-    lock = root / "dvc.lock"
-    if lock.exists():
-        found = _lock_dep_hash(lock, raw_dir)
-        if found:
-            return found
-    dvc_file = root / f"{raw_dir}.dvc"
-    if dvc_file.exists():
-        found = dvc_pointer_hash(dvc_file.read_text())
-        if found:
-            return found
+    lock, dvc_file = root / "dvc.lock", root / f"{raw_dir}.dvc"
+    if lock.exists() and (found := _lock_dep_hash(lock, raw_dir)):
+        return found
+    if dvc_file.exists() and (found := dvc_pointer_hash(dvc_file.read_text())):
+        return found
     raise LineageError(f"{lock} has no prepare-stage dep {raw_dir} and {dvc_file} has no md5; "
                        f"track the data with `dvc add {raw_dir}` and run `dvc repro` first")
 
