@@ -39,9 +39,9 @@ from tasks.lib.images import INPUT_CONTRACT, BadImage, load_rgb
 from tasks.lib.split_files import SplitRow, read_split, split_path
 
 logging.getLogger("onnx_ir").setLevel(logging.WARNING)  # ~64 "Replaced initializer" INFO lines per export
-from tasks.lib.io import atomic_path, sha256_file, write_json
+from tasks.lib.io import atomic_path, read_json, sha256_file, write_json
 from tasks.lib.models import load_checkpoint
-from tasks.lib.onnx_classifier import INPUT_NAME, OUTPUT_NAME, PROBABILITIES_NAME, Classifier, load_classifier
+from tasks.lib.onnx_classifier import ABSTAIN_KEY, INPUT_NAME, OUTPUT_NAME, PROBABILITIES_NAME, Classifier, load_classifier
 from tasks.lib.preprocess import Preprocessing, preprocess
 from tasks.lib.weights import weights_sha256
 
@@ -104,7 +104,7 @@ def run(params: Params) -> dict[str, Any]:
     if not rows:
         raise StageError(f"{test_file} lists no images; parity needs held-out images")
     images, names = load_parity_images(rows, params.data.raw_dir, prep, max(cfg.parity_batch_sizes))
-    metadata = build_metadata(params, meta)
+    metadata = {**build_metadata(params, meta), **abstention_metadata(params)}
     model = Calibrated(model, float(meta.get("temperature") or 1.0))
     parity, latency, quantized = export_model(model, onnx_path, images, names, metadata, cfg,
                                               quantize_data=(rows, Path(params.data.raw_dir), prep))
@@ -175,6 +175,31 @@ def build_metadata(params: Params, meta: dict[str, Any]) -> dict[str, str]:
         "exporter": EXPORTER,
         "opset": str(params.export.opset),
     }
+
+
+def abstention_metadata(params: Params) -> dict[str, str]:
+    """The abstention threshold evaluate chose on the validation split, and the test split's operating point and
+    risk-coverage key points, when export.abstain_at_accuracy or export.abstain_at_coverage asks for them.
+    Taken from evaluate.json only after checking it was computed for this checkpoint and this target."""
+    cfg = params.export
+    target = {"accuracy": cfg.abstain_at_accuracy} if cfg.abstain_at_accuracy is not None else \
+        {"coverage": cfg.abstain_at_coverage} if cfg.abstain_at_coverage is not None else None
+    if target is None:
+        return {}
+    path, checkpoint = params.report_paths(Path("."))["test_metrics"], Path(params.train.out_dir) / "model.pt"
+    record = (read_json(path) if path.exists() else {}).get("abstention") or {}
+    if record.get("target") != target or record.get("threshold") is None:
+        raise StageError(f"{path} holds no abstention threshold for {target} (export.abstain_at_*): run evaluate "
+                         "first (dvc repro evaluate)")
+    if record.get("checkpoint_sha256") != sha256_file(checkpoint):
+        raise StageError(f"{path} was computed for another checkpoint than {checkpoint}: re-run evaluate "
+                         "(dvc repro evaluate)")
+    key_points = {"target": target, "on_test": record["test"], "risk_coverage": record["risk_coverage"],
+                  "out_of_domain": record["out_of_domain"]}
+    return {ABSTAIN_KEY: repr(float(record["threshold"])),
+            "abstention": json.dumps(key_points, sort_keys=True),
+            "abstention_rule": f"answer only when max({PROBABILITIES_NAME}) >= {ABSTAIN_KEY}; below it the model "
+                               "is not sure: report unknown (threshold chosen on the validation split)"}
 
 
 # --------------------------------------------------------------------------- export and checks

@@ -31,6 +31,7 @@ from PIL import Image, ImageOps
 sess = ort.InferenceSession(sys.argv[1])
 meta = sess.get_modelmeta().custom_metadata_map
 prep, classes = json.loads(meta["preprocessing"]), json.loads(meta["class_names"])
+t = float(meta.get("abstain_threshold", 0))  # below it the model is not sure: say unknown (0: no threshold)
 img = ImageOps.exif_transpose(Image.open(sys.argv[2]))  # EXIF orientation applied
 if img.mode in ("I;16", "I;16B", "I;16L", "I", "F"):  # 16/32-bit grey: scaled by the type's range, not clipped
     a = np.asarray(img, np.float64)
@@ -45,14 +46,13 @@ img = img.resize((max(r, round(img.width * s)), max(r, round(img.height * s))), 
 left, top = (img.width - c) // 2, (img.height - c) // 2
 x = np.asarray(img.crop((left, top, left + c, top + c)), np.float32) / np.float32(255)
 x = ((x - np.float32(prep["mean"])) / np.float32(prep["std"])).transpose(2, 0, 1)[None]
-p = sess.run(["probabilities"], {sess.get_inputs()[0].name: x})[0][0].astype(np.float64)
-print(classes[int(p.argmax())]); print(json.dumps(dict(zip(classes, (p / p.sum()).tolist()))))
+p = sess.run(["probabilities"], {sess.get_inputs()[0].name: x})[0][0].astype(np.float64); p /= p.sum()
+print(classes[int(p.argmax())] if p.max() >= t else f"unknown (p={p.max():.4f})"); print(json.dumps(dict(zip(classes, p.tolist()))))
 '''
 
 LIMITATIONS = (
     "Judged only on the held-out test split of the data version above; images unlike it "
     "(other cameras, backgrounds, resolutions, classes not listed) may be classified confidently and wrongly.",
-    "Always answers with one of the listed classes: there is no 'unknown' output, so screen out-of-scope inputs upstream.",
     "The probabilities output is calibrated on the validation split (temperature scaling); it is only as "
     "calibrated as the ECE above says, and less so on images unlike the training data.",
 )
@@ -94,9 +94,11 @@ def build_card(*, params: Params, version: str, url: str, class_names: list[str]
                                                "paired_test")},
         "lineage": {k: lineage.get(k) for k in ("data_hash", "git_commit", "git_dirty", "params_sha256",
                                                  "weights_sha256", "onnx_sha256", "flow_run_id")},
-        "limitations": [*LIMITATIONS, *_weak_classes(metrics)],
+        "abstention": metrics.get("abstention"),
+        "limitations": [*LIMITATIONS, _answers_always(metrics.get("abstention")), *_weak_classes(metrics)],
         "figures": list(figures or []),
-        "usage": {"predict": "predict model.onnx IMAGE_OR_FOLDER [...] --top-k 3 [--json]", "snippet": SNIPPET},
+        "usage": {"predict": "predict model.onnx IMAGE_OR_FOLDER [...] --top-k 3 [--json] [--abstain]",
+                  "snippet": SNIPPET},
     }
 
 
@@ -147,6 +149,16 @@ def _duration(seconds: Any) -> str:
     return f"{seconds:.0f} s" if seconds < 120 else f"{seconds / 60:.1f} min"
 
 
+def _answers_always(record: dict[str, Any] | None) -> str:
+    if not record or record.get("threshold") is None:
+        return ("Always answers with one of the listed classes: it has no abstention threshold (set "
+                "export.abstain_at_accuracy), so screen out-of-scope inputs upstream.")
+    rejected = (record.get("out_of_domain") or {}).get("rejected")
+    return ("Answers with one of the listed classes unless the caller applies its abstention threshold "
+            f"(predict --abstain); even then it turned away only {_pct(rejected)} of the out-of-domain images "
+            "below, so screen out-of-scope inputs upstream too.")
+
+
 def _weak_classes(metrics: dict[str, Any]) -> list[str]:
     per_class = metrics.get("per_class") or {}
     ranked = sorted(per_class.items(), key=lambda item: item[1].get("recall", 0.0))[:3]
@@ -167,6 +179,7 @@ def render_readme(card: dict[str, Any]) -> str:
                                        [[n, *(_num(s.get(k)) for k in ("precision", "recall", "f1", "support"))]
                                         for n, s in card["per_class"].items()]), "",
              "## Calibration", *_calibration_lines(card["calibration"]), "",
+             *abstention_lines(card.get("abstention")),
              *_figure_lines(card.get("figures") or []),
              "## Export and parity", *_table(["", ""], [[k, _num(v)] for k, v in card["export"].items()]), "",
              "## Latency (onnxruntime, CPU)", *_table(["", ""], [[k, _num(v)] for k, v in card["latency"].items()]), "",
@@ -209,6 +222,48 @@ def _figure_lines(names: list[str]) -> list[str]:
     for name in shown:
         lines += [f"### {FIGURE_TITLES[name]}", f"![{FIGURE_TITLES[name]}]({name})", ""]
     return lines
+
+
+def abstention_lines(record: dict[str, Any] | None) -> list[str]:
+    """When the model says "not sure": the threshold, its operating point and risk-coverage key points on the
+    test split, and how it treats out-of-domain images, stated plainly when that is poor."""
+    if not record:
+        return []
+    point, ood = record.get("test"), record["out_of_domain"]
+    if point:
+        target = ", ".join(f"{k} {v:g}" for k, v in (record.get("target") or {}).items())
+        lines = [f"Below a top probability of {_num(point['threshold'])} (metadata `abstain_threshold`, chosen on the "
+                 f"validation split for {_md(target)}) the model is not sure: `predict --abstain` says "
+                 "`unknown (p=...)`, and so does the snippet below.", "",
+                 f"On the test split: {_operating_point(point)} ({point['answered']} images answered)."]
+    else:
+        lines = ["No abstention threshold (export.abstain_at_accuracy and export.abstain_at_coverage are null): "
+                 "the model answers every image. The curve shows what a threshold would trade."]
+    lines += ["", *_table(["answering (test split)", "threshold", "accuracy", "95% interval"], [
+        [_pct(p["coverage"]), _num(p["threshold"]), _pct(p["accuracy"]),
+         f"[{_pct(p['accuracy_ci_low'])}, {_pct(p['accuracy_ci_high'])}]"] for p in record["risk_coverage"]]), ""]
+    return ["## When it is not sure (abstention)", *lines, *_out_of_domain_lines(ood, point is not None), ""]
+
+
+def _operating_point(point: dict[str, Any]) -> str:
+    """'at 90.0% coverage, 95.1% accurate [93.2%, 96.5%]'."""
+    return (f"at {_pct(point['coverage'])} coverage, {_pct(point['accuracy'])} accurate "
+            f"[{_pct(point['accuracy_ci_low'])}, {_pct(point['accuracy_ci_high'])}]")
+
+
+def _out_of_domain_lines(ood: dict[str, Any], has_threshold: bool) -> list[str]:
+    auroc = ood["auroc"]
+    verdict = ("good" if auroc >= 0.9 else "partial" if auroc >= 0.7 else
+               "poor: confidence barely tells these images from real ones" if auroc > 0.5 else
+               "poor: these images get higher confidence than real ones")
+    rejected = f" The threshold rejects {_pct(ood['rejected'])} of them." if has_threshold else ""
+    return [f"Out of domain: {ood['n_images']} images of {_md(ood['source'])}, a kind of image the model never saw. "
+            f"Their mean top probability is {_num(ood['mean_confidence'])}; confidence separates them from the test "
+            f"images with AUROC {_num(auroc)} (0.5 is chance), which is {verdict}.{rejected}"]
+
+
+def _pct(value: Any) -> str:
+    return f"{100 * value:.1f}%" if isinstance(value, (int, float)) else "n/a"
 
 
 def _calibration_lines(calibration: dict[str, Any]) -> list[str]:

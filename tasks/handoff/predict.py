@@ -1,11 +1,12 @@
 """`predict`: classify images with an exported ONNX model; needs only onnxruntime, numpy, Pillow and fsspec.
 
-    predict model.onnx photo.jpg more/photos/ [--top-k 3] [--json]
+    predict model.onnx photo.jpg more/photos/ [--top-k 3] [--json] [--abstain]
     predict --registry registry --name fashion-demo [--version V] photo.jpg ...
 
 A registry version (default: production) is verified and fetched to a temporary file; class names and
 preprocessing come from the model's metadata. Each file gets its top-k labels or its own error, and inputs
-stream --batch-size files at a time, so memory stays flat. Exit status: 0 every input predicted; 1 some or
+stream --batch-size files at a time, so memory stays flat. With --abstain, an image whose top probability is below
+the threshold in the model's metadata (export.abstain_at_accuracy) is reported as unknown. Exit status: 0 every input predicted; 1 some or
 all failed (or no image found); 2 the model is unusable. Never imports torch: production boxes lack it.
 """
 
@@ -29,7 +30,7 @@ from tasks.handoff.registry import Registry, RegistryError
 from tasks.lib.console import quiet_broken_pipe, terminal_safe
 from tasks.lib.images import DEFAULT_MAX_ASPECT_RATIO, BadImage, ImageLimits, is_image_name
 from tasks.lib.io import sha256_file
-from tasks.lib.onnx_classifier import Classifier, ModelError, load_classifier
+from tasks.lib.onnx_classifier import ABSTAIN_KEY, Classifier, ModelError, answered, load_classifier
 from tasks.lib.parallel import batched
 
 EXIT_OK, EXIT_SOME_FAILED, EXIT_BAD_MODEL = 0, 1, 2
@@ -60,15 +61,28 @@ def _image_files(folder: Path) -> Iterator[Path]:
 
 
 def predict_batches(classifier: Classifier, files: Iterable[Path], top_k: int, batch_size: int = 16,
-                    max_aspect_ratio: float = DEFAULT_MAX_ASPECT_RATIO) -> Iterator[list[dict[str, Any]]]:
-    """One result per file, in input order, a batch at a time: {"file", "predictions"} or {"file", "error"}."""
+                    max_aspect_ratio: float = DEFAULT_MAX_ASPECT_RATIO, abstain: bool = False
+                    ) -> Iterator[list[dict[str, Any]]]:
+    """One result per file, in input order, a batch at a time: {"file", "predictions"} or {"file", "error"};
+    with `abstain`, each prediction also says whether the model is sure ("unknown": the classifier's threshold)."""
     limits = ImageLimits(max_aspect_ratio=max_aspect_ratio)
     k = max(1, min(top_k, len(classifier.class_names)))
+    threshold = abstain_threshold(classifier) if abstain else None
     for chunk in batched(files, batch_size):
-        yield _predict_batch(classifier, chunk, k, limits)
+        yield _predict_batch(classifier, chunk, k, limits, threshold)
 
 
-def _predict_batch(classifier: Classifier, files: list[Path], k: int, limits: ImageLimits) -> list[dict[str, Any]]:
+def abstain_threshold(classifier: Classifier) -> float:
+    """The model's abstention threshold; ModelError naming the file and the setting when it has none."""
+    if classifier.abstain_threshold is None:
+        raise ModelError(f"{classifier.source}: the model has no {ABSTAIN_KEY} in its metadata, so --abstain cannot "
+                         "tell when it is not sure; set export.abstain_at_accuracy (or export.abstain_at_coverage) "
+                         "in params.yaml and re-run evaluate and export (dvc repro export)")
+    return classifier.abstain_threshold
+
+
+def _predict_batch(classifier: Classifier, files: list[Path], k: int, limits: ImageLimits,
+                   threshold: float | None = None) -> list[dict[str, Any]]:
     results: list[dict[str, Any]] = [{"file": str(path)} for path in files]
     ready: list[tuple[int, np.ndarray]] = []
     for i, path in enumerate(files):
@@ -80,7 +94,10 @@ def _predict_batch(classifier: Classifier, files: list[Path], k: int, limits: Im
             results[i]["error"] = f"{type(err).__name__}: {err.strerror or err}"
     if ready:
         probs = classifier.probabilities(np.stack([array for _, array in ready]))
-        for (i, _), row in zip(ready, probs, strict=True):
+        sure = answered(probs, threshold) if threshold is not None else None
+        for n, ((i, _), row) in enumerate(zip(ready, probs, strict=True)):
+            if sure is not None:
+                results[i]["unknown"] = not sure[n]
             best = np.argsort(-row, kind="stable")[:k]
             results[i]["predictions"] = [
                 {"label": classifier.class_names[j], "index": int(j), "probability": round(float(row[j]), 6)}
@@ -97,6 +114,8 @@ def format_table(results: list[dict[str, Any]]) -> str:
     for r in shown:
         if "error" in r:
             lines.append(f"{r['file']:<{width}}  ERROR {terminal_safe(r['error'], one_line=True)}")
+        elif r.get("unknown"):
+            lines.append(f"{r['file']:<{width}}  unknown (p={r['predictions'][0]['probability']:.4f})")
         else:
             lines.append(f"{r['file']:<{width}}  " + "  ".join(
                 f"{terminal_safe(p['label'], one_line=True)} {p['probability']:.4f}" for p in r["predictions"]))
@@ -154,6 +173,8 @@ def build_parser() -> argparse.ArgumentParser:
     source.add_argument("--version", help="registry version (default: production)")
     parser.add_argument("-k", "--top-k", type=int, default=3, help="labels per image (default 3)")
     parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    parser.add_argument("--abstain", action="store_true", help="say `unknown (p=...)` when the top probability is "
+                        "below the model's abstention threshold (JSON: \"unknown\": true beside the predictions)")
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--threads", type=int, default=0, help="onnxruntime threads (0: one per core)")
     parser.add_argument("--max-aspect-ratio", type=float, default=DEFAULT_MAX_ASPECT_RATIO,
@@ -191,7 +212,7 @@ def _predict(classifier: Classifier, inputs: list[Path], args: argparse.Namespac
         print(f"error: no image files in {terminal_safe(', '.join(map(str, inputs)))}", file=sys.stderr)
         return EXIT_SOME_FAILED
     batches = predict_batches(classifier, itertools.chain([first], files), args.top_k, args.batch_size,
-                              args.max_aspect_ratio)
+                              args.max_aspect_ratio, args.abstain)
     total, failed = print_results(batches, args.json)
     if failed:
         print(f"{failed} of {total} file(s) could not be predicted", file=sys.stderr)

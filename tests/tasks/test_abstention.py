@@ -1,0 +1,202 @@
+"""Abstention end to end: evaluate chooses the threshold on the validation split only, export takes it only for
+the checkpoint it was computed for, predict --abstain and the card's snippet apply the rule in the ONNX metadata,
+and the card states the numbers evaluate.json holds."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+
+from tasks import evaluate, export
+from tasks.handoff import predict
+from tasks.handoff.card import build_card, render_readme
+from tasks.lib import abstention
+from tasks.lib.config import Params, ParamsError, load_params
+from tasks.lib.errors import StageError
+from tasks.lib.io import read_json
+from tasks.lib.models import load_checkpoint
+from tasks.lib.split_files import SplitRow, read_split, write_split
+from tests.tasks.handoff.test_card_snippet import RUNNER, dense_model, snippet_from_card
+from tests.tasks.test_evaluate import make_project
+
+
+def with_export(params: Params, **abstain: float | None) -> Params:
+    return params.model_copy(update={"export": params.export.model_copy(update=abstain)})
+
+
+def relabel(path: Path, labels: list[int]) -> None:
+    write_split(path, [SplitRow(row.path, label, row.sha256) for row, label in zip(read_split(path), labels)])
+
+
+@pytest.fixture(scope="module")
+def evaluated(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    """A project whose validation split is the test images labelled as the model predicts them (so 100% accuracy
+    is reachable there), evaluated twice: with the test labels as written, then with the model always right on test."""
+    root = tmp_path_factory.mktemp("abstention")
+    params = with_export(make_project(root, per_class=6), abstain_at_accuracy=0.9)
+    prepared = Path(params.data.prepared_dir)
+    model, meta = load_checkpoint(Path(params.train.out_dir) / "model.pt")
+    rows = read_split(prepared / "test.csv")
+    probs = evaluate.predict_probs(model, rows, Path(params.data.raw_dir), meta["preprocessing"],
+                                   params.evaluate.batch_size)   # batches as evaluate makes them: the same floats
+    predicted = [int(p) for p in probs.argmax(axis=1)]
+    write_split(prepared / "val.csv", rows)
+    relabel(prepared / "val.csv", [p if i % 6 else (p + 1) % 3 for i, p in enumerate(predicted)])  # 1 in 6 wrong
+    first = evaluate.run(params)
+    relabel(prepared / "test.csv", predicted)
+    second = evaluate.run(params)
+    return {"params": params, "first": first, "second": second, "val_probs": probs,
+            "val_labels": [row.label for row in read_split(prepared / "val.csv")]}
+
+
+@pytest.mark.slow(seconds=10)   # the module's fixture: two evaluations
+def test_the_threshold_is_chosen_on_the_validation_split_only(evaluated: dict[str, Any]) -> None:
+    first, second = evaluated["first"]["abstention"], evaluated["second"]["abstention"]
+    assert first["threshold"] is not None and first["threshold"] == second["threshold"]
+    assert first["test"]["accuracy"] < second["test"]["accuracy"] == 1.0    # the test labels did change
+    # The same threshold from the validation probabilities alone, and it is the lowest that reaches 90% there.
+    confidence = evaluated["val_probs"].max(axis=1)
+    correct = evaluated["val_probs"].argmax(axis=1) == np.array(evaluated["val_labels"])
+    assert first["threshold"] == pytest.approx(abstention.choose_threshold(
+        evaluated["val_probs"], np.array(evaluated["val_labels"]), 0.9, None), abs=1e-9)
+    assert correct[confidence >= first["threshold"]].mean() >= 0.9
+    lower = confidence[confidence < first["threshold"] - 1e-9]
+    assert all(correct[confidence >= t].mean() < 0.9 for t in lower)
+
+
+def test_export_takes_the_threshold_only_for_the_checkpoint_and_target_evaluate_used(
+        evaluated: dict[str, Any]) -> None:
+    params = evaluated["params"]
+    meta = export.abstention_metadata(params)
+    record = read_json(Path(params.reports.dir) / "evaluate.json")["abstention"]
+    assert float(meta["abstain_threshold"]) == record["threshold"]
+    assert json.loads(meta["abstention"])["on_test"] == record["test"]
+    assert export.abstention_metadata(with_export(params, abstain_at_accuracy=None)) == {}
+    with pytest.raises(StageError, match="evaluate.json holds no abstention threshold.*dvc repro evaluate"):
+        export.abstention_metadata(with_export(params, abstain_at_accuracy=0.8))
+    other = params.model_copy(update={"train": params.train.model_copy(update={"out_dir": Path(params.data.raw_dir)})})
+    (Path(params.data.raw_dir) / "model.pt").write_bytes(b"another checkpoint")
+    with pytest.raises(StageError, match="computed for another checkpoint"):
+        export.abstention_metadata(other)
+
+
+def test_the_cards_numbers_are_those_of_evaluate_json(evaluated: dict[str, Any]) -> None:
+    params = evaluated["params"]
+    metrics = read_json(Path(params.reports.dir) / "evaluate.json")
+    record = metrics["abstention"]
+    card = build_card(params=params, version="v1", url="registry/m/v1", class_names=["a", "b", "c"], lineage={},
+                      metrics=metrics, export_report={}, decision={"passed": True, "reason": "first"},
+                      train_metrics=None, data_report=None)
+    readme = render_readme(card)
+    assert card["abstention"] == record
+    point, ood = record["test"], record["out_of_domain"]
+    assert (f"at {100 * point['coverage']:.1f}% coverage, {100 * point['accuracy']:.1f}% accurate "
+            f"[{100 * point['accuracy_ci_low']:.1f}%, {100 * point['accuracy_ci_high']:.1f}%]") in readme
+    for row in record["risk_coverage"]:
+        assert f"| {100 * row['coverage']:.1f}% | {row['threshold']:.4f} | {100 * row['accuracy']:.1f}% |" in readme
+    assert f"AUROC {ood['auroc']:.4f}" in readme and f"rejects {100 * ood['rejected']:.1f}% of them" in readme
+    assert ood["n_images"] == 18 and "scikit-learn digits" in ood["source"]   # as many as the test images
+
+
+def test_the_card_says_plainly_when_confidence_does_not_tell_strangers_apart(evaluated: dict[str, Any]) -> None:
+    record = {**evaluated["first"]["abstention"], "test": None, "threshold": None}
+    for auroc, words in ((0.95, "which is good"), (0.6, "which is poor"), (0.3, "higher confidence than real ones")):
+        card = {"out_of_domain": {**record["out_of_domain"], "auroc": auroc}}
+        text = "\n".join(abstention_lines({**record, **card}))
+        assert words in text and "No abstention threshold" in text
+
+
+def abstention_lines(record: dict[str, Any]) -> list[str]:
+    from tasks.handoff.card import abstention_lines as lines
+    return lines(record)
+
+
+# --------------------------------------------------------------------------- the rule in the ONNX metadata
+
+
+def with_threshold(model: Path, threshold: float) -> Path:
+    proto = onnx.load(str(model))
+    onnx.helper.set_model_props(proto, {**{p.key: p.value for p in proto.metadata_props},
+                                        "abstain_threshold": repr(threshold)})
+    onnx.save(proto, str(model))
+    return model
+
+
+def test_predict_abstains_exactly_where_the_metadata_rule_says(tmp_path: Path, capsys) -> None:
+    from tests.tasks.handoff.test_card_snippet import consumer_images
+    images = consumer_images(tmp_path / "images")
+    model = dense_model(tmp_path / "model.onnx")
+    classifier_probs = {}
+    session = ort.InferenceSession(str(model))
+    for name, path in images.items():   # the probabilities predict reports, read back without the rule
+        assert predict.main([str(model), str(path), "--json", "--top-k", "1"]) == 0
+        classifier_probs[name] = json.loads(capsys.readouterr().out)[0]["predictions"][0]["probability"]
+    threshold = float(np.median(list(classifier_probs.values())))
+    with_threshold(model, threshold)
+    assert session is not None and predict.main([str(model), *map(str, images.values()), "--json", "--abstain"]) == 0
+    results = {Path(r["file"]).stem: r for r in json.loads(capsys.readouterr().out)}
+    assert {k: r["unknown"] for k, r in results.items()} == {k: p < threshold for k, p in classifier_probs.items()}
+    assert 0 < sum(r["unknown"] for r in results.values()) < len(results)   # both answers are exercised
+    assert predict.main([str(model), *map(str, images.values()), "--abstain"]) == 0
+    table = capsys.readouterr().out.splitlines()
+    for line, (name, p) in zip(table, classifier_probs.items(), strict=True):
+        assert (f"unknown (p={p:.4f})" in line) == (p < threshold), line
+
+    # The card's onnxruntime-only snippet applies the same rule: one unsure image and one sure one.
+    script = tmp_path / "snippet.py"
+    script.write_text(snippet_from_card(tmp_path))
+    (tmp_path / "runner.py").write_text(RUNNER)
+    unsure = min(classifier_probs, key=classifier_probs.get)
+    sure = max(classifier_probs, key=classifier_probs.get)
+    for name in (unsure, sure):
+        proc = subprocess.run([sys.executable, "-I", str(tmp_path / "runner.py"), str(script), str(model),
+                               str(images[name])], cwd=tmp_path, capture_output=True, text=True, timeout=120)
+        assert proc.returncode == 0, proc.stderr
+        first_line = proc.stdout.splitlines()[0]
+        assert first_line.startswith("unknown (p=") == (name == unsure), first_line
+
+
+def test_predict_abstain_names_the_model_and_the_setting_when_the_model_has_no_threshold(tmp_path: Path,
+                                                                                          capsys) -> None:
+    from tests.conftest import write_image_folder
+    image = next(write_image_folder(tmp_path / "raw", classes=1, per_class=1).rglob("*.png"))
+    model = dense_model(tmp_path / "model.onnx")
+    assert predict.main([str(model), str(image), "--abstain"]) == predict.EXIT_BAD_MODEL
+    err = capsys.readouterr().err
+    assert str(model) in err and "export.abstain_at_accuracy" in err
+    with_threshold(model, 1.5)
+    assert predict.main([str(model), str(image)]) == predict.EXIT_BAD_MODEL
+    assert "abstain_threshold '1.5' is not a probability" in capsys.readouterr().err
+
+
+# --------------------------------------------------------------------------- the choice itself
+
+
+def test_threshold_for_accuracy_is_the_lowest_cut_that_reaches_the_target() -> None:
+    # Confidences high to low with right/wrong: .9 R, .8 R, .8 W, .7 R, .6 W, .5 W
+    confidence = np.array([0.5, 0.9, 0.8, 0.7, 0.8, 0.6])
+    correct = np.array([False, True, True, True, False, False])
+    assert abstention.threshold_for_accuracy(confidence, correct, 0.75) == 0.7     # 3 of 4 answered right
+    assert abstention.threshold_for_accuracy(confidence, correct, 0.7) == 0.7
+    assert abstention.threshold_for_accuracy(confidence, correct, 0.8) == 0.9      # the tie at .8 goes together
+    assert abstention.threshold_for_coverage(confidence, 0.5) == 0.8
+    with pytest.raises(StageError, match="lower export.abstain_at_accuracy"):
+        abstention.threshold_for_accuracy(confidence, ~np.ones(6, bool), 0.5)
+
+
+def test_one_abstention_target_at_most(tmp_path: Path) -> None:
+    path = tmp_path / "params.yaml"
+    path.write_text("export:\n  abstain_at_accuracy: 0.95\n  abstain_at_coverage: 0.9\n")
+    with pytest.raises(ParamsError, match="export.abstain_at_accuracy and export.abstain_at_coverage are both set"):
+        load_params(path)
+    path.write_text("export:\n  abstain_at_accuracy: 0\n")
+    with pytest.raises(ParamsError, match="export.abstain_at_accuracy"):
+        load_params(path)
