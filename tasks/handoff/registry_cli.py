@@ -125,7 +125,7 @@ def _cmd_show(reg: Registry, args: argparse.Namespace) -> int:
         shown = {"version": version, "url": reg.url(version), "production": production,
                  "card": _json_or_none(reg, version, "card.json", problems),
                  "decision": _json_or_none(reg, version, "decision.json", problems),
-                 "reproductions": reg.reproductions(version)}
+                 "reproductions": reg.reproductions(version), "approvals": reg.approvals(version)}
         print(terminal_safe(json.dumps(shown, indent=2)))
     else:
         try:
@@ -136,6 +136,9 @@ def _cmd_show(reg: Registry, args: argparse.Namespace) -> int:
             differs = [key for key, same in note.get("same_as_published", {}).items() if not same]
             print(terminal_safe(f"Reproduced {note.get('at')} by flow run {note.get('flow_run_id')}: the same ONNX file"
                             + (f", from another {', '.join(differs)}" if differs else ", from the same inputs")))
+        for note in reg.approvals(version):   # a person's decision (gate.approval), beside the immutable version
+            print(terminal_safe(f"Approval: {note.get('status')} by {note.get('by') or 'someone'} at {note.get('at')} "
+                                f"(flow run {note.get('flow_run_id')}){': ' + note['comment'] if note.get('comment') else ''}"))
     return _report(problems)
 
 
