@@ -51,7 +51,8 @@ MUTMUT = Path(sys.executable).parent / "mutmut"
 # The modules where a silent bug costs the most, and the test files that call each in process.
 MODULES: dict[str, list[str]] = {
     # The promotion gate and the statistics it trusts.
-    "tasks/handoff/gate.py": ["tests/tasks/handoff/test_gate.py", "tests/tasks/handoff/test_gate_mutants.py"],
+    "tasks/handoff/gate.py": ["tests/tasks/handoff/test_gate.py", "tests/tasks/handoff/test_gate_mutants.py",
+                              "tests/tasks/handoff/test_approval_gate.py"],
     "tasks/lib/uncertainty.py": ["tests/tasks/lib/test_uncertainty.py", "tests/tasks/lib/test_uncertainty_mutants.py",
                                  "tests/tasks/handoff/test_gate.py"],
     # The numbers the handoff depends on: evaluate, export, predict and the ONNX scorer.
