@@ -78,7 +78,7 @@ MODULES: dict[str, list[str]] = {
 # mutant name -> (a line its diff adds, why no caller can tell it from the original). "In practice": a caller
 # could tell only at one exact float, the edge of a float-noise allowance, which no metric lands on.
 GATE, STATS, PREDICT = "tasks.handoff.gate.", "tasks.lib.uncertainty.", "tasks.handoff.predict."
-EVALUATE, ONNX = "tasks.evaluate.", "tasks.lib.onnx_classifier."
+EVALUATE, ONNX, EXPORT = "tasks.evaluate.", "tasks.lib.onnx_classifier.", "tasks.export."
 EQUIVALENT: dict[str, tuple[str, str]] = {
     GATE + "x__check__mutmut_1": (
         'def _check(name: str, ok: bool, reason: str = "XXXX", **detail: Any) -> dict[str, Any]:',
@@ -161,6 +161,9 @@ EQUIVALENT: dict[str, tuple[str, str]] = {
         'raise ModelError(f"{path}: the network outputs {logits.shape[1:] if (logits.ndim) or True else ()} '
         'logits but its "',
         "a 0-d output's shape[1:] is () as well"),
+    EXPORT + "x_quantize_dynamic_int8__mutmut_21": (
+        "quantize_dynamic(str(stripped), str(int8_path), )",
+        "QuantType.QInt8 is the pinned onnxruntime's default weight_type for quantize_dynamic"),
 }
 
 CAUGHT = {"killed", "timeout", "segfault", "caught by type check"}

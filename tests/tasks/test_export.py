@@ -19,6 +19,7 @@ from torch import nn
 from tasks import export
 from tasks.lib.config import Params
 from tasks.lib.errors import StageError
+from tasks.lib.images import INPUT_CONTRACT
 from tasks.lib.io import sha256_file
 from tasks.lib.models import load_checkpoint
 from tasks.lib.onnx_classifier import load_classifier
@@ -322,3 +323,53 @@ def test_an_int8_model_that_loses_accuracy_past_the_bound_is_dropped_and_fp32_st
     assert not stale.exists() and sorted(p.name for p in fp32.parent.iterdir()) == ["model.onnx"]
     assert "ConvInteger" not in op_types(fp32) and "quantization" not in onnx_metadata(fp32)
     assert report["onnx_sha256"] == sha256_file(fp32)
+
+
+# --------------------------------------------------------------------------- what a consumer and a user read
+
+
+def test_the_metadata_says_everything_a_consumer_needs_in_canonical_json() -> None:
+    """Every metadata string, as a consumer reads it. The JSON values have sorted keys: the same checkpoint
+    gives a byte-identical file even if the code lists Preprocessing's fields in another order."""
+    params = Params()
+    params.export.opset = 19
+    prep = Preprocessing(crop_size=224, resize_size=256, interpolation="bicubic")
+    meta = export.build_metadata(params, {"preprocessing": prep, "class_names": list(CLASS_NAMES), "arch": "resnet18",
+                                          "temperature": 1.75, "data_sha256": "cd" * 32})
+    assert meta == {
+        **INPUT_CONTRACT,
+        "class_names": '["10 items", "2 items", "Zebra", "apple", "\\u00c4pfel", "\\u00e9clair"]',
+        "preprocessing": '{"crop_size": 224, "interpolation": "bicubic", "mean": [0.485, 0.456, 0.406], '
+                         '"resize_size": 256, "std": [0.229, 0.224, 0.225]}',
+        "input_shape": '["batch", 3, 224, 224]',
+        "input_format": "float32 NCHW, RGB scaled to [0,1] then (x - mean) / std",
+        "resize_policy": "resize the shorter side to 256 px (bicubic), keep aspect, center-crop 224x224",
+        "output": "logits: raw scores; probabilities: softmax(logits / temperature), calibrated on the validation "
+                  "split; classes in class_names order",
+        "temperature": "1.75",
+        "arch": "resnet18",
+        "data_sha256": "cd" * 32,
+        "weights_sha256": "unknown",
+        "exporter": "torch.onnx.export(dynamo=True)",
+        "opset": "19",
+    }
+    assert json.loads(meta["class_names"]) == list(CLASS_NAMES)
+    assert Preprocessing.from_dict(json.loads(meta["preprocessing"])) == prep
+
+
+def test_a_parity_failure_names_the_first_five_disagreeing_images_and_counts_them_all() -> None:
+    mismatches = [f"Äpfel/IMG {i:04d}.jpg (batch 8)" for i in range(7)]
+    parity = export.Parity(passed=False, max_abs_diff=0.01234, worst_input="Zebra/wide 3.png", worst_batch_size=8,
+                           argmax_agree=False, argmax_mismatches=mismatches, n_images=8, batch_sizes=[1, 8])
+    assert export.parity_message(parity, 1e-4) == (
+        "ONNX parity failed: max |logit diff| 0.0123 (atol 0.0001) worst on Zebra/wide 3.png at batch size 8; "
+        "argmax differs on 7 image(s): Äpfel/IMG 0000.jpg (batch 8), Äpfel/IMG 0001.jpg (batch 8), "
+        "Äpfel/IMG 0002.jpg (batch 8), Äpfel/IMG 0003.jpg (batch 8), Äpfel/IMG 0004.jpg (batch 8); "
+        "no model.onnx was written. Check the model for train-mode or data-dependent ops.")
+
+
+def test_the_command_line_help_describes_the_stage(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as done:
+        export.main(["--help"])
+    assert done.value.code == 0
+    assert "Export the trained model to a validated ONNX file." in capsys.readouterr().out.splitlines()
