@@ -90,12 +90,12 @@ def abstention_metrics(params: Params, model: torch.nn.Module, meta: dict[str, A
     on the test split, and how it treats out-of-domain images (tasks.lib.abstention)."""
     cfg, prep = params.export, meta["preprocessing"]
     temperature = float(meta.get("temperature") or 1.0)
-    threshold = None
+    threshold, note = None, None
     if cfg.abstain_at_accuracy is not None or cfg.abstain_at_coverage is not None:
         val_rows = read_split(split_path(params.data.prepared_dir, "val"))
         val_probs = predict_probs(model, val_rows, params.data.raw_dir, prep, params.evaluate.batch_size, device,
                                   temperature) if val_rows else np.empty((0, test_probs.shape[1]))
-        threshold = abstention.choose_threshold(val_probs, np.array([row.label for row in val_rows], dtype=np.int64),
+        threshold, note = abstention.choose_threshold(val_probs, np.array([row.label for row in val_rows], dtype=np.int64),
                                                 cfg.abstain_at_accuracy, cfg.abstain_at_coverage)
     with tempfile.TemporaryDirectory(prefix="ood-") as folder:
         ood_rows = abstention.write_ood_images(Path(folder), min(abstention.OOD_IMAGES, len(test_labels)))
@@ -105,6 +105,7 @@ def abstention_metrics(params: Params, model: torch.nn.Module, meta: dict[str, A
     return {
         "target": target,   # on the validation split; export writes the threshold into the ONNX metadata
         "threshold": threshold,   # unrounded: the validation image at the cut must stay answered
+        "note": note,             # why a target was set and no threshold chosen
         "checkpoint_sha256": sha256_file(Path(params.train.out_dir) / "model.pt"),   # export checks it
         "test": None if threshold is None else abstention.operating_point(test_probs, test_labels, threshold),
         "risk_coverage": abstention.risk_coverage(test_probs, test_labels),

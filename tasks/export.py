@@ -187,13 +187,20 @@ def abstention_metadata(params: Params) -> dict[str, str]:
     if target is None:
         return {}
     path, checkpoint = params.report_paths(Path("."))["test_metrics"], Path(params.train.out_dir) / "model.pt"
-    record = (read_json(path) if path.exists() else {}).get("abstention") or {}
-    if record.get("target") != target or record.get("threshold") is None:
+    if not path.exists():   # exported by hand without evaluate (dvc repro runs evaluate first): said, not guessed
+        log.warning("no abstention threshold in the ONNX metadata: %s does not exist; run evaluate before export "
+                    "(dvc repro export) for one", path)
+        return {}
+    record = read_json(path).get("abstention") or {}
+    if record.get("target") != target or "threshold" not in record:
         raise StageError(f"{path} holds no abstention threshold for {target} (export.abstain_at_*): run evaluate "
                          "first (dvc repro evaluate)")
     if record.get("checkpoint_sha256") != sha256_file(checkpoint):
         raise StageError(f"{path} was computed for another checkpoint than {checkpoint}: re-run evaluate "
                          "(dvc repro evaluate)")
+    if record["threshold"] is None:   # the model could not reach the target: said in evaluate's log and the card
+        log.warning("no abstention threshold in the ONNX metadata: %s", record.get("note"))
+        return {}
     key_points = {"target": target, "on_test": record["test"], "risk_coverage": record["risk_coverage"],
                   "out_of_domain": record["out_of_domain"]}
     return {ABSTAIN_KEY: repr(float(record["threshold"])),

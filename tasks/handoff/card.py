@@ -151,12 +151,13 @@ def _duration(seconds: Any) -> str:
 
 def _answers_always(record: dict[str, Any] | None) -> str:
     if not record or record.get("threshold") is None:
-        return ("Always answers with one of the listed classes: it has no abstention threshold (set "
-                "export.abstain_at_accuracy), so screen out-of-scope inputs upstream.")
+        return ("Always answers with one of the listed classes: it has no abstention threshold "
+                f"({(record or {}).get('note') or 'set export.abstain_at_accuracy'}), so screen out-of-scope "
+                "inputs upstream.")
     rejected = (record.get("out_of_domain") or {}).get("rejected")
     return ("Answers with one of the listed classes unless the caller applies its abstention threshold "
-            f"(predict --abstain); even then it turned away only {_pct(rejected)} of the out-of-domain images "
-            "below, so screen out-of-scope inputs upstream too.")
+            f"(predict --abstain); that turned away {_pct(rejected)} of the out-of-domain images of the abstention "
+            "section, so screen out-of-scope inputs upstream too.")
 
 
 def _weak_classes(metrics: dict[str, Any]) -> list[str]:
@@ -237,8 +238,9 @@ def abstention_lines(record: dict[str, Any] | None) -> list[str]:
                  "`unknown (p=...)`, and so does the snippet below.", "",
                  f"On the test split: {_operating_point(point)} ({point['answered']} images answered)."]
     else:
-        lines = ["No abstention threshold (export.abstain_at_accuracy and export.abstain_at_coverage are null): "
-                 "the model answers every image. The curve shows what a threshold would trade."]
+        why = record.get("note") or "export.abstain_at_accuracy and export.abstain_at_coverage are null"
+        lines = [f"No abstention threshold ({_md(why)}): the model answers every image. The curve shows what a "
+                 "threshold would trade."]
     lines += ["", *_table(["answering (test split)", "threshold", "accuracy", "95% interval"], [
         [_pct(p["coverage"]), _num(p["threshold"]), _pct(p["accuracy"]),
          f"[{_pct(p['accuracy_ci_low'])}, {_pct(p['accuracy_ci_high'])}]"] for p in record["risk_coverage"]]), ""]
@@ -256,7 +258,10 @@ def _out_of_domain_lines(ood: dict[str, Any], has_threshold: bool) -> list[str]:
     verdict = ("good" if auroc >= 0.9 else "partial" if auroc >= 0.7 else
                "poor: confidence barely tells these images from real ones" if auroc > 0.5 else
                "poor: these images get higher confidence than real ones")
-    rejected = f" The threshold rejects {_pct(ood['rejected'])} of them." if has_threshold else ""
+    rejected = ""
+    if has_threshold:
+        rejected = f" The threshold rejects {_pct(ood['rejected'])} of them"
+        rejected += "." if ood["rejected"] >= 0.5 else ": do not count on it to screen out images unlike the training data."
     return [f"Out of domain: {ood['n_images']} images of {_md(ood['source'])}, a kind of image the model never saw. "
             f"Their mean top probability is {_num(ood['mean_confidence'])}; confidence separates them from the test "
             f"images with AUROC {_num(auroc)} (0.5 is chance), which is {verdict}.{rejected}"]

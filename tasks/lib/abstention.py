@@ -17,7 +17,6 @@ from PIL import Image
 from sklearn.datasets import load_digits
 from sklearn.metrics import roc_auc_score
 
-from tasks.lib.errors import StageError
 from tasks.lib.io import sha256_file
 from tasks.lib.onnx_classifier import answered
 from tasks.lib.split_files import SplitRow
@@ -31,19 +30,15 @@ OOD_SIDE = 28                       # upscaled to a Fashion-MNIST-sized file; th
 OOD_SOURCE = f"scikit-learn digits (8x8 grey, upscaled to {OOD_SIDE}x{OOD_SIDE} PNG, made RGB as any image is)"
 
 
-def threshold_for_accuracy(confidence: np.ndarray, correct: np.ndarray, target: float) -> float:
-    """The lowest confidence threshold whose answered images are at least `target` accurate (StageError if none)."""
+def threshold_for_accuracy(confidence: np.ndarray, correct: np.ndarray, target: float) -> float | None:
+    """The lowest confidence threshold whose answered images are at least `target` accurate; None if none is."""
     order = np.argsort(-confidence, kind="stable")
     conf, right = confidence[order], correct[order]
     accuracy = np.cumsum(right) / np.arange(1, len(conf) + 1)
     # A threshold answers every image at or above it: only the last of a run of equal confidences is a cut.
     cut = np.append(conf[1:] != conf[:-1], True)
     reaching = np.flatnonzero((accuracy >= target - 1e-12) & cut)
-    if not reaching.size:
-        raise StageError(f"no confidence threshold makes the model {target:g} accurate on the {len(conf)} validation "
-                         f"images it answers (best {accuracy[cut].max():.4f}); lower export.abstain_at_accuracy or "
-                         "set export.abstain_at_coverage instead")
-    return float(conf[reaching[-1]])
+    return float(conf[reaching[-1]]) if reaching.size else None
 
 
 def threshold_for_coverage(confidence: np.ndarray, coverage: float) -> float:
@@ -53,17 +48,22 @@ def threshold_for_coverage(confidence: np.ndarray, coverage: float) -> float:
 
 
 def choose_threshold(val_probs: np.ndarray, val_labels: np.ndarray, at_accuracy: float | None,
-                     at_coverage: float | None) -> float | None:
-    """The threshold for the configured target, from the validation split alone; None when no target is set."""
+                     at_coverage: float | None) -> tuple[float | None, str | None]:
+    """The threshold for the configured target, from the validation split alone, or None and why not (a model
+    too weak for the target gets no threshold, said plainly in the log and on the card, rather than a made-up one)."""
     if at_accuracy is None and at_coverage is None:
-        return None
+        return None, None
     if not len(val_labels):
-        raise StageError("the validation split lists no images, so no abstention threshold can be chosen; "
-                         "set export.abstain_at_accuracy and export.abstain_at_coverage to null or add data")
+        return None, "the validation split lists no images, so no abstention threshold was chosen"
     confidence = val_probs.max(axis=1)
-    if at_accuracy is not None:
-        return threshold_for_accuracy(confidence, val_probs.argmax(axis=1) == val_labels, at_accuracy)
-    return threshold_for_coverage(confidence, float(at_coverage))  # type: ignore[arg-type]
+    if at_coverage is not None:
+        return threshold_for_coverage(confidence, at_coverage), None
+    threshold = threshold_for_accuracy(confidence, val_probs.argmax(axis=1) == val_labels, at_accuracy)
+    if threshold is None:
+        return None, (f"no confidence threshold makes the model {at_accuracy:g} accurate on the validation images "
+                      "it answers, so it has no abstention threshold: lower export.abstain_at_accuracy or set "
+                      "export.abstain_at_coverage instead")
+    return threshold, None
 
 
 def operating_point(probs: np.ndarray, labels: np.ndarray, threshold: float) -> dict[str, float | int | None]:
@@ -112,7 +112,8 @@ def summary(record: dict) -> str:
     strangers = f"confidence tells {ood['source'].split(' (')[0]} from test images with AUROC {ood['auroc']:.3f}"
     point = record.get("test")
     if not point:
-        return f"no threshold (export.abstain_at_accuracy and export.abstain_at_coverage are null); {strangers}"
+        why = record.get("note") or "export.abstain_at_accuracy and export.abstain_at_coverage are null"
+        return f"no threshold ({why}); {strangers}"
     accuracy = "no image answered" if point["accuracy"] is None else (
         f"{100 * point['accuracy']:.1f}% accurate [{100 * point['accuracy_ci_low']:.1f}, "
         f"{100 * point['accuracy_ci_high']:.1f}]")

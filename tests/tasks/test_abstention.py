@@ -21,7 +21,7 @@ from tasks.handoff.card import build_card, render_readme
 from tasks.lib import abstention
 from tasks.lib.config import Params, ParamsError, load_params
 from tasks.lib.errors import StageError
-from tasks.lib.io import read_json
+from tasks.lib.io import read_json, write_json
 from tasks.lib.models import load_checkpoint
 from tasks.lib.split_files import SplitRow, read_split, write_split
 from tests.tasks.handoff.test_card_snippet import RUNNER, dense_model, snippet_from_card
@@ -66,14 +66,14 @@ def test_the_threshold_is_chosen_on_the_validation_split_only(evaluated: dict[st
     confidence = evaluated["val_probs"].max(axis=1)
     correct = evaluated["val_probs"].argmax(axis=1) == np.array(evaluated["val_labels"])
     assert first["threshold"] == pytest.approx(abstention.choose_threshold(
-        evaluated["val_probs"], np.array(evaluated["val_labels"]), 0.9, None), abs=1e-9)
+        evaluated["val_probs"], np.array(evaluated["val_labels"]), 0.9, None)[0], abs=1e-9)
     assert correct[confidence >= first["threshold"]].mean() >= 0.9
     lower = confidence[confidence < first["threshold"] - 1e-9]
     assert all(correct[confidence >= t].mean() < 0.9 for t in lower)
 
 
 def test_export_takes_the_threshold_only_for_the_checkpoint_and_target_evaluate_used(
-        evaluated: dict[str, Any]) -> None:
+        evaluated: dict[str, Any], tmp_path: Path) -> None:
     params = evaluated["params"]
     meta = export.abstention_metadata(params)
     record = read_json(Path(params.reports.dir) / "evaluate.json")["abstention"]
@@ -82,6 +82,13 @@ def test_export_takes_the_threshold_only_for_the_checkpoint_and_target_evaluate_
     assert export.abstention_metadata(with_export(params, abstain_at_accuracy=None)) == {}
     with pytest.raises(StageError, match="evaluate.json holds no abstention threshold.*dvc repro evaluate"):
         export.abstention_metadata(with_export(params, abstain_at_accuracy=0.8))
+    # A model too weak for the target: evaluate recorded why, and the ONNX file gets no threshold (predict
+    # --abstain then refuses it) rather than a made-up one.
+    reports = tmp_path / "metrics"
+    assert export.abstention_metadata(params.model_copy(update={"reports": params.reports.model_copy(
+        update={"dir": tmp_path / "not-evaluated"})})) == {}   # export by hand before evaluate: no threshold
+    write_json(reports / "evaluate.json", {"abstention": {**record, "threshold": None, "note": "too weak"}})
+    assert export.abstention_metadata(params.model_copy(update={"reports": params.reports.model_copy(update={"dir": reports})})) == {}
     other = params.model_copy(update={"train": params.train.model_copy(update={"out_dir": Path(params.data.raw_dir)})})
     (Path(params.data.raw_dir) / "model.pt").write_bytes(b"another checkpoint")
     with pytest.raises(StageError, match="computed for another checkpoint"):
@@ -188,8 +195,10 @@ def test_threshold_for_accuracy_is_the_lowest_cut_that_reaches_the_target() -> N
     assert abstention.threshold_for_accuracy(confidence, correct, 0.7) == 0.7
     assert abstention.threshold_for_accuracy(confidence, correct, 0.8) == 0.9      # the tie at .8 goes together
     assert abstention.threshold_for_coverage(confidence, 0.5) == 0.8
-    with pytest.raises(StageError, match="lower export.abstain_at_accuracy"):
-        abstention.threshold_for_accuracy(confidence, ~np.ones(6, bool), 0.5)
+    assert abstention.threshold_for_accuracy(confidence, ~np.ones(6, bool), 0.5) is None
+    probs = np.stack([confidence, 1 - confidence], axis=1)
+    threshold, note = abstention.choose_threshold(probs, np.ones(6, int), 0.5, None)   # class 0 is always wrong
+    assert threshold is None and "lower export.abstain_at_accuracy" in note
 
 
 def test_one_abstention_target_at_most(tmp_path: Path) -> None:
