@@ -106,7 +106,7 @@ def _model_row(label: str, metrics: dict[str, Any], metric: str) -> str:
     else:
         accuracy_text = str(accuracy)
     value = metrics.get(metric)
-    return f"| {label} | {accuracy_text} | {value:.4f} |" if isinstance(value, float) else f"| {label} | {accuracy_text} | {value} |"
+    return f"| {label} | {accuracy_text} | {f'{value:.4f}' if isinstance(value, float) else value} |"
 
 
 def _recall(metrics: dict[str, Any], name: str) -> str:

@@ -137,8 +137,9 @@ def _cmd_show(reg: Registry, args: argparse.Namespace) -> int:
             print(terminal_safe(f"Reproduced {note.get('at')} by flow run {note.get('flow_run_id')}: the same ONNX file"
                             + (f", from another {', '.join(differs)}" if differs else ", from the same inputs")))
         for note in reg.approvals(version):   # a person's decision (gate.approval), beside the immutable version
+            comment = f": {note['comment']}" if note.get("comment") else ""
             print(terminal_safe(f"Approval: {note.get('status')} by {note.get('by') or 'someone'} at {note.get('at')} "
-                                f"(flow run {note.get('flow_run_id')}){': ' + note['comment'] if note.get('comment') else ''}"))
+                                f"(flow run {note.get('flow_run_id')}){comment}"))
     return _report(problems)
 
 

@@ -31,6 +31,7 @@ def test_an_always_approval_holds_a_passing_candidate_until_a_person_approves_it
     where = ["--params", str(root / "params.yaml"), "-S", f"registry.uri={root / 'registry'}"]
     capsys.readouterr()
     assert registry_cli([*where, "show"]) == 0
-    assert "Approval: approved by carol at 2026-12-08T00:00:00Z (flow run run-1): first model" in capsys.readouterr().out
+    shown = capsys.readouterr().out
+    assert "Approval: approved by carol at 2026-12-08T00:00:00Z (flow run run-1): first model" in shown
     assert registry_cli([*where, "show", "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["approvals"][0]["by"] == "carol"
