@@ -56,6 +56,13 @@ def test_export_is_validated_and_self_describing(tmp_path: Path, arch: str) -> N
     assert report["opset"] == 18 and "dynamo" in report["exporter"]
     assert report["ort_latency_ms_p50"] > 0 and report["ort_latency_ms_p95"] >= report["ort_latency_ms_p50"]
     assert report["ort_throughput_img_per_s_b32"] > 0
+    # metrics/export.json is what `dvc metrics show` and the registry read: every key, by its name.
+    assert set(report) == {"onnx", "onnx_sha256", "onnx_bytes", "opset", "exporter", "atol", "parity_passed",
+                           "max_abs_diff", "argmax_agree", "parity_worst_input", "parity_batch_sizes",
+                           "parity_images", "ort_latency_ms_p50", "ort_latency_ms_p95",
+                           "ort_throughput_img_per_s_b32", "ort_latency_runs", "ort_version", "cpu", "quantized",
+                           "metadata", "weights"}
+    assert report["ort_latency_runs"] == params.export.latency_runs and report["ort_version"] == ort.__version__
     assert sorted(p.name for p in out.iterdir()) == sorted(
         ["model.onnx"] + (["model.int8.onnx"] if report["quantized"]["enabled"] else []))
 
@@ -74,7 +81,9 @@ def test_export_is_validated_and_self_describing(tmp_path: Path, arch: str) -> N
     if report["quantized"]["enabled"]:
         q = report["quantized"]
         assert q["kept"] and q["bytes_int8"] < q["bytes_fp32"] / 2
-        assert {"accuracy_fp32", "accuracy_int8", "accuracy_drop"} <= set(q)
+        assert set(q) == {"enabled", "method", "kept", "accuracy_fp32", "accuracy_int8", "accuracy_drop",
+                          "max_accuracy_drop", "bytes_fp32", "bytes_int8", "onnx", "onnx_sha256", "ort_latency_ms_p50"}
+        assert q["method"] == "onnxruntime dynamic, int8 weights" and q["onnx"] == str(out / "model.int8.onnx")
         assert json.loads(onnx_metadata(out / "model.int8.onnx")["class_names"]) == CLASSES
 
 
