@@ -3,7 +3,8 @@
 The retrain flow waits with a typed form whose description is the gate's evidence: an in-process run pauses
 (it blocks, polling the server), a deployment run suspends (its process exits, so the worker is free for the
 next schedule; the approval starts the run again, which finds its stages up to date and reads the answer).
-The Prefect UI shows the form; people without the UI answer from a shell:
+The Prefect UI shows the form; people without the UI answer from a shell in the project (the server is
+PREFECT_API_URL's, which the waiting run's log line gives, else `make serve`'s):
 
     python -m flows.approval pending
     python -m flows.approval approve FLOW_RUN_ID [--comment TEXT] [--by NAME]
@@ -28,7 +29,9 @@ from prefect.exceptions import FlowPauseTimeout, PrefectException
 from prefect.flow_runs import pause_flow_run, suspend_flow_run
 from prefect.input import RunInput
 from prefect.runtime import deployment, flow_run
+from prefect.settings import PREFECT_API_URL
 
+from flows.server import prefect_api
 from tasks.handoff.registry_pointer import utcnow
 from tasks.lib.config import Params
 from tasks.lib.uncertainty import interval_text, wilson_interval
@@ -48,8 +51,9 @@ def ask_a_person(params: Params, published: dict[str, Any], registry_root: Path)
     version = published["registry_version"]
     timeout_s = max(1, round(params.gate.approval_timeout_hours * 3600))
     log.warning("Registry version %s waits for a person (gate.approval=%s, %g h): approve or reject it in the "
-                "Prefect UI, or `python -m flows.approval approve|reject %s`", version, params.gate.approval,
-                params.gate.approval_timeout_hours, flow_run.id)
+                "Prefect UI (%s), or `PREFECT_API_URL=%s python -m flows.approval approve|reject %s`", version,
+                params.gate.approval, params.gate.approval_timeout_hours, flow_run.ui_url, PREFECT_API_URL.value(),
+                flow_run.id)
     form = ApprovalInput.with_initial_data(description=evidence_markdown(published))
     try:
         if deployment.id:   # a served or worker run: free the worker rather than block it for days
@@ -146,6 +150,13 @@ def main(argv: list[str] | None = None) -> int:
         sub.add_argument("--comment", default="", help="why (kept in the registry beside the version)")
         sub.add_argument("--by", default=getpass.getuser(), help="who decides (default: this user)")
     args = parser.parse_args(argv)
+    if PREFECT_API_URL.value():   # the environment (or a test server) names the server the run waits on
+        return run_command(args)
+    with prefect_api(Path.cwd()):  # else `make serve`'s server, or one on the project's database
+        return run_command(args)
+
+
+def run_command(args: argparse.Namespace) -> int:
     if args.command == "pending":
         for run in pending():
             print(f"{run['flow_run_id']}  {run['name']}  waiting since {run['since']}")
