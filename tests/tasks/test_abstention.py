@@ -7,13 +7,15 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import onnx
-import onnxruntime as ort
 import pytest
+from scipy.stats import binomtest
+from sklearn.metrics import roc_auc_score
 
 from tasks import evaluate, export
 from tasks.handoff import predict
@@ -23,8 +25,9 @@ from tasks.lib.config import Params, ParamsError, load_params
 from tasks.lib.errors import StageError
 from tasks.lib.io import read_json, write_json
 from tasks.lib.models import load_checkpoint
+from tasks.lib.onnx_classifier import load_classifier
 from tasks.lib.split_files import SplitRow, read_split, write_split
-from tests.tasks.handoff.test_card_snippet import RUNNER, dense_model, snippet_from_card
+from tests.tasks.handoff.test_card_snippet import RUNNER, consumer_images, dense_model, snippet_from_card
 from tests.tasks.test_evaluate import make_project
 
 
@@ -53,8 +56,12 @@ def evaluated(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     first = evaluate.run(params)
     relabel(prepared / "test.csv", predicted)
     second = evaluate.run(params)
-    return {"params": params, "first": first, "second": second, "val_probs": probs,
-            "val_labels": [row.label for row in read_split(prepared / "val.csv")]}
+    with tempfile.TemporaryDirectory() as folder:   # the strangers, scored as evaluate scores any split
+        ood = abstention.write_ood_images(Path(folder), len(rows))
+        ood_probs = evaluate.predict_probs(model, ood, Path(folder), meta["preprocessing"], params.evaluate.batch_size)
+    return {"params": params, "first": first, "second": second, "val_probs": probs, "ood_probs": ood_probs,
+            "val_labels": [row.label for row in read_split(prepared / "val.csv")],
+            "test_labels": np.array([row.label for row in rows])}
 
 
 @pytest.mark.slow(seconds=10)   # the module's fixture: two evaluations
@@ -70,6 +77,22 @@ def test_the_threshold_is_chosen_on_the_validation_split_only(evaluated: dict[st
     assert correct[confidence >= first["threshold"]].mean() >= 0.9
     lower = confidence[confidence < first["threshold"] - 1e-9]
     assert all(correct[confidence >= t].mean() < 0.9 for t in lower)
+
+
+def test_the_test_split_and_out_of_domain_numbers_match_an_independent_count(evaluated: dict[str, Any]) -> None:
+    record = evaluated["first"]["abstention"]
+    threshold, probs = record["threshold"], evaluated["val_probs"]   # the test images are the validation images
+    answered = probs.max(axis=1) >= threshold
+    right = (probs.argmax(axis=1) == evaluated["test_labels"])[answered]
+    assert record["test"]["coverage"] == pytest.approx(answered.mean(), abs=1e-6)
+    assert record["test"]["accuracy"] == pytest.approx(right.mean(), abs=1e-6)
+    low, high = binomtest(int(right.sum()), len(right)).proportion_ci(method="wilson")
+    assert [record["test"]["accuracy_ci_low"], record["test"]["accuracy_ci_high"]] == pytest.approx([low, high], abs=1e-6)
+    ood = evaluated["ood_probs"].max(axis=1)
+    assert record["out_of_domain"]["rejected"] == pytest.approx((ood < threshold).mean(), abs=1e-6)
+    in_and_out = np.concatenate([probs.max(axis=1), ood])
+    auroc = roc_auc_score(np.r_[np.ones(len(probs)), np.zeros(len(ood))], in_and_out)
+    assert record["out_of_domain"]["auroc"] == pytest.approx(auroc, abs=1e-6)
 
 
 def test_export_takes_the_threshold_only_for_the_checkpoint_and_target_evaluate_used(
@@ -138,31 +161,26 @@ def with_threshold(model: Path, threshold: float) -> Path:
 
 
 def test_predict_abstains_exactly_where_the_metadata_rule_says(tmp_path: Path, capsys) -> None:
-    from tests.tasks.handoff.test_card_snippet import consumer_images
     images = consumer_images(tmp_path / "images")
     model = dense_model(tmp_path / "model.onnx")
-    classifier_probs = {}
-    session = ort.InferenceSession(str(model))
-    for name, path in images.items():   # the probabilities predict reports, read back without the rule
-        assert predict.main([str(model), str(path), "--json", "--top-k", "1"]) == 0
-        classifier_probs[name] = json.loads(capsys.readouterr().out)[0]["predictions"][0]["probability"]
-    threshold = float(np.median(list(classifier_probs.values())))
+    # The threshold is exactly one image's top probability, as predict computes it: that image is answered.
+    top = dict(zip(images, load_classifier(model).score_files(list(images.values())).max(axis=1)))
+    threshold = float(sorted(top.values())[len(top) // 2])
     with_threshold(model, threshold)
-    assert session is not None and predict.main([str(model), *map(str, images.values()), "--json", "--abstain"]) == 0
+    assert predict.main([str(model), *map(str, images.values()), "--json", "--abstain"]) == 0
     results = {Path(r["file"]).stem: r for r in json.loads(capsys.readouterr().out)}
-    assert {k: r["unknown"] for k, r in results.items()} == {k: p < threshold for k, p in classifier_probs.items()}
+    assert {k: r["unknown"] for k, r in results.items()} == {k: bool(p < threshold) for k, p in top.items()}
     assert 0 < sum(r["unknown"] for r in results.values()) < len(results)   # both answers are exercised
     assert predict.main([str(model), *map(str, images.values()), "--abstain"]) == 0
     table = capsys.readouterr().out.splitlines()
-    for line, (name, p) in zip(table, classifier_probs.items(), strict=True):
+    for line, p in zip(table, top.values(), strict=True):
         assert (f"unknown (p={p:.4f})" in line) == (p < threshold), line
 
-    # The card's onnxruntime-only snippet applies the same rule: one unsure image and one sure one.
+    # The card's onnxruntime-only snippet applies the same rule: the least sure image and the surest.
     script = tmp_path / "snippet.py"
     script.write_text(snippet_from_card(tmp_path))
     (tmp_path / "runner.py").write_text(RUNNER)
-    unsure = min(classifier_probs, key=classifier_probs.get)
-    sure = max(classifier_probs, key=classifier_probs.get)
+    unsure, sure = min(top, key=top.get), max(top, key=top.get)
     for name in (unsure, sure):
         proc = subprocess.run([sys.executable, "-I", str(tmp_path / "runner.py"), str(script), str(model),
                                str(images[name])], cwd=tmp_path, capture_output=True, text=True, timeout=120)
