@@ -2,7 +2,8 @@
 
 Reads `<train.out_dir>/model.pt` and `<data.prepared_dir>/test.csv` (the test
 split was never used for model selection; train.csv only fits the pixel
-baseline). Writes `<reports.dir>/evaluate.json` (DVC metrics) and, in
+baseline; val.csv only chooses the abstention threshold, when
+export.abstain_at_accuracy or _coverage asks for one). Writes `<reports.dir>/evaluate.json` (DVC metrics) and, in
 `<reports.dir>/evaluate/`, the data of the DVC plots declared in dvc.yaml
 (confusion matrix, reliability diagrams, per-class F1) with the same as PNG
 figures; in `<evaluate.out_dir>`, each test image's prediction and a PNG grid

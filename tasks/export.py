@@ -6,7 +6,8 @@ Writes `<export.out_dir>/model.onnx` only after every check passed, and
 
 Steps: export (eval mode, dynamic batch) to a temporary name -> embed metadata
 (what a consumer needs: classes, preprocessing, architecture, weights and data
-hashes) -> onnx full check -> symbolic batch check ->
+hashes, and the abstention threshold evaluate chose, from `<reports.dir>/evaluate.json`
+when export.abstain_at_accuracy or _coverage is set) -> onnx full check -> symbolic batch check ->
 onnxruntime vs PyTorch parity at several batch sizes -> CPU latency and
 throughput -> optional int8 -> rename to model.onnx. A parity failure exits 1,
 names the worst image and its difference, and leaves no model.onnx behind.
