@@ -75,6 +75,9 @@ def test_export_is_validated_and_self_describing(tmp_path: Path, arch: str) -> N
     assert meta["weights_sha256"] == "ab" * 32 and meta["data_sha256"] == "cd" * 32 and meta["arch"] == arch
     # Where and how it was built (commit, params, flow run) is the registry's lineage record, not the file's.
     assert not {"git_commit", "git_dirty", "params_sha256", "data_hash"} & set(meta)
+    # The report repeats the metadata but for the two long JSON values, which the ONNX file holds.
+    assert report["metadata"] == {k: v for k, v in meta.items() if k not in {"class_names", "preprocessing"}}
+    assert report["metadata"]["arch"] == arch and {"class_names", "preprocessing"} <= set(meta)
 
     session = ort.InferenceSession(str(model_path), providers=["CPUExecutionProvider"])
     assert session.run(None, {"input": np.zeros((5, 3, 32, 32), np.float32)})[0].shape == (5, 3)  # any batch
@@ -128,6 +131,16 @@ def test_parity_failure_names_the_worst_input_and_leaves_no_model(tmp_path: Path
         export.export_model(ChangesAfterExport().eval(), target, images, names, METADATA, Params().export)
     assert "(atol 0.0001)" in str(err.value)
     assert list(target.parent.iterdir()) == []  # neither model.onnx nor a temporary file
+
+
+def test_an_export_prints_nothing_but_the_stage_log(tmp_path: Path, capfd: pytest.CaptureFixture[str]) -> None:
+    """The exporter's own progress chatter ("[torch.onnx] Obtain model graph...") stays out of a stage's output."""
+    images = np.random.default_rng(0).normal(size=(8, 3, 16, 16)).astype(np.float32)
+    cfg = Params().export.model_copy(update={"latency_runs": 5})
+    export.export_model(ChangesAfterExport().net.eval(), tmp_path / "model.onnx", images,
+                        [f"img_{i}.png" for i in range(8)], METADATA, cfg)
+    out, err = capfd.readouterr()
+    assert "[torch.onnx]" not in out + err and (tmp_path / "model.onnx").is_file()
 
 
 def test_parity_runs_at_every_configured_batch_size(tmp_path: Path) -> None:
