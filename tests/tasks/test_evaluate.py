@@ -419,3 +419,39 @@ def test_command_line_names_a_missing_checkpoint_and_exits_1(tmp_path: Path,
     assert capsys.readouterr().err == \
         f"error: {checkpoint}: checkpoint not found; run the train stage first (dvc repro train)\n"
     assert not (tmp_path / "metrics" / "evaluate.json").exists()
+
+
+# --------------------------------------------------------------------------- the record, the grid and the device
+
+
+def test_the_predictions_record_lists_each_test_image_by_content_hash_label_and_prediction_in_split_order() -> None:
+    rows = [SplitRow(f"{name}/IMG {i:04d}.jpg", i, f"{i + 1:064x}") for i, name in enumerate(CLASS_NAMES[:3])]
+    probs = np.array([[0.1, 0.7, 0.2], [0.6, 0.3, 0.1], [0.2, 0.2, 0.6]])
+    assert evaluate_module.predictions_record(rows, probs, "ab" * 32) == {
+        "test_split_sha256": "ab" * 32, "sha256": [f"{1:064x}", f"{2:064x}", f"{3:064x}"],
+        "label": [0, 1, 2], "predicted": [1, 0, 2]}
+
+
+def test_the_mistakes_grid_shows_each_image_on_a_white_tile(tmp_path: Path) -> None:
+    written = write_realistic_folder(tmp_path / "raw", per_class=1)[:3]
+    rows = [SplitRow(w.path, CLASS_NAMES.index(w.label_name), "0" * 64) for w in written]
+    labels = np.array([row.label for row in rows])
+    probs = np.full((3, len(CLASS_NAMES)), 0.02)
+    probs[np.arange(3), (labels + 1) % len(CLASS_NAMES)] = 0.9   # all three wrong
+    path = tmp_path / "worst_mistakes.png"
+    evaluate_module.write_mistakes_grid(path, probs, labels, list(CLASS_NAMES), rows, tmp_path / "raw", 8)
+    with Image.open(path) as grid:
+        assert grid.size == (3 * 128, 128 + 30)
+        pixels = np.asarray(grid.convert("RGB"))
+    # The 2 px frame around every tile and the caption strip's right end are background: white.
+    for tile in range(3):
+        assert (pixels[:2, tile * 128:(tile + 1) * 128] == 255).all()
+        assert (pixels[-4:, (tile + 1) * 128 - 8:(tile + 1) * 128] == 255).all()
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the message for a machine without CUDA")
+def test_evaluate_on_cuda_without_a_cuda_device_says_what_to_set() -> None:
+    with pytest.raises(StageError) as err:
+        evaluate_module._device("cuda")
+    assert str(err.value) == "evaluate.device is cuda but no CUDA device is available; set evaluate.device=cpu"
+    assert evaluate_module._device("auto") == torch.device("cpu")
