@@ -170,9 +170,17 @@ def test_evaluate_writes_metrics_and_plots_deterministically(tmp_path: Path) -> 
     assert {name: (plots / name).read_bytes() for name in pngs} == pngs     # and identical pictures
 
 
-def test_evaluate_reports_intervals_calibration_and_the_pixel_baseline(tmp_path: Path) -> None:
+def test_evaluate_reports_intervals_calibration_and_the_pixel_baseline(tmp_path: Path,
+                                                                     caplog: pytest.LogCaptureFixture) -> None:
     params = make_project(tmp_path, temperature=3.0)
-    metrics = evaluate(params)
+    with caplog.at_level("INFO", logger="tasks.evaluate"):
+        metrics = evaluate(params)
+    # The one summary line a person reads in the stage's log, every number in its place.
+    m = metrics
+    assert (f"test accuracy {m['accuracy']:.4f} [{m['accuracy_ci_low']:.3f}, {m['accuracy_ci_high']:.3f}], "
+            f"macro F1 {m['macro_f1']:.4f}, ECE {m['ece']:.4f} ({m['ece_uncalibrated']:.4f} before calibration, "
+            f"T=3.000) on 12 images; pixel baseline {m['baseline_accuracy']:.4f} (lift {m['lift']:+.4f})"
+            ) in [record.getMessage() for record in caplog.records]
     out = Path(params.evaluate.out_dir)
     plots = tmp_path / "metrics" / "evaluate"
     # 95% intervals around the point estimates.
