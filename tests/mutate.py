@@ -64,7 +64,7 @@ MODULES: dict[str, list[str]] = {
                                      "tests/tasks/test_probability_oracle.py"],
     # The caches' keys: a field left out reuses stale pixels or features.
     "tasks/lib/row_store.py": ["tests/tasks/lib/test_row_store.py", "tests/tasks/test_cache_keys.py",
-                               "tests/tasks/test_decode_cache.py"],
+                               "tests/tasks/test_decode_cache.py", "tests/tasks/lib/test_row_store_pruning.py"],
     "tasks/training/features.py": ["tests/tasks/training/test_features.py", "tests/tasks/test_cache_keys.py"],
     # The training loop: the best epoch kept, early stopping.
     "tasks/training/loop.py": ["tests/tasks/test_train.py", "tests/tasks/training/test_state.py",
