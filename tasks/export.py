@@ -1,16 +1,11 @@
 """Stage `export`: the evaluated checkpoint as a validated, self-describing ONNX model.
 
-Reads `<train.out_dir>/model.pt` and real held-out images from the test split.
-Writes `<export.out_dir>/model.onnx` only after every check passed, and
-`<reports.dir>/export.json` (DVC metrics): parity, latency, quantization.
-
-Steps: export (eval mode, dynamic batch) to a temporary name -> embed metadata
-(what a consumer needs: classes, preprocessing, architecture, weights and data
-hashes, and the abstention threshold evaluate chose, from `<reports.dir>/evaluate.json`
-when export.abstain_at_accuracy or _coverage is set) -> onnx full check -> symbolic batch check ->
-onnxruntime vs PyTorch parity at several batch sizes -> CPU latency and
-throughput -> optional int8 -> rename to model.onnx. A parity failure exits 1,
-names the worst image and its difference, and leaves no model.onnx behind.
+Reads `<train.out_dir>/model.pt`, real test images and, for the abstention threshold,
+`<reports.dir>/evaluate.json`. Exports under a temporary name, embeds the metadata a consumer
+needs, runs onnx's full check, the symbolic batch check and the onnxruntime-vs-PyTorch parity
+at several batch sizes, measures CPU latency, optionally quantizes to int8, and only then
+renames to `<export.out_dir>/model.onnx`; `<reports.dir>/export.json` holds the measurements.
+A parity failure exits 1, names the worst image and leaves no model.onnx behind.
 Run: `python -m tasks.export [--params params.yaml] [-S export.atol=1e-5]`.
 """
 
@@ -37,23 +32,19 @@ from tasks.lib.cli import stage_main
 from tasks.lib.config import ExportParams, Params
 from tasks.lib.errors import StageError
 from tasks.lib.images import INPUT_CONTRACT, BadImage, load_rgb
-from tasks.lib.split_files import SplitRow, read_split, split_path
-
-logging.getLogger("onnx_ir").setLevel(logging.WARNING)  # ~64 "Replaced initializer" INFO lines per export
 from tasks.lib.io import atomic_path, read_json, sha256_file, write_json
 from tasks.lib.models import load_checkpoint
 from tasks.lib.onnx_classifier import ABSTAIN_KEY, INPUT_NAME, OUTPUT_NAME, PROBABILITIES_NAME, Classifier, load_classifier
 from tasks.lib.preprocess import Preprocessing, preprocess
+from tasks.lib.split_files import SplitRow, read_split, split_path
 from tasks.lib.weights import weights_sha256
 
 log = logging.getLogger(__name__)
+logging.getLogger("onnx_ir").setLevel(logging.WARNING)  # ~64 "Replaced initializer" INFO lines per export
 
-# Exporter: the dynamo-based exporter (torch.export + onnxscript). With torch 2.14 the
-# TorchScript exporter (dynamo=False) still works but warns that it is deprecated and
-# will be removed; dynamo is the supported path. Checked offline (torch 2.14.1,
-# onnxscript 0.7.2, onnxruntime 1.31.1) on resnet18, mobilenet_v3_small,
-# efficientnet_b0 and timm efficientnet_lite0: all export with a symbolic batch,
-# pass onnx's full check and match PyTorch to ~1e-6.
+# The dynamo exporter (torch.export + onnxscript): torch 2.14 deprecates the TorchScript one. Checked
+# offline on resnet18, mobilenet_v3_small, efficientnet_b0 and timm efficientnet_lite0: a symbolic
+# batch, onnx's full check passed, PyTorch matched to ~1e-6.
 EXPORTER = "torch.onnx.export(dynamo=True)"
 # Opset: 18 is the opset onnxscript's torchlib emits natively. Other opsets go through
 # onnx's version converter: 17 fails on Reduce* ops (axes moved from attribute to
@@ -209,8 +200,6 @@ def abstention_metadata(params: Params) -> dict[str, str]:
             "abstention_rule": f"answer only when max({PROBABILITIES_NAME}) >= {ABSTAIN_KEY}; below it the model "
                                "is not sure: report unknown (threshold chosen on the validation split)"}
 
-
-# --------------------------------------------------------------------------- export and checks
 
 
 def export_model(model: nn.Module, onnx_path: Path, images: np.ndarray, names: list[str], metadata: dict[str, str],

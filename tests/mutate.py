@@ -56,9 +56,11 @@ MODULES: dict[str, list[str]] = {
     "tasks/lib/uncertainty.py": ["tests/tasks/lib/test_uncertainty.py", "tests/tasks/lib/test_uncertainty_mutants.py",
                                  "tests/tasks/handoff/test_gate.py"],
     # The numbers the handoff depends on: evaluate, export, predict and the ONNX scorer.
-    "tasks/evaluate.py": ["tests/tasks/test_evaluate.py", "tests/tasks/test_probability_oracle.py"],
-    "tasks/export.py": ["tests/tasks/test_export.py", "tests/tasks/test_probability_oracle.py"],
-    "tasks/handoff/predict.py": ["tests/tasks/handoff/test_predict.py"],
+    "tasks/evaluate.py": ["tests/tasks/test_evaluate.py", "tests/tasks/test_probability_oracle.py",
+                          "tests/tasks/test_abstention.py"],
+    "tasks/export.py": ["tests/tasks/test_export.py", "tests/tasks/test_probability_oracle.py",
+                        "tests/tasks/test_abstention.py"],
+    "tasks/handoff/predict.py": ["tests/tasks/handoff/test_predict.py", "tests/tasks/test_abstention.py"],
     # Not test_export.py: its exports of three networks cost about 40 s a mutant on 2 cores.
     "tasks/lib/onnx_classifier.py": ["tests/tasks/lib/test_onnx_classifier.py", "tests/tasks/handoff/test_predict.py",
                                      "tests/tasks/test_probability_oracle.py"],
