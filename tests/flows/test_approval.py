@@ -47,18 +47,20 @@ def borderline_project(tmp_path: Path, timeout_hours: float = 1 / 60) -> tuple[P
 
 
 def run_in_thread(params: Params, root: Path) -> tuple[threading.Thread, dict[str, Any]]:
-    out: dict[str, Any] = {}
+    # The session's server may still hold runs other tests left waiting (a served run suspended on purpose):
+    # this test's run is the one that was not there before.
+    out: dict[str, Any] = {"waiting_before": {run["flow_run_id"] for run in pending()}}
     context = contextvars.copy_context()   # the test server's settings live in context variables
     thread = threading.Thread(target=context.run, args=(lambda: out.update(result=publish_and_ask(params, root)),))
     thread.start()
     return thread, out
 
 
-def waiting_run(thread: threading.Thread) -> str:
+def waiting_run(thread: threading.Thread, out: dict[str, Any]) -> str:
     """The paused run's id, once the server shows it (polled: the flow pauses when its publish is done)."""
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline and thread.is_alive():
-        if runs := pending():
+        if runs := [run for run in pending() if run["flow_run_id"] not in out["waiting_before"]]:
             return runs[0]["flow_run_id"]
         time.sleep(0.2)
     raise AssertionError("no flow run paused for approval")
@@ -74,7 +76,7 @@ def form_description(run_id: str) -> str:
 def test_an_approved_borderline_candidate_is_promoted_with_who_when_and_why_on_record(tmp_path: Path) -> None:
     root, params, before = borderline_project(tmp_path)
     thread, out = run_in_thread(params, root)
-    run_id = waiting_run(thread)
+    run_id = waiting_run(thread, out)
     evidence = form_description(run_id)
     assert "(borderline): not significant" in evidence and "McNemar p = " in evidence
     assert "| candidate " in evidence and f"| production {before} |" in evidence and "| class_0 |" in evidence
@@ -98,7 +100,7 @@ def test_an_approved_borderline_candidate_is_promoted_with_who_when_and_why_on_r
 def test_a_rejected_borderline_candidate_stays_out_of_production(tmp_path: Path) -> None:
     root, params, before = borderline_project(tmp_path)
     thread, out = run_in_thread(params, root)
-    assert approval_cli(["reject", waiting_run(thread), "--comment", "too few images", "--by", "bob"]) == 0
+    assert approval_cli(["reject", waiting_run(thread, out), "--comment", "too few images", "--by", "bob"]) == 0
     thread.join(60)
     registry = open_registry(params, root)
     assert out["result"]["promoted"] is False and registry.production() == before
