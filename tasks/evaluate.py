@@ -38,7 +38,7 @@ from tasks.lib.metrics import compute_metrics, confusion_matrix, reliability_bin
 from tasks.lib.models import load_checkpoint
 from tasks.lib.onnx_classifier import softmax
 from tasks.lib.progress import progress
-from tasks.lib.split_files import SplitRow, read_classes, read_split, split_digest, split_path
+from tasks.lib.split_files import SplitRow, labels_of, read_classes, read_split, split_digest, split_path
 from tasks.lib.uncertainty import bootstrap_macro_f1, interval_text, wilson_interval
 
 log = logging.getLogger(__name__)
@@ -92,19 +92,17 @@ def abstention_metrics(params: Params, model: torch.nn.Module, meta: dict[str, A
     cfg, prep = params.export, meta["preprocessing"]
     temperature = float(meta.get("temperature") or 1.0)
     threshold, note = None, None
-    if cfg.abstain_at_accuracy is not None or cfg.abstain_at_coverage is not None:
+    if cfg.abstain_target is not None:
         val_rows = read_split(split_path(params.data.prepared_dir, "val"))
         val_probs = predict_probs(model, val_rows, params.data.raw_dir, prep, params.evaluate.batch_size, device,
                                   temperature) if val_rows else np.empty((0, test_probs.shape[1]))
-        threshold, note = abstention.choose_threshold(val_probs, np.array([row.label for row in val_rows], dtype=np.int64),
-                                                cfg.abstain_at_accuracy, cfg.abstain_at_coverage)
+        threshold, note = abstention.choose_threshold(val_probs, labels_of(val_rows), cfg.abstain_at_accuracy,
+                                                      cfg.abstain_at_coverage)
     with tempfile.TemporaryDirectory(prefix="ood-") as folder:
         ood_rows = abstention.write_ood_images(Path(folder), min(abstention.OOD_IMAGES, len(test_labels)))
         ood_probs = predict_probs(model, ood_rows, Path(folder), prep, params.evaluate.batch_size, device, temperature)
-    target = {"accuracy": cfg.abstain_at_accuracy} if cfg.abstain_at_accuracy is not None else \
-        {"coverage": cfg.abstain_at_coverage} if cfg.abstain_at_coverage is not None else None
     return {
-        "target": target,   # on the validation split; export writes the threshold into the ONNX metadata
+        "target": cfg.abstain_target,   # on the validation split; export writes the threshold into the ONNX metadata
         "threshold": threshold,   # unrounded: the validation image at the cut must stay answered
         "note": note,             # why a target was set and no threshold chosen
         "checkpoint_sha256": sha256_file(Path(params.train.out_dir) / "model.pt"),   # export checks it

@@ -174,8 +174,7 @@ def abstention_metadata(params: Params) -> dict[str, str]:
     risk-coverage key points, when export.abstain_at_accuracy or export.abstain_at_coverage asks for them.
     Taken from evaluate.json only after checking it was computed for this checkpoint and this target."""
     cfg = params.export
-    target = {"accuracy": cfg.abstain_at_accuracy} if cfg.abstain_at_accuracy is not None else \
-        {"coverage": cfg.abstain_at_coverage} if cfg.abstain_at_coverage is not None else None
+    target = cfg.abstain_target
     if target is None:
         return {}
     path, checkpoint = params.report_paths(Path("."))["test_metrics"], Path(params.train.out_dir) / "model.pt"

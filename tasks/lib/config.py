@@ -242,6 +242,13 @@ class ExportParams(Section):
                              "has one target: set one of them to null")
         return self
 
+    @property
+    def abstain_target(self) -> dict[str, float] | None:
+        """What the abstention threshold is chosen for, as evaluate records it and export checks it."""
+        if self.abstain_at_accuracy is not None:
+            return {"accuracy": self.abstain_at_accuracy}
+        return None if self.abstain_at_coverage is None else {"coverage": self.abstain_at_coverage}
+
 
 class ReportsParams(Section):
     dir: Path = Field(Path("metrics"), description="Metrics and plots of train, evaluate and export: small files "
