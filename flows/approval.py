@@ -25,8 +25,12 @@ from uuid import UUID
 
 from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
+from prefect.client.orchestration import get_client
+from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterState, FlowRunFilterStateType
+from prefect.client.schemas.objects import StateType
+from prefect.client.schemas.sorting import FlowRunSort
 from prefect.exceptions import FlowPauseTimeout, PrefectException
-from prefect.flow_runs import pause_flow_run, suspend_flow_run
+from prefect.flow_runs import pause_flow_run, resume_flow_run, suspend_flow_run
 from prefect.input import RunInput
 from prefect.runtime import deployment, flow_run
 from prefect.settings import PREFECT_API_URL
@@ -121,18 +125,11 @@ def _recall(metrics: dict[str, Any], name: str) -> str:
 
 def answer(flow_run_id: str, approve: bool, comment: str, by: str) -> None:
     """Resume a waiting retrain run with a decision (prefect.flow_runs.resume_flow_run)."""
-    from prefect.flow_runs import resume_flow_run
-
     resume_flow_run(UUID(flow_run_id), run_input={"approve": approve, "comment": comment, "approver": by})
 
 
 def pending() -> list[dict[str, Any]]:
     """The flow runs that wait for a person (paused or suspended), oldest first."""
-    from prefect.client.orchestration import get_client
-    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterState, FlowRunFilterStateType
-    from prefect.client.schemas.objects import StateType
-    from prefect.client.schemas.sorting import FlowRunSort
-
     paused = FlowRunFilter(state=FlowRunFilterState(type=FlowRunFilterStateType(any_=[StateType.PAUSED])))
     with get_client(sync_client=True) as client:
         runs = client.read_flow_runs(flow_run_filter=paused, sort=FlowRunSort.START_TIME_ASC)
