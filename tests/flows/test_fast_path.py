@@ -141,6 +141,24 @@ def set_param(key: str, value: Any) -> Change:
     return change
 
 
+def recorded_then(first: Change, then: Change) -> Change:
+    """`first` recorded as the last run's (dvc.lock rewritten by `dvc commit`, as a run would), then `then` alone."""
+    def change(root: Path) -> None:
+        first(root)
+        run(["dvc", "commit", "-f", "-q"], root)
+        assert stale(root) == set(), "the first change was not recorded"
+        then(root)
+    return change
+
+
+def abstain_at_coverage(value: float) -> Change:
+    """The threshold chosen by coverage instead of accuracy (the two are exclusive: one is null)."""
+    def change(root: Path) -> None:
+        set_param("export.abstain_at_accuracy", None)(root)
+        set_param("export.abstain_at_coverage", value)(root)
+    return change
+
+
 def edit_code(module: str) -> Change:
     """A comment appended: the code's behaviour is the same, its bytes (and so DVC's hash) are not."""
     def change(root: Path) -> None:
@@ -207,6 +225,10 @@ CHANGES: dict[str, tuple[Change, set[str]]] = {
     "params train.image_size": (set_param("train.image_size", 64), {"prepare", "decode_cache", "train"}),
     "params evaluate.calibration_bins": (set_param("evaluate.calibration_bins", 10), {"evaluate"}),
     "params export.atol": (set_param("export.atol", 0.001), {"export"}),
+    # Evaluate chooses the abstention threshold on the validation split; export writes it into the ONNX file.
+    "params export.abstain_at_accuracy": (set_param("export.abstain_at_accuracy", 0.9), {"evaluate", "export"}),
+    "params export.abstain_at_coverage": (recorded_then(abstain_at_coverage(0.8), set_param(
+        "export.abstain_at_coverage", 0.9)), {"evaluate", "export"}),
     "params registry.uri": (set_param("registry.uri", "another-registry"), set()),
     "params project.name": (set_param("project.name", "another-model"), set()),
     "code tasks/prepare.py": (edit_code("tasks/prepare.py"), {"prepare"}),
