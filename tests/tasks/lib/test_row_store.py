@@ -4,6 +4,7 @@ lays out a split's rows over kept segments and one new segment."""
 from __future__ import annotations
 
 import hashlib
+import os
 
 import numpy as np
 
@@ -100,3 +101,19 @@ def test_a_segment_mostly_of_removed_images_is_merged_into_the_new_one() -> None
     assert list(copy_runs(adjacent)) == [(0, 7, 0, 3)]          # consecutive rows: one copy
     half = plan_split([10, 4], *where([0] * 5 + [1], [0, 1, 2, 3, 4, 0]))      # half of 0 used: kept; 1 of 4 not
     assert half.kept == [0] and half.new_rows.tolist() == [5] and half.position.tolist() == [0, 1, 2, 3, 4, 10]
+
+
+def test_rows_copied_from_another_filesystem_land_at_their_offsets(tmp_path) -> None:
+    """copy_file_range refuses a copy between filesystems (EXDEV), as from a store on another disk: the rows then
+    go through pread/pwrite, which must read at the source offset and write at the target offset, not at the
+    files' positions. The source is a memfd (an in-memory file, never on tmp_path's filesystem)."""
+    source = np.arange(1000, dtype=np.uint32).astype(np.uint8).tobytes()
+    src = os.memfd_create("segment")
+    os.write(src, source)                     # leaves the file position at the end
+    target = tmp_path / "segment.npy"
+    target.write_bytes(b"\xff" * 400)
+    with open(target, "rb+") as dst:
+        dst.seek(300)                         # a position that is not the offset
+        row_store._copy_range(src, dst.fileno(), 37, 11, 250)
+    os.close(src)
+    assert target.read_bytes() == b"\xff" * 11 + source[37:287] + b"\xff" * 139

@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from tasks.lib.preprocess import Preprocessing
-from tasks.lib.row_store import STALE_INCOMPLETE_S, prune_segments, variant_key
+from tasks.lib.row_store import KEEP_VARIANTS, STALE_INCOMPLETE_S, prune_segments, prune_variants, variant_key
 from tasks.lib.segment_checks import sums_path
 
 
@@ -57,3 +57,27 @@ def test_a_variant_folder_is_named_by_16_hex_digits_that_mean_and_std_do_not_cha
     renormalised = variant_key(Preprocessing(crop_size=224, resize_size=256, mean=(0.5, 0.5, 0.5),
                                              std=(0.25, 0.25, 0.25)), None)
     assert re.fullmatch(r"[0-9a-f]{16}", plain) and renormalised == plain
+
+
+def test_pruning_variants_leaves_a_linked_variant_and_what_it_points_to_and_goes_on(tmp_path: Path) -> None:
+    """A variant folder that is a link (to a store on another disk, say) cannot be removed like a folder:
+    pruning must neither follow it into the target nor stop the build, and still prunes the rest."""
+    store, elsewhere = tmp_path / "store", tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    (elsewhere / "train.0.npy").write_bytes(b"rows on another disk")
+    names = [f"{i:016x}" for i in range(KEEP_VARIANTS + 2)]      # newest first
+    for age, name in enumerate(names):
+        folder = store / name
+        if name == names[-1]:
+            folder.parent.mkdir(parents=True, exist_ok=True)
+            folder.symlink_to(elsewhere, target_is_directory=True)
+        else:
+            folder.mkdir(parents=True)
+            (folder / "train.0.npy").write_bytes(b"rows")
+        when = time.time() - 3600 * age
+        os.utime(folder.resolve(), (when, when))
+
+    prune_variants(store, keep=[names[0]])
+
+    assert sorted(p.name for p in store.iterdir()) == sorted(names[:KEEP_VARIANTS] + [names[-1]])
+    assert (elsewhere / "train.0.npy").read_bytes() == b"rows on another disk"
