@@ -10,7 +10,9 @@ again writes no new version: it is gated again against the current production.
 
 from __future__ import annotations
 
+import datetime as dt
 import json
+import logging
 import math
 import tempfile
 from dataclasses import dataclass
@@ -22,7 +24,7 @@ import numpy as np
 from tasks.handoff.card import build_card, render_readme
 from tasks.handoff.gate import classes_differ_reason, decide, needs_approval, paired_test
 from tasks.handoff.lineage import LineageError, build_lineage
-from tasks.handoff.registry import Registry, RegistryError, new_version_id, open_registry
+from tasks.handoff.registry import Registry, RegistryError, approval_text, new_version_id, open_registry
 from tasks.handoff.registry_pointer import utcnow
 from tasks.lib.config import Params
 from tasks.lib.errors import StageError
@@ -32,6 +34,11 @@ from tasks.lib.metrics import compute_metrics
 from tasks.lib.onnx_classifier import ModelError, load_classifier, score_onnx
 from tasks.lib.split_files import labels_of, read_classes, read_split, split_digest, split_path
 from tasks.lib.weights import weights_sha256
+
+log = logging.getLogger(__name__)
+# How long past its deadline a version still unanswered is noted as timed out by a later publish (or the
+# timeout itself, when that is shorter).
+APPROVAL_GRACE = dt.timedelta(hours=1)
 
 
 @dataclass
@@ -70,6 +77,8 @@ def publish_candidate(params: Params, root: Path, flow_run_id: str | None,
                                 weights_sha256=weights_sha256(candidate.weights_record),
                                 checkpoint_sha256=candidate.checkpoint_sha256, flow_run_id=flow_run_id)
         registry = open_registry(params, Path(registry_root or root))
+        for version in note_expired_approvals(registry):
+            log.warning("Registry version %s waited for a person past its deadline: recorded as timed out", version)
         existing = registry.find_by_onnx(candidate.onnx_sha256)
         if existing:
             return _regate_existing(params, root, registry, existing, candidate, lineage)
@@ -146,10 +155,17 @@ def _gate(params: Params, root: Path, registry: Registry, production: str | None
     decision = decide(candidate.metrics, side.metrics, params.gate, export_report=candidate.export_report,
                       lineage=lineage, model_name=params.project.name, paired=paired,
                       production_unscored=side.unscored)
+    awaiting = needs_approval(decision, params.gate.approval)
     return {**decision, "production_version": production, "production_onnx_sha256": side.onnx_sha256,
             "candidate_metrics": candidate.metrics, "production_metrics": side.metrics,
             "gate_params": params.gate.model_dump(mode="json"),
-            "awaiting_approval": needs_approval(decision, params.gate.approval)}
+            "awaiting_approval": awaiting, "approval_deadline": approval_deadline(params) if awaiting else None}
+
+
+def approval_deadline(params: Params) -> str:
+    """When a candidate waiting for a person is rejected unanswered (gate.approval_timeout_hours from now)."""
+    deadline = dt.datetime.now(dt.UTC) + dt.timedelta(hours=params.gate.approval_timeout_hours)
+    return deadline.isoformat(timespec="milliseconds")
 
 
 def _production_side(params: Params, root: Path, registry: Registry, production: str | None,
@@ -256,12 +272,32 @@ def settle_approval(params: Params, registry_root: Path, published: dict[str, An
     return {**published, "promoted": promoted, "reason": reason, "awaiting_approval": False, "approval": record}
 
 
-def approval_text(outcome: dict[str, Any]) -> str:
-    """'approved by alice at 2026-12-08T01:02:03Z: looks right on the new shirts' or 'timed out (...)'."""
-    if outcome["status"] == "timed out":
-        return f"timed out at {outcome['at']}: {outcome['comment']}"
-    comment = f": {outcome['comment']}" if outcome.get("comment") else ""
-    return f"{outcome['status']} by {outcome.get('by') or 'someone'} at {outcome['at']}{comment}"
+def note_expired_approvals(registry: Registry, now: dt.datetime | None = None) -> list[str]:
+    """Record "timed out" beside each version that waited for a person and got no answer by its deadline; returns
+    the versions noted.
+
+    A deployment run that suspended for the answer exits; when nobody resumes it, Prefect's server fails it at
+    the deadline and no code of this project runs then, so the next publish writes the note. It waits an hour
+    (or the timeout, if shorter) past the deadline: an answer given at the last minute writes its own note first.
+    """
+    now = now or dt.datetime.now(dt.UTC)
+    noted = []
+    for version in registry.versions():
+        try:
+            decision = registry.read_json(version, "decision.json")
+        except RegistryError:
+            continue   # a damaged version is `registry verify`'s to report, not a question of approval
+        if not (isinstance(decision, dict) and decision.get("awaiting_approval")) or registry.approvals(version):
+            continue
+        deadline, hours = decision.get("approval_deadline"), decision["gate_params"]["approval_timeout_hours"]
+        if not deadline or dt.datetime.fromisoformat(deadline) + min(APPROVAL_GRACE, dt.timedelta(hours=hours)) > now:
+            continue   # still waiting, or written before deadlines were recorded
+        registry.record_approval(version, {
+            "status": "timed out", "by": None, "at": deadline, "noted_at": utcnow(), "flow_run_id": None,
+            "comment": f"nobody approved or rejected it within gate.approval_timeout_hours={hours:g}",
+            "gate_passed": decision.get("passed"), "production_version": decision.get("production_version")})
+        noted.append(version)
+    return noted
 
 
 def json_safe(obj: Any) -> Any:

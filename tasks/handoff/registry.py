@@ -308,6 +308,15 @@ def _sha256_fs(fs: Any, path: str) -> str:
         return sha256_stream(handle)
 
 
+def approval_text(note: dict[str, Any]) -> str:
+    """A person's decision in a line: 'approved by alice at 2026-12-08T01:02:03+00:00: looks right on the new
+    shirts', or 'timed out at ...: nobody approved or rejected it within ...'."""
+    if note.get("status") == "timed out":
+        return f"timed out at {note.get('at')}: {note.get('comment')}"
+    comment = f": {note['comment']}" if note.get("comment") else ""
+    return f"{note.get('status')} by {note.get('by') or 'someone'} at {note.get('at')}{comment}"
+
+
 def open_registry(params: Params, root: Path | None = None) -> Registry:
     """The registry named by params; a relative local path is taken relative to `root`."""
     uri = params.registry.uri

@@ -13,7 +13,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from tasks.handoff.registry import MARKER, Registry, RegistryError, open_registry
+from tasks.handoff.registry import MARKER, Registry, RegistryError, approval_text, open_registry
 from tasks.lib.config import DEFAULT_PARAMS, Params, ParamsError, load_params
 from tasks.lib.console import quiet_broken_pipe, terminal_safe
 from tasks.lib.errors import StageError
@@ -137,9 +137,8 @@ def _cmd_show(reg: Registry, args: argparse.Namespace) -> int:
             print(terminal_safe(f"Reproduced {note.get('at')} by flow run {note.get('flow_run_id')}: the same ONNX file"
                             + (f", from another {', '.join(differs)}" if differs else ", from the same inputs")))
         for note in reg.approvals(version):   # a person's decision (gate.approval), beside the immutable version
-            comment = f": {note['comment']}" if note.get("comment") else ""
-            print(terminal_safe(f"Approval: {note.get('status')} by {note.get('by') or 'someone'} at {note.get('at')} "
-                                f"(flow run {note.get('flow_run_id')}){comment}"))
+            run = f" (flow run {note['flow_run_id']})" if note.get("flow_run_id") else ""
+            print(terminal_safe(f"Approval{run}: {approval_text(note)}"))
     return _report(problems)
 
 
