@@ -56,8 +56,18 @@ def _summary(reg: Registry, version: str, pointer: dict[str, Any]) -> dict[str, 
     metrics, decision, lineage = records["metrics.json"], records["decision.json"], records["lineage.json"]
     row.update({"data_hash": lineage.get("data_hash"), "accuracy": metrics.get("accuracy"),
                 "macro_f1": metrics.get("macro_f1"), "ece": metrics.get("ece"), "gate_passed": decision.get("passed"),
-                "promoted_by_gate": decision.get("promoted"), "reason": decision.get("reason")})
+                "promoted_by_gate": decision.get("promoted"), "reason": decision.get("reason"),
+                "approval": _approval(reg, version, decision)})
     return row
+
+
+def _approval(reg: Registry, version: str, decision: dict[str, Any]) -> str | None:
+    """A person's last word on the version (gate.approval), "waits for a person", or None if none was asked.
+    Rejections and timeouts move no pointer, so this list is where the history of every decision shows."""
+    notes = reg.approvals(version)
+    if notes:
+        return approval_text(notes[-1])
+    return "waits for a person" if decision.get("awaiting_approval") else None
 
 
 def format_table(rows: list[dict[str, Any]]) -> str:
@@ -69,7 +79,8 @@ def format_table(rows: list[dict[str, Any]]) -> str:
             "prev" if row["on_rollback_stack"] else ""
         gate = {True: "pass", False: "fail"}.get(row["gate_passed"], "?")
         cells = {**row, "status": status, "gate": gate, "data_hash": (row["data_hash"] or "")[:8]}
-        reason = "; ".join(row["damaged"]) if row["damaged"] else row["reason"]
+        reason = "; ".join(row["damaged"]) if row["damaged"] else \
+            "; ".join(text for text in (row["approval"], row["reason"]) if text)
         lines.append(_line([_fmt(cells[key]) for _, key, _ in COLUMNS] + [_fmt(reason)], TABLE_WIDTH - fixed))
     return "\n".join(lines)
 

@@ -37,6 +37,8 @@ def test_an_always_approval_holds_a_passing_candidate_until_a_person_approves_it
     assert "Approval (flow run run-1): approved by carol at 2026-12-08T00:00:00Z: first model" in shown
     assert registry_cli([*where, "show", "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["approvals"][0]["by"] == "carol"
+    assert registry_cli([*where, "list", "--json"]) == 0   # the history of decisions, rejections and timeouts too
+    assert json.loads(capsys.readouterr().out)[0]["approval"] == "approved by carol at 2026-12-08T00:00:00Z: first model"
 
 
 def test_a_candidate_nobody_answered_is_recorded_timed_out_by_the_next_publish(tmp_path: Path, capsys) -> None:
@@ -56,6 +58,10 @@ def test_a_candidate_nobody_answered_is_recorded_timed_out_by_the_next_publish(t
     assert note_expired_approvals(registry, now=deadline) == []                       # not yet late
     assert note_expired_approvals(registry, now=deadline + dt.timedelta(minutes=29)) == []   # within the grace
     assert registry.approvals(version) == []
+    capsys.readouterr()
+    assert registry_cli(["--params", str(root / "params.yaml"), "-S", f"registry.uri={root / 'registry'}",
+                         "list", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)[0]["approval"] == "waits for a person"
     assert note_expired_approvals(registry, now=deadline + dt.timedelta(minutes=31)) == [version]
     [note] = registry.approvals(version)
     assert note["status"] == "timed out" and note["by"] is None and note["at"] == held["decision"]["approval_deadline"]
@@ -67,6 +73,8 @@ def test_a_candidate_nobody_answered_is_recorded_timed_out_by_the_next_publish(t
     capsys.readouterr()
     assert registry_cli([*where, "show", version]) == 0
     assert f"Approval: timed out at {note['at']}: nobody approved" in capsys.readouterr().out
+    assert registry_cli([*where, "list", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)[0]["approval"].startswith(f"timed out at {note['at']}: nobody")
 
 
 def test_publish_notes_the_timeouts_that_passed_and_leaves_answered_candidates_alone(tmp_path: Path) -> None:
