@@ -2,8 +2,9 @@
 
 Reads `<train.out_dir>/model.pt` and `<data.prepared_dir>/test.csv` (the test
 split was never used for model selection; train.csv only fits the pixel
-baseline; val.csv only chooses the abstention threshold, when
-export.abstain_at_accuracy or _coverage asks for one). Writes `<reports.dir>/evaluate.json` (DVC metrics) and, in
+baseline and the feature distance of tasks.lib.abstention; val.csv only chooses the
+abstention thresholds, when export.abstain_at_accuracy or _coverage asks for them).
+Writes `<reports.dir>/evaluate.json` (DVC metrics), `<evaluate.out_dir>/feature_distance.npz` (export reads it) and, in
 `<reports.dir>/evaluate/`, the data of the DVC plots declared in dvc.yaml
 (confusion matrix, reliability diagrams, per-class F1) with the same as PNG
 figures; in `<evaluate.out_dir>`, each test image's prediction and a PNG grid
@@ -19,6 +20,7 @@ import logging
 import sys
 import tempfile
 from pathlib import Path
+from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
@@ -59,7 +61,9 @@ def run(params: Params) -> dict[str, Any]:
         raise StageError(f"{test_file} lists no images; the test split needs at least one "
                          "(add data or raise prepare.test)")
     device = _device(cfg.device)
-    logits = predict_logits(model, rows, params.data.raw_dir, meta["preprocessing"], cfg.batch_size, device)
+    distance = fit_feature_distance(params, model, meta, device)
+    logits, test_distance = predict_scores(model, rows, params.data.raw_dir, meta["preprocessing"], cfg.batch_size,
+                                           device, distance)
     labels = np.array([row.label for row in rows], dtype=np.int64)
     temperature = float(meta.get("temperature") or 1.0)
     probs, raw_probs = softmax(logits / temperature), softmax(logits)
@@ -68,7 +72,7 @@ def run(params: Params) -> dict[str, Any]:
     metrics.update(calibration_metrics(raw_probs, labels, class_names, cfg.calibration_bins, temperature))
     metrics.update(baseline_metrics(params, rows, labels, metrics["accuracy"], len(class_names)))
     metrics["test_split_sha256"] = split_digest(test_file)
-    metrics["abstention"] = abstention_metrics(params, model, meta, probs, labels, device)
+    metrics["abstention"] = abstention_metrics(params, model, meta, (probs, labels, test_distance), distance, device)
     reports = params.report_paths(Path("."))
     write_plots(reports["evaluate_plots"], probs, labels, class_names, metrics["per_class"],
                 bins=cfg.calibration_bins, uncalibrated=raw_probs)
@@ -85,30 +89,65 @@ def run(params: Params) -> dict[str, Any]:
     return metrics
 
 
-def abstention_metrics(params: Params, model: torch.nn.Module, meta: dict[str, Any], test_probs: np.ndarray,
-                       test_labels: np.ndarray, device: torch.device) -> dict[str, Any]:
-    """The abstention threshold chosen on the validation split, its operating point and the risk-coverage curve
-    on the test split, and how it treats out-of-domain images (tasks.lib.abstention)."""
-    cfg, prep = params.export, meta["preprocessing"]
+def fit_feature_distance(params: Params, model: torch.nn.Module, meta: dict[str, Any], device: torch.device
+                         ) -> tuple[torch.Tensor, torch.Tensor]:
+    """The feature distance of abstention.fit_distance, fitted on the training split and written where export
+    reads it (evaluate.json records its sha256); (whitening, whitened class means) on `device`."""
+    train_file = split_path(params.data.prepared_dir, "train")
+    rows = read_split(train_file)
+    if not rows:
+        raise StageError(f"{train_file} lists no images; the feature distance is fitted on them: re-run prepare")
+    labels, size = labels_of(rows), params.evaluate.batch_size
+    batches = forward_batches(model, rows, params.data.raw_dir, meta["preprocessing"], size, device)
+    stats = abstention.fit_distance(((features.double().cpu().numpy(), labels[n * size:(n + 1) * size])
+                                     for n, (_, features) in enumerate(batches)), len(meta["class_names"]))
+    with atomic_path(params.report_paths(Path("."))["feature_distance"]) as tmp, open(tmp, "wb") as handle:
+        np.savez(handle, **stats)
+    return torch.from_numpy(stats["whiten"]).to(device), torch.from_numpy(stats["centres"]).to(device)
+
+
+def abstention_metrics(params: Params, model: torch.nn.Module, meta: dict[str, Any],
+                       test: tuple[np.ndarray, np.ndarray, np.ndarray], distance: tuple[torch.Tensor, torch.Tensor],
+                       device: torch.device) -> dict[str, Any]:
+    """The abstention thresholds chosen on the validation split (confidence and feature distance), their operating
+    point and the risk-coverage curve on the test split, and how they treat out-of-domain images
+    (tasks.lib.abstention). `test` is the test split's (probabilities, labels, feature distances)."""
+    cfg, prep, size = params.export, meta["preprocessing"], params.evaluate.batch_size
+    test_probs, test_labels, test_distance = test
     temperature = float(meta.get("temperature") or 1.0)
-    threshold, note = None, None
+
+    def score(rows: list[SplitRow], raw_dir: Path) -> tuple[np.ndarray, np.ndarray]:
+        logits, far = predict_scores(model, rows, raw_dir, prep, size, device, distance)
+        return softmax(logits / temperature), far
+
+    threshold, max_distance, note = None, None, None
     if cfg.abstain_target is not None:
         val_rows = read_split(split_path(params.data.prepared_dir, "val"))
-        val_probs = predict_probs(model, val_rows, params.data.raw_dir, prep, params.evaluate.batch_size, device,
-                                  temperature) if val_rows else np.empty((0, test_probs.shape[1]))
+        val_probs, val_distance = score(val_rows, params.data.raw_dir) if val_rows else (
+            np.empty((0, test_probs.shape[1])), np.empty(0))
         threshold, note = abstention.choose_threshold(val_probs, labels_of(val_rows), cfg.abstain_at_accuracy,
                                                       cfg.abstain_at_coverage)
+        max_distance = abstention.distance_threshold(val_distance)
     with tempfile.TemporaryDirectory(prefix="ood-") as folder:
-        ood_rows = abstention.write_ood_images(Path(folder), min(abstention.OOD_IMAGES, len(test_labels)))
-        ood_probs = predict_probs(model, ood_rows, Path(folder), prep, params.evaluate.batch_size, device, temperature)
+        digits = abstention.write_ood_images(Path(folder), min(abstention.OOD_IMAGES, len(test_labels)))
+        noise = abstention.write_noise_images(Path(folder))
+        (digit_probs, digit_distance), (noise_probs, noise_distance) = score(digits, Path(folder)), score(noise, Path(folder))
+    train_sha256 = {row.sha256 for row in read_split(split_path(params.data.prepared_dir, "train"))}
     return {
         "target": cfg.abstain_target,   # on the validation split; export writes the threshold into the ONNX metadata
         "threshold": threshold,   # unrounded: the validation image at the cut must stay answered
         "note": note,             # why a target was set and no threshold chosen
         "checkpoint_sha256": sha256_file(Path(params.train.out_dir) / "model.pt"),   # export checks it
-        "test": None if threshold is None else abstention.operating_point(test_probs, test_labels, threshold),
-        "risk_coverage": abstention.risk_coverage(test_probs, test_labels),
-        "out_of_domain": abstention.out_of_domain(test_probs, ood_probs, threshold),
+        "distance": {"threshold": max_distance, "keep": abstention.DISTANCE_KEEP, "shrinkage": abstention.SHRINKAGE,
+                     "sha256": sha256_file(params.report_paths(Path("."))["feature_distance"])},   # export checks it
+        "test": None if threshold is None else abstention.operating_point(test_probs, test_labels, threshold,
+                                                                                  test_distance, max_distance),
+        "risk_coverage": abstention.risk_coverage(test_probs, test_labels),   # confidence alone
+        "out_of_domain": {**abstention.out_of_domain(test_probs, digit_probs, threshold, test_distance,
+                                                     digit_distance, max_distance),
+                          "not_applicable": abstention.digits_not_applicable(meta["class_names"], train_sha256, digits)},
+        "noise": abstention.out_of_domain(test_probs, noise_probs, threshold, test_distance, noise_distance,
+                                          max_distance, abstention.NOISE_SOURCE),
     }
 
 
@@ -166,9 +205,9 @@ def _device(choice: str) -> torch.device:
 
 
 @torch.no_grad()
-def predict_logits(model: torch.nn.Module, rows: list[SplitRow], raw_dir: Path, prep: Any, batch_size: int,
-                   device: torch.device = torch.device("cpu")) -> np.ndarray:
-    """Logits (float64, rows in split order) of the model on the listed images."""
+def forward_batches(model: torch.nn.Module, rows: list[SplitRow], raw_dir: Path, prep: Any, batch_size: int,
+                    device: torch.device = torch.device("cpu")) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """Each batch's logits and the features its head took in (abstention.HeadInput), in split order."""
     # Deterministic kernels: the same checkpoint and data must give identical metrics. TF32 off:
     # on an H200 it moved log loss and ECE by ~1e-4 against the CPU, and the gate compares these
     # numbers with a production model re-scored in fp32 by onnxruntime on a CPU.
@@ -178,14 +217,32 @@ def predict_logits(model: torch.nn.Module, rows: list[SplitRow], raw_dir: Path, 
     torch.backends.cuda.matmul.allow_tf32 = False
     model = model.to(device).eval()
     loader = DataLoader(EvalDataset(rows, raw_dir, prep), batch_size=batch_size, shuffle=False, num_workers=0)
-    chunks = []
+    head = abstention.HeadInput(model)
     try:
         for images, _ in progress(loader, desc="evaluate", total=len(loader), unit="batch"):
-            chunks.append(model(images.to(device)).double().cpu().numpy())
+            yield model(images.to(device)), head.value
     except BadImage as err:
-        raise StageError(f"{err}; the test split lists an unreadable image: re-run prepare "
-                         "(dvc repro prepare)") from None
-    return np.concatenate(chunks)
+        raise StageError(f"{err}; a split lists an unreadable image: re-run prepare (dvc repro prepare)") from None
+    finally:
+        head.handle.remove()
+
+
+def predict_scores(model: torch.nn.Module, rows: list[SplitRow], raw_dir: Path, prep: Any, batch_size: int,
+                   device: torch.device, distance: tuple[torch.Tensor, torch.Tensor] | None = None
+                   ) -> tuple[np.ndarray, np.ndarray | None]:
+    """Logits (float64, rows in split order) and, given the fitted (whitening, centres), each feature distance."""
+    logits, far = [], []
+    for out, features in forward_batches(model, rows, raw_dir, prep, batch_size, device):
+        logits.append(out.double().cpu().numpy())
+        if distance is not None:
+            far.append(abstention.squared_distance(features, *distance).double().cpu().numpy())
+    return np.concatenate(logits), np.concatenate(far) if distance is not None else None
+
+
+def predict_logits(model: torch.nn.Module, rows: list[SplitRow], raw_dir: Path, prep: Any, batch_size: int,
+                   device: torch.device = torch.device("cpu")) -> np.ndarray:
+    """Logits (float64, rows in split order) of the model on the listed images."""
+    return predict_scores(model, rows, raw_dir, prep, batch_size, device)[0]
 
 
 def predict_probs(model: torch.nn.Module, rows: list[SplitRow], raw_dir: Path, prep: Any, batch_size: int,

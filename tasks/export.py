@@ -28,13 +28,14 @@ import onnxruntime as ort
 import torch
 from torch import nn
 
+from tasks.lib import abstention
 from tasks.lib.cli import stage_main
 from tasks.lib.config import ExportParams, Params
 from tasks.lib.errors import StageError
 from tasks.lib.images import INPUT_CONTRACT, BadImage, load_rgb
-from tasks.lib.io import atomic_path, read_json, sha256_file, write_json
+from tasks.lib.io import atomic_path, sha256_file, write_json
 from tasks.lib.models import load_checkpoint
-from tasks.lib.onnx_classifier import ABSTAIN_KEY, INPUT_NAME, OUTPUT_NAME, PROBABILITIES_NAME, Classifier, load_classifier
+from tasks.lib.onnx_classifier import DISTANCE_NAME, INPUT_NAME, OUTPUT_NAME, PROBABILITIES_NAME, Classifier, load_classifier
 from tasks.lib.preprocess import Preprocessing, preprocess
 from tasks.lib.split_files import SplitRow, read_split, split_path
 from tasks.lib.weights import weights_sha256
@@ -56,16 +57,24 @@ WARMUP_RUNS = 3
 
 
 class Calibrated(nn.Module):
-    """The trained network with a second output: softmax(logits / temperature), the calibrated probabilities."""
+    """The trained network with more outputs: softmax(logits / temperature), the calibrated probabilities, and,
+    given the fitted (whitening, whitened class means), the feature distance of tasks.lib.abstention."""
 
-    def __init__(self, model: nn.Module, temperature: float) -> None:
+    def __init__(self, model: nn.Module, temperature: float, distance: tuple[torch.Tensor, torch.Tensor] | None = None
+                 ) -> None:
         super().__init__()
         self.model = model
         self.register_buffer("temperature", torch.tensor(float(temperature)), persistent=False)
+        self.head = None if distance is None else abstention.HeadInput(model)
+        self.register_buffer("whiten", None if distance is None else distance[0], persistent=False)
+        self.register_buffer("centres", None if distance is None else distance[1], persistent=False)
 
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
         logits = self.model(x)
-        return logits, torch.softmax(logits / self.temperature, dim=1)
+        probs = torch.softmax(logits / self.temperature, dim=1)
+        if self.head is None:
+            return logits, probs
+        return logits, probs, abstention.squared_distance(self.head.value, self.whiten, self.centres)
 
 
 @dataclass
@@ -80,6 +89,7 @@ class Parity:
     argmax_mismatches: list[str] = field(default_factory=list)
     n_images: int = 0
     batch_sizes: list[int] = field(default_factory=list)
+    distance_rel_diff: float | None = None   # max |feature distance diff| / max(1, |distance|), when exported
 
 
 def run(params: Params) -> dict[str, Any]:
@@ -96,8 +106,9 @@ def run(params: Params) -> dict[str, Any]:
     if not rows:
         raise StageError(f"{test_file} lists no images; parity needs held-out images")
     images, names = load_parity_images(rows, params.data.raw_dir, prep, max(cfg.parity_batch_sizes))
-    metadata = {**build_metadata(params, meta), **abstention_metadata(params)}
-    model = Calibrated(model, float(meta.get("temperature") or 1.0))
+    abstain, distance = abstention.onnx_metadata(params)
+    metadata = {**build_metadata(params, meta), **abstain}
+    model = Calibrated(model, float(meta.get("temperature") or 1.0), distance)
     parity, latency, quantized = export_model(model, onnx_path, images, names, metadata, cfg,
                                               quantize_data=(rows, Path(params.data.raw_dir), prep))
     report = {
@@ -109,6 +120,7 @@ def run(params: Params) -> dict[str, Any]:
         "atol": cfg.atol,
         "parity_passed": parity.passed,
         "max_abs_diff": parity.max_abs_diff,
+        "distance_rel_diff": parity.distance_rel_diff,
         "argmax_agree": parity.argmax_agree,
         "parity_worst_input": parity.worst_input,
         "parity_batch_sizes": parity.batch_sizes,
@@ -169,38 +181,6 @@ def build_metadata(params: Params, meta: dict[str, Any]) -> dict[str, str]:
     }
 
 
-def abstention_metadata(params: Params) -> dict[str, str]:
-    """The abstention threshold evaluate chose on the validation split, and the test split's operating point and
-    risk-coverage key points, when export.abstain_at_accuracy or export.abstain_at_coverage asks for them.
-    Taken from evaluate.json only after checking it was computed for this checkpoint and this target."""
-    cfg = params.export
-    target = cfg.abstain_target
-    if target is None:
-        return {}
-    path, checkpoint = params.report_paths(Path("."))["test_metrics"], Path(params.train.out_dir) / "model.pt"
-    if not path.exists():   # exported by hand without evaluate (dvc repro runs evaluate first): said, not guessed
-        log.warning("no abstention threshold in the ONNX metadata: %s does not exist; run evaluate before export "
-                    "(dvc repro export) for one", path)
-        return {}
-    record = read_json(path).get("abstention") or {}
-    if record.get("target") != target or "threshold" not in record:
-        raise StageError(f"{path} holds no abstention threshold for {target} (export.abstain_at_*): run evaluate "
-                         "first (dvc repro evaluate)")
-    if record.get("checkpoint_sha256") != sha256_file(checkpoint):
-        raise StageError(f"{path} was computed for another checkpoint than {checkpoint}: re-run evaluate "
-                         "(dvc repro evaluate)")
-    if record["threshold"] is None:   # the model could not reach the target: said in evaluate's log and the card
-        log.warning("no abstention threshold in the ONNX metadata: %s", record.get("note"))
-        return {}
-    key_points = {"target": target, "on_test": record["test"], "risk_coverage": record["risk_coverage"],
-                  "out_of_domain": record["out_of_domain"]}
-    return {ABSTAIN_KEY: repr(float(record["threshold"])),
-            "abstention": json.dumps(key_points, sort_keys=True),
-            "abstention_rule": f"answer only when max({PROBABILITIES_NAME}) >= {ABSTAIN_KEY}; below it the model "
-                               "is not sure: report unknown (threshold chosen on the validation split)"}
-
-
-
 def export_model(model: nn.Module, onnx_path: Path, images: np.ndarray, names: list[str], metadata: dict[str, str],
                  cfg: ExportParams, quantize_data: tuple[list[SplitRow], Path, Preprocessing] | None = None
                  ) -> tuple[Parity, dict[str, Any], dict[str, Any]]:
@@ -232,7 +212,7 @@ def export_onnx(model: nn.Module, path: Path, example: np.ndarray, opset: int, m
     with torch.no_grad():
         torch.onnx.export(model, (torch.from_numpy(np.ascontiguousarray(example)),), str(path), dynamo=True,
                           opset_version=opset, input_names=[INPUT_NAME],
-                          output_names=[OUTPUT_NAME, PROBABILITIES_NAME] if isinstance(model, Calibrated) else [OUTPUT_NAME],
+                          output_names=[OUTPUT_NAME, PROBABILITIES_NAME, DISTANCE_NAME][:len(_outputs(model, example))],
                           dynamic_shapes=({0: batch},), external_data=False, verbose=False)
     proto = onnx.load(str(path))
     onnx.helper.set_model_props(proto, metadata)
@@ -253,6 +233,12 @@ def check_graph(path: Path) -> None:
                              "the export must keep it symbolic")
 
 
+# The feature distance (float64 from fp32 features, tasks.lib.abstention) moves as much as the features do, ~1e-6
+# relative; the rule flips only for an image within DISTANCE_RTOL of the threshold, and a wrong op or buffer is off
+# by far more.
+DISTANCE_RTOL = 1e-4
+
+
 # Tolerance: both runtimes compute in fp32 but with different kernels (oneDNN vs MLAS)
 # and summation orders. Measured differences on these architectures are ~1e-6 for
 # logits of magnitude ~1-10, i.e. a few fp32 ulps accumulated over ~50 layers. The
@@ -262,7 +248,7 @@ def check_graph(path: Path) -> None:
 def check_parity(model: nn.Module, classifier: Classifier, images: np.ndarray, names: list[str],
                  batch_sizes: list[int], atol: float) -> Parity:
     """Max |logit diff| and argmax agreement on every image, batched at each size."""
-    worst, worst_name, worst_batch = -1.0, "", 0
+    worst, worst_name, worst_batch, distance_rel = -1.0, "", 0, None
     mismatches: list[str] = []
     for size in batch_sizes:
         for start in range(0, len(images), size):
@@ -273,20 +259,27 @@ def check_parity(model: nn.Module, classifier: Classifier, images: np.ndarray, n
                 raise StageError(f"the ONNX model fails at batch size {size} (on {names[start]}): "
                                  f"{str(err).splitlines()[0]}; a dimension was probably fixed at export; "
                                  "no model.onnx was written") from None
-            with torch.no_grad():
-                want = _logits(model(torch.from_numpy(batch))).numpy()
+            outputs = _outputs(model, batch)
+            want = outputs[0].numpy()
+            if len(outputs) == 3:   # the feature distance: relative, its magnitude is the features' squared norm
+                far = classifier.session.run([DISTANCE_NAME], {classifier.input_name: batch})[0]
+                rel = np.abs(far - outputs[2].numpy()).max() / max(1.0, float(np.abs(outputs[2].numpy()).max()))
+                distance_rel = max(distance_rel or 0.0, float(rel))
             diffs = np.abs(got.astype(np.float64) - want).max(axis=1)
             if diffs.max() > worst:
                 worst, worst_name, worst_batch = float(diffs.max()), names[start + int(diffs.argmax())], size
             disagree = np.flatnonzero(got.argmax(axis=1) != want.argmax(axis=1))
             mismatches += [f"{names[start + i]} (batch {size})" for i in disagree]
-    return Parity(passed=worst <= atol and not mismatches, max_abs_diff=worst, worst_input=worst_name,
-                  worst_batch_size=worst_batch, argmax_agree=not mismatches, argmax_mismatches=mismatches,
-                  n_images=len(images), batch_sizes=list(batch_sizes))
+    return Parity(passed=worst <= atol and not mismatches and (distance_rel or 0.0) <= DISTANCE_RTOL,
+                  max_abs_diff=worst, worst_input=worst_name, worst_batch_size=worst_batch, argmax_agree=not mismatches,
+                  argmax_mismatches=mismatches, n_images=len(images), batch_sizes=list(batch_sizes),
+                  distance_rel_diff=distance_rel)
 
 
-def _logits(output: torch.Tensor | tuple[torch.Tensor, ...]) -> torch.Tensor:
-    return output[0] if isinstance(output, tuple) else output
+@torch.no_grad()
+def _outputs(model: nn.Module, batch: np.ndarray) -> tuple[torch.Tensor, ...]:
+    output = model(torch.from_numpy(np.ascontiguousarray(batch)))
+    return output if isinstance(output, tuple) else (output,)
 
 
 def parity_message(parity: Parity, atol: float) -> str:
@@ -295,6 +288,8 @@ def parity_message(parity: Parity, atol: float) -> str:
     if parity.argmax_mismatches:
         shown = ", ".join(parity.argmax_mismatches[:5])
         text += f"; argmax differs on {len(parity.argmax_mismatches)} image(s): {shown}"
+    if (parity.distance_rel_diff or 0.0) > DISTANCE_RTOL:
+        text += f"; {DISTANCE_NAME} differs by {parity.distance_rel_diff:.3g} relative (at most {DISTANCE_RTOL:g})"
     return text + "; no model.onnx was written. Check the model for train-mode or data-dependent ops."
 
 

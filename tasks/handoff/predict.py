@@ -6,7 +6,8 @@
 A registry version (default: production) is verified and fetched to a temporary file; class names and
 preprocessing come from the model's metadata. Each file gets its top-k labels or its own error, and inputs
 stream --batch-size files at a time, so memory stays flat. With --abstain, an image whose top probability is below
-the threshold in the model's metadata (export.abstain_at_accuracy) is reported as unknown. Exit status: 0 every input predicted; 1 some or
+the threshold in the model's metadata (export.abstain_at_accuracy), or whose feature distance is beyond its own
+threshold there (unlike the training images), is reported as unknown. Exit status: 0 every input predicted; 1 some or
 all failed (or no image found); 2 the model is unusable. Never imports torch: production boxes lack it.
 """
 
@@ -30,7 +31,7 @@ from tasks.handoff.registry import Registry, RegistryError
 from tasks.lib.console import quiet_broken_pipe, terminal_safe
 from tasks.lib.images import DEFAULT_MAX_ASPECT_RATIO, BadImage, ImageLimits, is_image_name
 from tasks.lib.io import sha256_file
-from tasks.lib.onnx_classifier import ABSTAIN_KEY, Classifier, ModelError, answered, load_classifier
+from tasks.lib.onnx_classifier import ABSTAIN_KEY, Classifier, ModelError, load_classifier
 from tasks.lib.parallel import batched
 
 EXIT_OK, EXIT_SOME_FAILED, EXIT_BAD_MODEL = 0, 1, 2
@@ -93,8 +94,8 @@ def _predict_batch(classifier: Classifier, files: list[Path], k: int, limits: Im
         except OSError as err:  # missing file, permission denied, a folder that vanished
             results[i]["error"] = f"{type(err).__name__}: {err.strerror or err}"
     if ready:
-        probs = classifier.probabilities(np.stack([array for _, array in ready]))
-        sure = answered(probs, threshold) if threshold is not None else None
+        batch = np.stack([array for _, array in ready])
+        probs, sure = classifier.answered(batch) if threshold is not None else (classifier.probabilities(batch), None)
         for n, ((i, _), row) in enumerate(zip(ready, probs, strict=True)):
             if sure is not None:
                 results[i]["unknown"] = not sure[n]
@@ -174,7 +175,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-k", "--top-k", type=int, default=3, help="labels per image (default 3)")
     parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
     parser.add_argument("--abstain", action="store_true", help="say `unknown (p=...)` when the top probability is "
-                        "below the model's abstention threshold (JSON: \"unknown\": true beside the predictions)")
+                        "below the model's abstention threshold or the image is far from the training images (metadata "
+                        "feature_distance_threshold) (JSON: \"unknown\": true beside the predictions)")
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--threads", type=int, default=0, help="onnxruntime threads (0: one per core)")
     parser.add_argument("--max-aspect-ratio", type=float, default=DEFAULT_MAX_ASPECT_RATIO,

@@ -326,6 +326,7 @@ class Params(Section):
             "train_metrics": root / self.reports.dir / "train.json",
             "test_metrics": root / self.reports.dir / "evaluate.json",
             "test_predictions": root / self.evaluate.out_dir / "predictions.json",
+            "feature_distance": root / self.evaluate.out_dir / "feature_distance.npz",
             "worst_mistakes": root / self.evaluate.out_dir / "worst_mistakes.png",
             "onnx": root / self.export.out_dir / "model.onnx",
             "export_report": root / self.reports.dir / "export.json",

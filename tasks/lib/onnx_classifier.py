@@ -30,13 +30,18 @@ MAX_CROP_SIZE = 1024
 MAX_RESIZE_RATIO = 2
 
 
-# The abstention threshold in the model's metadata (export.abstain_at_accuracy / _coverage chose it on validation).
+# The abstention threshold in the model's metadata (export.abstain_at_accuracy / _coverage chose it on validation),
+# and the feature-distance output with its own threshold (tasks.lib.abstention: how far from the training images).
 ABSTAIN_KEY = "abstain_threshold"
+DISTANCE_NAME, DISTANCE_KEY = "feature_distance", "feature_distance_threshold"
 
 
-def answered(probs: np.ndarray, threshold: float) -> np.ndarray:
-    """The abstention rule: an image is answered when its top probability is at least the threshold."""
-    return np.asarray(probs).max(axis=1) >= threshold
+def answered(probs: np.ndarray, threshold: float, distance: np.ndarray | None = None,
+             max_distance: float | None = None) -> np.ndarray:
+    """The abstention rule: an image is answered when its top probability is at least `threshold` and, where the
+    model has a distance threshold, its feature distance is at most `max_distance`."""
+    sure = np.asarray(probs).max(axis=1) >= threshold
+    return sure if max_distance is None else sure & (np.asarray(distance) <= max_distance)
 
 
 class ModelError(ValueError):
@@ -70,12 +75,25 @@ class Classifier:
     prep: Preprocessing
     source: str = "the model"   # named in errors: the file it was loaded from
     abstain_threshold: float | None = None   # below it the model is not sure (metadata ABSTAIN_KEY)
+    max_distance: float | None = None        # beyond it the image is unlike the training data (DISTANCE_KEY)
     input_name: str = field(init=False)
     calibrated: bool = field(init=False)
 
     def __post_init__(self) -> None:
         self.input_name = self.session.get_inputs()[0].name
         self.calibrated = PROBABILITIES_NAME in [output.name for output in self.session.get_outputs()]
+
+    def answered(self, batch: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Probabilities of a preprocessed batch, and which images the abstention rule answers (`answered`)."""
+        if self.max_distance is None:
+            probs = self.probabilities(batch)
+            return probs, answered(probs, self.abstain_threshold)
+        probs, distance = self.session.run([PROBABILITIES_NAME, DISTANCE_NAME], {self.input_name: np.ascontiguousarray(batch)})
+        probs = self._normalised(probs, len(batch))
+        if np.shape(distance) != (len(batch),):
+            raise ModelError(f"{self.source}: model unusable: its {DISTANCE_NAME} output has shape {np.shape(distance)} "
+                             f"for {len(batch)} image(s), not ({len(batch)},); re-export the model")
+        return probs, answered(probs, self.abstain_threshold, distance, self.max_distance)
 
     def logits(self, batch: np.ndarray) -> np.ndarray:
         """Raw float32 logits of a preprocessed (N, 3, S, S) batch."""
@@ -86,8 +104,11 @@ class Classifier:
         ModelError unless it is one row of finite, non-negative numbers per image and class: NaN is never scored."""
         if not self.calibrated:
             return self._checked(softmax(self.logits(batch)), len(batch), "logits")
-        probs = self.session.run([PROBABILITIES_NAME], {self.input_name: np.ascontiguousarray(batch)})[0]
-        probs = self._checked(np.asarray(probs, dtype=np.float64), len(batch), PROBABILITIES_NAME)
+        return self._normalised(self.session.run([PROBABILITIES_NAME], {self.input_name: np.ascontiguousarray(batch)})[0],
+                                len(batch))
+
+    def _normalised(self, probs: np.ndarray, n: int) -> np.ndarray:
+        probs = self._checked(np.asarray(probs, dtype=np.float64), n, PROBABILITIES_NAME)
         return probs / probs.sum(axis=1, keepdims=True)   # float32 rows sum to 1 only within ~1e-7
 
     def _checked(self, probs: np.ndarray, n: int, output: str) -> np.ndarray:
@@ -131,7 +152,7 @@ def load_classifier(path: Path | str, threads: int = 0) -> Classifier:
         raise ModelError(f"{path}: the network has no output named {OUTPUT_NAME!r}; export it with `python -m tasks.export`")
     classifier = Classifier(session, _class_names(path, _json_value(path, meta, "class_names")),
                             _preprocessing(path, _json_value(path, meta, "preprocessing")), str(path),
-                            _abstain_threshold(path, meta.get(ABSTAIN_KEY)))
+                            _abstain_threshold(path, meta.get(ABSTAIN_KEY)), _max_distance(path, session, meta))
     _check_output_size(path, classifier)
     return classifier
 
@@ -174,6 +195,22 @@ def _abstain_threshold(path: Path, text: str | None) -> float | None:
         value = math.nan
     if not 0 < value <= 1:
         raise ModelError(f"{path}: metadata {ABSTAIN_KEY} {text[:40]!r} is not a probability in (0, 1]; "
+                         "re-export the model")
+    return value
+
+
+def _max_distance(path: Path, session: ort.InferenceSession, meta: dict[str, str]) -> float | None:
+    text = meta.get(DISTANCE_KEY)
+    if text is None:
+        return None
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not 0 <= value < math.inf:
+        raise ModelError(f"{path}: metadata {DISTANCE_KEY} {text[:40]!r} is not a finite distance >= 0; re-export the model")
+    if DISTANCE_NAME not in [output.name for output in session.get_outputs()]:
+        raise ModelError(f"{path}: metadata has {DISTANCE_KEY} but the network has no {DISTANCE_NAME!r} output; "
                          "re-export the model")
     return value
 
