@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import json
+import logging
+import sys
 from pathlib import Path
 
 import pytest
 import yaml
 
-from flows.dvc_runner import CommandResult, _stage_paths, error_summary, read_stages
+from flows.dvc_runner import CommandResult, _stage_paths, error_summary, read_stages, run_checked
 
 
 @pytest.mark.parametrize("key", ["outs", "metrics", "plots"])
@@ -49,3 +52,20 @@ def test_a_failure_with_only_dvcs_error_is_summarised_by_it_and_without_either_b
     assert error_summary(CommandResult(1, [], NOISE)) == " | ".join(NOISE[-6:])
     assert error_summary(CommandResult(1, ["only stdout"], [])) == "only stdout"
     assert error_summary(CommandResult(1, [], [])) == "(no output)"
+
+
+OFFLINE = {"DVC_NO_ANALYTICS": "1", "DVC_STUDIO_OFFLINE": "true", "DO_NOT_TRACK": "1", "ORT_DISABLE_TELEMETRY": "1"}
+
+
+def test_every_stage_runs_offline_unbuffered_with_this_environments_tools_first(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A user who never exported the offline switches still gets them in every stage; one they set wins."""
+    for name in OFFLINE:
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("DO_NOT_TRACK", "yes, mine")
+    code = ("import json, os, shutil; print(json.dumps({k: os.environ.get(k) for k in [*%r, 'PYTHONUNBUFFERED']} "
+            "| {'python': shutil.which('python')}))" % (list(OFFLINE),))
+    result = run_checked([sys.executable, "-c", code], tmp_path, logging.getLogger("test-env"), "env")
+    seen = json.loads(result.stdout_tail[-1])
+    assert seen == {**OFFLINE, "DO_NOT_TRACK": "yes, mine", "PYTHONUNBUFFERED": "1",
+                    "python": str(Path(sys.executable).parent / "python")}
