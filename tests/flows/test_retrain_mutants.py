@@ -14,13 +14,14 @@ from pathlib import Path
 
 import pytest
 import yaml
+from prefect import flow
 from prefect.states import Completed, Failed
 
 from flows import retrain as retrain_module
 from flows.data_version import md5_in_workspace
 from flows.dvc_runner import CommandFailed, TransientFailure
 from flows.retrain import (DataChanged, dvc_storage, holds, main, missing_data, parse_args, pull_data, push_outputs,
-                           repro_stage, stage_timeout_s, stale_stages, transient_only, working_copy)
+                           repro_stage, run_pipeline, stage_timeout_s, stale_stages, transient_only, working_copy)
 from tasks.lib.config import load_params
 from tests.conftest import REPO_ROOT, run
 from tests.flows.conftest import git_commit
@@ -43,15 +44,13 @@ def plain_run_logger(monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureF
     caplog.set_level(logging.INFO, logger=LOG)
 
 
-@pytest.fixture(scope="module")
-def reproduced(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """Three stages in a line over data/raw (tracked by DVC), reproduced once and committed."""
-    root = tmp_path_factory.mktemp("retrain-steps") / "project"
+def reproduced_project(root: Path, spec: dict, params_text: str) -> Path:
+    """The stages of spec over data/raw (tracked by DVC), reproduced once and committed."""
     (root / RAW).mkdir(parents=True)
     (root / RAW / "a.txt").write_text("a\n")
     (root / RAW / "b.txt").write_text("b\n")
-    (root / "dvc.yaml").write_text(yaml.safe_dump(DVC_YAML, sort_keys=False))
-    (root / "params.yaml").write_text(yaml.safe_dump({"double": {"factor": 2}, "report": {"title": "a"}}))
+    (root / "dvc.yaml").write_text(yaml.safe_dump(spec, sort_keys=False))
+    (root / "params.yaml").write_text(params_text)
     run(["git", "init", "-q", "-b", "main"], root)
     run(["git", "config", "user.email", "tests@example.invalid"], root)
     run(["git", "config", "user.name", "tests"], root)
@@ -61,6 +60,13 @@ def reproduced(tmp_path_factory: pytest.TempPathFactory) -> Path:
     run(["dvc", "repro", "-q"], root)
     git_commit(root, "data v1 and its run")
     return root
+
+
+@pytest.fixture(scope="module")
+def reproduced(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Three stages in a line over data/raw, each reading its own params."""
+    return reproduced_project(tmp_path_factory.mktemp("retrain-steps") / "project", DVC_YAML,
+                              yaml.safe_dump({"double": {"factor": 2}, "report": {"title": "a"}}))
 
 
 @pytest.fixture
@@ -275,3 +281,49 @@ def test_the_command_refuses_bad_params_no_data_and_an_unknown_network_before_an
     err = capsys.readouterr().err
     assert err.startswith("error: ") and "no_such_net" in err
     assert not list(bare_project.glob(".prefect/*.db"))
+
+
+# --------------------------------------------------------------------------- the steps in order, in a flow
+
+PIPELINE = {"stages": {
+    "count": {"cmd": "ls data/raw > count.txt", "deps": ["data/raw"], "outs": ["count.txt"]},
+    "train": {"cmd": "cat count.txt > model.txt", "deps": ["count.txt"], "params": ["train.head.lr"],
+              "outs": ["model.txt"]},
+    "report": {"cmd": "wc -l model.txt > report.txt", "deps": ["model.txt"], "params": ["evaluate.calibration_bins"],
+               "outs": ["report.txt"]},
+}}
+
+
+@flow(name="run the pipeline's steps")
+def pipeline_steps(workdir: str, data_rev: str, push: bool, remote: str | None) -> dict:
+    root = Path(workdir)
+    return run_pipeline(root, root, data_rev, load_params(root / "params.yaml"), "run-1", push, False, remote)
+
+
+@pytest.mark.slow(seconds=25)
+@pytest.mark.usefixtures("prefect_harness")
+def test_the_pipeline_runs_the_stale_stages_in_order_pushes_to_the_remote_named_and_says_what_ran(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """The project's params.yaml; a change to train.head.lr stales train (timed by train.timeout_minutes), which
+    writes what it wrote before, so report, after it, is run by DVC's judgement: skipped."""
+    project = reproduced_project(tmp_path / "project", PIPELINE, (REPO_ROOT / "params.yaml").read_text())
+    run(["dvc", "remote", "add", "-d", "default", str(tmp_path / "default")], project)
+    run(["dvc", "remote", "add", "other", str(tmp_path / "other")], project)
+    params = yaml.safe_load((project / "params.yaml").read_text())
+    params["train"]["head"]["lr"] *= 2
+    (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+
+    summary = pipeline_steps(str(project), "v7", True, "other")
+    assert (summary["stages"], summary["stages_run"], summary["stages_skipped"]) == (
+        ["count", "train", "report"], ["train"], ["count", "report"])
+    assert (summary["flow_run_id"], summary["data_rev"], summary["data_md5"], summary["pushed"], summary["publish"],
+            summary["isolated"]) == ("run-1", "v7", md5_in_workspace(project, RAW), True, None, False)
+    lock = yaml.safe_load((project / "dvc.lock").read_text())
+    assert holds(tmp_path / "other", lock["stages"]["report"]["outs"][0]["md5"])
+    assert not (tmp_path / "default").exists()
+    assert "Stages run: train; skipped: count, report" in logged(caplog)
+
+    caplog.clear()
+    summary = pipeline_steps(str(project), "v7", False, None)
+    assert (summary["stages_run"], summary["pushed"]) == ([], False)
+    assert "Stages run: none; skipped: count, train, report" in logged(caplog)
