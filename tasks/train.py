@@ -28,6 +28,7 @@ from tasks.lib.preprocess import Preprocessing, train_preprocessing
 from tasks.lib.split_files import labels_of, read_classes, read_split, split_path
 from tasks.lib.weights import load_backbone_state
 from tasks.training.calibration import calibration_report, fit_temperature
+from tasks.training.label_issues import check_labels
 from tasks.training.loop import Data, Hooks, NonFiniteLoss, Run, fit_phase, predict
 from tasks.training.phases import finetune_phase, head_phase
 from tasks.training.plots import write_curves
@@ -70,6 +71,7 @@ def _train(params: Params, rt: Runtime, hooks: Hooks, cache_features: bool | Non
     model = build_model(arch, len(classes), backbone_state).to(rt.device)
     if cfg.channels_last:
         model = model.to(memory_format=torch.channels_last)
+    check_labels(params, rt, data, model, classes)   # the pretrained features, before a resume loads trained ones
 
     fingerprint = run_fingerprint(params, weights)
     progress, resume_state = restore(cfg.out_dir / "resume", fingerprint, model, cfg.resume == "auto")

@@ -90,6 +90,10 @@ class PrepareParams(Section):
     near_duplicates: bool = Field(False, description="Also look for near-duplicates across splits by perceptual hash.")
     near_duplicate_distance: int = Field(4, ge=0, le=64, description="Max Hamming distance of two 64-bit dHashes to count as near-duplicates.")
     num_workers: int = Field(0, ge=0, description="Processes decoding images; 0 means one per CPU core.")
+    label_issues: Literal["report", "exclude", "off"] = Field("report", description="Images whose label looks "
+                                                             "wrong (cleanlab, in the train stage): report lists them "
+                                                             "in reports.dir/label_issues.json; exclude also leaves the "
+                                                             "likeliest out of training (never val or test).")
     cache_dir: Path = Field(Path(".cache/prepare"), description="Per-image results (content hash, decode check, "
                             "dHash) kept across runs so only new or changed files are decoded; git-ignored, not a "
                             "DVC output, safe to delete.")

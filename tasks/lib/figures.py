@@ -103,6 +103,25 @@ def reliability(curves: dict[str, list[dict[str, Any]]], path: Path) -> bool:
     return _save(fig, path)
 
 
+def image_mosaic(images: Sequence[np.ndarray], captions: Sequence[str], path: Path, title: str) -> bool:
+    """Up to 4 images a row (uint8 HWC), each captioned; no images draws the title alone (the file always exists)."""
+    if not images:
+        fig = Figure(figsize=(6, 1))
+        fig.text(0.5, 0.5, f"{title}: none", ha="center", va="center", fontsize=9)
+        return _save(fig, path)
+    cols = min(4, len(images))
+    rows = -(-len(images) // cols)
+    fig = Figure(figsize=(2.4 * cols, 2.6 * rows + 0.4))
+    for i, axis in enumerate(fig.subplots(rows, cols, squeeze=False).flat):
+        axis.axis("off")
+        if i < len(images):
+            image = images[i]
+            axis.imshow(image[..., 0] if image.shape[-1] == 1 else image, cmap="gray", vmin=0, vmax=255)
+            axis.set_title(_short(captions[i], 40), fontsize=8)
+    fig.suptitle(title, fontsize=9)
+    return _save(fig, path)
+
+
 def _short(name: str, width: int = 24) -> str:
     """Class names on an axis: printable, at most `width` characters (the table in the card has them whole)."""
     text = "".join(ch if ch.isprintable() else "?" for ch in str(name))

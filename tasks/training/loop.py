@@ -67,6 +67,10 @@ class Data:
     mean: torch.Tensor
     std: torch.Tensor
     num_classes: int
+    train_rows: torch.Tensor | None = None     # the rows that train (prepare.label_issues: exclude); None: all
+
+    def training_labels(self) -> torch.Tensor:
+        return self.train_y if self.train_rows is None else self.train_y[self.train_rows]
 
 
 @dataclass
@@ -86,7 +90,7 @@ class Run:
     loss: nn.Module = field(init=False)   # from cfg and the train labels (class weights)
 
     def __post_init__(self) -> None:
-        self.loss = make_loss(self.cfg, self.data.train_y, self.data.num_classes, self.rt.device)
+        self.loss = make_loss(self.cfg, self.data.training_labels(), self.data.num_classes, self.rt.device)
 
 
 @dataclass
@@ -108,8 +112,10 @@ class Phase:
 def epoch_order(run: Run, phase: str, seed: int) -> list[torch.Tensor]:
     """This rank's batches of indices into the train split for one epoch."""
     # Train mode BatchNorm cannot take a batch of one; phase 1 runs in eval mode.
-    return batch_order(len(run.data.train_y), run.cfg.batch_size, shuffle=True, seed=seed, rank=run.rt.rank,
-                       world=run.rt.world, drop_last=phase == "finetune")
+    order = batch_order(len(run.data.training_labels()), run.cfg.batch_size, shuffle=True, seed=seed,
+                        rank=run.rt.rank, world=run.rt.world, drop_last=phase == "finetune")
+    rows = run.data.train_rows
+    return order if rows is None else [rows[idx] for idx in order]
 
 
 def image_batch(run: Run, idx: torch.Tensor, generator: torch.Generator | None = None) -> Batch:
@@ -201,7 +207,7 @@ def fit_phase(run: Run, phase: Phase, resume_state: dict[str, Any] | None) -> No
         step.scaler.load_state_dict(resume_state["scaler"])
         set_rng_state(resume_state["rng"])
     prog.phase = phase.name
-    n_train = len(run.data.train_y)
+    n_train = len(run.data.training_labels())
     while prog.epochs_done < settings.epochs and not prog.phase_stopped:
         started = time.perf_counter()
         loss = run_epoch(run, phase, step)

@@ -63,6 +63,7 @@ def run_fingerprint(params: Params, record: dict[str, Any]) -> str:
     inputs = {
         "train": train, "arch": params.model.arch, "weights_sha256": record.get("sha256"),
         "data": training_data_sha256(params.data.prepared_dir), "raw_dir": str(params.data.raw_dir),
+        "label_issues": params.prepare.label_issues,   # exclude trains on fewer rows
     }
     return hashlib.sha256(json.dumps(inputs, sort_keys=True).encode()).hexdigest()
 
