@@ -13,6 +13,7 @@ also on the 10,000 official test images. benchmarks/README.md details each model
     python benchmarks/quality.py --data path/to/project       # a project whose prepare stage has run
     python benchmarks/quality.py -S train.finetune.epochs=4   # try a change of the recipe
     python benchmarks/quality.py --profile params.gpu.yaml --device cuda --dataset fashion-full   # GPU
+    python benchmarks/quality.py --flip-labels 0.05 [-S prepare.label_issues=exclude]   # label-issue check
 """
 
 from __future__ import annotations
@@ -54,7 +55,7 @@ from tasks.lib.images import load_rgb  # noqa: E402
 from tasks.lib.io import read_json, sha256_file  # noqa: E402
 from tasks.lib.metrics import compute_metrics  # noqa: E402
 from tasks.lib.models import build_model, load_checkpoint  # noqa: E402
-from tasks.lib.split_files import SplitRow, labels_of, read_classes, read_split, split_path  # noqa: E402
+from tasks.lib.split_files import SplitRow, labels_of, read_classes, read_split, split_path, write_split  # noqa: E402
 from tasks.lib.uncertainty import bootstrap_macro_f1, interval_text, wilson_interval  # noqa: E402
 from tasks.lib.weights import load_backbone_state  # noqa: E402
 from tasks.train import preprocessing_for  # noqa: E402
@@ -64,6 +65,7 @@ TUTORIAL_LR, TUTORIAL_MOMENTUM, TUTORIAL_STEP, TUTORIAL_GAMMA = 0.001, 0.9, 7, 0
 # On 2 CPU cores one full fine-tuning epoch of the demo costs ~30-45 s, about what the project's whole
 # phase 2 on cached activations costs: 3 epochs give the tutorial at least the project's time.
 CPU_TUTORIAL_EPOCHS = 3
+FLIP_SEED = 5                 # --flip-labels: which training labels are flipped, and to what
 
 
 @dataclass
@@ -283,6 +285,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="also score the official 10,000 Fashion-MNIST test images (auto: for Fashion-MNIST data)")
     parser.add_argument("--official-limit", type=int, default=10_000, help="score only the first N official test "
                         "images (a quicker check; the default is all 10,000)")
+    parser.add_argument("--flip-labels", type=float, metavar="FRACTION", help="give this share of the training "
+                        "labels another class (seeded) and report how many the label-issue check finds; with "
+                        "-S prepare.label_issues=exclude, what leaving them out does to test accuracy")
     parser.add_argument("--work", type=Path, help="working folder (default: a temporary one, removed afterwards)")
     parser.add_argument("--out", type=Path, help="also write the JSON report to OUT/quality.json")
     return parser.parse_args(argv)
@@ -313,6 +318,7 @@ def measure(args: argparse.Namespace, chosen: set[str], work: Path) -> dict[str,
         stage_seconds["prepare"] = run_stage("prepare", params_file)
     prepared, raw = Path(params.data.prepared_dir), Path(params.data.raw_dir)
     class_names = read_classes(prepared)
+    flipped = flip_labels(split_path(prepared, "train"), args.flip_labels, len(class_names)) if args.flip_labels else None
     train, val, test = (Split(read_split(split_path(prepared, s)), raw) for s in ("train", "val", "test"))
     tests = {"test split": test}
     if args.official_test == "on" or (args.official_test == "auto" and sorted(class_names) == sorted(FASHION_CLASSES)):
@@ -336,6 +342,36 @@ def measure(args: argparse.Namespace, chosen: set[str], work: Path) -> dict[str,
               "images": {"train": len(train.rows), "val": len(val.rows), "test": len(test.rows)},
               "test_sets": list(tests), "models": models, "overrides": args.set, "environment": environment(cuda)}
     result["margins"] = {name: margins(models, name) for name in tests} if "project" in models else {}
+    if flipped is not None and "project" in models:
+        result["label_issues"] = found_flips(params, flipped, args.flip_labels)
+    return result
+
+
+def flip_labels(train_file: Path, fraction: float, n_classes: int) -> set[str]:
+    """Give a seeded `fraction` of the training images another class, as a careless labeller would; their paths."""
+    rows = read_split(train_file)
+    rng = np.random.default_rng(FLIP_SEED)
+    chosen = set(rng.choice(len(rows), round(fraction * len(rows)), replace=False).tolist())
+    write_split(train_file, [SplitRow(r.path, int((r.label + rng.integers(1, n_classes)) % n_classes), r.sha256)
+                             if i in chosen else r for i, r in enumerate(rows)])
+    log(f"== {len(chosen)} of {len(rows)} training labels flipped (seed {FLIP_SEED})")
+    return {rows[i].path for i in chosen}
+
+
+def found_flips(params: Params, flipped: set[str], fraction: float) -> dict[str, Any]:
+    """How many flipped labels the label-issue check ranks in its top k (k = how many were flipped), and in all
+    it flags: precision and recall."""
+    report = read_json(Path(params.reports.dir) / "label_issues.json")
+    ranked = [s["path"] for s in report["suspects"] if s["split"] == "train"]
+    k = len(flipped)
+    hits_at_k, hits = len(flipped & set(ranked[:k])), len(flipped & set(ranked))
+    result = {"flipped": k, "fraction": fraction, "mode": report.get("mode"), "flagged": len(ranked),
+              "excluded": report.get("n_excluded_from_training"),
+              "precision_at_k": round(hits_at_k / max(1, k), 4),     # = recall at k: k is how many were flipped
+              "precision_flagged": round(hits / max(1, len(ranked)), 4),
+              "recall_flagged": round(hits / max(1, k), 4)}
+    log(f"== label issues: {hits_at_k} of the {k} flipped labels in the top {k}; {hits} of {k} among the "
+        f"{len(ranked)} flagged (mode {result['mode']}, {result['excluded']} left out of training)")
     return result
 
 
