@@ -31,7 +31,7 @@ from PIL import Image, ImageOps
 sess = ort.InferenceSession(sys.argv[1])
 meta = sess.get_modelmeta().custom_metadata_map
 prep, classes = json.loads(meta["preprocessing"]), json.loads(meta["class_names"])
-t = float(meta.get("abstain_threshold", 0))  # below it the model is not sure: say unknown (0: no threshold)
+t, dt = float(meta.get("abstain_threshold", 0)), float(meta.get("feature_distance_threshold", "inf"))  # abstention
 img = ImageOps.exif_transpose(Image.open(sys.argv[2]))  # EXIF orientation applied
 if img.mode in ("I;16", "I;16B", "I;16L", "I", "F"):  # 16/32-bit grey: scaled by the type's range, not clipped
     a = np.asarray(img, np.float64)
@@ -46,8 +46,8 @@ img = img.resize((max(r, round(img.width * s)), max(r, round(img.height * s))), 
 left, top = (img.width - c) // 2, (img.height - c) // 2
 x = np.asarray(img.crop((left, top, left + c, top + c)), np.float32) / np.float32(255)
 x = ((x - np.float32(prep["mean"])) / np.float32(prep["std"])).transpose(2, 0, 1)[None]
-p = sess.run(["probabilities"], {sess.get_inputs()[0].name: x})[0][0].astype(np.float64); p /= p.sum()
-print(classes[int(p.argmax())] if p.max() >= t else f"unknown (p={p.max():.4f})"); print(json.dumps(dict(zip(classes, p.tolist()))))
+out = sess.run(None, {sess.get_inputs()[0].name: x}); p = out[1][0].astype(np.float64); p /= p.sum(); d = out[2][0] if len(out) > 2 else 0
+print(classes[int(p.argmax())] if p.max() >= t and d <= dt else f"unknown (p={p.max():.4f})"); print(json.dumps(dict(zip(classes, p.tolist()))))
 '''
 
 LIMITATIONS = (
@@ -154,10 +154,11 @@ def _answers_always(record: dict[str, Any] | None) -> str:
         return ("Always answers with one of the listed classes: it has no abstention threshold "
                 f"({(record or {}).get('note') or 'set export.abstain_at_accuracy'}), so screen out-of-scope "
                 "inputs upstream.")
-    rejected = (record.get("out_of_domain") or {}).get("rejected")
-    return ("Answers with one of the listed classes unless the caller applies its abstention threshold "
-            f"(predict --abstain); that turned away {_pct(rejected)} of the out-of-domain images of the abstention "
-            "section, so screen out-of-scope inputs upstream too.")
+    ood, noise = record.get("out_of_domain") or {}, record.get("noise") or {}
+    digits = "" if ood.get("not_applicable") else f"{_pct(ood.get('rejected'))} of the digits and "
+    return ("Answers with one of the listed classes unless the caller applies its abstention rule "
+            f"(predict --abstain); that turned away {digits}{_pct(noise.get('rejected'))} of the noise images of the "
+            "abstention section, so screen out-of-scope inputs upstream too.")
 
 
 def _weak_classes(metrics: dict[str, Any]) -> list[str]:
@@ -226,25 +227,31 @@ def _figure_lines(names: list[str]) -> list[str]:
 
 
 def abstention_lines(record: dict[str, Any] | None) -> list[str]:
-    """When the model says "not sure": the threshold, its operating point and risk-coverage key points on the
-    test split, and how it treats out-of-domain images, stated plainly when that is poor."""
+    """When the model says "not sure": the thresholds, their operating point and risk-coverage key points on the
+    test split, and how they treat out-of-domain images, stated plainly when that is poor."""
     if not record:
         return []
     point, ood = record.get("test"), record["out_of_domain"]
     if point:
         target = ", ".join(f"{k} {v:g}" for k, v in (record.get("target") or {}).items())
+        distance = record.get("distance") or {}   # cards published before the distance existed have none
+        far = "" if distance.get("threshold") is None else (
+            f", or when the image's features lie farther than {_num(distance['threshold'])} (output "
+            "`feature_distance`: squared Mahalanobis distance to the nearest class mean of the training images; "
+            f"metadata `feature_distance_threshold`, which keeps {_pct(distance['keep'])} of the validation images)")
         lines = [f"Below a top probability of {_num(point['threshold'])} (metadata `abstain_threshold`, chosen on the "
-                 f"validation split for {_md(target)}) the model is not sure: `predict --abstain` says "
-                 "`unknown (p=...)`, and so does the snippet below.", "",
+                 f"validation split for {_md(target)}){far} the model is not sure: `predict --abstain` "
+                 "says `unknown (p=...)`, and so does the snippet below.", "",
                  f"On the test split: {_operating_point(point)} ({point['answered']} images answered)."]
     else:
         why = record.get("note") or "export.abstain_at_accuracy and export.abstain_at_coverage are null"
         lines = [f"No abstention threshold ({_md(why)}): the model answers every image. The curve shows what a "
                  "threshold would trade."]
-    lines += ["", *_table(["answering (test split)", "threshold", "accuracy", "95% interval"], [
+    lines += ["", *_table(["answering (test split, confidence alone)", "threshold", "accuracy", "95% interval"], [
         [_pct(p["coverage"]), _num(p["threshold"]), _pct(p["accuracy"]),
          f"[{_pct(p['accuracy_ci_low'])}, {_pct(p['accuracy_ci_high'])}]"] for p in record["risk_coverage"]]), ""]
-    return ["## When it is not sure (abstention)", *lines, *_out_of_domain_lines(ood, point is not None), ""]
+    strangers = [_out_of_domain_line(o, point is not None) for o in (ood, record.get("noise")) if o]
+    return ["## When it is not sure (abstention)", *lines, *"\n\n".join(strangers).split("\n"), ""]
 
 
 def _operating_point(point: dict[str, Any]) -> str:
@@ -253,18 +260,23 @@ def _operating_point(point: dict[str, Any]) -> str:
             f"[{_pct(point['accuracy_ci_low'])}, {_pct(point['accuracy_ci_high'])}]")
 
 
-def _out_of_domain_lines(ood: dict[str, Any], has_threshold: bool) -> list[str]:
+def _out_of_domain_line(ood: dict[str, Any], has_threshold: bool) -> str:
+    if ood.get("not_applicable"):
+        return (f"Out of domain: the check with {_md(ood['source'])} does not apply to this model: "
+                f"{_md(ood['not_applicable'])}.")
     auroc = ood["auroc"]
     verdict = ("good" if auroc >= 0.9 else "partial" if auroc >= 0.7 else
                "poor: confidence barely tells these images from real ones" if auroc > 0.5 else
                "poor: these images get higher confidence than real ones")
+    by_distance = "" if ood.get("auroc_distance") is None else f"; the feature distance, with AUROC {_num(ood['auroc_distance'])}"
     rejected = ""
     if has_threshold:
-        rejected = f" The threshold rejects {_pct(ood['rejected'])} of them"
+        count = f"{ood['rejected_count']} of them ({_pct(ood['rejected'])})" if "rejected_count" in ood else _pct(ood["rejected"])
+        rejected = f" The abstention rule rejects {count}"
         rejected += "." if ood["rejected"] >= 0.5 else ": do not count on it to screen out images unlike the training data."
-    return [f"Out of domain: {ood['n_images']} images of {_md(ood['source'])}, a kind of image the model never saw. "
+    return (f"Out of domain: {ood['n_images']} images of {_md(ood['source'])}, a kind of image the model never saw. "
             f"Their mean top probability is {_num(ood['mean_confidence'])}; confidence separates them from the test "
-            f"images with AUROC {_num(auroc)} (0.5 is chance), which is {verdict}.{rejected}"]
+            f"images with AUROC {_num(auroc)} (0.5 is chance), which is {verdict}{by_distance}.{rejected}")
 
 
 def _pct(value: Any) -> str:
