@@ -24,13 +24,15 @@ from typing import IO, Literal
 
 import yaml
 
-from flows.processes import guarded, spawn, stop_process_group
+from flows.processes import GUARD_GRACE_S, guarded, spawn, stop_process_group
 from tasks.lib.errors import EX_TEMPFAIL
 
 TAIL_LINES = 40
 # A progress bar redraws with '\r'; log a redraw at most this often so the run log stays readable.
 PROGRESS_LOG_INTERVAL_S = 5.0
-KILL_GRACE_S = 10.0
+# The guard SIGKILLs a group that ignores SIGTERM GUARD_GRACE_S after passing it on; a SIGKILL to the guard
+# before then would leave that group running, orphaned: so wait longer.
+KILL_GRACE_S = GUARD_GRACE_S + 5.0
 DVC_STAGE_LINE = re.compile(r"^(Running stage '|Stage ')")
 # DVC's hints after each stage that wrote files; the flow says what changed itself and pushes when asked
 # (--push). `dvc repro` prints the push hint unconditionally (DVC 3 has no setting for it; -q would also

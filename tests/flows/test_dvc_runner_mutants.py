@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import json
 import logging
+import os
+import signal
 import sys
 from pathlib import Path
 
 import pytest
 import yaml
 
+from flows import dvc_runner
 from flows.dvc_runner import CommandResult, _stage_paths, error_summary, read_stages, run_checked
 
 
@@ -69,3 +72,33 @@ def test_every_stage_runs_offline_unbuffered_with_this_environments_tools_first(
     seen = json.loads(result.stdout_tail[-1])
     assert seen == {**OFFLINE, "DO_NOT_TRACK": "yes, mine", "PYTHONUNBUFFERED": "1",
                     "python": str(Path(sys.executable).parent / "python")}
+
+
+def test_the_log_names_the_command_and_its_folder_and_keeps_a_last_line_that_is_not_utf8(
+        tmp_path: Path) -> None:
+    """A stage's last line without a newline, in another encoding (a Latin-1 file name, say), still reaches the
+    log and the tail, its undecodable byte replaced."""
+    lines: list[str] = []
+    logger = logging.getLogger("test-last-line")
+    logger.setLevel(logging.INFO)
+    logger.addHandler(type("Keep", (logging.Handler,), {"emit": lambda self, r: lines.append(r.getMessage())})())
+    cmd = [sys.executable, "-c", r"import sys; sys.stdout.buffer.write(b'done\ncaf\xe9 au lait')"]
+    result = run_checked(cmd, tmp_path, logger, "latin")
+    assert lines[0] == f"$ {' '.join(cmd)}   (in {tmp_path})"
+    assert lines[1:] == ["done", "caf\ufffd au lait"] and result.stdout_tail == ["done", "caf\ufffd au lait"]
+
+
+@pytest.mark.slow(seconds=15)
+def test_a_timed_out_command_that_ignores_sigterm_is_killed_not_left_running(tmp_path: Path) -> None:
+    """A stage that ignores SIGTERM (a stuck data loader, a shell trap) gets SIGKILL from the guard it runs under
+    after the guard's grace period; the runner must not kill the guard first, which would leave the stage
+    running on its own after its timeout (it did, most times: KILL_GRACE_S was the guard's grace, and the
+    runner's clock starts first)."""
+    code = ("import os, pathlib, signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); "
+            "pathlib.Path('pid').write_text(str(os.getpid())); time.sleep(60)")
+    result = dvc_runner.run_streamed([sys.executable, "-c", code], tmp_path, logging.getLogger("test-kill"),
+                                     timeout_s=1)
+    assert result.timed_out and result.returncode == 128 + signal.SIGTERM      # the guard stopped its group
+    pid = int((tmp_path / "pid").read_text())
+    with pytest.raises(ProcessLookupError):
+        os.kill(pid, 0)
