@@ -8,6 +8,7 @@ logger here: the lines are the same, read with caplog.
 
 from __future__ import annotations
 
+import json
 import logging
 import shutil
 from pathlib import Path
@@ -259,6 +260,31 @@ def test_the_command_line_defaults_and_options() -> None:
                                                                                               True, True, 0.5)
 
 
+HELP = """\
+usage: python -m flows.retrain [-h] [--data-rev DATA_REV] [-S KEY=VALUE] [--push] [--no-publish]
+                               [--lock-wait-minutes LOCK_WAIT_MINUTES]
+
+The `retrain` flow: data version -> DVC stages -> (push) -> gate and publish.
+
+options:
+  -h, --help            show this help message and exit
+  --data-rev DATA_REV   git revision (tag, branch, commit) of the data version
+  -S KEY=VALUE, --set KEY=VALUE
+                        params override
+  --push                dvc push the data and outputs afterwards
+  --no-publish          skip the gate and publish step
+  --lock-wait-minutes LOCK_WAIT_MINUTES
+"""
+
+
+def test_the_command_help_says_what_each_option_does(monkeypatch: pytest.MonkeyPatch,
+                                                       capsys: pytest.CaptureFixture[str]) -> None:
+    monkeypatch.setenv("COLUMNS", "100")        # argparse wraps to the terminal's width
+    with pytest.raises(SystemExit) as done:
+        parse_args(["--help"])
+    assert done.value.code == 0 and capsys.readouterr().out == HELP
+
+
 @pytest.fixture
 def bare_project(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     """The project's params.yaml alone, as the working directory."""
@@ -327,3 +353,28 @@ def test_the_pipeline_runs_the_stale_stages_in_order_pushes_to_the_remote_named_
     summary = pipeline_steps(str(project), "v7", False, None)
     assert (summary["stages_run"], summary["pushed"]) == ([], False)
     assert "Stages run: none; skipped: count, train, report" in logged(caplog)
+
+
+@pytest.mark.slow(seconds=40)
+@pytest.mark.usefixtures("prefect_harness")
+def test_the_command_trains_on_the_data_version_asked_for_and_says_why_a_run_failed(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    from prefect.settings import PREFECT_API_URL
+
+    project = reproduced_project(tmp_path / "project", PIPELINE, (REPO_ROOT / "params.yaml").read_text())
+    run(["git", "tag", "v1"], project)
+    v1 = md5_in_workspace(project, RAW)
+    (project / RAW / "c.txt").write_text("c\n")
+    run(["dvc", "add", "-q", str(RAW)], project)
+    git_commit(project, "data v2")
+    monkeypatch.chdir(project)
+    monkeypatch.setenv("PREFECT_API_URL", PREFECT_API_URL.value())   # the session's server, not one per command
+
+    assert main(["--data-rev", "v1", "--no-publish"]) == 0
+    line = json.loads(capsys.readouterr().out.splitlines()[-1])
+    assert line["data_md5"] == v1 != md5_in_workspace(project, RAW)
+    assert sorted(line["stages_run"] + line["stages_skipped"]) == sorted(PIPELINE["stages"])
+
+    assert main(["--data-rev", "no-such-rev", "--no-publish"]) == 1
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err.startswith("retrain Failed: ") and "no-such-rev" in err
