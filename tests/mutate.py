@@ -67,13 +67,15 @@ MODULES: dict[str, list[str]] = {
     # The caches' keys: a field left out reuses stale pixels or features.
     "tasks/lib/row_store.py": ["tests/tasks/lib/test_row_store.py", "tests/tasks/test_cache_keys.py",
                                "tests/tasks/test_decode_cache.py", "tests/tasks/lib/test_row_store_pruning.py"],
-    "tasks/training/features.py": ["tests/tasks/training/test_features.py", "tests/tasks/test_cache_keys.py"],
+    "tasks/training/features.py": ["tests/tasks/training/test_features.py", "tests/tasks/test_cache_keys.py",
+                                   "tests/tasks/training/test_features_mutants.py"],
     # The training loop: the best epoch kept, early stopping.
     "tasks/training/loop.py": ["tests/tasks/test_train.py", "tests/tasks/training/test_state.py",
                                "tests/tasks/training/test_loop_mutants.py"],
     # The flow's stage runner and `make demo`'s fast path.
-    "flows/dvc_runner.py": ["tests/flows/test_dvc_runner.py"],
-    "flows/retrain.py": ["tests/flows/test_retrain.py", "tests/flows/test_fast_path.py"],
+    "flows/dvc_runner.py": ["tests/flows/test_dvc_runner.py", "tests/flows/test_dvc_runner_mutants.py"],
+    # Not test_retrain.py or test_fast_path.py: their `dvc repro` of the real stages costs minutes a mutant.
+    "flows/retrain.py": ["tests/flows/test_retrain_mutants.py"],
     "flows/demo.py": ["tests/flows/test_fast_path.py"],
 }
 
@@ -81,6 +83,7 @@ MODULES: dict[str, list[str]] = {
 # could tell only at one exact float, the edge of a float-noise allowance, which no metric lands on.
 GATE, STATS, PREDICT = "tasks.handoff.gate.", "tasks.lib.uncertainty.", "tasks.handoff.predict."
 EVALUATE, ONNX, EXPORT = "tasks.evaluate.", "tasks.lib.onnx_classifier.", "tasks.export."
+FEATURES, RUNNER, RETRAIN = "tasks.training.features.", "flows.dvc_runner.", "flows.retrain."
 EQUIVALENT: dict[str, tuple[str, str]] = {
     GATE + "x__check__mutmut_1": (
         'def _check(name: str, ok: bool, reason: str = "XXXX", **detail: Any) -> dict[str, Any]:',
@@ -170,6 +173,23 @@ EQUIVALENT: dict[str, tuple[str, str]] = {
         "speed = measure_latency(int8, load_parity_images(rows, raw_dir, prep, 2)[0], cfg.latency_runs)",
         "int8 keeps only the batch-1 latency, timed on the first image either way; a second image feeds only "
         "the throughput figure, which is dropped"),
+    FEATURES + "xǁRowsǁ__init____mutmut_3": (
+        "self.images, self.rows = images, torch.as_tensor(list(rows), dtype=None)",
+        "a list of Python ints becomes int64 either way, and Rows is made only for a non-empty list of rows"),
+    RUNNER + "x__pump__mutmut_56": (
+        "log.info(text)",
+        "logging formats a message only when it has arguments: the line is logged as it is, % signs and all"),
+    RUNNER + "x_run_streamed__mutmut_42": (
+        "reader.join(timeout=31)",
+        "in practice: a reader ends when the command's pipes close; the limit only bounds one still blocked after "
+        "the command ended (a grandchild holding the pipe), at 30 s or 31 s"),
+    RUNNER + "x__wait__mutmut_4": (
+        "stop_process_group(proc, None)",
+        "in practice: the guard always exits on SIGTERM, SIGKILLing its group after GUARD_GRACE_S first, so waiting "
+        "for it without a limit ends as the limit of GUARD_GRACE_S + 5 s does"),
+    RETRAIN + "x_dvc_storage__mutmut_5": (
+        'urls = [conf.get("url", None) for conf in repo.config.get("remote", {}).values()]',
+        "DVC's config schema requires a url for every remote: one without is a ConfigError, answered None first"),
 }
 
 CAUGHT = {"killed", "timeout", "segfault", "caught by type check"}
