@@ -38,7 +38,7 @@ from tasks.lib.images import BadImage, load_rgb
 from tasks.lib.io import atomic_path, sha256_file, write_json
 from tasks.lib.metrics import compute_metrics, confusion_matrix, reliability_bins
 from tasks.lib.models import load_checkpoint
-from tasks.lib.onnx_classifier import softmax
+from tasks.lib.onnx_classifier import answered, softmax
 from tasks.lib.progress import progress
 from tasks.lib.split_files import SplitRow, labels_of, read_classes, read_split, split_digest, split_path
 from tasks.lib.uncertainty import bootstrap_macro_f1, interval_text, wilson_interval
@@ -140,15 +140,34 @@ def abstention_metrics(params: Params, model: torch.nn.Module, meta: dict[str, A
         "checkpoint_sha256": sha256_file(Path(params.train.out_dir) / "model.pt"),   # export checks it
         "distance": {"threshold": max_distance, "keep": abstention.DISTANCE_KEEP, "shrinkage": abstention.SHRINKAGE,
                      "sha256": sha256_file(params.report_paths(Path("."))["feature_distance"])},   # export checks it
-        "test": None if threshold is None else abstention.operating_point(test_probs, test_labels, threshold,
+        "test": None if threshold is None else operating_point(test_probs, test_labels, threshold,
                                                                                   test_distance, max_distance),
-        "risk_coverage": abstention.risk_coverage(test_probs, test_labels),   # confidence alone
+        "risk_coverage": risk_coverage(test_probs, test_labels),   # confidence alone
         "out_of_domain": {**abstention.out_of_domain(test_probs, digit_probs, threshold, test_distance,
                                                      digit_distance, max_distance),
                           "not_applicable": abstention.digits_not_applicable(meta["class_names"], train_sha256, digits)},
         "noise": abstention.out_of_domain(test_probs, noise_probs, threshold, test_distance, noise_distance,
                                           max_distance, abstention.NOISE_SOURCE),
     }
+
+
+def operating_point(probs: np.ndarray, labels: np.ndarray, threshold: float, distance: np.ndarray | None = None,
+                    max_distance: float | None = None) -> dict[str, float | int | None]:
+    """Coverage, and accuracy with a Wilson 95% interval, of the images the rule answers."""
+    keep = answered(probs, threshold, distance, max_distance)
+    n, right = int(keep.sum()), int((probs.argmax(axis=1) == labels)[keep].sum())
+    low, high = wilson_interval(right, n) if n else (None, None)
+    return {"threshold": threshold, "answered": n, "coverage": round(n / len(labels), 6),
+            "accuracy": round(right / n, 6) if n else None,
+            "accuracy_ci_low": None if low is None else round(low, 6),
+            "accuracy_ci_high": None if high is None else round(high, 6)}
+
+
+def risk_coverage(probs: np.ndarray, labels: np.ndarray) -> list[dict[str, float | int | None]]:
+    """The curve's key points on these images: the operating point that answers each share in abstention.COVERAGES."""
+    confidence = probs.max(axis=1)
+    return [{"target_coverage": c, **operating_point(probs, labels, abstention.threshold_for_coverage(confidence, c))}
+            for c in abstention.COVERAGES]
 
 
 def intervals(predicted: np.ndarray, labels: np.ndarray, num_classes: int) -> dict[str, float]:

@@ -33,7 +33,6 @@ from tasks.lib.io import read_json, sha256_file
 from tasks.lib.models import head_module
 from tasks.lib.onnx_classifier import ABSTAIN_KEY, DISTANCE_KEY, DISTANCE_NAME, PROBABILITIES_NAME, answered
 from tasks.lib.split_files import SplitRow
-from tasks.lib.uncertainty import wilson_interval
 
 log = logging.getLogger(__name__)
 COVERAGES = (1.0, 0.95, 0.9, 0.8)   # the curve's key points the card shows
@@ -146,25 +145,6 @@ def choose_threshold(val_probs: np.ndarray, val_labels: np.ndarray, at_accuracy:
                       "it answers, so it has no abstention threshold: lower export.abstain_at_accuracy or set "
                       "export.abstain_at_coverage instead")
     return threshold, None
-
-
-def operating_point(probs: np.ndarray, labels: np.ndarray, threshold: float, distance: np.ndarray | None = None,
-                    max_distance: float | None = None) -> dict[str, float | int | None]:
-    """Coverage, and accuracy with a Wilson 95% interval, of the images the rule answers."""
-    keep = answered(probs, threshold, distance, max_distance)
-    n, right = int(keep.sum()), int((probs.argmax(axis=1) == labels)[keep].sum())
-    low, high = wilson_interval(right, n) if n else (None, None)
-    return {"threshold": threshold, "answered": n, "coverage": round(n / len(labels), 6),
-            "accuracy": round(right / n, 6) if n else None,
-            "accuracy_ci_low": None if low is None else round(low, 6),
-            "accuracy_ci_high": None if high is None else round(high, 6)}
-
-
-def risk_coverage(probs: np.ndarray, labels: np.ndarray) -> list[dict[str, float | int | None]]:
-    """The curve's key points on these images: the operating point that answers each share in COVERAGES."""
-    confidence = probs.max(axis=1)
-    return [{"target_coverage": c, **operating_point(probs, labels, threshold_for_coverage(confidence, c))}
-            for c in COVERAGES]
 
 
 def out_of_domain(in_probs: np.ndarray, ood_probs: np.ndarray, threshold: float | None, in_distance: np.ndarray | None,

@@ -323,6 +323,7 @@ def test_the_onnx_distance_is_fitted_on_train_and_cut_on_validation(distant: dic
     assert 0 <= distant["export"]["distance_rel_diff"] <= export.DISTANCE_RTOL   # export's own parity check
 
 
+@pytest.mark.slow(seconds=15)   # the same fixture: the three run together, so it is made once in a serial run
 def test_noise_is_rejected_by_its_feature_distance(distant: dict[str, Any], capsys) -> None:
     noise = distant["record"]["noise"]
     assert noise["rejected_count"] == noise["n_images"] == 50 and noise["auroc_distance"] == 1.0
@@ -332,6 +333,7 @@ def test_noise_is_rejected_by_its_feature_distance(distant: dict[str, Any], caps
     assert all(r["unknown"] for r in json.loads(capsys.readouterr().out))
 
 
+@pytest.mark.slow(seconds=15)
 def test_predict_and_the_snippet_apply_both_thresholds_of_the_metadata(distant: dict[str, Any], tmp_path: Path,
                                                                         capsys) -> None:
     files = distant["test"] + distant["noise"][:10]

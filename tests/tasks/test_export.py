@@ -61,7 +61,7 @@ def test_export_is_validated_and_self_describing(tmp_path: Path, arch: str) -> N
                            "max_abs_diff", "argmax_agree", "parity_worst_input", "parity_batch_sizes",
                            "parity_images", "ort_latency_ms_p50", "ort_latency_ms_p95",
                            "ort_throughput_img_per_s_b32", "ort_latency_runs", "ort_version", "cpu", "quantized",
-                           "metadata", "weights"}
+                           "metadata", "weights", "distance_rel_diff"}
     assert report["ort_latency_runs"] == params.export.latency_runs and report["ort_version"] == ort.__version__
     assert sorted(p.name for p in out.iterdir()) == sorted(
         ["model.onnx"] + (["model.int8.onnx"] if report["quantized"]["enabled"] else []))
