@@ -1,7 +1,8 @@
 """Stage `export`: the evaluated checkpoint as a validated, self-describing ONNX model.
 
-Reads `<train.out_dir>/model.pt`, real test images and, for the abstention threshold,
-`<reports.dir>/evaluate.json`. Exports under a temporary name, embeds the metadata a consumer
+Reads `<train.out_dir>/model.pt`, real test images and, for abstention, `<reports.dir>/evaluate.json`
+and the feature distance evaluate fitted (`<evaluate.out_dir>/feature_distance.npz`, a third output of
+the graph). Exports under a temporary name, embeds the metadata a consumer
 needs, runs onnx's full check, the symbolic batch check and the onnxruntime-vs-PyTorch parity
 at several batch sizes, measures CPU latency, optionally quantizes to int8, and only then
 renames to `<export.out_dir>/model.onnx`; `<reports.dir>/export.json` holds the measurements.

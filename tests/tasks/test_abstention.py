@@ -223,6 +223,14 @@ def test_predict_abstain_names_the_model_and_the_setting_when_the_model_has_no_t
     with_threshold(model, 1.5)
     assert predict.main([str(model), str(image)]) == predict.EXIT_BAD_MODEL
     assert "abstain_threshold '1.5' is not a probability" in capsys.readouterr().err
+    with_threshold(model, 0.5)
+    for value, problem in (("nan", "'nan' is not a finite distance"), ("7", "has no 'feature_distance' output")):
+        proto = onnx.load(str(model))
+        onnx.helper.set_model_props(proto, {**{p.key: p.value for p in proto.metadata_props},
+                                            "feature_distance_threshold": value})
+        onnx.save(proto, str(model))
+        assert predict.main([str(model), str(image)]) == predict.EXIT_BAD_MODEL
+        assert problem in capsys.readouterr().err
 
 
 # --------------------------------------------------------------------------- the choice itself
