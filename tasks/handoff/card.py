@@ -61,7 +61,7 @@ LIMITATIONS = (
 def build_card(*, params: Params, version: str, url: str, class_names: list[str], lineage: dict[str, Any],
                metrics: dict[str, Any], export_report: dict[str, Any], decision: dict[str, Any],
                train_metrics: dict[str, Any] | None, data_report: dict[str, Any] | None,
-               figures: list[str] | None = None) -> dict[str, Any]:
+               label_issues: dict[str, Any] | None = None, figures: list[str] | None = None) -> dict[str, Any]:
     """Every fact of the card as one JSON-ready dict."""
     return {
         "model": params.project.name,
@@ -73,7 +73,8 @@ def build_card(*, params: Params, version: str, url: str, class_names: list[str]
         "classes": class_names,
         "data": {"version": lineage.get("data_hash"), "raw_dir": str(params.data.raw_dir),
                  "n_images": (data_report or {}).get("n_images"),
-                 "test_split_sha256": lineage.get("test_split_sha256")},
+                 "test_split_sha256": lineage.get("test_split_sha256"),
+                 "label_issues": _label_issues(label_issues)},
         "training": _training(params, train_metrics),
         "test_metrics": {k: metrics.get(k) for k in ("accuracy", "balanced_accuracy", "macro_f1", "weighted_f1",
                                                       "top_k_accuracy", "top_k", "log_loss", "n_test")},
@@ -100,6 +101,14 @@ def build_card(*, params: Params, version: str, url: str, class_names: list[str]
         "usage": {"predict": "predict model.onnx IMAGE_OR_FOLDER [...] --top-k 3 [--json] [--abstain]",
                   "snippet": SNIPPET},
     }
+
+
+def _label_issues(report: dict[str, Any] | None) -> dict[str, Any] | None:
+    """The train stage's label check in brief: counts, what was done, the likeliest LABEL_ISSUES_SHOWN."""
+    if not report:
+        return None
+    return {key: report.get(key) for key in ("method", "mode", "n_checked", "n_flagged", "n_excluded_from_training",
+                                             "note")} | {"top": report.get("suspects", [])[:LABEL_ISSUES_SHOWN]}
 
 
 def _training(params: Params, train_metrics: dict[str, Any] | None) -> dict[str, Any]:
@@ -210,7 +219,8 @@ def _test_lines(card: dict[str, Any]) -> list[str]:
     return lines
 
 
-FIGURE_TITLES = {"curves.png": "Training curves", "confusion.png": "Confusion matrix (test split)",
+LABEL_ISSUES_SHOWN = 5
+FIGURE_TITLES = {"curves.png": "Training curves", "label_issues.png": "Labels that look wrong (train and val)", "confusion.png": "Confusion matrix (test split)",
                  "per_class_f1.png": "F1 per class (test split)", "reliability.png": "Reliability (test split)",
                  "worst_mistakes.png": "The most confident mistakes (test split)"}
 
@@ -301,7 +311,24 @@ def _data_lines(data: dict[str, Any]) -> list[str]:
     ordered = sorted(counts.items(), key=lambda item: SPLITS.index(item[0]) if item[0] in SPLITS else len(SPLITS))
     sizes = ", ".join(f"{split} {n}" for split, n in ordered) or "unknown"
     return [f"- data version (DVC hash of {_md(data['raw_dir'])}): {_md(data['version'])}",
-            f"- images per split: {_md(sizes)}", f"- test split sha256: {_md(data['test_split_sha256'])}"]
+            f"- images per split: {_md(sizes)}", f"- test split sha256: {_md(data['test_split_sha256'])}",
+            *_label_issue_lines(data.get("label_issues"))]
+
+
+def _label_issue_lines(issues: dict[str, Any] | None) -> list[str]:
+    if not issues:
+        return []
+    if issues.get("note"):
+        return [f"- labels that look wrong: not checked ({_md(issues['note'])})"]
+    flagged, checked = issues.get("n_flagged") or {}, issues.get("n_checked") or {}
+    excluded = issues.get("n_excluded_from_training") or 0
+    lines = [f"- labels that look wrong: {flagged.get('train')} of {checked.get('train')} training and "
+             f"{flagged.get('val')} of {checked.get('val')} validation images ({_md(issues.get('method'))}); "
+             + (f"{excluded} left out of training (prepare.label_issues=exclude)" if excluded else
+                "none left out of training (prepare.label_issues=" + _md(issues.get("mode")) + ")")]
+    lines += [f"  - {_md(s['path'])} ({s['split']}): labelled {_md(s['given'])}, looks like "
+              f"{_md(s['suggested'])} (score {s['score']:.2f})" for s in issues.get("top") or []]
+    return lines
 
 
 def _training_lines(training: dict[str, Any]) -> list[str]:

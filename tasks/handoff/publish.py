@@ -59,6 +59,7 @@ class CandidateArtifacts:
     checkpoint_sha256: str | None
     train_metrics: dict[str, Any] | None
     data_report: dict[str, Any] | None
+    label_issues: dict[str, Any] | None  # the train stage's labels that look wrong (prepare.label_issues)
     figures: dict[str, bytes]            # PNGs of the run that the model card shows, by file name
 
 
@@ -98,7 +99,7 @@ def _publish_new(params: Params, root: Path, registry: Registry, candidate: Cand
     card = build_card(params=params, version=version, url=registry.url(version), class_names=candidate.class_names,
                       lineage=lineage, metrics=candidate.metrics, export_report=candidate.export_report,
                       decision=decision, train_metrics=candidate.train_metrics, data_report=candidate.data_report,
-                      figures=sorted(candidate.figures))
+                      label_issues=candidate.label_issues, figures=sorted(candidate.figures))
     registry.write_version(version, {
         "model.onnx": candidate.onnx_path.read_bytes(),
         "README.md": render_readme(card).encode(),
@@ -344,6 +345,7 @@ def read_candidate(params: Params, root: Path) -> CandidateArtifacts:
         checkpoint_sha256=sha256_file(checkpoint) if checkpoint.exists() else None,
         train_metrics=_optional_json(paths["train_metrics"]),
         data_report=_optional_json(paths["data_report"]),
+        label_issues=_optional_json(paths["label_issues"]),
         figures=_figures(paths),
     )
 
@@ -382,6 +384,7 @@ def _weights_record(params: Params, root: Path, export_report: dict[str, Any]) -
 def _figures(paths: dict[str, Path]) -> dict[str, bytes]:
     """The run's PNG figures that exist (a machine without matplotlib draws none)."""
     found = {"curves.png": paths["train_plots"] / "curves.png", "worst_mistakes.png": paths["worst_mistakes"],
+             "label_issues.png": paths["train_plots"] / "label_issues.png",
              **{name: paths["evaluate_plots"] / name for name in ("confusion.png", "per_class_f1.png",
                                                                   "reliability.png")}}
     return {name: path.read_bytes() for name, path in found.items() if path.is_file()}

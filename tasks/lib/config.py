@@ -335,6 +335,7 @@ class Params(Section):
             "onnx": root / self.export.out_dir / "model.onnx",
             "export_report": root / self.reports.dir / "export.json",
             "train_plots": root / self.reports.dir / "train",
+            "label_issues": root / self.reports.dir / "label_issues.json",
             "evaluate_plots": root / self.reports.dir / "evaluate",
         }
 

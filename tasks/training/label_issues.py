@@ -41,7 +41,8 @@ SHOWN = 16              # suspects in the mosaic
 
 def report_paths(params: Params) -> tuple[Path, Path]:
     """Where the train stage writes the report and the mosaic (beside its metrics, which git tracks)."""
-    return params.reports.dir / "label_issues.json", params.reports.dir / "train" / "label_issues.png"
+    paths = params.report_paths(Path("."))
+    return paths["label_issues"], paths["train_plots"] / "label_issues.png"
 
 
 def check_labels(params: Params, rt: Runtime, data: Data, model: nn.Module, class_names: list[str]) -> None:

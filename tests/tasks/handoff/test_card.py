@@ -180,3 +180,29 @@ def test_train_metrics_of_older_runs_still_name_the_phase_and_say_what_they_can(
     assert "epoch 2, from the head phase" in readme and "The finetune phase ran (its epochs) but never beat" in readme
     _, readme = _rendered(None)                          # no train.json at all: the card says nothing it cannot know
     assert "shipped weights" not in readme
+
+
+def test_the_labels_that_look_wrong_are_counted_listed_and_shown_in_the_card(tmp_path: Path):
+    from tasks.lib import figures
+
+    params = make_params()
+    root = make_project(tmp_path / "proj", params)
+    set_candidate(root, macro_f1=0.875)
+    suspects = [{"split": "train", "index": i, "path": f"class_0/{i}.png", "given": "class_0", "suggested": "class_2",
+                 "score": 1 - i / 100} for i in range(7)]
+    write_json(root / "metrics/label_issues.json", {"method": "k-NN votes", "mode": "exclude", "suspects": suspects,
+                                                    "n_checked": {"train": 30, "val": 6},
+                                                    "n_flagged": {"train": 7, "val": 0}, "n_excluded_from_training": 7})
+    assert figures.image_mosaic([np.zeros((8, 8, 3), np.uint8)] * 2, ["a -> b", "c -> d"],
+                                root / "metrics/train/label_issues.png", "suspects")
+    version = publish_candidate(params, root, None)["registry_version"]
+    registry = open_registry(params, root)
+    readme = registry.read_bytes(version, "README.md").decode()
+    card = registry.read_json(version, "card.json")
+    assert card["data"]["label_issues"]["n_flagged"] == {"train": 7, "val": 0}
+    assert [s["path"] for s in card["data"]["label_issues"]["top"]] == [f"class_0/{i}.png" for i in range(5)]
+    assert "labels that look wrong: 7 of 30 training and 0 of 6 validation images (k-NN votes); 7 left out of " \
+           "training (prepare.label_issues=exclude)" in readme
+    assert "  - class_0/0.png (train): labelled class_0, looks like class_2 (score 1.00)" in readme
+    assert "class_0/4.png" in readme and "class_0/5.png" not in readme       # the top 5 only
+    assert "![Labels that look wrong (train and val)](label_issues.png)" in readme
