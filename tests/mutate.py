@@ -83,7 +83,8 @@ MODULES: dict[str, list[str]] = {
 # could tell only at one exact float, the edge of a float-noise allowance, which no metric lands on.
 GATE, STATS, PREDICT = "tasks.handoff.gate.", "tasks.lib.uncertainty.", "tasks.handoff.predict."
 EVALUATE, ONNX, EXPORT = "tasks.evaluate.", "tasks.lib.onnx_classifier.", "tasks.export."
-FEATURES, RUNNER, RETRAIN = "tasks.training.features.", "flows.dvc_runner.", "flows.retrain."
+FEATURES, ROWS = "tasks.training.features.", "tasks.lib.row_store."
+RUNNER, RETRAIN = "flows.dvc_runner.", "flows.retrain."
 EQUIVALENT: dict[str, tuple[str, str]] = {
     GATE + "x__check__mutmut_1": (
         'def _check(name: str, ok: bool, reason: str = "XXXX", **detail: Any) -> dict[str, Any]:',
@@ -187,6 +188,27 @@ EQUIVALENT: dict[str, tuple[str, str]] = {
         "stop_process_group(proc, None)",
         "in practice: the guard always exits on SIGTERM, SIGKILLing its group after GUARD_GRACE_S first, so waiting "
         "for it without a limit ends as the limit of GUARD_GRACE_S + 5 s does"),
+    ROWS + "x_plan_split__mutmut_15": (
+        "used = np.bincount(source[reusable], )",
+        "used is read only at its own nonzero indexes (sources, and kept among them), which exist without minlength"),
+    ROWS + "x_plan_split__mutmut_83": (
+        "kept_rows = None",
+        "position[None] sets every row's position, and the next line sets the non-kept rows' again: the same array"),
+    ROWS + "x_plan_split__mutmut_73": (
+        "slot = np.full(max(n_files, 2), -1, dtype=np.int64)",
+        "slot is read only at kept files' indexes (< n_files): a longer array changes nothing"),
+    ROWS + "x_plan_split__mutmut_74": (
+        "slot = np.full(max(n_files, 1), +1, dtype=np.int64)",
+        "slot is read only at kept files' indexes, which are all set: the fill value is never read"),
+    ROWS + "x_plan_split__mutmut_75": (
+        "slot = np.full(max(n_files, 1), -2, dtype=np.int64)",
+        "slot is read only at kept files' indexes, which are all set: the fill value is never read"),
+    ROWS + "x__copy_range__mutmut_32": (
+        "done = os.pwrite(dst, os.pread(src, min(count, 2 << 24), src_offset), dst_offset)",
+        "the pread/pwrite fallback copies in pieces of 32 MiB instead of 16 MiB: the same bytes, more memory"),
+    ROWS + "x__copy_range__mutmut_33": (
+        "done = os.pwrite(dst, os.pread(src, min(count, 1 << 25), src_offset), dst_offset)",
+        "the pread/pwrite fallback copies in pieces of 32 MiB instead of 16 MiB: the same bytes, more memory"),
     RETRAIN + "x_dvc_storage__mutmut_5": (
         'urls = [conf.get("url", None) for conf in repo.config.get("remote", {}).values()]',
         "DVC's config schema requires a url for every remote: one without is a ConfigError, answered None first"),

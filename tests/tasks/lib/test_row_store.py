@@ -58,6 +58,8 @@ def test_a_stored_key_is_found_in_the_first_segment_that_has_it(tmp_path) -> Non
         assert sorted(p.name for p in index.files) == ["new.npy", "old.npy"]
         found, file_index, _ = index.find(index_keys(shas[2:4]))      # stored in both
         assert found.all() and {index.files[i].stem for i in file_index} == {owner}
+    # 4 bytes a stored row for where it lies, not 8: a store of millions of images keeps its index small
+    assert index.file_index.dtype == index.row.dtype == np.int32
 
 
 def where(file_index: list[int], row: list[int]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
