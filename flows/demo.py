@@ -20,7 +20,7 @@ import yaml
 from flows.data_version import dvc_file, md5_in_workspace, raw_has_files
 from flows.dvc_runner import read_stages, subprocess_env
 from flows.lock import RetrainBusy, retrain_lock
-from flows.summary import held_out_scores
+from flows.summary import held_out_scores, label_issue_counts
 from tasks.lib.config import Params, ParamsError, load_params
 from tasks.lib.errors import StageError
 from tasks.lib.io import read_json, sha256_file
@@ -139,6 +139,7 @@ def build_summary(root: Path, params: Params, result: dict[str, Any], wall_s: fl
         "epochs": train.get("epochs"),
         "train_img_per_s": train.get("train_img_per_s"),
         **held_out_scores(test, train),
+        **label_issue_counts(paths["label_issues"]),
         "onnx": export.get("onnx"),
         "onnx_max_abs_diff": export.get("max_abs_diff"),
         "ort_latency_ms_p50": export.get("ort_latency_ms_p50"),

@@ -33,6 +33,13 @@ def held_out_scores(test: dict[str, Any], train: dict[str, Any] | None = None) -
     }
 
 
+def label_issue_counts(path: Path) -> dict[str, Any]:
+    """The train stage's labels that look wrong, counted: flagged per split and left out of training."""
+    report = read_json(path) if path.exists() else {}
+    return {"label_issues_flagged": report.get("n_flagged"),
+            "label_issues_excluded": report.get("n_excluded_from_training")}
+
+
 def summarize(project: Path, workdir: Path, data_rev: str | None, data_md5: str, params: Params,
               outcomes: dict[str, str], published: dict[str, Any] | None, run_id: str,
               pushed: bool) -> dict[str, Any]:
@@ -52,6 +59,7 @@ def summarize(project: Path, workdir: Path, data_rev: str | None, data_md5: str,
         "pushed": pushed,
         "test_metrics": {k: metrics[k] for k in METRIC_ROWS if k in metrics},
         "quality": held_out_scores(metrics, train),   # read here: an isolated copy is gone once the flow returns
+        "data_checks": label_issue_counts(paths["label_issues"]),
         "per_class": metrics.get("per_class", {}),
         "paths": {name: path.relative_to(workdir).as_posix() for name, path in paths.items()},
         "publish": published,
@@ -100,6 +108,6 @@ def result_line(result: dict[str, Any]) -> dict[str, Any]:
     published = result.get("publish") or {}
     return {"flow_run_id": result["flow_run_id"], "data_md5": result["data_md5"],
             "stages_run": result["stages_run"], "stages_skipped": result["stages_skipped"],
-            **result.get("quality", {}),
+            **result.get("quality", {}), **result.get("data_checks", {}),
             **{key: published.get(key) for key in ("registry_version", "promoted", "reason", "model_card")
                if published}}

@@ -17,6 +17,8 @@ EVALUATE = {"accuracy": 0.8952, "accuracy_ci_low": 0.871, "accuracy_ci_high": 0.
 def test_the_summary_line_has_test_accuracy_with_its_interval_the_baseline_and_the_lift(tmp_path: Path) -> None:
     params = load_params(REPO_ROOT / "params.yaml")
     write_json(params.report_paths(tmp_path)["test_metrics"], EVALUATE)
+    write_json(params.report_paths(tmp_path)["label_issues"], {"n_flagged": {"train": 9, "val": 2},
+                                                                "n_excluded_from_training": 4, "suspects": []})
     published = {"registry_version": "v1", "promoted": True, "reason": "bootstrap", "model_card": "README.md"}
     summary = summarize(tmp_path, tmp_path, None, "abc.dir", params, {"prepare": "ran"}, published, "run-1", False)
     line = result_line(summary)
@@ -24,6 +26,7 @@ def test_the_summary_line_has_test_accuracy_with_its_interval_the_baseline_and_t
     assert line["baseline_accuracy"] == 0.79 and line["lift_over_baseline"] == 0.1052
     assert {key: line[key] for key in held_out_scores(EVALUATE)} == held_out_scores(EVALUATE)   # demo's fields
     assert line["promoted"] is True and line["stages_run"] == ["prepare"]
+    assert line["label_issues_flagged"] == {"train": 9, "val": 2} and line["label_issues_excluded"] == 4
 
 
 def test_the_summary_line_says_when_the_fine_tune_phase_never_beat_the_head_phase(tmp_path: Path) -> None:
