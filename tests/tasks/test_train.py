@@ -75,7 +75,10 @@ def tiny_overrides(root: Path, **extra: Any) -> dict[str, Any]:
         "train.out_dir": str(root / "artifacts" / "train"), "train.image_size": 32, "train.batch_size": 8,
         "train.head.epochs": 2, "train.head.lr": 0.01, "train.finetune.epochs": 2, "train.finetune.last_n": 1,
         "train.finetune.lr": 0.001, "train.device": "cpu", "train.num_workers": 1, "train.early_stopping_patience": 0,
-        "train.channels_last": False, **cache_overrides(root), **extra,
+        "train.channels_last": False,
+        # The label check costs a couple of seconds of imports (cleanlab, pandas, scikit-learn) in every training
+        # run; tests/tasks/training/test_label_issues.py turns it on, the whole-pipeline tests keep the default.
+        "prepare.label_issues": "off", **cache_overrides(root), **extra,
     }
 
 
