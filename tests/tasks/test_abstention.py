@@ -298,7 +298,7 @@ def onnx_outputs(model: Path, files: list[Path]) -> tuple[np.ndarray, np.ndarray
 
 def oracle_distance(model: torch.nn.Module, prep: dict, train: list[Path], labels: list[int]):
     """Lee et al.'s distance written out: class means and the pooled covariance of the training features, shrunk
-    by 0.1 toward its mean variance; (f - mean)^T inverse (f - mean), nearest class."""
+    by 0.01 toward its mean variance; (f - mean)^T inverse (f - mean), nearest class."""
     def features(files: list[Path]) -> np.ndarray:
         kept = []
         hook = model.fc.register_forward_pre_hook(lambda _m, args: kept.append(args[0]))
@@ -309,7 +309,7 @@ def oracle_distance(model: torch.nn.Module, prep: dict, train: list[Path], label
     f, y = features(train), np.array(labels)
     means = np.stack([f[y == c].mean(axis=0) for c in sorted(set(labels))])
     cov = np.cov((f - means[y]).T, bias=True)
-    inverse = np.linalg.inv(0.9 * cov + 0.1 * np.trace(cov) / len(cov) * np.eye(len(cov)))
+    inverse = np.linalg.inv(0.99 * cov + 0.01 * np.trace(cov) / len(cov) * np.eye(len(cov)))
     return lambda files: np.min([np.einsum("nd,de,ne->n", g - m, inverse, g - m)
                                  for g in [features(files)] for m in means], axis=0)
 
