@@ -278,7 +278,8 @@ def _out_of_domain_line(ood: dict[str, Any], has_threshold: bool) -> str:
     verdict = ("good" if auroc >= 0.9 else "partial" if auroc >= 0.7 else
                "poor: confidence barely tells these images from real ones" if auroc > 0.5 else
                "poor: these images get higher confidence than real ones")
-    by_distance = "" if ood.get("auroc_distance") is None else f"; the feature distance, with AUROC {_num(ood['auroc_distance'])}"
+    by_distance = "" if ood.get("auroc_distance") is None else (
+        f"; the feature distance separates them with AUROC {_num(ood['auroc_distance'])}")
     rejected = ""
     if has_threshold:
         count = f"{ood['rejected_count']} of them ({_pct(ood['rejected'])})" if "rejected_count" in ood else _pct(ood["rejected"])

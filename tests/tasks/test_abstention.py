@@ -87,6 +87,7 @@ def test_the_threshold_is_chosen_on_the_validation_split_only(evaluated: dict[st
     assert all(correct[confidence >= t].mean() < 0.9 for t in lower)
 
 
+@pytest.mark.slow(seconds=10)   # as the first user of the fixture: run together, it is made once
 def test_the_test_split_and_out_of_domain_numbers_match_an_independent_count(evaluated: dict[str, Any]) -> None:
     record = evaluated["first"]["abstention"]
     threshold, probs = record["threshold"], evaluated["val_probs"]   # the test images are the validation images
@@ -103,6 +104,7 @@ def test_the_test_split_and_out_of_domain_numbers_match_an_independent_count(eva
     assert record["out_of_domain"]["auroc"] == pytest.approx(auroc, abs=1e-6)
 
 
+@pytest.mark.slow(seconds=10)   # as the first user of the fixture: run together, it is made once
 def test_export_takes_the_threshold_only_for_the_checkpoint_and_target_evaluate_used(
         evaluated: dict[str, Any], tmp_path: Path) -> None:
     params = evaluated["params"]
@@ -132,6 +134,7 @@ def test_export_takes_the_threshold_only_for_the_checkpoint_and_target_evaluate_
         abstention.onnx_metadata(other)
 
 
+@pytest.mark.slow(seconds=10)   # as the first user of the fixture: run together, it is made once
 def test_the_cards_numbers_are_those_of_evaluate_json(evaluated: dict[str, Any]) -> None:
     params = evaluated["params"]
     metrics = read_json(Path(params.reports.dir) / "evaluate.json")
@@ -159,6 +162,7 @@ def test_the_cards_numbers_are_those_of_evaluate_json(evaluated: dict[str, Any])
     assert sum("never saw" in line for line in own) == 1   # the noise only
 
 
+@pytest.mark.slow(seconds=10)   # as the first user of the fixture: run together, it is made once
 def test_the_card_says_plainly_when_confidence_does_not_tell_strangers_apart(evaluated: dict[str, Any]) -> None:
     record = {**evaluated["first"]["abstention"], "test": None, "threshold": None}
     for auroc, words in ((0.95, "which is good"), (0.6, "which is poor"), (0.3, "higher confidence than real ones")):
