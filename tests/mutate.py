@@ -61,6 +61,8 @@ MODULES: dict[str, list[str]] = {
     "tasks/export.py": ["tests/tasks/test_export.py", "tests/tasks/test_probability_oracle.py",
                         "tests/tasks/test_abstention.py"],
     "tasks/handoff/predict.py": ["tests/tasks/handoff/test_predict.py", "tests/tasks/test_abstention.py"],
+    # The feature distance and the abstention threshold: fitted, cut and handed to export.
+    "tasks/lib/abstention.py": ["tests/tasks/test_abstention.py"],
     # Not test_export.py: its exports of three networks cost about 40 s a mutant on 2 cores.
     "tasks/lib/onnx_classifier.py": ["tests/tasks/lib/test_onnx_classifier.py", "tests/tasks/handoff/test_predict.py",
                                      "tests/tasks/test_probability_oracle.py"],
