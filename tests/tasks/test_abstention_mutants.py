@@ -5,12 +5,24 @@ which test catches which planted bug (tests/tasks/test_abstention.py covers the 
 
 from __future__ import annotations
 
+import hashlib
+import json
+import logging
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
+from PIL import Image
+from sklearn.datasets import load_digits
 from sklearn.metrics import roc_auc_score
 
 from tasks.lib import abstention
+from tasks.lib.config import Params
+from tasks.lib.errors import StageError
+from tasks.lib.io import sha256_file, write_json
+
+NOISE_PIXELS_SHA256 = "57c2c05b751b06c7d0b441931381a8001c352dad5982521d8b8572fac80e6f6b"   # noise_000..003, seed 0
 
 
 def oracle_distance(train: np.ndarray, labels: np.ndarray, queries: np.ndarray) -> np.ndarray:
@@ -128,3 +140,87 @@ def test_the_head_input_is_the_penultimate_features_pooled_over_positions(conv: 
     model.fc(features)
     expected = features.mean(dim=(2, 3)) if conv else features
     torch.testing.assert_close(kept.value, expected)
+
+
+def test_noise_and_digit_images_are_the_same_files_every_run(tmp_path: Path) -> None:
+    # The card's noise numbers compare across releases only while the pixels stay the same: pinned by hash.
+    noise = abstention.write_noise_images(tmp_path, 4)
+    assert [row.path for row in noise] == [f"noise_{i:03d}.png" for i in range(4)]
+    assert [Image.open(tmp_path / row.path).mode for row in noise] == ["L", "RGB", "L", "RGB"]
+    assert [row.sha256 == sha256_file(tmp_path / row.path) for row in noise] == [True] * 4
+    pixels = b"".join(np.asarray(Image.open(tmp_path / row.path)).tobytes() for row in noise)   # not the PNG bytes:
+    assert hashlib.sha256(pixels).hexdigest() == NOISE_PIXELS_SHA256                           # zlib may change
+    digits, rows = load_digits(), abstention.write_ood_images(tmp_path, 3)
+    assert [row.label for row in rows] == digits.target[:3].tolist()   # each file labelled with the digit it shows
+    for row, image in zip(rows, digits.images, strict=False):
+        pixels = np.asarray(Image.open(tmp_path / row.path), dtype=np.float64)
+        assert pixels.shape == (28, 28) and row.sha256 == sha256_file(tmp_path / row.path)
+        # The upscaled file is the digit: its 8x8 average follows the 0..16 ink, scaled to 0..255.
+        blocks = np.asarray(Image.fromarray(pixels).resize((8, 8), Image.Resampling.BOX))
+        assert np.corrcoef(blocks.ravel(), image.ravel())[0, 1] > 0.9
+
+
+def project(tmp_path: Path) -> tuple[Params, dict, dict]:
+    """evaluate's two files and a checkpoint, written by hand: what export's onnx_metadata reads."""
+    params = Params.model_validate({"train": {"out_dir": str(tmp_path / "train")},
+                                    "evaluate": {"out_dir": str(tmp_path / "evaluate")},
+                                    "reports": {"dir": str(tmp_path / "metrics")},
+                                    "export": {"abstain_at_accuracy": 0.9}})
+    (tmp_path / "train").mkdir()
+    (tmp_path / "train" / "model.pt").write_bytes(b"the checkpoint")
+    (tmp_path / "evaluate").mkdir()
+    stats = {"whiten": np.eye(2, dtype=np.float32) * 2, "centres": np.arange(6, dtype=np.float32).reshape(3, 2)}
+    np.savez(tmp_path / "evaluate" / "feature_distance.npz", **stats)
+    record = {"target": {"accuracy": 0.9}, "threshold": 0.8125, "checkpoint_sha256": sha256_file(tmp_path / "train" / "model.pt"),
+              "distance": {"threshold": 12.5, "sha256": sha256_file(tmp_path / "evaluate" / "feature_distance.npz")},
+              "test": {"coverage": 0.5}, "risk_coverage": [{"coverage": 1.0}], "out_of_domain": {"auroc": 0.9},
+              "noise": {"auroc": 1.0}}
+    write_json(tmp_path / "metrics" / "evaluate.json", {"abstention": record})
+    return params, record, stats
+
+
+def test_export_embeds_evaluates_thresholds_and_distance_as_written(tmp_path: Path) -> None:
+    params, record, stats = project(tmp_path)
+    meta, (whiten, centres) = abstention.onnx_metadata(params)
+    assert meta == {
+        "abstain_threshold": "0.8125", "feature_distance_threshold": "12.5",
+        "abstention": json.dumps({"target": {"accuracy": 0.9}, "on_test": {"coverage": 0.5},
+                                  "risk_coverage": [{"coverage": 1.0}], "out_of_domain": {"auroc": 0.9},
+                                  "noise": {"auroc": 1.0}}, sort_keys=True),
+        "abstention_rule": "answer only when max(probabilities) >= abstain_threshold and feature_distance <= "
+                           "feature_distance_threshold; otherwise the model is not sure: report unknown (both "
+                           "thresholds chosen on the validation split)"}
+    np.testing.assert_array_equal(whiten.numpy(), stats["whiten"])
+    np.testing.assert_array_equal(centres.numpy(), stats["centres"])
+
+
+def test_export_refuses_evaluates_files_for_another_checkpoint_or_distance_saying_what_to_run(tmp_path: Path,
+                                                                                              caplog) -> None:
+    params, record, _ = project(tmp_path)
+    metrics, checkpoint = tmp_path / "metrics" / "evaluate.json", tmp_path / "train" / "model.pt"
+    checkpoint.write_bytes(b"retrained since")
+    with pytest.raises(StageError) as err:
+        abstention.onnx_metadata(params)
+    assert str(err.value) == (f"{metrics} was computed for another checkpoint than {checkpoint}: re-run evaluate "
+                              "(dvc repro evaluate)")
+    write_json(metrics, {"abstention": {**record, "checkpoint_sha256": sha256_file(checkpoint),
+                                        "distance": {**record["distance"], "sha256": "0" * 64}}})
+    with pytest.raises(StageError) as err:
+        abstention.onnx_metadata(params)
+    assert str(err.value) == (f"{tmp_path / 'evaluate' / 'feature_distance.npz'} is missing or not the file "
+                              f"{metrics} was computed with: re-run evaluate (dvc repro evaluate)")
+    write_json(metrics, {"abstention": {**record, "target": {"coverage": 0.9}}})
+    with pytest.raises(StageError) as err:
+        abstention.onnx_metadata(params)
+    assert str(err.value) == (f"{metrics} holds no abstention threshold for {{'accuracy': 0.9}} "
+                              "(export.abstain_at_*): run evaluate first (dvc repro evaluate)")
+    write_json(metrics, {"abstention": {**record, "checkpoint_sha256": sha256_file(checkpoint), "threshold": None,
+                                        "note": "too weak"}})
+    caplog.set_level(logging.WARNING, logger=abstention.__name__)
+    assert abstention.onnx_metadata(params) == ({}, None)
+    metrics.unlink()
+    assert abstention.onnx_metadata(params) == ({}, None)
+    assert caplog.messages == [
+        "no abstention threshold in the ONNX metadata: too weak",
+        f"no abstention threshold in the ONNX metadata: {metrics} does not exist; run evaluate before export "
+        "(dvc repro export) for one"]

@@ -123,3 +123,16 @@ def test_a_distance_threshold_that_is_no_distance_is_refused_naming_the_file(tmp
 
 def test_a_distance_threshold_of_zero_is_a_distance(tmp_path: Path) -> None:
     assert load_classifier(distance_model(tmp_path / "model.onnx", feature_distance_threshold="0")).max_distance == 0.0
+
+
+@pytest.mark.parametrize("value", ["0", "1.5", "nan", "sure", "-" + "9" * 50])
+def test_an_abstain_threshold_that_is_no_probability_is_refused_naming_the_file(tmp_path: Path, value: str) -> None:
+    model = distance_model(tmp_path / "model.onnx", abstain_threshold=value)
+    with pytest.raises(ModelError) as err:
+        load_classifier(model)
+    assert str(err.value) == (f"{model}: metadata abstain_threshold {value[:40]!r} is not a probability in (0, 1]; "
+                              "re-export the model")
+
+
+def test_an_abstain_threshold_of_one_answers_only_certainty(tmp_path: Path) -> None:
+    assert load_classifier(distance_model(tmp_path / "model.onnx", abstain_threshold="1")).abstain_threshold == 1.0
