@@ -62,10 +62,11 @@ MODULES: dict[str, list[str]] = {
                         "tests/tasks/test_abstention.py"],
     "tasks/handoff/predict.py": ["tests/tasks/handoff/test_predict.py", "tests/tasks/test_abstention.py"],
     # The feature distance and the abstention threshold: fitted, cut and handed to export.
-    "tasks/lib/abstention.py": ["tests/tasks/test_abstention.py"],
+    "tasks/lib/abstention.py": ["tests/tasks/test_abstention.py", "tests/tasks/test_abstention_mutants.py"],
     # Not test_export.py: its exports of three networks cost about 40 s a mutant on 2 cores.
     "tasks/lib/onnx_classifier.py": ["tests/tasks/lib/test_onnx_classifier.py", "tests/tasks/handoff/test_predict.py",
-                                     "tests/tasks/test_probability_oracle.py"],
+                                     "tests/tasks/test_probability_oracle.py",
+                                     "tests/tasks/lib/test_onnx_classifier_mutants.py"],
     # The caches' keys: a field left out reuses stale pixels or features.
     "tasks/lib/row_store.py": ["tests/tasks/lib/test_row_store.py", "tests/tasks/test_cache_keys.py",
                                "tests/tasks/test_decode_cache.py", "tests/tasks/lib/test_row_store_pruning.py"],
