@@ -182,7 +182,8 @@ SUMMARY_KEYS = {"stages", "stages_run", "stages_skipped", "data_md5", "n_images"
                 "weights_sha256", "val_accuracy", "epochs", "train_img_per_s", "test_accuracy", "test_accuracy_ci95",
                 "macro_f1", "macro_f1_ci95", "ece", "ece_uncalibrated", "baseline_accuracy", "lift_over_baseline",
                 "onnx", "onnx_max_abs_diff", "ort_latency_ms_p50", "registry_version", "promoted", "reason",
-                "model_card", "flow_run_id", "flow_state", "shipped_weights"}
+                "model_card", "flow_run_id", "flow_state", "shipped_weights", "label_issues_flagged",
+                "label_issues_excluded"}
 
 
 def blocks_running(clone: Path, command: str, outputs: dict[tuple[str, int], str]) -> list[dict]:
@@ -208,6 +209,7 @@ def check_what_the_pipeline_commands_said(clone: Path, demo: list[dict], retrain
     assert Path(summary["model_card"]).exists() and (clone / summary["onnx"]).exists()
     assert summary["arch"] == "mobilenet_v3_small" and summary["rejected"] == 0
     assert summary["onnx_max_abs_diff"] <= 1e-4
+    assert set(summary["label_issues_flagged"]) == {"train", "val"} and summary["label_issues_excluded"] == 0
     assert set(again) == SUMMARY_KEYS and again["flow_state"] == "Up to date" and again["flow_run_id"] is None
     assert again["stages_run"] == [] and again["stages_skipped"] == stages and again["promoted"] is False
     assert again["registry_version"] == summary["registry_version"]

@@ -49,7 +49,10 @@ def check_labels(params: Params, rt: Runtime, data: Data, model: nn.Module, clas
     """Write the report and mosaic (prepare.label_issues: report or exclude) from the pretrained model's
     features; under `exclude`, set `data.train_rows` to the training rows that stay."""
     mode = params.prepare.label_issues
-    if mode == "off":
+    if mode == "off":   # the stage's outputs still exist, and say why they are empty
+        if rt.main:
+            write({"mode": mode, "method": None, "suspects": [], "note": "prepare.label_issues is off"},
+                  *report_paths(params), {})
         return
     probe = Run(params.train, rt, data, model, features_dir=params.cache.features_dir)
     extractor = feature_extractor(model).eval()
