@@ -106,7 +106,8 @@ def test_out_of_domain_numbers_are_scikit_learns_auroc_and_the_rules_rejections(
 
 
 RECORD = {"threshold": 0.8, "distance": {"threshold": 123.45},
-          "test": {"threshold": 0.8, "coverage": 0.75, "accuracy": 0.9, "accuracy_ci_low": 0.8, "accuracy_ci_high": 0.95},
+          "test": {"threshold": 0.8, "coverage": 0.75, "accuracy": 0.9, "accuracy_ci_low": 0.8,
+                   "accuracy_ci_high": 0.95},
           "out_of_domain": {"source": "scikit-learn digits (8x8 grey)", "auroc": 0.8766, "rejected_count": 7,
                             "n_images": 18},
           "noise": {"rejected_count": 48, "n_images": 50}}
@@ -171,7 +172,8 @@ def project(tmp_path: Path) -> tuple[Params, dict, dict]:
     (tmp_path / "evaluate").mkdir()
     stats = {"whiten": np.eye(2, dtype=np.float32) * 2, "centres": np.arange(6, dtype=np.float32).reshape(3, 2)}
     np.savez(tmp_path / "evaluate" / "feature_distance.npz", **stats)
-    record = {"target": {"accuracy": 0.9}, "threshold": 0.8125, "checkpoint_sha256": sha256_file(tmp_path / "train" / "model.pt"),
+    record = {"target": {"accuracy": 0.9}, "threshold": 0.8125,
+              "checkpoint_sha256": sha256_file(tmp_path / "train" / "model.pt"),
               "distance": {"threshold": 12.5, "sha256": sha256_file(tmp_path / "evaluate" / "feature_distance.npz")},
               "test": {"coverage": 0.5}, "risk_coverage": [{"coverage": 1.0}], "out_of_domain": {"auroc": 0.9},
               "noise": {"auroc": 1.0}}
