@@ -19,8 +19,8 @@ from __future__ import annotations
 import logging
 import sys
 import tempfile
-from pathlib import Path
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -131,7 +131,8 @@ def abstention_metrics(params: Params, model: torch.nn.Module, meta: dict[str, A
     with tempfile.TemporaryDirectory(prefix="ood-") as folder:
         digits = abstention.write_ood_images(Path(folder), min(abstention.OOD_IMAGES, len(test_labels)))
         noise = abstention.write_noise_images(Path(folder))
-        (digit_probs, digit_distance), (noise_probs, noise_distance) = score(digits, Path(folder)), score(noise, Path(folder))
+        digit_probs, digit_distance = score(digits, Path(folder))
+        noise_probs, noise_distance = score(noise, Path(folder))
     train_sha256 = {row.sha256 for row in read_split(split_path(params.data.prepared_dir, "train"))}
     return {
         "target": cfg.abstain_target,   # on the validation split; export writes the threshold into the ONNX metadata
