@@ -154,6 +154,12 @@ EQUIVALENT: dict[str, tuple[str, str]] = {
     EVALUATE + "x__message_image__mutmut_25": (
         'ImageDraw.Draw(img).text((8, 12), text, fill="BLACK")',
         "Pillow reads colour names case-insensitively: BLACK is black"),
+    EXPORT + "xǁCalibratedǁ__init____mutmut_7": (
+        'self.register_buffer("temperature", torch.tensor(float(temperature)), )',
+        "the wrapper's state_dict is never saved or loaded: the temperature reaches the ONNX graph the same way"),
+    EVALUATE + "x_write_mistakes_grid__mutmut_97": (
+        'draw.text((x + 2, y + TILE + 16), f"pred: {class_names[pred]} {probs[i, pred]:.2f}"[:22], fill="red")',
+        "the prediction's caption one pixel lower: still inside the 30 px caption, read the same"),
     ONNX + "x_ort_session__mutmut_1": (
         "def ort_session(path: Path | str, threads: int = 1) -> ort.InferenceSession:",
         "the default is never used: load_classifier, the one caller, always passes threads"),

@@ -463,3 +463,21 @@ def test_evaluate_on_cuda_without_a_cuda_device_says_what_to_set() -> None:
         evaluate_module._device("cuda")
     assert str(err.value) == "evaluate.device is cuda but no CUDA device is available; set evaluate.device=cpu"
     assert evaluate_module._device("auto") == torch.device("cpu")
+
+
+def test_a_mistake_tile_is_captioned_true_label_in_black_then_prediction_in_red(tmp_path: Path) -> None:
+    Image.new("RGB", (16, 16), (0, 0, 255)).save(tmp_path / "blue.png")      # neither black nor red itself
+    labels = np.array([0, 1])
+    probs = np.array([[0.1, 0.9] + [0.0] * (len(CLASS_NAMES) - 2), [0.0, 1.0] + [0.0] * (len(CLASS_NAMES) - 2)])
+    rows = [SplitRow("blue.png", 0, "0" * 64), SplitRow("blue.png", 1, "0" * 64)]
+    path = tmp_path / "worst_mistakes.png"
+    evaluate_module.write_mistakes_grid(path, probs, labels, list(CLASS_NAMES), rows, tmp_path, 8)
+    with Image.open(path) as grid:
+        pixels = np.asarray(grid.convert("RGB"))
+    tile = evaluate_module.TILE
+    true_line, pred_line = pixels[tile + 2: tile + 14], pixels[tile + 15: tile + 28]
+    assert pixels.shape[:2] == (tile + evaluate_module.CAPTION, tile)          # one tile: the one mistake
+    dark = (true_line < 100).all(axis=-1)                    # Pillow's font is anti-aliased: the ink's core
+    red = (pred_line[..., 0] == 255) & (pred_line[..., 1:] < 100).all(axis=-1)
+    assert dark.sum() > 20 and red.sum() > 20                # readable on white: black, then red, ink
+    assert not (pred_line < 100).all(axis=-1).any() and not ((true_line[..., 0] == 255) & (true_line[..., 1] < 100)).any()
