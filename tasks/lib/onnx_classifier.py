@@ -186,13 +186,18 @@ def _class_names(path: Path, value: object) -> list[str]:
     return value
 
 
+def _number(text: str) -> float:
+    """A metadata value as a number; NaN when it is none, which every range check then refuses."""
+    try:
+        return float(text)
+    except ValueError:
+        return math.nan
+
+
 def _abstain_threshold(path: Path, text: str | None) -> float | None:
     if text is None:
         return None
-    try:
-        value = float(text)
-    except ValueError:
-        value = math.nan
+    value = _number(text)
     if not 0 < value <= 1:
         raise ModelError(f"{path}: metadata {ABSTAIN_KEY} {text[:40]!r} is not a probability in (0, 1]; "
                          "re-export the model")
@@ -203,10 +208,7 @@ def _max_distance(path: Path, session: ort.InferenceSession, meta: dict[str, str
     text = meta.get(DISTANCE_KEY)
     if text is None:
         return None
-    try:
-        value = float(text)
-    except ValueError:
-        value = math.nan
+    value = _number(text)
     if not 0 <= value < math.inf:
         raise ModelError(f"{path}: metadata {DISTANCE_KEY} {text[:40]!r} is not a finite distance >= 0; re-export the model")
     if DISTANCE_NAME not in [output.name for output in session.get_outputs()]:
